@@ -1,0 +1,377 @@
+"""The architecture search space: one frozen, self-checking config per point.
+
+Every field of :class:`ArchConfig` is a search axis (or a structural knob that the
+reference architectures need), so ``ArchConfig(**trial.params)`` rebuilds any Optuna
+trial and a saved config rebuilds the same model.  The defaults are SmoothNet W80D50's
+choices, so ``ArchConfig()`` *is* SmoothNet and ``ArchConfig(activation="relu")`` is
+SmoothNet with ReLU.
+
+How a point becomes a network (see :mod:`dpnas.models`)::
+
+    [stem conv] -> stage 0 -> transition -> stage 1 -> ... -> head
+
+* stage ``s`` has width (dense: growth) ``int(width_bases[s] * width)`` and
+  ``int(depth_bases[s] * depth)`` blocks; by default ``width_bases[s] = 8 * 2**s`` and
+  ``depth_bases[s] = 1``, which are SmoothNet's multipliers;
+* a block is ``block_convs`` units of conv -> smoothing pool -> norm -> activation
+  (``preact``: activation -> norm -> conv), merged with its input by ``skip``;
+* a transition (``compress``: 1x1 conv to half the channels, as DenseNet and SmoothNet;
+  ``conv``: 3x3 conv + norm + activation, as ResNet-9) precedes every stage but the
+  first, and the first too when the network has a stem; each one downsamples.
+  With ``transition="block"`` the first block of each stage changes the width itself and
+  downsamples from stage 1 on (as wide ResNets do).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+NORMS = ("group", "layer", "instance", "none")
+SCALENORMS = ("none", "after_add", "before_act")
+ACTIVATIONS = (
+    "relu",
+    "leaky_relu",
+    "elu",
+    "selu",
+    "gelu",
+    "silu",
+    "mish",
+    "tanh",
+    "tempered_sigmoid",
+)
+SMOOTHING_POOLS = ("max_smooth", "avg_smooth", "none")
+DOWNSAMPLES = ("avg", "max", "conv")
+SKIPS = ("none", "residual", "dense")
+TRANSITIONS = ("compress", "conv", "block")
+SHORTCUTS = ("pad", "conv")
+HEADS = ("mlp", "linear")
+HEAD_POOLS = ("avg", "max")
+INITS = ("selu_xavier", "xavier", "kaiming", "default")
+
+# Fields a study may search over; the structural fields below them are usually fixed.
+SEARCH_AXES = (
+    "norm",
+    "groups",
+    "scalenorm",
+    "activation",
+    "pool",
+    "downsample",
+    "skip",
+    "width",
+    "depth",
+    "stages",
+    "head",
+    "conv_bias",
+    "weight_std",
+    "init",
+)
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field, the value and what is allowed."""
+
+
+def _choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(
+            f"{field_name}: unknown value {value!r}; expected one of: {', '.join(allowed)}"
+        )
+
+
+def _type(field_name: str, value: Any, expected: type | tuple[type, ...], what: str) -> None:
+    # bool is an int subclass, but a flag given where a number is wanted is a mistake.
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+        raise ConfigError(f"{field_name}: expected {what}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ArchConfig:
+    """One point of the dpnas search space (defaults: SmoothNet W80D50)."""
+
+    # --- normalisation -------------------------------------------------------------
+    norm: str = "group"
+    """group | layer (GroupNorm with one group) | instance (one group per channel) | none."""
+    groups: int = 8
+    """GroupNorm group count for norm='group'; capped per layer at min(groups, channels)."""
+    scalenorm: str = "none"
+    """none | after_add (norm right after the residual/dense merge, no activation after it)
+    | before_act (after the add, before the block's last activation; torchvision style)."""
+
+    # --- activation ------------------------------------------------------------------
+    activation: str = "selu"
+    ts_scale: float = 2.0
+    """Tempered sigmoid s * sigmoid(T * x) - o (Papernot et al.); the defaults equal tanh."""
+    ts_temperature: float = 2.0
+    ts_offset: float = 1.0
+
+    # --- pooling -----------------------------------------------------------------------
+    pool: str = "max_smooth"
+    """Smoothing inside each block: max_smooth / avg_smooth (3x3, stride 1) | none."""
+    downsample: str = "avg"
+    """How transitions halve the resolution: avg-pool, max-pool or a strided conv."""
+
+    # --- topology ----------------------------------------------------------------------
+    skip: str = "dense"
+    """none | residual (identity, zero-padded or projected when shapes differ) | dense (concat)."""
+    width: float = 8.0
+    depth: float = 5.0
+    stages: int = 2
+    width_bases: tuple[int, ...] = ()
+    """Per-stage base widths multiplied by `width`; empty means 8 * 2**s."""
+    depth_bases: tuple[float, ...] = ()
+    """Per-stage base block counts multiplied by `depth`; empty means 1 per stage."""
+    block_convs: int = 1
+    """Convolutions per block (2 for ResNet basic blocks)."""
+    preact: bool = False
+    """Pre-activation blocks (activation -> norm -> conv), as De et al.'s WRN."""
+    stem_channels: int = 0
+    """Width of a 3x3 stem convolution; 0 means no stem (SmoothNet)."""
+    transition: str = "compress"
+    shortcut: str = "pad"
+    """How a residual skip matches a change of shape: zero-pad channels, or a 1x1 conv."""
+
+    # --- head ------------------------------------------------------------------------------
+    head: str = "mlp"
+    """mlp: SmoothNet's head (downsample, last dense block only, pool, MLP) | linear."""
+    head_pool: str = "avg"
+    head_pool_size: int = 4
+    head_hidden: tuple[int, ...] = (256, 128)
+
+    # --- convolutions and init ------------------------------------------------------------
+    conv_bias: bool = False
+    weight_std: bool = False
+    """Weight-standardised convolutions (De et al.)."""
+    init: str = "selu_xavier"
+
+    def __post_init__(self) -> None:
+        # TOML and JSON give lists; the config is frozen and hashable, so store tuples.
+        for name in ("width_bases", "depth_bases", "head_hidden"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self._check_types()
+        self._check_choices()
+        self._check_values()
+        self._check_combinations()
+
+    # ----------------------------------------------------------------------------------------
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            default = f.default
+            if isinstance(default, bool):
+                _type(f.name, value, bool, "true or false")
+            elif isinstance(default, int):
+                _type(f.name, value, int, "an integer")
+            elif isinstance(default, float):
+                _type(f.name, value, (int, float), "a number")
+                object.__setattr__(self, f.name, float(value))
+            elif isinstance(default, str):
+                _type(f.name, value, str, "a string")
+            elif isinstance(default, tuple):
+                _type(f.name, value, tuple, "a list")
+                item_type = int if f.name in ("width_bases", "head_hidden") else (int, float)
+                for item in value:
+                    _type(f.name, item, item_type, "a list of positive numbers")
+
+    def _check_choices(self) -> None:
+        _choice("norm", self.norm, NORMS)
+        _choice("scalenorm", self.scalenorm, SCALENORMS)
+        _choice("activation", self.activation, ACTIVATIONS)
+        _choice("pool", self.pool, SMOOTHING_POOLS)
+        _choice("downsample", self.downsample, DOWNSAMPLES)
+        _choice("skip", self.skip, SKIPS)
+        _choice("transition", self.transition, TRANSITIONS)
+        _choice("shortcut", self.shortcut, SHORTCUTS)
+        _choice("head", self.head, HEADS)
+        _choice("head_pool", self.head_pool, HEAD_POOLS)
+        _choice("init", self.init, INITS)
+
+    def _check_values(self) -> None:
+        positive = {
+            "groups": self.groups,
+            "width": self.width,
+            "depth": self.depth,
+            "stages": self.stages,
+            "block_convs": self.block_convs,
+            "head_pool_size": self.head_pool_size,
+            "ts_scale": self.ts_scale,
+            "ts_temperature": self.ts_temperature,
+        }
+        for name, value in positive.items():
+            if not value > 0 or not math.isfinite(value):
+                raise ConfigError(f"{name}: must be a positive finite number, got {value!r}")
+        if self.stem_channels < 0:
+            raise ConfigError(f"stem_channels: must be >= 0 (0 = no stem), got {self.stem_channels}")
+        for name in ("width_bases", "depth_bases"):
+            value = getattr(self, name)
+            if value and len(value) != self.stages:
+                raise ConfigError(
+                    f"{name}: has {len(value)} entries but stages={self.stages}; "
+                    "give one per stage or leave it empty for the default pattern"
+                )
+            if any(v < 0 for v in value):
+                raise ConfigError(f"{name}: entries must be >= 0, got {list(value)}")
+        if any(h <= 0 for h in self.head_hidden):
+            raise ConfigError(f"head_hidden: sizes must be positive, got {list(self.head_hidden)}")
+        for s, w in enumerate(self.stage_widths):
+            if w < 1:
+                raise ConfigError(
+                    f"width: stage {s} would have {w} channels "
+                    f"(int({self.stage_width_bases[s]} * {self.width})); use a larger width"
+                )
+        if sum(self.stage_depths) == 0:
+            raise ConfigError(
+                f"depth: every stage would have 0 blocks "
+                f"(int(base * {self.depth})); use a larger depth"
+            )
+
+    def _check_combinations(self) -> None:
+        if self.scalenorm != "none" and self.skip == "none":
+            raise ConfigError(
+                f"scalenorm: {self.scalenorm!r} normalises after a skip merge, but skip='none'; "
+                "use skip='residual' or 'dense', or scalenorm='none'"
+            )
+        if self.scalenorm != "none" and self.norm == "none":
+            raise ConfigError(
+                "scalenorm: needs a normalisation layer to place, but norm='none'; "
+                f"choose norm from {', '.join(n for n in NORMS if n != 'none')}"
+            )
+        if self.scalenorm == "before_act" and self.preact:
+            raise ConfigError(
+                "scalenorm: 'before_act' needs an activation after the addition, which "
+                "pre-activation blocks (preact=true) do not have; use 'after_add'"
+            )
+        if self.head == "mlp" and not self.head_hidden:
+            raise ConfigError("head_hidden: head='mlp' needs at least one hidden layer size")
+        if self.scalenorm == "before_act" and self.skip == "dense":
+            raise ConfigError(
+                "scalenorm: 'before_act' moves a residual block's last activation after the "
+                "addition; a dense merge keeps its inputs as they are, so use 'after_add'"
+            )
+        if self.skip == "residual" and self.shortcut == "pad":
+            widths = self.stage_widths
+            if any(b < a for a, b in zip(widths, widths[1:])):
+                raise ConfigError(
+                    f"shortcut: zero-padding cannot narrow the stage widths {list(widths)}; "
+                    "use shortcut='conv' or non-decreasing width_bases"
+                )
+        if self.transition == "block" and self.skip == "dense":
+            raise ConfigError(
+                "transition: 'block' lets the first block change width and resolution, which a "
+                "dense stage cannot (it only grows); use 'compress' or 'conv' with skip='dense'"
+            )
+        if self.transition == "block" and self.downsample != "conv" and self.stages > 1:
+            raise ConfigError(
+                "downsample: with transition='block' the first block of a stage downsamples "
+                "by a strided conv; set downsample='conv'"
+            )
+
+    # --- derived structure ------------------------------------------------------------------
+    @property
+    def stage_width_bases(self) -> tuple[int, ...]:
+        return self.width_bases or tuple(8 * 2**s for s in range(self.stages))
+
+    @property
+    def stage_widths(self) -> tuple[int, ...]:
+        """Channels of each block's output in each stage (the growth rate when dense)."""
+        return tuple(int(base * self.width) for base in self.stage_width_bases)
+
+    @property
+    def stage_depths(self) -> tuple[int, ...]:
+        bases = self.depth_bases or (1.0,) * self.stages
+        return tuple(int(base * self.depth) for base in bases)
+
+    def norm_groups(self, channels: int) -> int:
+        """The group count a norm layer over `channels` gets (0 when there is no norm)."""
+        if self.norm == "none":
+            return 0
+        if self.norm == "layer":
+            return 1
+        if self.norm == "instance":
+            return channels
+        # GroupNorm needs the group count to divide the channels; the papers' channel counts
+        # are powers of two, but dense stages and compress transitions give odd counts
+        # (SmoothNet's 323 -> 161), so take the largest divisor not above the request.
+        wanted = min(self.groups, channels)
+        return max(g for g in range(1, wanted + 1) if channels % g == 0)
+
+    # --- (de)serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for name, value in out.items():
+            if isinstance(value, tuple):
+                out[name] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config") -> "ArchConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a table of ArchConfig fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"{source}: unknown field(s) {', '.join(unknown)}; "
+                f"ArchConfig fields are: {', '.join(sorted(known))}"
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "ArchConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+
+def load_arch_file(path: str | Path) -> ArchConfig:
+    """Load an ArchConfig from a .json or .toml file.
+
+    Accepts the config itself, or a document that holds it under ``config`` or ``arch``
+    (as ``dpnas describe --json`` and training results write it).
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read file ({err.strerror or err})") from err
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"{path}: unknown file type {path.suffix!r}; expected .json or .toml")
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {err}") from err
+    for key in ("config", "arch"):
+        if isinstance(data, dict) and isinstance(data.get(key), dict):
+            data = data[key]
+            break
+    try:
+        return ArchConfig.from_dict(data, source=str(path))
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from err
+
+
+def parse_assignment(text: str) -> tuple[str, Any]:
+    """Parse a command-line ``field=value`` into a typed pair (value parsed as TOML when it can be)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected field=value, e.g. --set activation=relu")
+    name, _, raw = text.partition("=")
+    name, raw = name.strip(), raw.strip()
+    known = {f.name for f in dataclasses.fields(ArchConfig)}
+    if name not in known:
+        raise ConfigError(f"--set {text!r}: unknown field {name!r}; ArchConfig fields are: {', '.join(sorted(known))}")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as relu is meant as a string
+    return name, value

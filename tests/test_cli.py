@@ -1,0 +1,97 @@
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from dpnas import ArchConfig, build_model, load_arch_file
+from dpnas.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_models_lists_every_reference_with_its_count(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    assert "smoothnet" in out and "3,391,853" in out
+    assert "resnet9_scalenorm" in out and "2,448,714" in out
+    assert "wrn16_4" in out
+
+
+def test_describe_json_reports_config_params_and_compatibility(capsys):
+    code, out, _ = run(capsys, "describe", "smoothnet", "--json")
+    info = json.loads(out)
+    assert code == 0
+    assert info["params"] == 3_391_853 and info["dp_compatible"] is True
+    assert info["output_shape"] == [10] and info["config"] == ArchConfig().to_dict()
+
+
+@pytest.mark.parametrize("suffix", [".json", ".toml"])
+def test_describe_output_saved_and_described_again_gives_the_same_model(capsys, tmp_path, suffix):
+    code, out, _ = run(capsys, "describe", "smoothnet", "--set", "activation=mish", "--set", "groups=4", "--json")
+    first = json.loads(out)
+    path = tmp_path / f"arch{suffix}"
+    if suffix == ".json":
+        path.write_text(out)
+    else:  # the config as a TOML table, as a user would write it by hand
+        lines = [f"{k} = {json.dumps(v)}" for k, v in first["config"].items()]
+        path.write_text("\n".join(lines) + "\n")
+    code, out, _ = run(capsys, "describe", str(path), "--json")
+    second = json.loads(out)
+    assert code == 0 and second["config"] == first["config"] and second["params"] == first["params"]
+    arch = load_arch_file(path)
+    assert arch.activation == "mish" and arch.groups == 4
+    a = build_model(arch, num_classes=10, in_channels=3).state_dict()
+    b = build_model(ArchConfig().replace(activation="mish", groups=4), num_classes=10, in_channels=3).state_dict()
+    assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
+
+
+def test_describe_text_and_options(capsys):
+    code, out, _ = run(capsys, "describe", "resnet9", "--num-classes", "100", "--image-size", "64")
+    assert code == 0
+    assert "parameters: 2,540,196 (100 classes)" in out  # 2,447,946 + 1024 * 90 + 90
+    assert "input (3, 64, 64) -> output (100,)" in out and "opacus: compatible" in out
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["describe", "nonet"], "unknown architecture 'nonet'"),
+        (["describe", "smoothnet", "--set", "activation=selu2"], "activation: unknown value 'selu2'"),
+        (["describe", "smoothnet", "--set", "colour=red"], "unknown field 'colour'"),
+        (["describe", "smoothnet", "--set", "activation"], "expected field=value"),
+        (["describe", "smoothnet", "--set", "width=-1"], "width: must be a positive"),
+        (["describe", "missing.toml"], "missing.toml: cannot read file"),
+        (["describe", "tiny", "--set", "stages=6"], "too small for 6 downsamplings"),
+        (["describe", "tiny", "--num-classes", "0"], "num_classes"),
+    ],
+)
+def test_bad_input_prints_one_line_and_exits_2(capsys, argv, needle):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and needle in err, err
+
+
+def test_unreadable_file_content_is_a_user_error(capsys, tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("width = [")
+    code, _, err = run(capsys, "describe", str(path))
+    assert code == 2 and "not valid TOML" in err and err.count("\n") == 1
+
+
+def test_argument_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["describe", "smoothnet", "--image-size", "big"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.skipif(shutil.which("dpnas") is None, reason="console script not installed")
+def test_console_script_is_installed():
+    result = subprocess.run(["dpnas", "describe", "tiny", "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["dp_compatible"] is True
