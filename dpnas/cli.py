@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
+from dpnas.data import DATASETS, DataError
 from dpnas.describe import describe, format_description
 from dpnas.models import build_model, count_parameters
 from dpnas.registry import MODELS, get_arch
@@ -24,13 +26,17 @@ class UsageError(Exception):
 
 def resolve_arch(name_or_file: str, assignments: list[str] | None = None) -> ArchConfig:
     """A registry name or a .json/.toml file, with `field=value` overrides applied."""
+    changes = dict(parse_assignment(a) for a in assignments or [])
+    return load_arch(name_or_file, changes)
+
+
+def load_arch(name_or_file: str, changes: dict | None = None) -> ArchConfig:
     if name_or_file in MODELS:
         arch = MODELS[name_or_file].arch
     elif Path(name_or_file).suffix in (".json", ".toml") or Path(name_or_file).exists():
         arch = load_arch_file(name_or_file)
     else:
         arch = get_arch(name_or_file)  # raises with the list of known names
-    changes = dict(parse_assignment(a) for a in assignments or [])
     return arch.replace(**changes) if changes else arch
 
 
@@ -93,7 +99,76 @@ class Models(Command):
         return 0
 
 
-COMMANDS: list[Command] = [Describe(), Models()]
+class Train(Command):
+    """Train an architecture with Opacus DP-SGD at a fixed privacy budget and write the result as JSON.
+
+    The recipe (default: quick) gives every training and privacy setting; the flags below and
+    --set FIELD=VALUE (any ArchConfig, TrainConfig or PrivacyConfig field) override it.
+    Ctrl-C stops after the current step and still writes what was finished.
+    """
+
+    name = "train"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from dpnas.recipes import DEFAULT_RECIPE, RECIPES
+
+        parser.add_argument("arch", metavar="ARCH", help="a name from `dpnas models`, or a .json/.toml ArchConfig")
+        parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of: {', '.join(RECIPES)} (default {DEFAULT_RECIPE})")
+        parser.add_argument("--dataset", default="digits", help=f"one of: {', '.join(DATASETS)} (default digits)")
+        parser.add_argument("--data-dir", metavar="DIR", help="where the dataset is (or is downloaded to)")
+        parser.add_argument("--image-size", type=int, metavar="S", help="resize images to S x S")
+        parser.add_argument("--epsilon", type=float, metavar="E", help="privacy budget; inf trains without DP")
+        parser.add_argument("--no-dp", action="store_true", help="non-private training on the same code path (epsilon = inf)")
+        parser.add_argument("--delta", type=float, metavar="D")
+        parser.add_argument("--max-grad-norm", type=float, metavar="C", help="per-sample clip norm")
+        parser.add_argument("--accountant", choices=["rdp", "prv"])
+        parser.add_argument("--epochs", type=int, metavar="N")
+        parser.add_argument("--batch-size", type=int, metavar="B", help="expected logical (Poisson) batch size")
+        parser.add_argument("--physical-batch-size", type=int, metavar="P", help="largest chunk that goes through the model at once")
+        parser.add_argument("--lr", type=float, metavar="LR")
+        parser.add_argument("--seed", type=int, metavar="S")
+        parser.add_argument("--val-fraction", type=float, metavar="F", help="share of the training set held out for validation")
+        parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="FIELD=VALUE",
+                            help="override any ArchConfig/TrainConfig/PrivacyConfig field (repeatable)")
+        parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+        parser.add_argument("--out", metavar="FILE", help="result JSON (default runs/train-ARCH-DATASET-TIME.json)")
+        parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dpnas.data import load_dataset
+        from dpnas.recipes import get_recipe, split_overrides
+        from dpnas.results import default_result_path, write_json
+        from dpnas.train import DivergedError, train
+
+        recipe = get_recipe(args.recipe)
+        arch_changes, train_changes, privacy_changes = split_overrides(args.assignments)
+        flags = {"epochs": args.epochs, "batch_size": args.batch_size, "physical_batch_size": args.physical_batch_size,
+                 "lr": args.lr, "seed": args.seed, "val_fraction": args.val_fraction}
+        train_changes.update({k: v for k, v in flags.items() if v is not None})
+        flags = {"epsilon": math.inf if args.no_dp else args.epsilon, "delta": args.delta,
+                 "max_grad_norm": args.max_grad_norm, "accountant": args.accountant}
+        privacy_changes.update({k: v for k, v in flags.items() if v is not None})
+        arch = load_arch(args.arch, arch_changes)
+        train_cfg = recipe.train.replace(**train_changes)
+        privacy = recipe.privacy.replace(**privacy_changes)
+        data = load_dataset(args.dataset, data_dir=args.data_dir, val_fraction=train_cfg.val_fraction,
+                            seed=train_cfg.seed, image_size=args.image_size)
+        out = Path(args.out) if args.out else default_result_path("train", Path(args.arch).stem, args.dataset)
+        try:
+            result = train(arch, data, train_cfg=train_cfg, privacy=privacy, device=args.device, progress=not args.quiet)
+        except DivergedError as err:
+            raise UsageError(f"{err}; try a smaller --lr or --max-grad-norm") from err
+        result["recipe"] = recipe.name
+        write_json(out, result)
+        eps = "non-private" if not result["private"] else f"epsilon spent {result['epsilon_spent']:.3f} of {privacy.epsilon:g} (delta {privacy.delta:g})"
+        status = "interrupted after" if result["interrupted"] else "finished"
+        print(f"{status} {result['steps']} steps: val accuracy {result['val_accuracy']:.4f}, "
+              f"test accuracy {result['test_accuracy']:.4f}, {eps}")
+        print(f"result written to {out}")
+        return 130 if result["interrupted"] else 0
+
+
+COMMANDS: list[Command] = [Describe(), Models(), Train()]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -116,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.handler.run(args)
-    except (ConfigError, UsageError) as err:
+    except (ConfigError, UsageError, DataError) as err:
         print(f"dpnas {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -77,17 +77,38 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field, the value and what is allowed."""
 
 
-def _choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
+def check_choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(
             f"{field_name}: unknown value {value!r}; expected one of: {', '.join(allowed)}"
         )
 
 
-def _type(field_name: str, value: Any, expected: type | tuple[type, ...], what: str) -> None:
+def check_type(field_name: str, value: Any, expected: type | tuple[type, ...], what: str) -> None:
     # bool is an int subclass, but a flag given where a number is wanted is a mistake.
     if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
         raise ConfigError(f"{field_name}: expected {what}, got {value!r}")
+
+
+def check_field_types(config: Any) -> None:
+    """Type-check every field of a config dataclass against the type of its default."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        default = f.default
+        if isinstance(default, bool):
+            check_type(f.name, value, bool, "true or false")
+        elif isinstance(default, int):
+            check_type(f.name, value, int, "an integer")
+        elif isinstance(default, float):
+            check_type(f.name, value, (int, float), "a number")
+            object.__setattr__(config, f.name, float(value))
+        elif isinstance(default, str):
+            check_type(f.name, value, str, "a string")
+        elif isinstance(default, tuple):
+            check_type(f.name, value, tuple, "a list")
+            item_type = f.metadata.get("items", (int, float))
+            for item in value:
+                check_type(f.name, item, item_type, "a list of numbers")
 
 
 @dataclass(frozen=True)
@@ -122,7 +143,7 @@ class ArchConfig:
     width: float = 8.0
     depth: float = 5.0
     stages: int = 2
-    width_bases: tuple[int, ...] = ()
+    width_bases: tuple[int, ...] = field(default=(), metadata={"items": int})
     """Per-stage base widths multiplied by `width`; empty means 8 * 2**s."""
     depth_bases: tuple[float, ...] = ()
     """Per-stage base block counts multiplied by `depth`; empty means 1 per stage."""
@@ -141,7 +162,7 @@ class ArchConfig:
     """mlp: SmoothNet's head (downsample, last dense block only, pool, MLP) | linear."""
     head_pool: str = "avg"
     head_pool_size: int = 4
-    head_hidden: tuple[int, ...] = (256, 128)
+    head_hidden: tuple[int, ...] = field(default=(256, 128), metadata={"items": int})
 
     # --- convolutions and init ------------------------------------------------------------
     conv_bias: bool = False
@@ -155,43 +176,24 @@ class ArchConfig:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-        self._check_types()
+        check_field_types(self)
         self._check_choices()
         self._check_values()
         self._check_combinations()
 
     # ----------------------------------------------------------------------------------------
-    def _check_types(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            default = f.default
-            if isinstance(default, bool):
-                _type(f.name, value, bool, "true or false")
-            elif isinstance(default, int):
-                _type(f.name, value, int, "an integer")
-            elif isinstance(default, float):
-                _type(f.name, value, (int, float), "a number")
-                object.__setattr__(self, f.name, float(value))
-            elif isinstance(default, str):
-                _type(f.name, value, str, "a string")
-            elif isinstance(default, tuple):
-                _type(f.name, value, tuple, "a list")
-                item_type = int if f.name in ("width_bases", "head_hidden") else (int, float)
-                for item in value:
-                    _type(f.name, item, item_type, "a list of positive numbers")
-
     def _check_choices(self) -> None:
-        _choice("norm", self.norm, NORMS)
-        _choice("scalenorm", self.scalenorm, SCALENORMS)
-        _choice("activation", self.activation, ACTIVATIONS)
-        _choice("pool", self.pool, SMOOTHING_POOLS)
-        _choice("downsample", self.downsample, DOWNSAMPLES)
-        _choice("skip", self.skip, SKIPS)
-        _choice("transition", self.transition, TRANSITIONS)
-        _choice("shortcut", self.shortcut, SHORTCUTS)
-        _choice("head", self.head, HEADS)
-        _choice("head_pool", self.head_pool, HEAD_POOLS)
-        _choice("init", self.init, INITS)
+        check_choice("norm", self.norm, NORMS)
+        check_choice("scalenorm", self.scalenorm, SCALENORMS)
+        check_choice("activation", self.activation, ACTIVATIONS)
+        check_choice("pool", self.pool, SMOOTHING_POOLS)
+        check_choice("downsample", self.downsample, DOWNSAMPLES)
+        check_choice("skip", self.skip, SKIPS)
+        check_choice("transition", self.transition, TRANSITIONS)
+        check_choice("shortcut", self.shortcut, SHORTCUTS)
+        check_choice("head", self.head, HEADS)
+        check_choice("head_pool", self.head_pool, HEAD_POOLS)
+        check_choice("init", self.init, INITS)
 
     def _check_values(self) -> None:
         positive = {
@@ -361,17 +363,22 @@ def load_arch_file(path: str | Path) -> ArchConfig:
         raise ConfigError(message if message.startswith(str(path)) else f"{path}: {message}") from err
 
 
-def parse_assignment(text: str) -> tuple[str, Any]:
-    """Parse a command-line ``field=value`` into a typed pair (value parsed as TOML when it can be)."""
+def parse_assignment(text: str, *, fields: set[str] | None = None) -> tuple[str, Any]:
+    """Parse a command-line ``field=value`` into a typed pair (the value is read as TOML when it can be).
+
+    `fields` are the names allowed (default: ArchConfig's).
+    """
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected field=value, e.g. --set activation=relu")
     name, _, raw = text.partition("=")
     name, raw = name.strip(), raw.strip()
-    known = {f.name for f in dataclasses.fields(ArchConfig)}
+    known = fields if fields is not None else {f.name for f in dataclasses.fields(ArchConfig)}
     if name not in known:
-        raise ConfigError(f"--set {text!r}: unknown field {name!r}; ArchConfig fields are: {', '.join(sorted(known))}")
+        raise ConfigError(f"--set {text!r}: unknown field {name!r}; known fields are: {', '.join(sorted(known))}")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw  # a bare word such as relu is meant as a string
+    if raw in ("inf", "+inf", "-inf", "nan"):
+        value = float(raw)
     return name, value

@@ -1,0 +1,126 @@
+"""How a model is trained (TrainConfig) and what privacy it must keep (PrivacyConfig).
+
+Frozen dataclasses that check themselves when created, like :class:`dpnas.ArchConfig`.
+Their field names never collide with ArchConfig's, so one ``--set field=value`` on the
+command line can reach any of the three.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from dpnas.space import ConfigError, check_choice, check_field_types
+
+OPTIMIZERS = ("sgd", "nadam", "adam")
+SCHEDULES = ("constant", "step", "plateau", "cosine")
+ACCOUNTANTS = ("rdp", "prv")
+
+
+def _positive(name: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{name}: must be a positive finite number, got {value!r}")
+
+
+class _FromDict:
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "config"):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; {cls.__name__} fields are: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def replace(self, **changes: Any):
+        return self.from_dict({**self.to_dict(), **changes})
+
+
+@dataclass(frozen=True)
+class PrivacyConfig(_FromDict):
+    """The (ε, δ) budget of one training run, its clip norm C and accountant.
+
+    ``epsilon = inf`` trains without clipping or noise on the same code path, so the DP gap
+    can be measured.
+    """
+
+    epsilon: float = 8.0
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    """rdp (Opacus's RDP accountant, the papers' choice) | prv (tighter numerical accountant)."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        check_choice("accountant", self.accountant, ACCOUNTANTS)
+        if math.isnan(self.epsilon) or self.epsilon <= 0:
+            raise ConfigError(
+                f"epsilon: must be > 0, got {self.epsilon!r} (no finite budget is smaller); "
+                "use epsilon=inf (--no-dp) for non-private training"
+            )
+        if not 0 < self.delta < 1:
+            raise ConfigError(f"delta: must be in (0, 1), got {self.delta!r}")
+        _positive("max_grad_norm", self.max_grad_norm)
+
+    @property
+    def private(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_FromDict):
+    """Optimisation recipe of one training run (see :mod:`dpnas.recipes` for the papers' presets)."""
+
+    epochs: int = 30
+    batch_size: int = 256
+    """Expected logical batch size B; Poisson sampling draws each sample with rate B / n."""
+    physical_batch_size: int = 64
+    """Largest chunk that goes through the model at once; does not change the privacy analysis."""
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    step_size: int = 5
+    """StepLR: epochs between decays."""
+    gamma: float = 0.9
+    """StepLR decay factor."""
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
+    augment: bool = False
+    """Random crop (pad 4) and horizontal flip, on the device."""
+    aug_multiplicity: int = 1
+    """K augmentations per sample whose gradients are averaged before clipping (De et al.)."""
+    ema_decay: float = 0.0
+    """Exponential moving average of the weights used for evaluation; 0 turns it off."""
+    val_fraction: float = 0.2
+    seed: int = 0
+    amp: bool = False
+    """bf16 autocast on CUDA (ignored on CPU)."""
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        for name in ("epochs", "batch_size", "physical_batch_size", "step_size", "aug_multiplicity"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        _positive("lr", self.lr)
+        _positive("gamma", self.gamma)
+        _positive("plateau_factor", self.plateau_factor)
+        if self.plateau_patience < 0:
+            raise ConfigError(f"plateau_patience: must be >= 0, got {self.plateau_patience}")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
+        if self.aug_multiplicity > 1 and not self.augment:
+            raise ConfigError("aug_multiplicity: averaging over K > 1 augmentations needs augment=true")

@@ -1,0 +1,311 @@
+"""Image classification datasets held in memory as uint8 tensors, with a seeded validation split.
+
+Every dataset is decoded once into ``(N, C, H, W)`` uint8 tensors (4x smaller than float32), so a
+whole split fits on the accelerator and training indexes batches there: no DataLoader, no worker
+processes, no per-batch host-to-device copy.  ``normalise`` turns a uint8 batch into float32 on
+whatever device the batch lives on.
+
+Three splits per dataset:
+
+* ``train``: the official training set minus the validation images;
+* ``val``: a seeded (and stratified) fraction of the *official training set*, used for every
+  selection decision (hyper-parameters, architectures, early stopping), so the test set never
+  influences a choice;
+* ``test``: the official test split, evaluated once for the final report.
+
+Files are looked for under ``data_dir``; by default ``~/.cache/dpnas/data`` (see ``DEFAULT_DATA_DIR``).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import pickle
+import tarfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("cifar10", "imagenette", "digits", "synthetic")
+
+DEFAULT_DATA_DIR = Path("~/.cache/dpnas/data")
+IMAGENETTE_RELEASES = (("imagenette2-160", 160), ("imagenette2-320", 320), ("imagenette2", math.inf))
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Fixed constants (measured once on the 32 px digits), like CIFAR's published ones: statistics
+# computed from the training data at run time would be a release that no accountant covers.
+DIGITS_MEAN, DIGITS_STD = (0.306,), (0.324,)
+DEFAULT_IMAGE_SIZE = {"cifar10": 32, "imagenette": 160, "digits": 32, "synthetic": 32}
+# The digits test split must not move when --seed changes, or results under different seeds
+# would be scored on different test images.
+DIGITS_TEST_FRACTION, DIGITS_TEST_SEED = 0.2, 0
+
+
+class DataError(ValueError):
+    """A dataset cannot be loaded as asked; the message says what is wrong and how to fix it."""
+
+
+@dataclass(frozen=True)
+class ImageData:
+    """Images as uint8 ``(N, C, H, W)`` and their int64 labels ``(N,)``, on one device."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+            raise DataError(
+                f"labels must be int64 of shape ({len(self.images)},), "
+                f"got {self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device: torch.device | str) -> ImageData:
+        return ImageData(self.images.to(device), self.labels.to(device))
+
+    def subset(self, indices: torch.Tensor) -> ImageData:
+        return ImageData(self.images[indices], self.labels[indices])
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    name: str
+    train: ImageData
+    val: ImageData
+    test: ImageData
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    synthetic: bool = False
+
+    def to(self, device: torch.device | str) -> DatasetSplits:
+        return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
+
+
+def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``(..., C, H, W)`` -> float32 ``(x / 255 - mean) / std``, computed on the images' device."""
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalise expects uint8 images, got {images.dtype}")
+    if len(mean) != images.shape[-3] or len(std) != images.shape[-3]:
+        raise DataError(f"mean/std have {len(mean)}/{len(std)} entries for {images.shape[-3]} channels")
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    return (images.float().div_(255) - mean_t) / std_t
+
+
+def load_dataset(
+    name: str,
+    *,
+    data_dir: str | Path | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    image_size: int | None = None,
+    download: bool = True,
+    synthetic_size: int = 2048,
+    progress: bool = True,
+) -> DatasetSplits:
+    """Load ``name`` (one of ``DATASETS``) into CPU memory; call ``.to(device)`` on the result to move it.
+
+    ``val_fraction`` of the official training set is held out as ``val`` (stratified, seeded by
+    ``seed``); the rest is ``train``.  ``image_size`` defaults to 32 (160 for imagenette); images
+    are resized once here, never per batch.  ``download`` only matters for cifar10.  ``progress``
+    shows a progress bar while decoding imagenette's JPEGs.
+    """
+    key = name.strip().lower()
+    if key not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    size = DEFAULT_IMAGE_SIZE[key] if image_size is None else _positive_int("image_size", image_size, minimum=1)
+    root = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser()
+
+    if key == "cifar10":
+        pool, test, num_classes = _load_cifar10(root, download=download, size=size)
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    elif key == "imagenette":
+        pool, test, num_classes = _load_imagenette(root, size=size, progress=progress)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif key == "digits":
+        pool, test, num_classes = _load_digits(size=size)
+        mean, std = DIGITS_MEAN, DIGITS_STD
+    else:
+        pool, test, num_classes = _make_synthetic(synthetic_size, size=size, seed=seed)
+        mean, std = (0.5,) * 3, (0.2898,) * 3  # uniform 0..255: std = sqrt((256^2 - 1) / 12) / 255
+
+    train_idx, val_idx = stratified_split(pool.labels, val_fraction, seed=seed)
+    return DatasetSplits(
+        name=key,
+        train=pool.subset(train_idx),
+        val=pool.subset(val_idx),
+        test=test,
+        num_classes=num_classes,
+        in_channels=pool.images.shape[1],
+        image_size=size,
+        mean=tuple(mean),
+        std=tuple(std),
+        synthetic=key == "synthetic",
+    )
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded split of ``range(len(labels))`` into (kept, held out), each sorted.
+
+    ``round(fraction * n)`` samples are held out (at least one when ``fraction > 0``), spread over
+    the classes in proportion to their size (largest remainder), so a small validation set still
+    sees every class.
+    """
+    n = len(labels)
+    n_out = 0 if fraction <= 0 else max(1, round(fraction * n))
+    if n_out >= n and n_out > 0:
+        raise DataError(f"holding out {fraction:.0%} of {n} samples leaves none to train on")
+    generator = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(labels.cpu(), return_counts=True)
+    quota = counts.double() * n_out / n
+    take = quota.floor().long()
+    remainder = quota - take
+    # Stable sort so ties go to the lower class index, deterministically.
+    for c in torch.argsort(-remainder, stable=True)[: n_out - int(take.sum())]:
+        take[c] += 1
+    held_out = []
+    for cls, k in zip(classes.tolist(), take.tolist()):
+        members = torch.nonzero(labels.cpu() == cls).flatten()
+        held_out.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    mask = torch.zeros(n, dtype=torch.bool)
+    if held_out:
+        mask[torch.cat(held_out)] = True
+    return torch.nonzero(~mask).flatten(), torch.nonzero(mask).flatten()
+
+
+def _positive_int(field: str, value: object, *, minimum: int) -> int:
+    try:
+        number = operator.index(value)  # accepts numpy integers, refuses floats and strings
+    except TypeError:
+        number = None
+    if number is None or isinstance(value, bool) or number < minimum:
+        raise DataError(f"{field} must be an integer >= {minimum}, got {value!r}")
+    return number
+
+
+def _resize(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """Bilinear, antialiased resize of uint8 (N, C, H, W) to (N, C, size, size), in chunks to bound memory."""
+    if images.shape[-2:] == (size, size):
+        return images
+    out = torch.empty((len(images), images.shape[1], size, size), dtype=torch.uint8)
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].float()
+        block = F.interpolate(block, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out[start : start + chunk] = block.round_().clamp_(0, 255).to(torch.uint8)
+    return out
+
+
+def _load_cifar10(root: Path, *, download: bool, size: int) -> tuple[ImageData, ImageData, int]:
+    from torchvision.datasets import CIFAR10
+
+    folder = root / CIFAR10.base_folder
+    layout = "data_batch_1..5, test_batch and batches.meta, as extracted from cifar-10-python.tar.gz"
+    hint = f"point --data-dir at a directory that contains an existing {CIFAR10.base_folder} folder"
+    splits = []
+    for train in (True, False):
+        try:
+            ds = CIFAR10(root=str(root), train=train, download=download)
+        except (OSError, tarfile.TarError) as err:  # includes urllib's URLError: no network
+            action = "download CIFAR-10 into" if download else "read CIFAR-10 from"
+            raise DataError(f"could not {action} {root} ({err}); {hint}") from err
+        except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError) as err:
+            raise DataError(
+                f"CIFAR-10 not found or corrupted in {folder} (expected {layout}); "
+                + ("" if download else "pass download=True to fetch it, or ")
+                + hint
+            ) from err
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # torchvision keeps HWC
+        splits.append(ImageData(_resize(images, size), torch.tensor(ds.targets, dtype=torch.int64)))
+        num_classes = len(ds.classes)
+    return splits[0], splits[1], num_classes
+
+
+def _imagenette_root(root: Path, size: int) -> Path:
+    """The release folder (with train/ and val/): ``root`` itself, or the smallest release under it big enough."""
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root
+    found = [(root / folder, resolution) for folder, resolution in IMAGENETTE_RELEASES if (root / folder).is_dir()]
+    if not found:
+        releases = " or ".join(folder for folder, _ in IMAGENETTE_RELEASES)
+        raise DataError(
+            f"ImageNette not found at {root}: expected train/<wnid>/*.JPEG and val/<wnid>/*.JPEG there, "
+            f"or in an {releases} folder inside it (download and extract a release from "
+            "https://github.com/fastai/imagenette, then pass --data-dir)"
+        )
+    # Decoding is the slow part: prefer the smallest release whose short side covers image_size.
+    return next((path for path, resolution in found if resolution >= size), found[-1][0])
+
+
+def _load_imagenette(root: Path, *, size: int, progress: bool) -> tuple[ImageData, ImageData, int]:
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+    release = _imagenette_root(root, size)
+    try:
+        classes, class_to_idx = find_classes(release / "train")
+        samples = {
+            split: make_dataset(release / split, class_to_idx, extensions=IMG_EXTENSIONS) for split in ("train", "val")
+        }
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(
+            f"bad ImageNette layout in {release} ({err}); expected train/<wnid>/*.JPEG and "
+            "val/<wnid>/*.JPEG with the same class folders in both"
+        ) from err
+    # The release's "val" folder is our test split; validation is held out from train.
+    train = _decode(samples["train"], size, progress=progress, split="train")
+    test = _decode(samples["val"], size, progress=progress, split="test")
+    return train, test, len(classes)
+
+
+def _decode(samples: list[tuple[str, int]], size: int, *, progress: bool, split: str) -> ImageData:
+    from PIL import Image, UnidentifiedImageError
+    from tqdm import tqdm
+
+    images = torch.empty((len(samples), 3, size, size), dtype=torch.uint8)
+    for i, (path, _) in enumerate(tqdm(samples, desc=f"imagenette {split}", unit="img", disable=not progress)):
+        try:
+            with Image.open(path) as img:
+                img.draft("RGB", (size, size))  # let the JPEG decoder downscale by 2^k; keeps short side >= size
+                img = img.convert("RGB")
+                scale = size / min(img.size)
+                w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+                img = img.resize((w, h), Image.BILINEAR)  # PIL antialiases when shrinking
+                left, top = (w - size) // 2, (h - size) // 2
+                img = img.crop((left, top, left + size, top + size))
+                images[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"cannot decode image {path}: {err}") from err
+    return ImageData(images, torch.tensor([label for _, label in samples], dtype=torch.int64))
+
+
+def _load_digits(*, size: int) -> tuple[ImageData, ImageData, int]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()  # bundled with scikit-learn: works offline
+    raw = torch.from_numpy(digits.images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
+    everything = ImageData(_resize(raw, size), torch.from_numpy(digits.target).to(torch.int64))
+    pool_idx, test_idx = stratified_split(everything.labels, DIGITS_TEST_FRACTION, seed=DIGITS_TEST_SEED)
+    return everything.subset(pool_idx), everything.subset(test_idx), 10
+
+
+def _make_synthetic(n: int, *, size: int, seed: int) -> tuple[ImageData, ImageData, int]:
+    n = _positive_int("synthetic_size", n, minimum=2)
+    generator = torch.Generator().manual_seed(seed)
+
+    def make(count: int) -> ImageData:
+        images = torch.randint(0, 256, (count, 3, size, size), generator=generator, dtype=torch.uint8)
+        return ImageData(images, torch.randint(0, 10, (count,), generator=generator))
+
+    return make(n), make(max(1, n // 4)), 10

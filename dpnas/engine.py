@@ -1,0 +1,144 @@
+"""One logical DP-SGD step over a Poisson batch, in physical chunks that fit in memory.
+
+Built from Opacus's own parts: ``GradSampleModule`` computes per-sample gradients and
+``DPOptimizer`` clips them, sums them, adds one Gaussian draw of std sigma * C per
+logical batch and divides by the expected batch size; each noisy step is reported to the
+accountant through the optimizer's step hook, as Opacus's PrivacyEngine does.  What dpnas
+adds: the batch stays on the device (no DataLoader), empty Poisson batches still take a
+noise-only step, and augmentation multiplicity averages each sample's K per-augmentation
+gradients before clipping (De et al. 2022).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from opacus.accountants import IAccountant
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
+from dpnas.compat import dp_problems
+from dpnas.privacy import PrivacyPlan
+from dpnas.space import ConfigError
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+# Opacus's hooks on the first layer fire for output gradients only (the images need none);
+# PyTorch warns about that on every backward pass, which is expected here.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with respect to module outputs")
+
+
+class DPSGDEngine:
+    """Takes logical steps; ``private=False`` runs the same loop without clipping or noise."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        plan: PrivacyPlan,
+        max_grad_norm: float,
+        private: bool,
+        accountant: IAccountant | None,
+        physical_batch_size: int,
+        aug_multiplicity: int = 1,
+        noise_generator: torch.Generator | None = None,
+        autocast: bool = False,
+    ) -> None:
+        self.model = model
+        self.plan = plan
+        self.private = private
+        self.physical_batch_size = physical_batch_size
+        self.aug_multiplicity = aug_multiplicity
+        self.autocast = autocast
+        if private:
+            problems = dp_problems(model)
+            if problems:
+                raise ConfigError("Opacus cannot train this model privately:\n  " + "\n  ".join(problems))
+            self.module: nn.Module = GradSampleModule(model, loss_reduction="mean")
+            self.optimizer: torch.optim.Optimizer = DPOptimizer(
+                optimizer,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                expected_batch_size=plan.expected_batch_size,
+                loss_reduction="mean",
+                generator=noise_generator,
+            )
+            if accountant is not None:
+                self.optimizer.attach_step_hook(
+                    lambda _: accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+                )
+        else:
+            self.module = model
+            self.optimizer = optimizer
+        self.base_optimizer = optimizer
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, *, augment: Transform | None = None) -> torch.Tensor:
+        """One optimiser step on a whole logical batch; returns the summed training loss.
+
+        The loss stays a device tensor, so a step never waits for the host.
+        """
+        self.module.train()
+        n = len(labels)
+        total_loss = torch.zeros((), device=labels.device)
+        if n == 0:
+            self._empty_step()
+            return total_loss
+        chunks = range(0, n, self.physical_batch_size)
+        for i, start in enumerate(chunks):
+            last = i == len(chunks) - 1
+            x = images[start : start + self.physical_batch_size]
+            y = labels[start : start + self.physical_batch_size]
+            total_loss += self._backward(x, y, augment)
+            if self.private:
+                # Only the last chunk adds noise and steps; the others just clip and accumulate.
+                self.optimizer.signal_skip_step(do_skip=not last)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+        if not self.private:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return total_loss
+
+    def _backward(self, x: torch.Tensor, y: torch.Tensor, augment: Transform | None) -> torch.Tensor:
+        k = self.aug_multiplicity
+        if k > 1:
+            x, y = x.repeat_interleave(k, dim=0), y.repeat_interleave(k, dim=0)
+        if augment is not None:
+            x = augment(x)
+        with self._autocast():
+            logits = self.module(x)
+        per_row = F.cross_entropy(logits.float(), y, reduction="none")
+        if self.private:
+            # mean over the chunk: GradSampleModule rescales so each row gets its own gradient
+            per_row.mean().backward()
+            if k > 1:
+                self._average_augmentations(k)
+        else:
+            # the same normalisation as DPOptimizer: a sum divided by the expected batch size
+            (per_row.sum() / (k * self.plan.expected_batch_size)).backward()
+        return per_row.detach().sum() / k
+
+    def _average_augmentations(self, k: int) -> None:
+        for p in self.optimizer.params:
+            g = p.grad_sample
+            p.grad_sample = g.view(g.shape[0] // k, k, *g.shape[1:]).mean(dim=1)
+
+    def _empty_step(self) -> None:
+        """An empty Poisson batch still releases noise: skipping the step would reveal it was empty."""
+        if not self.private:
+            return
+        for p in self.optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _autocast(self):
+        if self.autocast and next(self.model.parameters()).is_cuda:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()

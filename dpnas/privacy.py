@@ -1,0 +1,121 @@
+"""The privacy side of DP-SGD: budget checks, noise calibration, accounting, Poisson sampling.
+
+The guarantee holds only for Poisson sampling with the sample rate the accountant is told,
+per-sample clipping, and Gaussian noise of std sigma * C on the clipped sum; every function
+here keeps to exactly that.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from dpnas.config import PrivacyConfig
+from dpnas.space import ConfigError
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What a training run will spend: the sampling, the steps, and the calibrated noise."""
+
+    sample_rate: float
+    steps: int
+    noise_multiplier: float
+    """0 for non-private training."""
+    expected_batch_size: float
+    dataset_size: int
+
+
+def check_budget(privacy: PrivacyConfig, *, dataset_size: int) -> None:
+    """Refuse a δ that would not protect anyone; warn where it is weaker than usual."""
+    if not privacy.private:
+        return
+    if privacy.delta >= 1 / dataset_size:
+        raise ConfigError(
+            f"delta: {privacy.delta:g} >= 1/n = {1 / dataset_size:.3g} for n = {dataset_size} training samples; "
+            "such a delta allows releasing a whole record. Use delta < 1/n (1/(10 n) or less is customary)"
+        )
+    if privacy.delta > 1 / (10 * dataset_size):
+        warnings.warn(
+            f"delta = {privacy.delta:g} is above 1/(10 n) = {1 / (10 * dataset_size):.3g} "
+            f"for n = {dataset_size}; a smaller delta is customary",
+            stacklevel=2,
+        )
+
+
+def plan_privacy(
+    privacy: PrivacyConfig, *, dataset_size: int, batch_size: int, epochs: int
+) -> PrivacyPlan:
+    """Sample rate q = B / n, steps = epochs x round(1 / q), and the smallest noise that meets (ε, δ)."""
+    if dataset_size < 1:
+        raise ConfigError("the training split is empty; use a smaller val_fraction or more data")
+    if batch_size > dataset_size:
+        raise ConfigError(
+            f"batch_size: {batch_size} is larger than the {dataset_size} training samples; "
+            "Poisson sampling needs a sample rate below 1"
+        )
+    check_budget(privacy, dataset_size=dataset_size)
+    sample_rate = batch_size / dataset_size
+    steps = epochs * max(1, round(1 / sample_rate))
+    noise_multiplier = 0.0
+    if privacy.private:
+        noise_multiplier = _calibrate(privacy, sample_rate=sample_rate, steps=steps)
+    return PrivacyPlan(
+        sample_rate=sample_rate,
+        steps=steps,
+        noise_multiplier=noise_multiplier,
+        expected_batch_size=sample_rate * dataset_size,
+        dataset_size=dataset_size,
+    )
+
+
+def _calibrate(privacy: PrivacyConfig, *, sample_rate: float, steps: int) -> float:
+    try:
+        return get_noise_multiplier(
+            target_epsilon=privacy.epsilon,
+            target_delta=privacy.delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=privacy.accountant,
+            # the binary search stops within this distance below the target: keep it under 0.5 %
+            epsilon_tolerance=min(0.01, 0.005 * privacy.epsilon),
+        )
+    except ValueError as err:  # Opacus: "The privacy budget is too low."
+        raise ConfigError(
+            f"epsilon: no noise level reaches epsilon={privacy.epsilon:g} at delta={privacy.delta:g} "
+            f"with sample rate {sample_rate:.3g} over {steps} steps ({err}); raise epsilon or train for fewer steps"
+        ) from err
+
+
+def make_accountant(privacy: PrivacyConfig) -> IAccountant:
+    return create_accountant(privacy.accountant)
+
+
+def epsilon_spent(accountant: IAccountant, delta: float) -> float:
+    """ε spent so far at `delta` (0 before any step; inf for non-private runs, which record no steps)."""
+    if not accountant.history:
+        return 0.0
+    return float(accountant.get_epsilon(delta=delta))
+
+
+def poisson_sample(
+    dataset_size: int, sample_rate: float, *, generator: torch.Generator, device: torch.device | str
+) -> torch.Tensor:
+    """Indices of one Poisson-sampled batch: every sample joins independently with probability q.
+
+    Drawn on the device as one vectorised mask, so the batch never crosses to the host.
+    The batch size varies (Binomial(n, q)) and may be 0; the caller must still take a
+    (noise-only) step then, since skipping it would reveal the empty batch.
+    """
+    mask = torch.rand(dataset_size, generator=generator, device=device) < sample_rate
+    return mask.nonzero().squeeze(1)
+
+
+def steps_per_epoch(plan: PrivacyPlan) -> int:
+    return max(1, round(1 / plan.sample_rate))
+
+

@@ -1,0 +1,231 @@
+"""Train one architecture with DP-SGD at a fixed (ε, δ) and report what it cost.
+
+A thin orchestrator: the model comes from :mod:`dpnas.models`, the data from
+:mod:`dpnas.data`, the noise and accounting from :mod:`dpnas.privacy`, the step from
+:mod:`dpnas.engine`.  Selection signals (validation accuracy per epoch) come from the
+validation split held out of the training set; the test set is evaluated once, at the end.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm.auto import tqdm
+
+from dpnas.augment import random_crop_flip
+from dpnas.config import PrivacyConfig, TrainConfig
+from dpnas.data import DatasetSplits, ImageData, normalise
+from dpnas.engine import DPSGDEngine
+from dpnas.models import build_model, count_parameters
+from dpnas.privacy import epsilon_spent, make_accountant, plan_privacy, poisson_sample, steps_per_epoch
+from dpnas.space import ArchConfig, ConfigError
+
+EpochCallback = Callable[[dict[str, Any]], None]
+
+
+class DivergedError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "nadam":
+        return torch.optim.NAdam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """An epoch-level schedule; `plateau` watches validation accuracy."""
+    if cfg.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=cfg.plateau_factor, patience=cfg.plateau_patience
+        )
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    return None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: ImageData, data: DatasetSplits, *, batch_size: int) -> tuple[float, float]:
+    """(accuracy, mean loss) on a split; NaN for an empty split."""
+    if len(split) == 0:
+        return math.nan, math.nan
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), device=split.labels.device)
+    loss = torch.zeros((), device=split.labels.device)
+    for start in range(0, len(split), batch_size):
+        x = normalise(split.images[start : start + batch_size], data.mean, data.std)
+        y = split.labels[start : start + batch_size]
+        logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
+    model.train(was_training)
+    return float(correct) / len(split), float(loss) / len(split)
+
+
+@dataclass
+class _Progress:
+    """What an interrupted run still reports."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    steps: int = 0
+    samples: int = 0
+    train_seconds: float = 0.0
+    interrupted: bool = False
+
+
+def train(
+    arch: ArchConfig,
+    data: DatasetSplits,
+    *,
+    train_cfg: TrainConfig,
+    privacy: PrivacyConfig,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    on_epoch: EpochCallback | None = None,
+    catch_interrupt: bool = True,
+) -> dict[str, Any]:
+    """Train `arch` on `data` with DP-SGD; return the result record (see README for its fields).
+
+    `on_epoch` receives each epoch's record (a search uses it to report and prune); an
+    exception it raises stops training and propagates.  Ctrl-C stops after the current
+    step and still returns the record of what was finished (``interrupted: true``).
+    """
+    device = torch.device(device) if device is not None else default_device()
+    data = data.to(device)
+    plan = plan_privacy(privacy, dataset_size=len(data.train), batch_size=train_cfg.batch_size, epochs=train_cfg.epochs)
+
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(arch, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size)
+    model.to(device)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg.ema_decay)) if train_cfg.ema_decay else None
+    optimizer = make_optimizer(model, train_cfg)
+    scheduler = make_scheduler(optimizer, train_cfg)
+    accountant = make_accountant(privacy)
+    sampling_generator = torch.Generator(device).manual_seed(train_cfg.seed + 1)
+    augment_generator = torch.Generator(device).manual_seed(train_cfg.seed + 2)
+    noise_generator = torch.Generator(device).manual_seed(train_cfg.seed + 3)
+    engine = DPSGDEngine(
+        model,
+        optimizer,
+        plan=plan,
+        max_grad_norm=privacy.max_grad_norm,
+        private=privacy.private,
+        accountant=accountant,
+        physical_batch_size=train_cfg.physical_batch_size,
+        aug_multiplicity=train_cfg.aug_multiplicity,
+        noise_generator=noise_generator,
+        autocast=train_cfg.amp,
+    )
+    augment = (lambda x: random_crop_flip(x, generator=augment_generator)) if train_cfg.augment else None
+    eval_model = ema.module if ema is not None else model
+    eval_batch = max(train_cfg.physical_batch_size, 256)
+
+    state = _Progress()
+    per_epoch = steps_per_epoch(plan)
+    bar = tqdm(total=plan.steps, disable=not progress, unit="step", dynamic_ncols=True, leave=True)
+    try:
+        epoch = 0
+        while state.steps < plan.steps:
+            epoch += 1
+            epoch_start = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            epoch_samples = torch.zeros((), device=device, dtype=torch.long)
+            for _ in range(min(per_epoch, plan.steps - state.steps)):
+                idx = poisson_sample(len(data.train), plan.sample_rate, generator=sampling_generator, device=device)
+                images = normalise(data.train.images[idx], data.mean, data.std)
+                loss_sum += engine.step(images, data.train.labels[idx], augment=augment)
+                epoch_samples += len(idx)
+                if ema is not None:
+                    ema.update_parameters(model)
+                state.steps += 1
+                bar.update(1)
+            n_samples = int(epoch_samples)  # one host sync per epoch
+            state.samples += n_samples
+            state.train_seconds += time.perf_counter() - epoch_start
+            train_loss = float(loss_sum) / max(n_samples, 1)
+            if not math.isfinite(train_loss):
+                raise DivergedError(f"training loss became {train_loss} in epoch {epoch}")
+            val_accuracy, val_loss = evaluate(eval_model, data.val, data, batch_size=eval_batch)
+            record = {
+                "epoch": epoch,
+                "steps": state.steps,
+                "train_loss": train_loss,
+                "val_accuracy": val_accuracy,
+                "val_loss": val_loss,
+                "epsilon_spent": epsilon_spent(accountant, privacy.delta) if privacy.private else math.inf,
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": time.perf_counter() - epoch_start,
+            }
+            state.history.append(record)
+            bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", val_acc=f"{val_accuracy:.3f}", eps=f"{record['epsilon_spent']:.2f}")
+            if scheduler is not None:
+                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                    scheduler.step(val_accuracy if math.isfinite(val_accuracy) else -train_loss)
+                else:
+                    scheduler.step()
+            if on_epoch is not None:
+                on_epoch(record)
+    except KeyboardInterrupt:
+        if not catch_interrupt:
+            raise
+        state.interrupted = True
+    finally:
+        bar.close()
+
+    test_accuracy, test_loss = evaluate(eval_model, data.test, data, batch_size=eval_batch)
+    last = state.history[-1] if state.history else {}
+    return {
+        "config": arch.to_dict(),
+        "train_config": train_cfg.to_dict(),
+        "dataset": data.name,
+        "synthetic_data": data.synthetic,
+        "train_size": len(data.train),
+        "val_size": len(data.val),
+        "test_size": len(data.test),
+        "private": privacy.private,
+        "epsilon_target": privacy.epsilon,
+        "epsilon_spent": epsilon_spent(accountant, privacy.delta) if privacy.private else math.inf,
+        "delta": privacy.delta,
+        "accountant": privacy.accountant,
+        "noise_multiplier": plan.noise_multiplier,
+        "sample_rate": plan.sample_rate,
+        "expected_batch_size": plan.expected_batch_size,
+        "steps": state.steps,
+        "planned_steps": plan.steps,
+        "max_grad_norm": privacy.max_grad_norm if privacy.private else math.inf,
+        "params": count_parameters(model),
+        "val_accuracy": last.get("val_accuracy", math.nan),
+        "best_val_accuracy": max((h["val_accuracy"] for h in state.history), default=math.nan),
+        "test_accuracy": test_accuracy,
+        "test_loss": test_loss,
+        "samples_per_second": state.samples / state.train_seconds if state.train_seconds else 0.0,
+        "wall_seconds": state.train_seconds,
+        "device": str(device),
+        "interrupted": state.interrupted,
+        "history": state.history,
+    }
+
+
+def check_result_privacy(result: dict[str, Any]) -> None:
+    """A private result must not have spent more than its budget (guards against accounting bugs)."""
+    if result["private"] and result["epsilon_spent"] > result["epsilon_target"] * (1 + 1e-9):
+        raise ConfigError(
+            f"epsilon spent {result['epsilon_spent']:.4f} exceeds the target {result['epsilon_target']}"
+        )

@@ -1,0 +1,327 @@
+"""dpnas.data: real on-disk formats written in miniature, loaded by the real loaders; no network."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.datasets import CIFAR10
+
+from dpnas.data import (
+    DATASETS,
+    DataError,
+    DatasetSplits,
+    ImageData,
+    load_dataset,
+    normalise,
+    stratified_split,
+)
+
+
+def row_set(data: ImageData) -> set[bytes]:
+    """Each image (with its label) as bytes, to compare splits by content."""
+    return {img.numpy().tobytes() + bytes([label]) for img, label in zip(data.images, data.labels.tolist())}
+
+
+# --- CIFAR-10 ---------------------------------------------------------------------------------
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_cifar(root: Path, *, per_batch: int = 4, n_test: int = 6) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """Write cifar-10-batches-py as in the official tarball; return {file: (CHW images, labels)}.
+
+    The official files are Python 2 pickles whose str keys load as str under encoding="latin1",
+    which is how torchvision reads them; protocol-2 pickles with str keys load identically.
+    """
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    written = {}
+    for name, n in [(f"data_batch_{i}", per_batch) for i in range(1, 6)] + [("test_batch", n_test)]:
+        images = rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n).tolist()
+        entry = {
+            "batch_label": f"{name} of 5",
+            # One row per image: the 1024 red values, then green, then blue, each row-major.
+            "data": images.reshape(n, 3072),
+            "labels": labels,
+            "filenames": [f"img_{name}_{i}.png" for i in range(n)],
+        }
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+        written[name] = (images, labels)
+    meta = {"label_names": CIFAR_CLASSES, "num_cases_per_batch": per_batch, "num_vis": 3072}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    return written
+
+
+@pytest.fixture
+def cifar_dir(tmp_path, monkeypatch):
+    """Tiny CIFAR-10 files, with torchvision's MD5 table pointed at *their* checksums.
+
+    torchvision still runs its own integrity check on every file; only the expected digests
+    (which are those of the real 170 MB release) are swapped for the digests of these files.
+    """
+    written = write_cifar(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5(folder / f"data_batch_{i}")] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5(folder / "test_batch")]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5(folder / "batches.meta")})
+    return tmp_path, written
+
+
+def test_cifar10_round_trips_pixels_and_labels(cifar_dir):
+    root, written = cifar_dir
+    data = load_dataset("cifar10", data_dir=root, download=False, val_fraction=0.25, seed=3)
+
+    test_images, test_labels = written["test_batch"]
+    assert data.test.images.dtype == torch.uint8 and data.test.labels.dtype == torch.int64
+    assert torch.equal(data.test.images, torch.from_numpy(test_images))  # same CHW uint8, same order
+    assert data.test.labels.tolist() == test_labels
+
+    train_images = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
+    train_labels = sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+    assert len(data.train) == 15 and len(data.val) == 5
+    expected = row_set(ImageData(torch.from_numpy(train_images), torch.tensor(train_labels)))
+    assert row_set(data.train) | row_set(data.val) == expected
+    assert not row_set(data.train) & row_set(data.val)
+
+    assert (data.num_classes, data.in_channels, data.image_size) == (10, 3, 32)
+    assert data.mean == (0.4914, 0.4822, 0.4465) and data.std == (0.2471, 0.2435, 0.2616)
+    assert data.synthetic is False and data.name == "cifar10"
+
+
+def test_cifar10_known_pixel_positions(tmp_path, monkeypatch):
+    """The R, G, B planes of a row land in channels 0, 1, 2 and stay row-major (no transposition)."""
+    image = np.zeros((3, 32, 32), dtype=np.uint8)
+    image[0, 0, 1] = 200  # red, row 0, column 1
+    image[1, 2, 0] = 100  # green, row 2, column 0
+    image[2, 31, 30] = 50  # blue, row 31, column 30
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {"batch_label": name, "data": image.reshape(1, 3072), "labels": [7], "filenames": ["x.png"]}
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": CIFAR_CLASSES}, protocol=2))
+    monkeypatch.setattr(CIFAR10, "train_list", [[f"data_batch_{i}", md5(folder / f"data_batch_{i}")] for i in range(1, 6)])
+    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5(folder / "test_batch")]])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5(folder / "batches.meta")})
+
+    data = load_dataset("cifar10", data_dir=tmp_path, download=False, val_fraction=0.0)
+    got = data.test.images[0]
+    assert got[0, 0, 1] == 200 and got[1, 2, 0] == 100 and got[2, 31, 30] == 50
+    assert int(got.sum()) == 350
+    assert data.test.labels.tolist() == [7] and len(data.val) == 0 and len(data.train) == 5
+
+
+def test_cifar10_resize_at_load_time(cifar_dir):
+    root, _ = cifar_dir
+    data = load_dataset("cifar10", data_dir=root, download=False, image_size=16)
+    assert data.image_size == 16
+    assert data.train.images.shape[1:] == (3, 16, 16) and data.test.images.shape == (6, 3, 16, 16)
+    assert data.train.images.dtype == torch.uint8
+
+
+def test_cifar10_missing_files_mention_data_dir(tmp_path):
+    with pytest.raises(DataError, match="--data-dir") as info:
+        load_dataset("cifar10", data_dir=tmp_path / "empty", download=False)
+    assert str(tmp_path / "empty") in str(info.value)
+    assert "data_batch_1" in str(info.value)  # says which layout is expected
+
+
+def test_cifar10_checksum_mismatch_is_a_data_error(tmp_path):
+    """Files in the right place but not the official ones (torchvision's real MD5 table) are refused."""
+    write_cifar(tmp_path)
+    with pytest.raises(DataError, match="corrupted"):
+        load_dataset("cifar10", data_dir=tmp_path, download=False)
+
+
+# --- ImageNette -------------------------------------------------------------------------------
+
+# Written in a non-sorted order: labels must follow the sorted wnids, not creation order.
+WNID_COLOURS = {"n03000684": (20, 200, 40), "n01440764": (220, 30, 30), "n02102040": (30, 40, 210)}
+
+
+def write_imagenette(root: Path, *, per_class: int = 3) -> None:
+    for split, count in (("train", per_class), ("val", 2)):
+        for wnid, colour in WNID_COLOURS.items():
+            folder = root / split / wnid
+            folder.mkdir(parents=True)
+            for i in range(count):
+                size = (48 + 8 * i, 40) if i % 2 else (36, 60)  # landscape and portrait
+                Image.new("RGB", size, colour).save(folder / f"{wnid}_{i}.JPEG", quality=95)
+            (folder / "readme.txt").write_text("not an image")  # skipped like ImageFolder does
+
+
+@pytest.mark.parametrize("use_parent", [True, False])
+def test_imagenette_folder_layout(tmp_path, use_parent):
+    release = tmp_path / "imagenette2-160"
+    write_imagenette(release)
+    data = load_dataset(
+        "imagenette", data_dir=tmp_path if use_parent else release, image_size=24, val_fraction=1 / 3, progress=False
+    )
+    assert (data.num_classes, data.in_channels, data.image_size) == (3, 3, 24)
+    assert len(data.train) == 6 and len(data.val) == 3 and len(data.test) == 6  # release "val" is the test split
+    assert sorted(data.val.labels.tolist()) == [0, 1, 2]  # stratified: one per class
+    for split in (data.train, data.val, data.test):
+        assert split.images.shape[1:] == (3, 24, 24) and split.images.dtype == torch.uint8
+        for image, label in zip(split.images, split.labels.tolist()):
+            wnid = sorted(WNID_COLOURS)[label]
+            mean_colour = image.float().mean(dim=(1, 2))
+            assert torch.allclose(mean_colour, torch.tensor(WNID_COLOURS[wnid], dtype=torch.float32), atol=4)
+    assert data.mean == (0.485, 0.456, 0.406) and data.std == (0.229, 0.224, 0.225)
+
+
+def test_imagenette_greyscale_and_full_size_release(tmp_path):
+    """A greyscale JPEG becomes 3 identical channels; the full-size "imagenette2" folder is found too."""
+    release = tmp_path / "imagenette2"
+    for split in ("train", "val"):
+        for wnid in ("n01440764", "n02102040"):
+            folder = release / split / wnid
+            folder.mkdir(parents=True)
+            Image.new("L", (70, 50), 90 if wnid == "n01440764" else 180).save(folder / "a.JPEG", quality=95)
+            Image.new("RGB", (50, 70), (90, 90, 90) if wnid == "n01440764" else (180, 180, 180)).save(folder / "b.JPEG")
+    data = load_dataset("imagenette", data_dir=tmp_path, image_size=32, val_fraction=0.0, progress=False)
+    assert data.train.images.shape == (4, 3, 32, 32) and data.test.images.shape == (4, 3, 32, 32)
+    for image, label in zip(data.train.images, data.train.labels.tolist()):
+        assert (image.float() - (90, 180)[label]).abs().max() <= 3
+
+
+def test_imagenette_missing_directory_names_the_path(tmp_path):
+    missing = tmp_path / "no-such-dir"
+    with pytest.raises(DataError, match="train/<wnid>") as info:
+        load_dataset("imagenette", data_dir=missing, progress=False)
+    assert str(missing) in str(info.value)
+
+
+def test_imagenette_missing_test_class_and_corrupt_image(tmp_path):
+    release = tmp_path / "imagenette2-160"
+    write_imagenette(release)
+    bad = release / "train" / "n01440764" / "broken.JPEG"
+    bad.write_bytes(b"definitely not a jpeg")
+    with pytest.raises(DataError, match="broken.JPEG"):
+        load_dataset("imagenette", data_dir=tmp_path, image_size=8, progress=False)
+    bad.unlink()
+    for path in (release / "val" / "n02102040").iterdir():
+        path.unlink()
+    with pytest.raises(DataError, match="n02102040"):
+        load_dataset("imagenette", data_dir=tmp_path, image_size=8, progress=False)
+
+
+# --- digits -----------------------------------------------------------------------------------
+
+
+def test_digits_shapes_and_sizes():
+    data = load_dataset("digits", seed=0)
+    assert (data.num_classes, data.in_channels, data.image_size) == (10, 1, 32)
+    for split in (data.train, data.val, data.test):
+        assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (1, 32, 32)
+        assert split.labels.dtype == torch.int64
+    assert len(data.train) + len(data.val) + len(data.test) == 1797
+    assert len(data.test) == round(0.2 * 1797) and len(data.val) == round(0.2 * (1797 - len(data.test)))
+    assert set(data.test.labels.tolist()) == set(range(10)) and set(data.val.labels.tolist()) == set(range(10))
+    assert int(data.train.images.max()) == 255  # 0..16 scaled to the full uint8 range
+    assert len(data.mean) == len(data.std) == 1 and 0 < data.mean[0] < 1 and data.std[0] > 0
+    assert data.synthetic is False
+
+
+def test_digits_splits_by_seed():
+    a, b, a_again = load_dataset("digits", seed=0), load_dataset("digits", seed=1), load_dataset("digits", seed=0)
+    # The test split is fixed, whatever the seed; train/val move with it.
+    assert torch.equal(a.test.images, b.test.images) and torch.equal(a.test.labels, b.test.labels)
+    assert row_set(a.val) != row_set(b.val)
+    assert row_set(a.train) | row_set(a.val) == row_set(b.train) | row_set(b.val)
+    # Disjoint splits, and deterministic for a given seed.
+    assert not row_set(a.train) & row_set(a.val) and not (row_set(a.train) | row_set(a.val)) & row_set(a.test)
+    for x, y in ((a.train, a_again.train), (a.val, a_again.val)):
+        assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+    assert a.mean == b.mean  # normalisation statistics do not depend on the validation seed
+
+
+def test_digits_image_size_and_zero_val_fraction():
+    data = load_dataset("digits", image_size=8, val_fraction=0.0)
+    assert data.train.images.shape[1:] == (1, 8, 8) and len(data.val) == 0
+    assert data.val.images.shape == (0, 1, 8, 8)
+    assert len(data.train) + len(data.test) == 1797
+
+
+# --- errors, split helper, synthetic, normalise ----------------------------------------------
+
+
+def test_unknown_dataset_lists_allowed_names():
+    with pytest.raises(DataError) as info:
+        load_dataset("mnist")
+    for name in DATASETS:
+        assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"val_fraction": -0.1}, "val_fraction"),
+        ({"image_size": 0}, "image_size"),
+        ({"image_size": 12.5}, "image_size"),
+        ({"synthetic_size": 1}, "synthetic_size"),
+    ],
+)
+def test_bad_arguments_raise_data_error(kwargs, match):
+    with pytest.raises(DataError, match=match):
+        load_dataset("synthetic", **kwargs)
+
+
+def test_stratified_split_is_a_seeded_partition():
+    labels = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    kept, held = stratified_split(labels, 0.1, seed=5)
+    assert len(held) == 10 and len(kept) == 90
+    assert sorted(torch.cat([kept, held]).tolist()) == list(range(100))
+    assert torch.bincount(labels[held]).tolist() == [5, 3, 2]
+    assert torch.equal(held, stratified_split(labels, 0.1, seed=5)[1])
+    assert not torch.equal(held, stratified_split(labels, 0.1, seed=6)[1])
+    assert len(stratified_split(labels, 0.001, seed=0)[1]) == 1  # at least one when fraction > 0
+
+
+def test_synthetic_is_flagged_and_seeded():
+    data = load_dataset("synthetic", synthetic_size=64, seed=1)
+    assert data.synthetic is True
+    assert len(data.train) + len(data.val) == 64 and len(data.test) == 16
+    assert data.train.images.shape[1:] == (3, 32, 32) and data.num_classes == 10
+    again, other = load_dataset("synthetic", synthetic_size=64, seed=1), load_dataset("synthetic", synthetic_size=64, seed=2)
+    assert torch.equal(data.train.images, again.train.images)
+    assert not torch.equal(data.train.images, other.train.images)
+
+
+def test_normalise_exact_values_dtype_and_device():
+    mean, std = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
+    images = torch.full((2, 3, 4, 4), 255, dtype=torch.uint8)
+    images[1] = 0
+    out = normalise(images, mean, std)
+    assert out.dtype == torch.float32 and out.shape == images.shape and out.device == images.device
+    m, s = torch.tensor(mean), torch.tensor(std)
+    for c in range(3):
+        assert torch.all(out[0, c] == (1 - m[c]) / s[c])
+        assert torch.all(out[1, c] == -m[c] / s[c])
+    # Computed where the images are: on the meta device, nothing is ever materialised on the CPU.
+    meta = normalise(torch.empty((2, 3, 4, 4), dtype=torch.uint8, device="meta"), mean, std)
+    assert meta.device.type == "meta" and meta.dtype == torch.float32
+    with pytest.raises(DataError, match="channels"):
+        normalise(images, (0.5,), (0.5,))
+
+
+def test_splits_move_to_a_device_together():
+    data = load_dataset("synthetic", synthetic_size=16)
+    moved = data.to("meta")
+    assert isinstance(moved, DatasetSplits) and moved.name == data.name and moved.mean == data.mean
+    for split in (moved.train, moved.val, moved.test):
+        assert split.images.device.type == "meta" and split.labels.device.type == "meta"
+    assert data.train.images.device.type == "cpu"  # the original is untouched (frozen dataclass)
+    assert len(moved.train) == len(data.train)

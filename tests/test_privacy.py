@@ -1,0 +1,202 @@
+"""The DP-SGD mechanism, proved on small models: clipping, noise, accounting, sampling."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from dpnas.config import PrivacyConfig
+from dpnas.engine import DPSGDEngine
+from dpnas.privacy import PrivacyPlan, epsilon_spent, make_accountant, plan_privacy, poisson_sample
+from dpnas.space import ConfigError
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ELU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
+    )
+
+
+def batch(n=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 1, 6, 6, generator=g) * 3, torch.randint(0, 3, (n,), generator=g)
+
+
+def per_sample_grads(model, x, y):
+    """Brute force: one backward pass per sample."""
+    grads = []
+    for i in range(len(y)):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return torch.stack(grads)
+
+
+def flat_params(model):
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def make_engine(model, *, noise_multiplier, expected_batch_size, max_grad_norm, private=True, physical=4,
+                aug_multiplicity=1, accountant=None, seed=0):
+    plan = PrivacyPlan(sample_rate=0.1, steps=1, noise_multiplier=noise_multiplier,
+                       expected_batch_size=expected_batch_size, dataset_size=int(expected_batch_size * 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    return DPSGDEngine(model, optimizer, plan=plan, max_grad_norm=max_grad_norm, private=private,
+                       accountant=accountant, physical_batch_size=physical, aug_multiplicity=aug_multiplicity,
+                       noise_generator=torch.Generator().manual_seed(seed))
+
+
+def test_noise_off_update_is_the_sum_of_clipped_per_sample_gradients_over_B():
+    model = small_model()
+    x, y = batch(10)
+    reference = small_model()
+    g = per_sample_grads(reference, x, y)
+    C, B = 0.5, 8.0
+    norms = g.norm(dim=1)
+    assert (norms > C).sum() >= 5, "the test needs gradients that are actually clipped"
+    clipped = g * (C / (norms + 1e-6)).clamp(max=1.0)[:, None]
+    assert (clipped.norm(dim=1) <= C + 1e-5).all()
+    before = flat_params(model)
+    # physical chunks of 4 over a logical batch of 10: the clipped sum must span all chunks
+    make_engine(model, noise_multiplier=0.0, expected_batch_size=B, max_grad_norm=C).step(x, y)
+    update = before - flat_params(model)  # SGD, lr 1
+    torch.testing.assert_close(update, clipped.sum(0) / B, rtol=1e-4, atol=1e-6)
+
+
+def test_augmentation_multiplicity_averages_gradients_before_clipping():
+    model = small_model()
+    x, y = batch(6)
+    shift = torch.tensor([0.0, 1.0]).repeat(6)[:, None, None, None]  # copy k of each sample gets +k
+
+    def augment(rows):
+        return rows + shift[: len(rows)]
+
+    reference = small_model()
+    g = (per_sample_grads(reference, x, y) + per_sample_grads(reference, x + 1.0, y)) / 2
+    C, B = 0.3, 6.0
+    clipped = g * (C / (g.norm(dim=1) + 1e-6)).clamp(max=1.0)[:, None]
+    before = flat_params(model)
+    make_engine(model, noise_multiplier=0.0, expected_batch_size=B, max_grad_norm=C, aug_multiplicity=2,
+                physical=3).step(x, y, augment=augment)
+    torch.testing.assert_close(before - flat_params(model), clipped.sum(0) / B, rtol=1e-4, atol=1e-6)
+
+
+def test_noise_has_standard_deviation_sigma_C_over_B():
+    x, y = batch(10)
+    sigma, C, B = 2.0, 0.7, 10.0
+    quiet = small_model()
+    make_engine(quiet, noise_multiplier=0.0, expected_batch_size=B, max_grad_norm=C).step(x, y)
+    noisy = small_model()
+    make_engine(noisy, noise_multiplier=sigma, expected_batch_size=B, max_grad_norm=C).step(x, y)
+    noise = flat_params(quiet) - flat_params(noisy)  # the clipped part cancels
+    n = noise.numel()
+    assert n > 400
+    expected = sigma * C / B
+    # the sample std of n Gaussians is within 4 standard errors (expected / sqrt(2n)) of the truth
+    assert abs(noise.std().item() - expected) < 4 * expected / math.sqrt(2 * n)
+    assert abs(noise.mean().item()) < 4 * expected / math.sqrt(n)
+
+
+def test_non_private_mode_neither_clips_nor_adds_noise():
+    model = small_model()
+    x, y = batch(10)
+    g = per_sample_grads(small_model(), x, y)
+    before = flat_params(model)
+    make_engine(model, noise_multiplier=0.0, expected_batch_size=10.0, max_grad_norm=1e-3, private=False).step(x, y)
+    torch.testing.assert_close(before - flat_params(model), g.sum(0) / 10.0, rtol=1e-4, atol=1e-6)
+
+
+def test_empty_poisson_batch_still_takes_a_noise_only_step():
+    model = small_model()
+    accountant = make_accountant(PrivacyConfig())
+    engine = make_engine(model, noise_multiplier=1.0, expected_batch_size=4.0, max_grad_norm=1.0, accountant=accountant)
+    before = flat_params(model)
+    engine.step(torch.zeros(0, 1, 6, 6), torch.zeros(0, dtype=torch.long))
+    assert not torch.equal(before, flat_params(model))
+    assert accountant.history == [(1.0, 0.1, 1)]
+
+
+def test_every_noisy_step_is_reported_to_the_accountant():
+    model = small_model()
+    accountant = make_accountant(PrivacyConfig())
+    engine = make_engine(model, noise_multiplier=1.3, expected_batch_size=4.0, max_grad_norm=1.0, accountant=accountant)
+    x, y = batch(9)
+    for _ in range(3):  # 9 samples in chunks of 4: three chunks, but one logical step each time
+        engine.step(x, y)
+    assert accountant.history == [(1.3, 0.1, 3)]
+
+
+def test_models_opacus_rejects_are_refused():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
+    with pytest.raises(ConfigError, match="1: .*BatchNorm"):
+        make_engine(model, noise_multiplier=1.0, expected_batch_size=4.0, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+@pytest.mark.parametrize("epsilon", [1.0, 8.0])
+def test_calibrated_noise_spends_at_most_the_budget_and_within_one_percent(accountant, epsilon):
+    privacy = PrivacyConfig(epsilon=epsilon, delta=1e-5, accountant=accountant)
+    plan = plan_privacy(privacy, dataset_size=40_000, batch_size=256, epochs=3)
+    acc = make_accountant(privacy)
+    for _ in range(plan.steps):
+        acc.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+    spent = epsilon_spent(acc, privacy.delta)
+    assert spent <= epsilon
+    assert spent >= 0.99 * epsilon
+    assert plan.sample_rate == 256 / 40_000 and plan.steps == 3 * round(40_000 / 256)
+
+
+def test_smoothnet_noise_multipliers_match_the_reference():
+    # REFERENCE §5: CIFAR-10, 40 k training images, B = 256, eps 7, delta 1e-5 -> about 0.84 / 0.90 / 1.01
+    privacy = PrivacyConfig(epsilon=7.0, delta=1e-5)
+    sigmas = [plan_privacy(privacy, dataset_size=40_000, batch_size=256, epochs=e).noise_multiplier for e in (90, 120, 180)]
+    assert [round(s, 2) for s in sigmas] == pytest.approx([0.84, 0.90, 1.01], abs=0.011)
+
+
+def test_budget_checks():
+    with pytest.raises(ConfigError, match="epsilon: must be > 0"):
+        PrivacyConfig(epsilon=0.0)
+    with pytest.raises(ConfigError, match="epsilon: must be > 0"):
+        PrivacyConfig(epsilon=-1.0)
+    with pytest.raises(ConfigError, match="delta: must be in"):
+        PrivacyConfig(delta=1.0)
+    with pytest.raises(ConfigError, match=r"delta: 0.001 >= 1/n"):
+        plan_privacy(PrivacyConfig(delta=1e-3), dataset_size=1000, batch_size=10, epochs=1)
+    with pytest.warns(UserWarning, match="above 1/\\(10 n\\)"):
+        plan_privacy(PrivacyConfig(delta=5e-4), dataset_size=1000, batch_size=10, epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")  # Opacus's RDP note
+        plan_privacy(PrivacyConfig(delta=1e-5), dataset_size=1000, batch_size=10, epochs=1)
+    with pytest.raises(ConfigError, match="batch_size: 2000 is larger"):
+        plan_privacy(PrivacyConfig(), dataset_size=1000, batch_size=2000, epochs=1)
+    with pytest.raises(ConfigError, match="no noise level reaches"):
+        plan_privacy(PrivacyConfig(epsilon=1e-9, delta=1e-9), dataset_size=1000, batch_size=1000, epochs=1)
+
+
+def test_non_private_plan_has_no_noise():
+    plan = plan_privacy(PrivacyConfig(epsilon=math.inf), dataset_size=1000, batch_size=100, epochs=2)
+    assert plan.noise_multiplier == 0.0 and plan.steps == 20
+
+
+def test_poisson_sampler_draws_each_sample_independently_with_rate_q():
+    n, q, draws = 200, 0.1, 2000
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(n)
+    sizes = []
+    for _ in range(draws):
+        idx = poisson_sample(n, q, generator=g, device="cpu")
+        assert len(idx.unique()) == len(idx)
+        counts[idx] += 1
+        sizes.append(len(idx))
+    sizes = torch.tensor(sizes, dtype=torch.float)
+    # batch sizes vary: Binomial(n, q), mean nq = 20, variance nq(1-q) = 18
+    assert len(set(sizes.tolist())) > 10
+    assert abs(sizes.mean().item() - n * q) < 4 * math.sqrt(n * q * (1 - q) / draws)
+    assert abs(sizes.var().item() - n * q * (1 - q)) < 0.2 * n * q * (1 - q)
+    # every sample is included with probability q
+    rate = counts / draws
+    assert (rate - q).abs().max() < 5 * math.sqrt(q * (1 - q) / draws)
