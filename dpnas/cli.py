@@ -168,7 +168,46 @@ class Train(Command):
         return 130 if result["interrupted"] else 0
 
 
-COMMANDS: list[Command] = [Describe(), Models(), Train()]
+class Bench(Command):
+    """Measure time per training step, samples/s and peak memory: nonprivate vs Opacus's default vs dpnas.
+
+    Each case runs in its own process on synthetic CIFAR-shaped data; compare ratios within one run only.
+    """
+
+    name = "bench"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from dpnas.bench import DEFAULT_MODELS, MODES
+
+        parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated names (default {','.join(DEFAULT_MODELS)})")
+        parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+        parser.add_argument("--batch-size", type=int, default=32, metavar="B")
+        parser.add_argument("--steps", type=int, default=5, metavar="N", help="timed steps per case (median reported)")
+        parser.add_argument("--warmup", type=int, default=1, metavar="N")
+        parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        parser.add_argument("--json", dest="json_file", metavar="FILE", help="also write the rows as JSON")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dpnas.bench import format_table, run_benchmark
+        from dpnas.results import write_json
+
+        if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+            raise UsageError("--batch-size and --steps must be >= 1 and --warmup >= 0")
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        try:
+            rows = run_benchmark(models=models, modes=modes, batch_size=args.batch_size, steps=args.steps,
+                                 warmup=args.warmup, device=args.device)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        print(format_table(rows))
+        if args.json_file:
+            write_json(args.json_file, rows)
+            print(f"rows written to {args.json_file}")
+        return 0
+
+
+COMMANDS: list[Command] = [Describe(), Models(), Train(), Bench()]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -24,7 +24,7 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def write_json(path: str | Path, record: dict[str, Any]) -> Path:
+def write_json(path: str | Path, record: Any) -> Path:
     """Write `record` to `path` atomically, so an interrupted write never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,190 @@
+"""`dpnas bench`: time per training step, throughput and peak memory, dpnas against its baselines.
+
+Three modes train the same model on the same CIFAR-shaped synthetic data:
+
+* ``nonprivate``: plain PyTorch SGD on device-resident batches (the floor);
+* ``opacus``: Opacus's default path: ``PrivacyEngine.make_private_with_epsilon`` with hooks,
+  a DataLoader with Poisson sampling over host memory, fp32;
+* ``dpnas``: dpnas's own engine (:class:`dpnas.engine.DPSGDEngine`) with on-device sampling.
+
+Each (model, mode) runs in a fresh subprocess, so its peak memory is its own and one
+case cannot warm another's caches.  Ratios are only meaningful within one run.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from dpnas.registry import get_arch
+
+MODES = ("nonprivate", "opacus", "dpnas")
+DEFAULT_MODELS = ("smoothnet", "resnet9_scalenorm", "tiny")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup: int, device: str) -> dict[str, Any]:
+    """Time `steps` training steps of one model in one mode (after `warmup` untimed ones)."""
+    import warnings
+
+    import torch.nn.functional as F
+
+    from dpnas.config import PrivacyConfig
+    from dpnas.engine import DPSGDEngine
+    from dpnas.models import build_model
+    from dpnas.privacy import plan_privacy, poisson_sample
+
+    warnings.filterwarnings("ignore")
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    n = batch_size * 16  # 16 expected batches per epoch: sample rate 1/16
+    images = torch.randn(n, 3, 32, 32)
+    labels = torch.randint(0, 10, (n,))
+    model = build_model(get_arch(model_name), num_classes=10, in_channels=3).to(dev)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    privacy = PrivacyConfig(epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    if mode == "opacus":
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        engine = PrivacyEngine(accountant="rdp")
+        loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
+        model, optimizer, loader = engine.make_private_with_epsilon(
+            module=model, optimizer=optimizer, data_loader=loader, target_epsilon=8.0, target_delta=1e-5,
+            epochs=1, max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode="hooks",
+        )
+        batches = iter(())
+
+        def step() -> int:
+            nonlocal batches
+            try:
+                x, y = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                x, y = next(batches)
+            x, y = x.to(dev), y.to(dev)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            return len(y)
+
+    elif mode == "dpnas":
+        images, labels = images.to(dev), labels.to(dev)
+        plan = plan_privacy(privacy, dataset_size=n, batch_size=batch_size, epochs=1)
+        dp = DPSGDEngine(model, optimizer, plan=plan, max_grad_norm=1.0, private=True, accountant=None,
+                         physical_batch_size=batch_size, noise_generator=torch.Generator(dev).manual_seed(0))
+        sampler = torch.Generator(dev).manual_seed(0)
+
+        def step() -> int:
+            idx = poisson_sample(n, plan.sample_rate, generator=sampler, device=dev)
+            dp.step(images[idx], labels[idx])
+            return len(idx)
+
+    elif mode == "nonprivate":
+        images, labels = images.to(dev), labels.to(dev)
+        sampler = torch.Generator(dev).manual_seed(0)
+
+        def step() -> int:
+            idx = torch.randint(0, n, (batch_size,), generator=sampler, device=dev)
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(images[idx]), labels[idx]).backward()
+            optimizer.step()
+            return batch_size
+
+    else:
+        raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
+
+    for _ in range(warmup):
+        step()
+    _sync(dev)
+    times, sizes = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        sizes.append(step())
+        _sync(dev)
+        times.append(time.perf_counter() - start)
+    step_seconds = statistics.median(times)
+    if dev.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
+    else:  # ru_maxrss is in KiB on Linux: the whole process, torch itself included
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "model": model_name,
+        "mode": mode,
+        "batch_size": batch_size,
+        "device": str(dev),
+        "steps": steps,
+        "step_seconds": step_seconds,
+        "samples_per_second": statistics.mean(sizes) / step_seconds,
+        "peak_memory_mb": peak_mb,
+        "memory_kind": "cuda_max_allocated" if dev.type == "cuda" else "process_peak_rss",
+    }
+
+
+def run_benchmark(
+    *, models: list[str], modes: list[str], batch_size: int, steps: int, warmup: int = 1, device: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for name in models:
+        get_arch(name)  # unknown names fail before any case runs
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
+    rows = []
+    for name in models:
+        for mode in modes:
+            if progress:
+                print(f"  running {name} / {mode} ...", file=sys.stderr, flush=True)
+            args = dict(model_name=name, mode=mode, batch_size=batch_size, steps=steps, warmup=warmup, device=device)
+            result = subprocess.run(
+                [sys.executable, "-m", "dpnas.bench", json.dumps(args)], capture_output=True, text=True, check=False
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"benchmark case {name}/{mode} failed:\n{result.stderr[-2000:]}")
+            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    _add_ratios(rows)
+    return rows
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Step time relative to the non-private step of the same model, measured in the same run."""
+    floor = {r["model"]: r["step_seconds"] for r in rows if r["mode"] == "nonprivate"}
+    for r in rows:
+        base = floor.get(r["model"])
+        r["slowdown_vs_nonprivate"] = r["step_seconds"] / base if base else None
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = f"{'model':<18} {'mode':<11} {'batch':>5} {'step s':>8} {'samples/s':>10} {'peak MB':>9} {'x nonpriv':>9}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        ratio = f"{r['slowdown_vs_nonprivate']:.2f}" if r.get("slowdown_vs_nonprivate") else "-"
+        lines.append(
+            f"{r['model']:<18} {r['mode']:<11} {r['batch_size']:>5} {r['step_seconds']:>8.3f} "
+            f"{r['samples_per_second']:>10.1f} {r['peak_memory_mb']:>9.0f} {ratio:>9}"
+        )
+    dpnas = {r["model"]: r for r in rows if r["mode"] == "dpnas"}
+    for r in rows:
+        if r["mode"] == "opacus" and r["model"] in dpnas:
+            speedup = r["step_seconds"] / dpnas[r["model"]]["step_seconds"]
+            lines.append(f"{r['model']}: Opacus-default step time / dpnas step time = {speedup:.2f} (> 1: dpnas is faster)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # one case, in its own process (see run_benchmark)
+    print(json.dumps(run_case(**json.loads(sys.argv[1]))))
