@@ -17,6 +17,7 @@ from dpnas.data import DATASETS, DataError
 from dpnas.describe import describe, format_description
 from dpnas.models import build_model, count_parameters
 from dpnas.registry import MODELS, get_arch
+from dpnas.results import json_safe
 from dpnas.space import ArchConfig, ConfigError, load_arch_file, parse_assignment
 
 
@@ -207,7 +208,140 @@ class Bench(Command):
         return 0
 
 
-COMMANDS: list[Command] = [Describe(), Models(), Train(), Bench()]
+class Search(Command):
+    """Run (or continue) an architecture search described by a study file; every trial trains with DP-SGD.
+
+    Results go to the study's storage (default: a journal file next to the study file), which
+    `optuna-dashboard`, `dpnas best`, `dpnas privacy` and `dpnas plot` read.  Ctrl-C finishes the
+    current trial's bookkeeping; running the same command again continues the study.
+    """
+
+    name = "search"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("study", metavar="STUDY", help="a study file (studies/*.toml)")
+        parser.add_argument("--storage", metavar="URL", help="journal file (*.journal), sqlite:///FILE.db or postgresql://... (default: STUDY with .journal)")
+        parser.add_argument("--study-name", metavar="NAME", help="default: [study] name in the file, or its file name")
+        parser.add_argument("--n-trials", type=int, metavar="N", help="the study's total number of trials (overrides the file)")
+        parser.add_argument("--timeout", type=float, metavar="S", help="stop taking new trials after S seconds")
+        parser.add_argument("--workers", type=int, default=1, metavar="K", help="trials run in parallel on this machine")
+        parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available; one GPU per worker where there are several)")
+        parser.add_argument("--quiet", action="store_true")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dpnas.search import search, trial_budget
+        from dpnas.storage import dashboard_command
+        from dpnas.study_file import load_study_file
+        from dpnas.study_report import save_study_note
+
+        spec = load_study_file(args.study)
+        if args.n_trials is not None and args.n_trials < 1:
+            raise UsageError(f"--n-trials: must be >= 1, got {args.n_trials}")
+        url = args.storage or spec.default_storage()
+        interrupted = False
+        try:
+            study = search(spec, storage_url=url, study_name=args.study_name, n_trials=args.n_trials,
+                           timeout=args.timeout or spec.timeout, workers=args.workers, device=args.device,
+                           progress=not args.quiet)
+        except KeyboardInterrupt:
+            interrupted = True
+            from dpnas.study_report import resolve_study
+
+            study, _ = resolve_study(url, args.study_name or spec.name)
+        from dpnas.search import best_trials, study_privacy
+
+        target, _, waiting, _ = trial_budget(study)
+        save_study_note(study, url)
+        finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
+        print(f"study {study.study_name!r}: {finished} trials finished of a budget of {target} ({waiting} waiting)")
+        for trial in best_trials(study):
+            print(f"best: trial {trial.number}, {dict(zip(study.metric_names or ['value'], trial.values))}, {trial.params}")
+        report = study_privacy(study)
+        where = args.storage or args.study
+        print(f"privacy of releasing the best trial: epsilon {report.epsilon:.3f}, delta {report.delta:g} "
+              f"({report.mode}; {report.runs} runs; `dpnas privacy {where}` explains)")
+        if interrupted:
+            print("interrupted: run the same command again to continue the study")
+        print(f"export the best architecture: dpnas best {where}" + (f" --study-name {study.study_name}" if args.study_name else ""))
+        print(f"open it with: {dashboard_command(url)}")
+        return 130 if interrupted else 0
+
+
+class Best(Command):
+    """Write the best architecture of a study (or its Pareto set) as a file `dpnas train` and `dpnas describe` take."""
+
+    name = "best"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("study", metavar="STUDY_OR_STORAGE", help="a study file, or a storage URL")
+        parser.add_argument("--study-name", metavar="NAME")
+        parser.add_argument("--out", metavar="FILE", help="a .toml or .json file (default runs/best-STUDY.toml)")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dpnas.study_report import export_best, resolve_study
+
+        study, _ = resolve_study(args.study, args.study_name)
+        out = Path(args.out) if args.out else Path("runs") / f"best-{study.study_name}.toml"
+        for path in export_best(study, out):
+            print(f"wrote {path}")
+        return 0
+
+
+class Privacy(Command):
+    """Report what a whole search cost in privacy: the guarantee for releasing its best trial.
+
+    Per-trial epsilon is not the cost of a search.  With a random number of trials (Poisson or truncated
+    negative binomial) and random search, Papernot & Steinke (ICLR 2022) bound releasing the best run;
+    otherwise the runs compose.
+    """
+
+    name = "privacy"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("study", metavar="STUDY_OR_STORAGE")
+        parser.add_argument("--study-name", metavar="NAME")
+        parser.add_argument("--json", action="store_true")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dpnas.search import study_privacy
+        from dpnas.study_report import resolve_study
+
+        study, _ = resolve_study(args.study, args.study_name)
+        report = study_privacy(study)
+        if args.json:
+            print(json.dumps(json_safe(report.to_dict()), indent=2))
+            return 0
+        print(f"study {study.study_name!r}: mode {report.mode}, {report.runs} runs touched the training data")
+        print(f"releasing the best trial: epsilon = {report.epsilon:.4f}, delta = {report.delta:g} "
+              f"(one run alone: epsilon = {report.per_run_epsilon:.4f})")
+        print(report.explanation)
+        return 0
+
+
+class Dashboard(Command):
+    """Start optuna-dashboard on a study's storage, on 127.0.0.1 unless --host says otherwise."""
+
+    name = "dashboard"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("storage", metavar="STUDY_OR_STORAGE")
+        parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+        parser.add_argument("--port", type=int, default=8080)
+
+    def run(self, args: argparse.Namespace) -> int:
+        from optuna_dashboard import run_server
+
+        from dpnas.storage import open_storage
+        from dpnas.study_file import load_study_file
+
+        url = load_study_file(args.storage).default_storage() if args.storage.endswith(".toml") else args.storage
+        storage = open_storage(url, must_exist=True)
+        print(f"optuna-dashboard on http://{args.host}:{args.port}/ for {url} (Ctrl-C to stop)")
+        run_server(storage, host=args.host, port=args.port)
+        return 0
+
+
+COMMANDS: list[Command] = [Describe(), Models(), Train(), Bench(), Search(), Best(), Privacy(), Dashboard()]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -228,6 +362,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # dpnas prints its own one line per trial
     try:
         return args.handler.run(args)
     except (ConfigError, UsageError, DataError) as err:

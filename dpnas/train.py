@@ -24,7 +24,7 @@ from dpnas.config import PrivacyConfig, TrainConfig
 from dpnas.data import DatasetSplits, ImageData, normalise
 from dpnas.engine import DPSGDEngine
 from dpnas.models import build_model, count_parameters
-from dpnas.privacy import epsilon_spent, make_accountant, plan_privacy, poisson_sample, steps_per_epoch
+from dpnas.privacy import PrivacyPlan, epsilon_spent, make_accountant, plan_privacy, poisson_sample, steps_per_epoch
 from dpnas.space import ArchConfig, ConfigError
 
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -99,17 +99,21 @@ def train(
     device: torch.device | str | None = None,
     progress: bool = True,
     on_epoch: EpochCallback | None = None,
+    on_plan: Callable[[PrivacyPlan], None] | None = None,
     catch_interrupt: bool = True,
 ) -> dict[str, Any]:
     """Train `arch` on `data` with DP-SGD; return the result record (see README for its fields).
 
     `on_epoch` receives each epoch's record (a search uses it to report and prune); an
-    exception it raises stops training and propagates.  Ctrl-C stops after the current
+    exception it raises stops training and propagates.  `on_plan` receives the privacy plan
+    (noise, sample rate, steps) before the first step touches the data.  Ctrl-C stops after the current
     step and still returns the record of what was finished (``interrupted: true``).
     """
     device = torch.device(device) if device is not None else default_device()
     data = data.to(device)
     plan = plan_privacy(privacy, dataset_size=len(data.train), batch_size=train_cfg.batch_size, epochs=train_cfg.epochs)
+    if on_plan is not None:
+        on_plan(plan)
 
     torch.manual_seed(train_cfg.seed)
     model = build_model(arch, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size)

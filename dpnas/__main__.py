@@ -1,0 +1,5 @@
+import sys
+
+from dpnas.cli import main
+
+sys.exit(main())

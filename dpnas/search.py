@@ -1,0 +1,389 @@
+"""`dpnas search`: an Optuna study whose every trial trains a sampled architecture with DP-SGD.
+
+The flow: a :class:`~dpnas.study_file.StudySpec` -> a persistent Optuna study -> one or more
+worker processes, each taking trials until the study's trial budget is used.  Budgets are
+exact across workers: taking a trial happens under :func:`dpnas.storage.trial_slot_lock`.
+
+Every trial records what it cost (``epsilon_spent``, ``noise_multiplier`` ...) and what it
+scored on the *validation* split; the test accuracy is stored for the report only and
+never used to select.  A failed trial (an exception, CUDA out of memory) is marked FAIL with
+its reason and the study goes on; a diverging one is pruned with its reason.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+from optuna.trial import FrozenTrial, Trial, TrialState
+from tqdm.auto import tqdm
+
+from dpnas.config import PrivacyConfig, TrainConfig
+from dpnas.data import DatasetSplits, load_dataset
+from dpnas.privacy import PrivacyPlan
+from dpnas.search_privacy import RunPrivacy, SearchPrivacy, draw_trial_count, search_privacy
+from dpnas.space import ArchConfig, ConfigError
+from dpnas.storage import open_storage, trial_slot_lock
+from dpnas.study_file import StudySpec, load_study_file
+from dpnas.train import DivergedError, train
+
+# Study attributes dpnas keeps in the storage (system attributes: not shown as results).
+_TARGET = "dpnas:n_trials"
+_INITIALISED = "dpnas:initialised"
+_USED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+
+
+def _system_attrs(study: optuna.Study) -> dict[str, Any]:
+    return study._storage.get_study_system_attrs(study._study_id)
+
+
+def _set_system_attr(study: optuna.Study, key: str, value: Any) -> None:
+    # Optuna 5 keeps study system attributes in the storage API only
+    study._storage.set_study_system_attr(study._study_id, key, value)
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+def make_sampler(spec: StudySpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
+    # Workers must not share a seed, or every worker would propose the same first trials.
+    seed = spec.seed + 1000 * worker_index
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+    if spec.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    if spec.sampler == "grid":
+        return optuna.samplers.GridSampler({a.name: a.grid_values() for a in spec.axes}, seed=seed)
+    # random, and ablation (whose trials are all enqueued with fixed parameters)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    if spec.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.train.epochs)
+    return optuna.pruners.NopPruner()
+
+
+def suggest(trial: Trial, spec: StudySpec) -> tuple[ArchConfig, TrainConfig, PrivacyConfig]:
+    """Every ``suggest_*`` call of a study: parameter names are the config field names.
+
+    Raises ConfigError when the sampled point is an invalid combination (the trial is then
+    pruned before it touches any data).
+    """
+    changes: dict[str, dict[str, Any]] = {"arch": {}, "train": {}, "privacy": {}}
+    for axis in spec.axes:
+        if axis.categorical:
+            value = trial.suggest_categorical(axis.name, list(axis.choices))
+        elif axis.integer:
+            value = trial.suggest_int(axis.name, int(axis.low), int(axis.high), step=int(axis.step or 1), log=axis.log)
+        else:
+            value = trial.suggest_float(axis.name, axis.low, axis.high, step=axis.step, log=axis.log)
+        changes[axis.target][axis.name] = value
+    return (
+        spec.arch.replace(**changes["arch"]),
+        spec.train.replace(**changes["train"]),
+        spec.privacy.replace(**changes["privacy"]),
+    )
+
+
+# --- the study ------------------------------------------------------------------------------------
+
+
+def open_study(spec: StudySpec, storage_url: str, *, study_name: str | None = None,
+               n_trials: int | None = None, worker_index: int = 0) -> optuna.Study:
+    """Create the study on first use (and fix its trial budget), or join it; safe to race."""
+    storage = _storage(spec, storage_url)
+    name = study_name or spec.name
+    with trial_slot_lock(storage, storage_url):
+        study = optuna.create_study(
+            storage=storage, study_name=name, directions=spec.directions, load_if_exists=True,
+            sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec),
+        )
+        if not _system_attrs(study).get(_INITIALISED):
+            _initialise(study, spec, n_trials)
+        elif n_trials is not None:
+            if spec.trial_count != "fixed":
+                raise ConfigError(f"--n-trials: study {name!r} draws its number of trials at random ({spec.trial_count})")
+            _set_system_attr(study, _TARGET, n_trials)
+    return study
+
+
+def _storage(spec: StudySpec, url: str) -> BaseStorage:
+    return open_storage(url, heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
+                        max_retries=spec.max_retries)
+
+
+def _initialise(study: optuna.Study, spec: StudySpec, n_trials: int | None) -> None:
+    if spec.trial_count != "fixed":
+        if n_trials is not None:
+            raise ConfigError(f"--n-trials: this study draws its number of trials at random ({spec.trial_count})")
+        # K must be random and secret for the Papernot-Steinke guarantee: drawn once, from the OS's CSPRNG.
+        target = draw_trial_count(mode=spec.trial_count, mu=spec.mean_trials, eta=spec.eta, gamma=spec.gamma)
+    elif spec.sampler == "ablation":
+        points = spec.ablation_points()
+        for params in points:
+            study.enqueue_trial(params)
+        target = len(points)
+    elif spec.sampler == "grid" and spec.n_trials is None and n_trials is None:
+        target = math.prod(len(a.grid_values()) for a in spec.axes)
+    else:
+        target = n_trials if n_trials is not None else spec.n_trials
+    _set_system_attr(study, _TARGET, int(target))
+    study.set_metric_names(list(spec.objectives))
+    for key, value in {
+        "dataset": spec.dataset,
+        "epsilon": spec.privacy.epsilon if spec.privacy.private else "inf (non-private)",
+        "delta": spec.privacy.delta,
+        "trial_count": spec.trial_count,
+        "mean_trials": spec.mean_trials,
+        "eta": spec.eta,
+        "gamma": spec.gamma,
+        "sampler": spec.sampler,
+        "pruner": spec.pruner,
+        "objectives": list(spec.objectives),
+        "study_file": spec.path.read_text(),
+        "dpnas_version": _version(),
+    }.items():
+        study.set_user_attr(key, value)
+    _set_system_attr(study, _INITIALISED, True)
+
+
+def _version() -> str:
+    from dpnas import __version__
+
+    return __version__
+
+
+def trial_budget(study: optuna.Study) -> tuple[int, int, int, int]:
+    """(target, used, waiting, running): a FAIL trial that was retried gives its slot to its retry."""
+    trials = study.get_trials(deepcopy=False)
+    replaced = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    used = sum(1 for t in trials if t.state in _USED_STATES or (t.state == TrialState.FAIL and t.number not in replaced))
+    waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
+    running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+    return int(_system_attrs(study).get(_TARGET, 0)), used, waiting, running
+
+
+def _recover_orphans(study: optuna.Study, spec: StudySpec) -> None:
+    """RUNNING trials of a worker process on this host that no longer exists: fail them and retry them.
+
+    (Server storages find such trials by heartbeat instead; this covers the journal file.)
+    """
+    host = socket.gethostname()
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker", "")
+        worker_host, _, pid = worker.rpartition(":")
+        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            try:
+                study._storage.set_trial_user_attr(t._trial_id, "failure_reason", f"worker process {pid} died")
+                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            retry(study, study._storage.get_trial(t._trial_id))
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# --- one worker ----------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerReport:
+    trials: int = 0
+    interrupted: bool = False
+
+
+def run_worker(
+    spec: StudySpec, storage_url: str, *, study_name: str | None = None, worker_index: int = 0,
+    device: str | None = None, timeout: float | None = None, progress: bool = True,
+) -> WorkerReport:
+    """Take trials of the study until its budget is used (or `timeout` seconds have passed)."""
+    study = open_study(spec, storage_url, study_name=study_name, worker_index=worker_index)
+    data = load_dataset(spec.dataset, data_dir=spec.data_dir, val_fraction=spec.val_fraction,
+                        seed=spec.train.seed, image_size=spec.image_size, progress=progress)
+    storage = study._storage
+    report = WorkerReport()
+    started = time.monotonic()
+    prefix = f"[worker {worker_index}] " if worker_index else ""
+    try:
+        while timeout is None or time.monotonic() - started < timeout:
+            with trial_slot_lock(storage, storage_url):
+                _recover_orphans(study, spec)
+                fail_stale_trials(study)
+                target, used, waiting, running = trial_budget(study)
+                trial = None
+                if waiting or used < target:
+                    trial = study.ask()
+                    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+            if trial is None:
+                if running and is_heartbeat_enabled(storage):
+                    # a trial elsewhere may be stale: wait for its heartbeat to lapse, then retry it here
+                    time.sleep(spec.heartbeat_interval)
+                    continue
+                break
+            with get_heartbeat_thread(trial._trial_id, storage):
+                line = run_trial(study, trial, spec, data, device=device)
+            report.trials += 1
+            if progress:
+                tqdm.write(f"{prefix}{line}")
+    except KeyboardInterrupt:
+        report.interrupted = True
+    return report
+
+
+def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetSplits, *, device: str | None) -> str:
+    """Sample, train, and record one trial; returns a one-line summary."""
+    try:
+        arch, train_cfg, privacy = suggest(trial, spec)
+    except ConfigError as err:
+        trial.set_user_attr("failure_reason", f"invalid combination: {err}")
+        study.tell(trial, state=TrialState.PRUNED)
+        return f"trial {trial.number} pruned (invalid combination): {err}"
+    trial.set_user_attr("config", arch.to_dict())
+
+    def record_plan(plan: PrivacyPlan) -> None:
+        # Written before any step touches the data: the search-level accounting counts this run.
+        trial.set_user_attr("privacy_plan", {"noise_multiplier": plan.noise_multiplier,
+                                             "sample_rate": plan.sample_rate, "steps": plan.steps})
+
+    def report(record: dict[str, Any]) -> None:
+        if spec.multi_objective:  # Optuna cannot prune multi-objective trials
+            return
+        trial.report(record["val_accuracy"], record["epoch"])
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned by the {spec.pruner} pruner after epoch {record['epoch']} "
+                                     f"(val accuracy {record['val_accuracy']:.4f})")
+
+    try:
+        result = train(arch, data, train_cfg=train_cfg, privacy=privacy, device=device, progress=False,
+                       on_epoch=report, on_plan=record_plan, catch_interrupt=False)
+    except (optuna.TrialPruned, DivergedError) as err:
+        trial.set_user_attr("failure_reason" if isinstance(err, DivergedError) else "pruned_reason", str(err))
+        study.tell(trial, state=TrialState.PRUNED)
+        return f"trial {trial.number} pruned: {err}"
+    except KeyboardInterrupt:
+        trial.set_user_attr("failure_reason", "interrupted (Ctrl-C); retried when the study resumes")
+        study.tell(trial, state=TrialState.FAIL)
+        RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries)(study, study._storage.get_trial(trial._trial_id))
+        raise
+    except Exception as err:  # the study goes on; the reason is kept with the trial
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            torch.cuda.empty_cache()
+        trial.set_user_attr("failure_reason", f"{type(err).__name__}: {err}")
+        study.tell(trial, state=TrialState.FAIL)
+        return f"trial {trial.number} failed: {type(err).__name__}: {err}"
+
+    epochs = max(len(result["history"]), 1)
+    attrs = {
+        "epsilon_spent": result["epsilon_spent"] if result["private"] else "inf (non-private)",
+        "noise_multiplier": result["noise_multiplier"],
+        "sample_rate": result["sample_rate"],
+        "steps": result["steps"],
+        "params": result["params"],
+        "samples_per_second": result["samples_per_second"],
+        "wall_seconds": result["wall_seconds"],
+        "epoch_seconds": result["wall_seconds"] / epochs,
+        "val_accuracy": result["val_accuracy"],
+        "test_accuracy": result["test_accuracy"],  # recorded for the report; never used to select
+        "device": result["device"],
+    }
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+    values = [attrs[o] for o in spec.objectives]
+    if not all(math.isfinite(v) for v in values):
+        trial.set_user_attr("failure_reason", f"objective not finite: {values}")
+        study.tell(trial, state=TrialState.FAIL)
+        return f"trial {trial.number} failed: objective not finite"
+    study.tell(trial, values=values)
+    changed = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+    return (f"trial {trial.number} done: val accuracy {result['val_accuracy']:.4f}, "
+            f"eps {result['epsilon_spent']:.2f}, {result['params']:,} params ({changed})")
+
+
+# --- the whole search ----------------------------------------------------------------------------
+
+
+def _worker_process(spec_path: str, storage_url: str, study_name: str, worker_index: int,
+                    device: str | None, timeout: float | None, threads: int) -> None:
+    spec = load_study_file(spec_path)
+    torch.set_num_threads(threads)  # workers share the cores instead of each claiming all of them
+    run_worker(spec, storage_url, study_name=study_name, worker_index=worker_index, device=device, timeout=timeout)
+
+
+def worker_devices(workers: int, device: str | None) -> list[str | None]:
+    """One GPU per worker where there are several; otherwise every worker shares the one device."""
+    if device is None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
+        return [f"cuda:{i % torch.cuda.device_count()}" for i in range(workers)]
+    return [device] * workers
+
+
+def search(
+    spec: StudySpec, *, storage_url: str | None = None, study_name: str | None = None, n_trials: int | None = None,
+    timeout: float | None = None, workers: int = 1, device: str | None = None, progress: bool = True,
+) -> optuna.Study:
+    """Run (or continue) the study with `workers` processes; returns the study when all have stopped."""
+    if workers < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {workers}")
+    url = storage_url or spec.default_storage()
+    name = study_name or spec.name
+    study = open_study(spec, url, study_name=name, n_trials=n_trials)
+    if workers == 1:
+        report = run_worker(spec, url, study_name=name, device=device, timeout=timeout, progress=progress)
+        if report.interrupted:
+            raise KeyboardInterrupt
+        return study
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    processes = [
+        context.Process(target=_worker_process, args=(str(spec.path), url, name, i, dev, timeout, threads), daemon=False)
+        for i, dev in enumerate(worker_devices(workers, device))
+    ]
+    for p in processes:
+        p.start()
+    try:
+        for p in processes:
+            p.join()
+    except KeyboardInterrupt:
+        for p in processes:  # they got the same Ctrl-C: let them finish their bookkeeping
+            p.join()
+        raise
+    return study
+
+
+def study_privacy(study: optuna.Study) -> SearchPrivacy:
+    """The study-level guarantee for releasing its best trial (Papernot & Steinke where it applies)."""
+    runs = [RunPrivacy(**t.user_attrs["privacy_plan"]) for t in study.get_trials(deepcopy=False)
+            if "privacy_plan" in t.user_attrs]
+    attrs = study.user_attrs
+    random_search = attrs.get("sampler") == "random" and attrs.get("pruner") == "none"
+    return search_privacy(runs, mode=attrs.get("trial_count", "fixed"), delta=float(attrs.get("delta", 1e-5)),
+                          random_search=random_search, mu=attrs.get("mean_trials"), eta=attrs.get("eta"),
+                          gamma=attrs.get("gamma"))
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best trial (single objective) or the Pareto set, by validation scores only."""
+    completed = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not completed:
+        return []
+    return list(study.best_trials) if len(study.directions) > 1 else [study.best_trial]

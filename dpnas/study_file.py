@@ -1,0 +1,348 @@
+"""Study files: one TOML file describes a whole architecture search.
+
+    [study]    name, objectives, n_trials, sampler, pruner, seed, trial_count (fixed | poisson | ...)
+    [data]     dataset, data_dir, val_fraction, image_size
+    [privacy]  PrivacyConfig fields: the fixed (ε, δ) every trial trains at, clip norm, accountant
+    [train]    recipe = NAME, then TrainConfig fields overriding it
+    [arch]     base = NAME (a registered architecture), then ArchConfig fields: the fixed part of the space
+    [search]   the searched axes: FIELD = [choices] or FIELD = {low, high, step?, log?}
+
+Everything is checked when the file is loaded; an error names the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpnas.config import PrivacyConfig, TrainConfig
+from dpnas.data import DATASETS
+from dpnas.recipes import DEFAULT_RECIPE, RECIPES
+from dpnas.registry import MODELS
+from dpnas.space import ArchConfig, ConfigError
+
+OBJECTIVES = {"val_accuracy": "maximize", "params": "minimize", "epoch_seconds": "minimize"}
+SAMPLERS = ("tpe", "random", "grid", "nsga2", "ablation")
+PRUNERS = ("median", "hyperband", "none")
+TRIAL_COUNTS = ("fixed", "poisson", "truncated_negative_binomial")
+SECTIONS = ("study", "data", "privacy", "train", "arch", "search")
+
+_STUDY_KEYS = {
+    "name": str, "objectives": list, "n_trials": int, "timeout": (int, float), "seed": int, "sampler": str,
+    "pruner": str, "trial_count": str, "mean_trials": (int, float), "eta": (int, float), "gamma": (int, float),
+    "max_retries": int, "heartbeat_interval": int, "grace_period": int, "description": str,
+}
+_DATA_KEYS = {"dataset": str, "data_dir": str, "val_fraction": (int, float), "image_size": int}
+_CONFIG_FIELDS = {
+    "arch": {f.name for f in dataclasses.fields(ArchConfig)},
+    "train": {f.name for f in dataclasses.fields(TrainConfig)},
+    "privacy": {f.name for f in dataclasses.fields(PrivacyConfig)},
+}
+
+
+class StudyFileError(ConfigError):
+    """A study file is invalid; the message starts with the file and the key."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One searched field: a list of choices, or a numeric range."""
+
+    name: str
+    target: str  # "arch" | "train" | "privacy"
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    integer: bool = False
+
+    @property
+    def categorical(self) -> bool:
+        return self.choices is not None
+
+    def grid_values(self) -> list:
+        """Every value this axis can take (categorical, or a range with a step)."""
+        if self.choices is not None:
+            return list(self.choices)
+        if self.step is None:
+            raise ConfigError(f"search.{self.name}: a grid needs choices or a range with a step")
+        count = int(math.floor((self.high - self.low) / self.step + 1e-9)) + 1
+        values = [self.low + i * self.step for i in range(count)]
+        return [int(round(v)) for v in values] if self.integer else [round(v, 12) for v in values]
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    path: Path
+    name: str
+    objectives: tuple[str, ...]
+    n_trials: int | None
+    timeout: float | None
+    seed: int
+    sampler: str
+    pruner: str
+    trial_count: str
+    mean_trials: float | None
+    eta: float | None
+    gamma: float | None
+    max_retries: int
+    heartbeat_interval: int
+    grace_period: int
+    description: str
+    dataset: str
+    data_dir: str | None
+    val_fraction: float
+    image_size: int | None
+    recipe: str
+    base_arch_name: str | None
+    arch: ArchConfig
+    train: TrainConfig
+    privacy: PrivacyConfig
+    axes: tuple[Axis, ...] = field(default_factory=tuple)
+
+    @property
+    def directions(self) -> list[str]:
+        return [OBJECTIVES[o] for o in self.objectives]
+
+    @property
+    def multi_objective(self) -> bool:
+        return len(self.objectives) > 1
+
+    @property
+    def random_search(self) -> bool:
+        """True when runs are i.i.d. draws (random sampler, no pruning): Papernot & Steinke's setting."""
+        return self.sampler == "random" and self.pruner == "none"
+
+    def default_storage(self) -> str:
+        """An Optuna journal file next to the study file: safe for several processes on one host."""
+        return str(self.path.with_suffix(".journal"))
+
+    def ablation_points(self) -> list[dict[str, Any]]:
+        """The base point, then every axis moved to each of its other values, one at a time."""
+        base = {a.name: _current_value(self, a) for a in self.axes}
+        points = [dict(base)]
+        for axis in self.axes:
+            for value in axis.grid_values():
+                if value != base[axis.name]:
+                    points.append({**base, axis.name: value})
+        return points
+
+
+def _current_value(spec: StudySpec, axis: Axis) -> Any:
+    config = {"arch": spec.arch, "train": spec.train, "privacy": spec.privacy}[axis.target]
+    return getattr(config, axis.name)
+
+
+def _fail(path: Path, key: str, message: str) -> StudyFileError:
+    return StudyFileError(f"{path}: {key}: {message}")
+
+
+def _check_keys(path: Path, section: str, table: dict, allowed: dict) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            raise _fail(path, f"{section}.{key}", f"unknown key; allowed keys in [{section}]: {', '.join(sorted(allowed))}")
+        expected = allowed[key]
+        if isinstance(value, bool) or not isinstance(value, expected):
+            names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
+            raise _fail(path, f"{section}.{key}", f"expected {names}, got {value!r}")
+
+
+def _choice(path: Path, key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise _fail(path, key, f"unknown value {value!r}; expected one of: {', '.join(allowed)}")
+
+
+def load_study_file(path: str | Path) -> StudySpec:
+    path = Path(path)
+    try:
+        document = tomllib.loads(path.read_text())
+    except OSError as err:
+        raise StudyFileError(f"{path}: cannot read study file ({err.strerror or err})") from err
+    except tomllib.TOMLDecodeError as err:
+        raise StudyFileError(f"{path}: not valid TOML: {err}") from err
+    for section, table in document.items():
+        if section not in SECTIONS:
+            raise _fail(path, section, f"unknown section; allowed sections: {', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise _fail(path, section, "expected a [section] table")
+
+    study = document.get("study", {})
+    _check_keys(path, "study", study, _STUDY_KEYS)
+    data = document.get("data", {})
+    _check_keys(path, "data", data, _DATA_KEYS)
+
+    objectives = tuple(study.get("objectives", ["val_accuracy"]))
+    if not objectives or len(set(objectives)) != len(objectives):
+        raise _fail(path, "study.objectives", "give one or more distinct objectives")
+    for objective in objectives:
+        if objective not in OBJECTIVES:
+            raise _fail(path, "study.objectives", f"unknown objective {objective!r}; expected one of: {', '.join(OBJECTIVES)}")
+    if objectives[0] != "val_accuracy":
+        raise _fail(path, "study.objectives", "the first objective must be val_accuracy (the others are traded off against it)")
+    sampler = study.get("sampler", "nsga2" if len(objectives) > 1 else "tpe")
+    _choice(path, "study.sampler", sampler, SAMPLERS)
+    pruner = study.get("pruner", "none" if len(objectives) > 1 or sampler in ("grid", "ablation") else "median")
+    _choice(path, "study.pruner", pruner, PRUNERS)
+    if len(objectives) > 1 and pruner != "none":
+        raise _fail(path, "study.pruner", "Optuna cannot prune multi-objective studies; use pruner = \"none\"")
+    trial_count = study.get("trial_count", "fixed")
+    _choice(path, "study.trial_count", trial_count, TRIAL_COUNTS)
+    n_trials = study.get("n_trials")
+    mean_trials, eta, gamma = study.get("mean_trials"), study.get("eta"), study.get("gamma")
+    if trial_count == "fixed":
+        if sampler not in ("ablation", "grid") and n_trials is None:
+            raise _fail(path, "study.n_trials", "required when trial_count = \"fixed\"")
+        if n_trials is not None and n_trials < 1:
+            raise _fail(path, "study.n_trials", f"must be >= 1, got {n_trials}")
+    else:
+        if n_trials is not None:
+            raise _fail(path, "study.n_trials", f"trial_count = {trial_count!r} draws the number of trials at random; remove n_trials")
+        if sampler in ("grid", "ablation"):
+            raise _fail(path, "study.sampler", f"a random number of trials needs a random or adaptive sampler, not {sampler!r}")
+        if trial_count == "poisson" and not (mean_trials and mean_trials > 0):
+            raise _fail(path, "study.mean_trials", "trial_count = \"poisson\" needs mean_trials > 0")
+        if trial_count == "truncated_negative_binomial":
+            if eta is None or eta <= -1:
+                raise _fail(path, "study.eta", "truncated_negative_binomial needs eta > -1 (eta = 1: geometric)")
+            if gamma is None or not 0 < gamma < 1:
+                raise _fail(path, "study.gamma", "truncated_negative_binomial needs 0 < gamma < 1")
+    timeout = study.get("timeout")
+    if timeout is not None and timeout <= 0:
+        raise _fail(path, "study.timeout", f"must be > 0 seconds, got {timeout}")
+
+    dataset = data.get("dataset", "digits")
+    _choice(path, "data.dataset", dataset, DATASETS)
+
+    train_table = dict(document.get("train", {}))
+    recipe_name = train_table.pop("recipe", DEFAULT_RECIPE)
+    if recipe_name not in RECIPES:
+        raise _fail(path, "train.recipe", f"unknown recipe {recipe_name!r}; expected one of: {', '.join(RECIPES)}")
+    recipe = RECIPES[recipe_name]
+    arch_table = dict(document.get("arch", {}))
+    base_name = arch_table.pop("base", None)
+    if base_name is not None and base_name not in MODELS:
+        raise _fail(path, "arch.base", f"unknown architecture {base_name!r}; expected one of: {', '.join(MODELS)}")
+    base_arch = MODELS[base_name].arch if base_name else ArchConfig()
+    if "val_fraction" in data:
+        train_table.setdefault("val_fraction", data["val_fraction"])
+    arch = _build(path, "arch", base_arch, arch_table)
+    train = _build(path, "train", recipe.train, train_table)
+    privacy = _build(path, "privacy", recipe.privacy, document.get("privacy", {}))
+
+    axes = tuple(_axis(path, name, value, {"arch": arch, "train": train, "privacy": privacy})
+                 for name, value in document.get("search", {}).items())
+    if not axes:
+        raise _fail(path, "search", "name at least one searched field, e.g. activation = [\"selu\", \"relu\"]")
+    if sampler == "ablation":
+        # the base point is one of the trials, so its value must be a choice of every axis
+        configs = {"arch": arch, "train": train, "privacy": privacy}
+        axes = tuple(
+            dataclasses.replace(a, choices=(getattr(configs[a.target], a.name),) + a.choices)
+            if a.categorical and getattr(configs[a.target], a.name) not in a.choices else a
+            for a in axes
+        )
+    if sampler in ("grid", "ablation"):
+        for axis in axes:
+            try:
+                axis.grid_values()
+            except ConfigError as err:
+                raise _fail(path, f"search.{axis.name}", f"sampler {sampler!r}: {err}") from None
+
+    return StudySpec(
+        path=path,
+        name=study.get("name", path.stem),
+        objectives=objectives,
+        n_trials=n_trials,
+        timeout=float(timeout) if timeout is not None else None,
+        seed=study.get("seed", 0),
+        sampler=sampler,
+        pruner=pruner,
+        trial_count=trial_count,
+        mean_trials=float(mean_trials) if mean_trials is not None else None,
+        eta=float(eta) if eta is not None else None,
+        gamma=float(gamma) if gamma is not None else None,
+        max_retries=study.get("max_retries", 2),
+        heartbeat_interval=study.get("heartbeat_interval", 60),
+        grace_period=study.get("grace_period", 180),
+        description=study.get("description", ""),
+        dataset=dataset,
+        data_dir=data.get("data_dir"),
+        val_fraction=train.val_fraction,
+        image_size=data.get("image_size"),
+        recipe=recipe_name,
+        base_arch_name=base_name,
+        arch=arch,
+        train=train,
+        privacy=privacy,
+        axes=axes,
+    )
+
+
+def _build(path: Path, section: str, base: Any, table: dict) -> Any:
+    unknown = sorted(set(table) - _CONFIG_FIELDS[section])
+    if unknown:
+        raise _fail(path, f"{section}.{unknown[0]}", f"unknown field; {type(base).__name__} fields are: {', '.join(sorted(_CONFIG_FIELDS[section]))}")
+    try:
+        return base.replace(**table)
+    except ConfigError as err:
+        raise StudyFileError(f"{path}: [{section}] {err}") from None
+
+
+def _axis(path: Path, name: str, spec: Any, configs: dict[str, Any]) -> Axis:
+    key = f"search.{name}"
+    target = next((t for t, fields in _CONFIG_FIELDS.items() if name in fields), None)
+    if target is None:
+        known = sorted(set().union(*_CONFIG_FIELDS.values()))
+        raise _fail(path, key, f"not a searchable field; fields are: {', '.join(known)}")
+    base = configs[target]
+    current = getattr(base, name)
+
+    def check(value: Any) -> None:
+        try:
+            base.replace(**{name: value})
+        except ConfigError as err:
+            raise _fail(path, key, f"value {value!r} is outside the space: {err}") from None
+
+    if isinstance(spec, list):
+        if not spec:
+            raise _fail(path, key, "give at least one choice")
+        for value in spec:
+            if not isinstance(value, (str, int, float, bool)):
+                raise _fail(path, key, f"choices must be strings, numbers or booleans, got {value!r}")
+            check(value)
+        if len(set(map(repr, spec))) != len(spec):
+            raise _fail(path, key, "choices must be distinct")
+        return Axis(name=name, target=target, choices=tuple(spec))
+    if isinstance(spec, dict):
+        allowed = {"low", "high", "step", "log"}
+        extra = sorted(set(spec) - allowed)
+        if extra:
+            raise _fail(path, f"{key}.{extra[0]}", f"unknown key; a range takes: {', '.join(sorted(allowed))}")
+        if "low" not in spec or "high" not in spec:
+            raise _fail(path, key, "a range needs low and high")
+        low, high, step, log = spec["low"], spec["high"], spec.get("step"), spec.get("log", False)
+        for what, value in (("low", low), ("high", high), ("step", step)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise _fail(path, f"{key}.{what}", f"expected a number, got {value!r}")
+        if not isinstance(log, bool):
+            raise _fail(path, f"{key}.log", f"expected true or false, got {log!r}")
+        if not low < high:
+            raise _fail(path, key, f"low ({low}) must be below high ({high})")
+        if step is not None and step <= 0:
+            raise _fail(path, f"{key}.step", "must be > 0")
+        if log and (low <= 0 or step is not None):
+            raise _fail(path, f"{key}.log", "a log range needs low > 0 and no step")
+        integer = isinstance(current, int) and not isinstance(current, bool)
+        if integer and not all(isinstance(v, int) for v in (low, high) + ((step,) if step is not None else ())):
+            raise _fail(path, key, f"{name} is an integer field: low, high and step must be integers")
+        if isinstance(current, (str, bool)):
+            raise _fail(path, key, f"{name} takes {type(current).__name__} values: give a list of choices, not a range")
+        check(low)
+        check(high)
+        return Axis(name=name, target=target, low=low, high=high, step=step, log=log, integer=integer)
+    raise _fail(path, key, f"expected a list of choices or a {{low, high}} table, got {spec!r}")

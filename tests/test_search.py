@@ -1,0 +1,253 @@
+"""Architecture search end to end on tiny real data: trials, budgets, failures, resumption, readers."""
+
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import urllib.request
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+import dpnas.search as search_module
+from dpnas.cli import main
+from dpnas.search import best_trials, search, study_privacy, trial_budget
+from dpnas.space import ConfigError
+from dpnas.storage import open_storage, storage_kind
+from dpnas.study_file import load_study_file
+from dpnas.train import DivergedError
+from search_helpers import write_study
+
+ATTRS = {"epsilon_spent", "noise_multiplier", "params", "samples_per_second", "wall_seconds", "test_accuracy",
+         "privacy_plan", "config", "val_accuracy"}
+
+
+def load(spec):
+    return optuna.load_study(study_name=spec.name, storage=open_storage(spec.default_storage()))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One 3-trial study run through the command line, shared by the read-only tests below."""
+    directory = tmp_path_factory.mktemp("study")
+    path = write_study(directory, n_trials=3, epochs=2, pruner="median")
+    assert main(["search", str(path), "--quiet"]) == 0
+    spec = load_study_file(path)
+    return spec, load(spec)
+
+
+def test_every_trial_trains_at_the_budget_and_records_its_cost(finished):
+    spec, study = finished
+    trials = study.get_trials()
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+    for t in trials:
+        assert ATTRS <= set(t.user_attrs)
+        assert 0.99 * 4.0 <= t.user_attrs["epsilon_spent"] <= 4.0
+        assert set(t.params) == {"activation", "width"}
+        assert t.user_attrs["config"]["activation"] == t.params["activation"]
+        # selection uses the validation accuracy, never the test accuracy
+        assert t.value == t.user_attrs["val_accuracy"]
+        assert sorted(t.intermediate_values) == [1, 2]  # learning curve, one point per epoch
+
+
+def test_study_note_and_metadata_for_the_dashboard(finished):
+    spec, study = finished
+    assert study.metric_names == ["val_accuracy"]
+    assert study.user_attrs["epsilon"] == 4.0 and study.user_attrs["dataset"] == "digits"
+    from optuna_dashboard._note import get_note_from_system_attrs
+
+    system_attrs = study._storage.get_study_system_attrs(study._study_id)
+    note = get_note_from_system_attrs(system_attrs, None)["body"]
+    assert "Privacy cost of the search" in note and "Best architecture" in note and "optuna-dashboard" in note
+
+
+def test_best_exports_an_architecture_that_describe_and_train_take(finished, tmp_path, capsys):
+    spec, study = finished
+    out = tmp_path / "best.toml"
+    assert main(["best", str(spec.path), "--out", str(out)]) == 0
+    best = study.best_trial
+    assert main(["describe", str(out), "--json"]) == 0
+    described = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert described["config"] == best.user_attrs["config"]
+
+
+def test_privacy_report_composes_a_fixed_number_of_trials(finished, capsys):
+    spec, study = finished
+    report = study_privacy(study)
+    assert report.mode == "fixed" and report.runs == 3
+    assert report.epsilon > report.per_run_epsilon  # three runs cost more than one
+    assert main(["privacy", str(spec.path)]) == 0
+    out = capsys.readouterr().out
+    assert "3 runs touched the training data" in out and "releasing the best trial" in out
+
+
+def test_running_again_continues_without_redoing_trials(finished):
+    spec, study = finished
+    assert main(["search", str(spec.path), "--quiet"]) == 0
+    assert len(load(spec).get_trials()) == 3  # budget already used: nothing new
+
+
+def test_more_trials_extend_the_study_exactly(tmp_path):
+    path = write_study(tmp_path, n_trials=1)
+    spec = load_study_file(path)
+    search(spec, progress=False)
+    search(spec, n_trials=3, progress=False)
+    trials = load(spec).get_trials()
+    assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
+
+
+def test_two_worker_processes_share_one_journal_and_finish_exactly(tmp_path):
+    spec = load_study_file(write_study(tmp_path, n_trials=4))
+    search(spec, workers=2, progress=False)
+    trials = load(spec).get_trials()
+    assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
+
+
+def test_interrupted_trial_is_retried_with_the_same_parameters(tmp_path, monkeypatch):
+    spec = load_study_file(write_study(tmp_path, n_trials=3))
+    real_train = search_module.train
+    calls = []
+
+    def interrupt_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C during the second trial's first epoch
+
+            def stop(record):
+                raise KeyboardInterrupt
+
+            kwargs["on_epoch"] = stop
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "train", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        search(spec, progress=False)
+    study = load(spec)
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    failed, waiting = study.get_trials()[1], study.get_trials()[2]
+    assert "interrupted" in failed.user_attrs["failure_reason"]
+    monkeypatch.setattr(search_module, "train", real_train)
+    search(spec, progress=False)  # resume
+    trials = load(spec).get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == 3 and trial_budget(load(spec))[:2] == (3, 3)
+    retried = trials[2]
+    assert retried.state == TrialState.COMPLETE and retried.params == failed.params
+    # the interrupted run touched the data: it still counts in the search's privacy cost
+    assert study_privacy(load(spec)).runs == 4
+
+
+def test_failures_are_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
+    spec = load_study_file(write_study(tmp_path, n_trials=3))
+    real_train = search_module.train
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if len(calls) == 2:
+            raise DivergedError("training loss became nan in epoch 1")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "train", flaky)
+    search(spec, progress=False)
+    trials = load(spec).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.PRUNED, TrialState.COMPLETE]
+    assert "CUDA out of memory" in trials[0].user_attrs["failure_reason"]
+    assert "nan" in trials[1].user_attrs["failure_reason"]
+
+
+def test_invalid_combinations_are_pruned_before_touching_data(tmp_path):
+    path = write_study(tmp_path, n_trials=2)
+    text = path.read_text().replace('activation = ["selu", "relu", "mish"]', 'skip = ["none"]\nscalenorm = ["after_add"]')
+    path.write_text(text)
+    spec = load_study_file(path)
+    search(spec, progress=False)
+    study = load(spec)
+    assert all(t.state == TrialState.PRUNED and "invalid combination" in t.user_attrs["failure_reason"]
+               and "privacy_plan" not in t.user_attrs for t in study.get_trials())
+    assert study_privacy(study).epsilon == 0.0
+
+
+def test_multi_objective_study_reports_the_pareto_set(tmp_path):
+    extra = 'objectives = ["val_accuracy", "params"]'
+    spec = load_study_file(write_study(tmp_path, n_trials=3, sampler="nsga2", extra=extra))
+    search(spec, progress=False)
+    study = load(spec)
+    front = best_trials(study)
+    assert front and all(len(t.values) == 2 for t in front)
+    assert study.metric_names == ["val_accuracy", "params"]
+    for t in front:  # nothing in the study dominates a Pareto trial
+        assert not any(o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values
+                       for o in study.get_trials(states=(TrialState.COMPLETE,)))
+
+
+def test_random_trial_count_uses_papernot_steinke(tmp_path, capsys):
+    extra = 'trial_count = "poisson"\nmean_trials = 2.0'
+    spec = load_study_file(write_study(tmp_path, sampler="random", extra=extra))
+    with pytest.raises(ConfigError, match="draws its number of trials at random"):
+        search(spec, n_trials=5, progress=False)
+    search(spec, progress=False)
+    report = study_privacy(load(spec))
+    assert report.mode == "poisson"
+    assert main(["privacy", str(spec.path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "poisson"
+
+
+def test_storage_urls_are_explicit():
+    assert storage_kind("a/b.journal") == "journal"
+    assert storage_kind("sqlite:///x.db") == "sqlite"
+    assert storage_kind("postgresql://u@127.0.0.1/db") == "server"
+    with pytest.raises(ConfigError, match="not a storage URL"):
+        storage_kind("results.db")
+    with pytest.raises(ConfigError, match="unknown scheme 'redis'"):
+        storage_kind("redis://localhost")
+
+
+def test_search_cli_user_errors(tmp_path, capsys):
+    path = write_study(tmp_path)
+    assert main(["search", str(path), "--storage", "oops.db"]) == 2
+    assert "not a storage URL" in capsys.readouterr().err
+    assert main(["best", str(tmp_path / "none.toml")]) == 2
+    assert main(["privacy", str(tmp_path / "x.journal")]) == 2
+    assert "no such journal file" in capsys.readouterr().err
+
+
+def test_stock_optuna_cli_reads_a_dpnas_study(finished):
+    spec, study = finished
+    optuna_cli = shutil.which("optuna") or str(__import__("pathlib").Path(sys.executable).parent / "optuna")
+    out = subprocess.run([optuna_cli, "trials", "--study-name", spec.name, "--storage", spec.default_storage(), "-f", "json"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert len(rows) == 3 and all(r["state"] == "COMPLETE" for r in rows)
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+def test_optuna_dashboard_http_api_reads_a_dpnas_study(finished):
+    from optuna_dashboard import wsgi
+
+    spec, study = finished
+    server = make_server("127.0.0.1", 0, wsgi(open_storage(spec.default_storage())), handler_class=_Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}"
+        studies = json.load(urllib.request.urlopen(f"{base}/api/studies", timeout=30))["study_summaries"]
+        entry = next(s for s in studies if s["study_name"] == spec.name)
+        detail = json.load(urllib.request.urlopen(f"{base}/api/studies/{entry['study_id']}", timeout=30))
+    finally:
+        server.shutdown()
+    assert len(detail["trials"]) == 3 and detail["has_intermediate_values"]
+    keys = {a["key"] for a in detail["union_user_attrs"]}
+    assert {"epsilon_spent", "noise_multiplier", "params", "test_accuracy"} <= keys
+    assert "Privacy cost of the search" in detail["note"]["body"]
