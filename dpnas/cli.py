@@ -341,7 +341,57 @@ class Dashboard(Command):
         return 0
 
 
-COMMANDS: list[Command] = [Describe(), Models(), Train(), Bench(), Search(), Best(), Privacy(), Dashboard()]
+class Plot(Command):
+    """Draw a study's figures: accuracy by component, width x depth, the DP gap, Pareto fronts, accuracy against
+    epsilon, and Optuna's history, learning curves and parameter importances.
+
+    HTML always (self-contained, opens offline); PNG/SVG where a static exporter works.  The figures are also
+    attached to the study, so optuna-dashboard shows them.
+    """
+
+    name = "plot"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("study", metavar="STUDY_OR_STORAGE")
+        parser.add_argument("--study-name", metavar="NAME")
+        parser.add_argument("--companion", metavar="STUDY_OR_STORAGE", help="another study (e.g. non-private) whose trials join the DP-gap figure")
+        parser.add_argument("--companion-name", metavar="NAME")
+        parser.add_argument("--out", metavar="DIR", help="default runs/plots-STUDY")
+        parser.add_argument("--format", default="html", help="comma-separated: html,png,svg (default html)")
+        parser.add_argument("--no-attach", action="store_true", help="do not save the figures into the study")
+
+    def run(self, args: argparse.Namespace) -> int:
+        import pandas as pd
+
+        from dpnas.analysis.figures import attach_to_dashboard, study_figures, write_figures
+        from dpnas.analysis.frame import trials_frame
+        from dpnas.study_report import resolve_study
+
+        study, _ = resolve_study(args.study, args.study_name)
+        frame = trials_frame(study)
+        if args.companion:
+            companion, _ = resolve_study(args.companion, args.companion_name)
+            extra = trials_frame(companion)
+            extra["number"] = extra["number"] + 100_000  # keep trial numbers apart
+            frame = pd.concat([frame, extra], ignore_index=True).assign()
+            frame.attrs["searched"] = trials_frame(study).attrs["searched"]
+        figures = study_figures(study, frame)
+        out = Path(args.out) if args.out else Path("runs") / f"plots-{study.study_name}"
+        formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+        try:
+            written, problems = write_figures(figures, out, formats=formats)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        for problem in problems:
+            print(f"note: {problem}")
+        if not args.no_attach:
+            attach_to_dashboard(study, figures)
+        frame.to_csv(out / "trials.csv", index=False)
+        print(f"wrote {len(written)} files and trials.csv to {out}/")
+        return 0
+
+
+COMMANDS: list[Command] = [Describe(), Models(), Train(), Bench(), Search(), Best(), Privacy(), Dashboard(), Plot()]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -54,6 +54,16 @@ def _set_system_attr(study: optuna.Study, key: str, value: Any) -> None:
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
+class _GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its `study.stop()` when the grid is done.
+
+    That call only works inside `study.optimize`; dpnas's workers stop on the study's exact trial budget.
+    """
+
+    def after_trial(self, study, trial, state, values) -> None:  # noqa: ANN001
+        pass
+
+
 def make_sampler(spec: StudySpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
     # Workers must not share a seed, or every worker would propose the same first trials.
     seed = spec.seed + 1000 * worker_index
@@ -62,7 +72,7 @@ def make_sampler(spec: StudySpec, worker_index: int = 0) -> optuna.samplers.Base
     if spec.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if spec.sampler == "grid":
-        return optuna.samplers.GridSampler({a.name: a.grid_values() for a in spec.axes}, seed=seed)
+        return _GridSampler({a.name: a.grid_values() for a in spec.axes}, seed=seed)
     # random, and ablation (whose trials are all enqueued with fixed parameters)
     return optuna.samplers.RandomSampler(seed=seed)
 
@@ -260,6 +270,7 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
         study.tell(trial, state=TrialState.PRUNED)
         return f"trial {trial.number} pruned (invalid combination): {err}"
     trial.set_user_attr("config", arch.to_dict())
+    trial.set_user_attr("epsilon_target", privacy.epsilon if privacy.private else "inf (non-private)")
 
     def record_plan(plan: PrivacyPlan) -> None:
         # Written before any step touches the data: the search-level accounting counts this run.

@@ -61,7 +61,7 @@ def open_storage(
         kwargs.update(
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period or 2 * heartbeat_interval,
-            failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retries),
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retries),
         )
     if kind == "sqlite":
         # wait for the lock instead of failing at once when several processes write

@@ -1,0 +1,9 @@
+"""Analysis of dpnas studies: one tidy DataFrame of trials, and one figure per module.
+
+Each figure module separates its data (``*_info(df) -> NamedTuple``, what the tests check)
+from its drawing (``*_figure(info) -> go.Figure``).
+"""
+
+from dpnas.analysis.frame import COMPONENTS, trials_frame
+
+__all__ = ["COMPONENTS", "trials_frame"]

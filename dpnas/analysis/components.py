@@ -1,0 +1,68 @@
+"""Accuracy by component value: every trial as a point, the spread as a box, values ordered by median."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pandas as pd
+import plotly.graph_objects as go
+
+from dpnas.analysis.frame import finished
+
+
+class ComponentInfo(NamedTuple):
+    component: str
+    order: list[str]  # component values, best median accuracy first
+    accuracies: dict[str, list[float]]
+    trials: dict[str, list[int]]
+    medians: dict[str, float]
+
+
+def component_info(frame: pd.DataFrame, component: str) -> ComponentInfo:
+    done = finished(frame)
+    accuracies: dict[str, list[float]] = {}
+    trials: dict[str, list[int]] = {}
+    if component in done:
+        for value, group in done.groupby(done[component].astype(str)):
+            accuracies[value] = group["val_accuracy"].tolist()
+            trials[value] = group["number"].tolist()
+    medians = {k: float(pd.Series(v).median()) for k, v in accuracies.items()}
+    order = sorted(medians, key=lambda k: (-medians[k], k))
+    return ComponentInfo(component, order, accuracies, trials, medians)
+
+
+def component_figure(info: ComponentInfo) -> go.Figure:
+    figure = go.Figure()
+    for value in info.order:
+        figure.add_trace(go.Box(
+            y=info.accuracies[value], name=value, boxpoints="all", jitter=0.4, pointpos=0,
+            customdata=info.trials[value], hovertemplate="trial %{customdata}<br>val accuracy %{y:.4f}<extra></extra>",
+        ))
+    figure.update_layout(
+        title=f"Validation accuracy by {info.component} (ordered by median)",
+        xaxis_title=info.component, yaxis_title="validation accuracy", showlegend=False,
+    )
+    return figure
+
+
+def components_to_show(frame: pd.DataFrame, candidates: tuple[str, ...]) -> list[str]:
+    """The components that vary among finished trials (a constant one says nothing)."""
+    done = finished(frame)
+    return [c for c in candidates if c in done and done[c].astype(str).nunique() > 1]
+
+
+def component_effects(frame: pd.DataFrame, components: tuple[str, ...] | None = None) -> pd.DataFrame:
+    """One row per (component, value): trials, median and best accuracy, and the median's distance to the best value's."""
+    from dpnas.analysis.frame import COMPONENTS
+
+    rows = []
+    for component in components_to_show(frame, components or COMPONENTS):
+        info = component_info(frame, component)
+        top = info.medians[info.order[0]]
+        for value in info.order:
+            accuracies = info.accuracies[value]
+            rows.append({"component": component, "value": value, "trials": len(accuracies),
+                         "median_val_accuracy": info.medians[value], "best_val_accuracy": max(accuracies),
+                         "median_minus_best_median": info.medians[value] - top})
+    return pd.DataFrame(rows, columns=["component", "value", "trials", "median_val_accuracy", "best_val_accuracy",
+                                       "median_minus_best_median"])

@@ -1,0 +1,507 @@
+"""Reproduce the papers' architectures with their recipes, and compare with the published numbers.
+
+Three reproductions (REFERENCE §1, §2, §3, §5, §6):
+
+* ``smoothnet``: SmoothNet W80D50 with the ``smoothnet`` recipe at ε = 7, δ = 1e-5 on CIFAR-10
+  (published 73.5 %) or ImageNette (published 69.2 %);
+* ``resnet9-scalenorm``: ResNet-9 with the ``resnet9-scalenorm`` recipe at ε = 8 on CIFAR-10, once with
+  ScaleNorm (published 82.5 %) and once without (REFERENCE gives no accuracy for it: "n/a");
+* ``de-wrn``: De et al.'s recipe at ε = 8 on CIFAR-10 with WRN-16-4.  The published 81.4 % is De et al.'s
+  WRN-40-4, a deeper network; the table says so.
+
+``run_reproduction`` trains every run of a reproduction, writes each full result as JSON and returns one
+row per run; ``format_comparison`` prints the rows against the published numbers.
+
+Quick mode (``quick=True``) is a pipeline check that finishes in minutes on a 2-core CPU and is labelled
+``QUICK RUN - not comparable to the paper`` everywhere:
+
+* data: the requested dataset if a copy is already in ``data_dir`` (quick mode never downloads), else the
+  bundled ``digits`` as a stand-in (announced on stderr and in every row: ``digits (stand-in for
+  cifar10)``); then a stratified subset of at most 512 training, 256 validation and 512 test images;
+* architecture: the named one scaled down (``QUICK`` changes of each run: SmoothNet W10D10 instead of
+  W80D50, ResNet-9 and WRN-16-4 with an eighth of the channels); the table shows the parameter count of
+  the full architecture (the paper comparison) and of the network actually trained;
+* recipe: the same optimiser, learning rate, schedule, clip norm, ε and δ, but at most 2 epochs, logical
+  batch ``min(recipe batch, train size // 4)`` (at least 4 steps per epoch; Poisson sampling needs a
+  sample rate below 1), and for ``de-wrn`` augmentation multiplicity 2 and EMA decay 0.9 (16 copies and a
+  0.9999 average over 8 steps would only measure the initial weights).
+
+Without quick mode the full architecture is trained with the full recipe on the full dataset; a missing
+dataset raises :class:`DatasetUnavailableError` saying how to get it and where to put it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from dpnas.data import DEFAULT_DATA_DIR, DataError, DatasetSplits, ImageData, load_dataset, stratified_split
+from dpnas.models import build_model, count_parameters
+from dpnas.recipes import RECIPES, Recipe
+from dpnas.registry import MODELS
+from dpnas.results import default_result_path, write_json
+from dpnas.space import ArchConfig, ConfigError
+
+QUICK_LABEL = "QUICK RUN - not comparable to the paper"
+QUICK_EPOCHS = 2
+QUICK_TRAIN_SIZE = 512
+QUICK_VAL_SIZE = 256
+QUICK_TEST_SIZE = 512
+STAND_IN_DATASET = "digits"
+
+
+class DatasetUnavailableError(DataError):
+    """The dataset a full reproduction needs is not there; the message says how to get it and where to put it."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """A published result: test accuracy in percent (None: not published), its budget and parameter count."""
+
+    accuracy: float | None
+    epsilon: float
+    delta: float
+    params: int | None
+    source: str
+    model: str
+    """The network the number was measured on (differs from the trained one for de-wrn)."""
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ReproRun:
+    """One network trained in a reproduction."""
+
+    label: str
+    model: str
+    """A name in :data:`dpnas.registry.MODELS`."""
+    published: dict[str, Published]
+    """By dataset name."""
+    quick_changes: dict[str, Any]
+    """ArchConfig changes that scale the network down in quick mode."""
+    quick_label: str
+
+
+@dataclass(frozen=True)
+class Reproduction:
+    name: str
+    title: str
+    recipe: str
+    """A name in :data:`dpnas.recipes.RECIPES`."""
+    datasets: tuple[str, ...]
+    """The datasets with published numbers; the first is the default."""
+    runs: tuple[ReproRun, ...]
+    quick_train: dict[str, Any] = field(default_factory=dict)
+    """TrainConfig changes in quick mode, on top of the epochs and batch size every quick run shrinks."""
+    notes: tuple[str, ...] = ()
+
+    @property
+    def recipe_obj(self) -> Recipe:
+        return RECIPES[self.recipe]
+
+    @property
+    def default_dataset(self) -> str:
+        return self.datasets[0]
+
+
+_SMOOTHNET_SOURCE = "Remerscheid et al. 2022, SmoothNets (arXiv 2205.04095)"
+_SCALENORM_SOURCE = "Klause et al. 2022, ScaleNorm (arXiv 2203.00324)"
+_DE_SOURCE = "De et al. 2022, WRN-40-4 with augmentation multiplicity, EMA and weight standardisation"
+
+REPRODUCTIONS: dict[str, Reproduction] = {
+    r.name: r
+    for r in (
+        Reproduction(
+            name="smoothnet",
+            title="SmoothNet W80D50 with the SmoothNet recipe (SGD 2e-3, StepLR(5, 0.9), B=256, C=6.83, eps=7)",
+            recipe="smoothnet",
+            datasets=("cifar10", "imagenette"),
+            runs=(
+                ReproRun(
+                    label="SmoothNet W80D50",
+                    model="smoothnet",
+                    published={
+                        "cifar10": Published(73.5, 7.0, 1e-5, 3_391_853, _SMOOTHNET_SOURCE, "SmoothNet W80D50"),
+                        "imagenette": Published(
+                            69.2, 7.0, 1e-5, 3_391_853, _SMOOTHNET_SOURCE, "SmoothNet W80D50",
+                            "ImageNette images at 160 px unless image_size says otherwise (REFERENCE does not give "
+                            "the authors' input size); SmoothNet has 3,391,853 parameters at any input size",
+                        ),
+                    },
+                    quick_changes={"width": 1.0, "depth": 1.0},
+                    quick_label="SmoothNet W10D10",
+                ),
+            ),
+            notes=(
+                "SmoothNet: the recipe trains 90 epochs; the authors' runs used 90-180 (REFERENCE section 5).",
+            ),
+        ),
+        Reproduction(
+            name="resnet9-scalenorm",
+            title="ResNet-9 with and without ScaleNorm, ResNet-9 ScaleNorm recipe (NAdam 1e-3, plateau, B=1024, C=1.5, eps=8)",
+            recipe="resnet9-scalenorm",
+            datasets=("cifar10",),
+            runs=(
+                ReproRun(
+                    label="ResNet-9 + ScaleNorm",
+                    model="resnet9_scalenorm",
+                    published={"cifar10": Published(82.5, 8.0, 1e-5, 2_448_714, _SCALENORM_SOURCE, "ResNet-9 + ScaleNorm")},
+                    quick_changes={"width": 2.0, "stem_channels": 8, "groups": 4},
+                    quick_label="ResNet-9 + ScaleNorm at 1/8 width",
+                ),
+                ReproRun(
+                    label="ResNet-9 (no ScaleNorm)",
+                    model="resnet9",
+                    published={
+                        "cifar10": Published(
+                            None, 8.0, 1e-5, 2_447_946, _SCALENORM_SOURCE, "ResNet-9",
+                            "REFERENCE gives no accuracy for ResNet-9 without ScaleNorm (n/a)",
+                        )
+                    },
+                    quick_changes={"width": 2.0, "stem_channels": 8, "groups": 4},
+                    quick_label="ResNet-9 at 1/8 width",
+                ),
+            ),
+            notes=("ResNet-9: the recipe trains 25 epochs; the authors' runs used 25-90 (REFERENCE section 5).",),
+        ),
+        Reproduction(
+            name="de-wrn",
+            title="De et al.'s recipe (SGD lr 4, cosine, B=4096, augmult 16, EMA 0.9999, C=1, eps=8) on WRN-16-4",
+            recipe="de-wrn",
+            datasets=("cifar10",),
+            runs=(
+                ReproRun(
+                    label="WRN-16-4",
+                    model="wrn16_4",
+                    published={
+                        "cifar10": Published(
+                            81.4, 8.0, 1e-5, None, _DE_SOURCE, "WRN-40-4",
+                            "the published 81.4 % is De et al.'s WRN-40-4, a deeper network than the WRN-16-4 "
+                            "trained here (REFERENCE section 3 gives no parameter count for it)",
+                        )
+                    },
+                    quick_changes={"width": 1.0, "depth": 1.0, "stem_channels": 8, "groups": 4},
+                    quick_label="WRN-10-0.5",
+                ),
+            ),
+            quick_train={"aug_multiplicity": 2, "ema_decay": 0.9},
+        ),
+    )
+}
+
+
+def get_reproduction(name: str) -> Reproduction:
+    try:
+        return REPRODUCTIONS[name]
+    except KeyError:
+        raise ConfigError(f"unknown reproduction {name!r}; expected one of: {', '.join(REPRODUCTIONS)}") from None
+
+
+def format_reproductions() -> str:
+    """One paragraph per reproduction: its name, datasets and the published numbers (for a --list)."""
+    lines = []
+    for repro in REPRODUCTIONS.values():
+        lines.append(f"{repro.name}: {repro.title}")
+        lines.append(f"  datasets: {', '.join(repro.datasets)} (default {repro.default_dataset})")
+        for run in repro.runs:
+            for dataset, pub in run.published.items():
+                lines.append(f"  {run.label} on {dataset}: published {_fmt_acc(pub.accuracy)} at eps {pub.epsilon:g} "
+                             f"({pub.model}; {pub.source})")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------
+
+
+def dataset_howto(dataset: str, data_dir: Path) -> str:
+    """How to get `dataset` and where to put it so that ``load_dataset(dataset, data_dir=data_dir)`` finds it."""
+    if dataset == "cifar10":
+        return (
+            "To get it: download the python version of CIFAR-10 (cifar-10-python.tar.gz) from the CIFAR-10 page at "
+            f"cs.toronto.edu and extract it into {data_dir} (tar -xzf cifar-10-python.tar.gz -C {data_dir}) so that "
+            f"{data_dir / 'cifar-10-batches-py'} holds data_batch_1 ... data_batch_5, test_batch and batches.meta; "
+            "or run with network access and downloads enabled, and torchvision downloads it there. "
+            "(--quick runs offline on the bundled digits stand-in instead; not comparable to the paper.)"
+        )
+    if dataset == "imagenette":
+        return (
+            "To get it: download imagenette2-160.tgz from fast.ai's imagenette release (on fast.ai's S3 storage) and "
+            f"extract it into {data_dir} (tar -xzf imagenette2-160.tgz -C {data_dir}) so that "
+            f"{data_dir / 'imagenette2-160'} holds train/<class>/*.JPEG and val/<class>/*.JPEG "
+            "(the 320 px and full-size releases work too). "
+            "(--quick runs offline on the bundled digits stand-in instead; not comparable to the paper.)"
+        )
+    return f"{dataset} is not one of the datasets a reproduction uses."
+
+
+def _subset(split: ImageData, limit: int, *, seed: int) -> ImageData:
+    if len(split) <= limit:
+        return split
+    _, keep = stratified_split(split.labels, limit / len(split), seed=seed)
+    return split.subset(keep)
+
+
+def shrink_splits(data: DatasetSplits, *, seed: int = 0, train: int = QUICK_TRAIN_SIZE, val: int = QUICK_VAL_SIZE,
+                  test: int = QUICK_TEST_SIZE) -> DatasetSplits:
+    """Stratified, seeded subsets of at most `train`/`val`/`test` images (quick mode)."""
+    return replace(
+        data,
+        train=_subset(data.train, train, seed=seed),
+        val=_subset(data.val, val, seed=seed + 1),
+        test=_subset(data.test, test, seed=seed + 2),
+    )
+
+
+@dataclass(frozen=True)
+class _Data:
+    splits: DatasetSplits
+    requested: str
+    stand_in_reason: str | None
+
+    @property
+    def label(self) -> str:
+        if self.stand_in_reason is None:
+            return self.splits.name
+        return f"{self.splits.name} (stand-in for {self.requested})"
+
+
+def _load(repro: Reproduction, dataset: str, *, data_dir: Path, quick: bool, download: bool,
+          image_size: int | None, progress: bool) -> _Data:
+    cfg = repro.recipe_obj.train
+    kwargs = dict(data_dir=data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, progress=progress)
+    if not quick:
+        try:
+            splits = load_dataset(dataset, image_size=image_size, download=download, **kwargs)
+        except DataError as err:
+            raise DatasetUnavailableError(
+                f"{dataset} is not available in {data_dir}: {err}. {dataset_howto(dataset, data_dir)}"
+            ) from err
+        return _Data(splits, dataset, None)
+    try:  # quick mode never downloads: a copy already there, or the stand-in
+        splits = load_dataset(dataset, image_size=image_size, download=False, **kwargs)
+        reason = None
+    except DataError as err:
+        reason = f"{dataset} not found in {data_dir} ({err})"
+        print(f"dpnas reproduce: {dataset} is not available in {data_dir}; QUICK RUN on the bundled "
+              f"{STAND_IN_DATASET} data as a stand-in (not comparable to the paper)", file=sys.stderr)
+        splits = load_dataset(STAND_IN_DATASET, **kwargs)
+    return _Data(shrink_splits(splits, seed=cfg.seed), dataset, reason)
+
+
+# --------------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------------
+
+
+def quick_arch(run: ReproRun) -> ArchConfig:
+    """The scaled-down network quick mode trains in place of `run`'s named architecture."""
+    return MODELS[run.model].arch.replace(**run.quick_changes)
+
+
+def quick_train_config(repro: Reproduction, train_size: int):
+    """The recipe with quick mode's epochs, batch size and per-reproduction changes (see the module docstring)."""
+    cfg = repro.recipe_obj.train
+    batch = max(1, min(cfg.batch_size, train_size // 4))
+    changes = {"epochs": min(cfg.epochs, QUICK_EPOCHS), "batch_size": batch,
+               "physical_batch_size": min(cfg.physical_batch_size, batch), **repro.quick_train}
+    return cfg.replace(**changes)
+
+
+def full_params(model: str, *, num_classes: int = 10, in_channels: int = 3) -> int:
+    """Parameters of the full named architecture for the paper's data (10 classes, RGB)."""
+    return count_parameters(build_model(MODELS[model].arch, num_classes=num_classes, in_channels=in_channels))
+
+
+def run_reproduction(
+    name: str,
+    *,
+    dataset: str | None = None,
+    data_dir: str | Path | None = None,
+    quick: bool = False,
+    device: str | None = None,
+    out_dir: str | Path = Path("runs"),
+    progress: bool = True,
+    download: bool = True,
+    image_size: int | None = None,
+) -> list[dict[str, Any]]:
+    """Train every run of reproduction `name` on `dataset` (default: its first) and return one row per run.
+
+    Each run's full training result (plus a ``reproduction`` section with the row) is written as JSON
+    into `out_dir`; the row's ``result_path`` names the file.  `download` lets torchvision fetch
+    CIFAR-10 when it is missing (full runs only; quick mode never downloads).  A full run whose dataset
+    is missing raises :class:`DatasetUnavailableError`; an unknown name or a dataset the reproduction
+    has no published number for raises :class:`ConfigError`.  Ctrl-C stops after the current step: the
+    interrupted run is reported (``interrupted: true``) and later runs are skipped.
+    """
+    from dpnas.train import DivergedError, check_result_privacy, train
+
+    repro = get_reproduction(name)
+    dataset = repro.default_dataset if dataset is None else dataset.strip().lower()
+    if dataset not in repro.datasets:
+        raise ConfigError(
+            f"reproduction {name!r} has published numbers for: {', '.join(repro.datasets)}; got dataset {dataset!r}"
+        )
+    root = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser()
+    out_dir = Path(out_dir)
+    recipe = repro.recipe_obj
+
+    def log(message: str) -> None:
+        if progress:
+            print(f"dpnas reproduce {name}: {message}", file=sys.stderr)
+
+    data = _load(repro, dataset, data_dir=root, quick=quick, download=download, image_size=image_size,
+                 progress=progress)
+    train_cfg = quick_train_config(repro, len(data.splits.train)) if quick else recipe.train
+    privacy = recipe.privacy
+
+    rows: list[dict[str, Any]] = []
+    for run in repro.runs:
+        arch = quick_arch(run) if quick else MODELS[run.model].arch
+        trained_label = f"{run.quick_label} (quick stand-in for {run.label})" if quick else run.label
+        log(f"training {trained_label} on {data.label}: {train_cfg.epochs} epochs, batch {train_cfg.batch_size}, "
+            f"eps {privacy.epsilon:g}, delta {privacy.delta:g}" + (f" [{QUICK_LABEL}]" if quick else ""))
+        error = None
+        try:
+            result = train(arch, data.splits, train_cfg=train_cfg, privacy=privacy, device=device, progress=progress)
+            check_result_privacy(result)
+        except DivergedError as err:
+            error = str(err)
+            result = {"config": arch.to_dict(), "train_config": train_cfg.to_dict(), "dataset": data.splits.name,
+                      "diverged": error}
+        row = _row(repro, run, data=data, quick=quick, result=result, error=error, train_cfg=train_cfg,
+                   trained_label=trained_label)
+        path = default_result_path("reproduce", name, run.model, data.splits.name, "quick" if quick else "",
+                                   runs_dir=out_dir)
+        row["result_path"] = str(path)
+        write_json(path, {**result, "recipe": recipe.name, "reproduction": row})
+        log(f"result written to {path}")
+        rows.append(row)
+        if row["interrupted"]:
+            log("interrupted: the remaining runs are skipped")
+            break
+    return rows
+
+
+def _row(repro: Reproduction, run: ReproRun, *, data: _Data, quick: bool, result: dict[str, Any],
+         error: str | None, train_cfg, trained_label: str) -> dict[str, Any]:
+    pub = run.published[data.requested]
+    accuracy = result.get("test_accuracy")
+    interrupted = bool(result.get("interrupted", False))
+    status = "diverged" if error else "interrupted" if interrupted else "finished"
+    notes = [n for n in (pub.note,) if n]
+    if data.stand_in_reason:
+        notes.append(f"{STAND_IN_DATASET} stand-in: {data.stand_in_reason}")
+    if quick:
+        changes = ", ".join(f"{k}={v}" for k, v in run.quick_changes.items())
+        notes.append(f"{QUICK_LABEL}: trained {trained_label} ({changes}), at most {QUICK_TRAIN_SIZE} training "
+                     f"images, {train_cfg.epochs} epochs, batch {train_cfg.batch_size}")
+    if error:
+        notes.append(f"diverged: {error}")
+    return {
+        "reproduction": repro.name,
+        "run": run.label,
+        "model": run.model,
+        "trained": trained_label,
+        "quick": quick,
+        "label": QUICK_LABEL if quick else "",
+        "comparable": not quick and data.stand_in_reason is None and status == "finished",
+        "status": status,
+        "interrupted": interrupted,
+        "dataset": data.label,
+        "dataset_used": data.splits.name,
+        "dataset_requested": data.requested,
+        "stand_in": data.stand_in_reason is not None,
+        "train_size": len(data.splits.train),
+        "accuracy_percent": None if accuracy is None or not math.isfinite(accuracy) else 100 * accuracy,
+        "val_accuracy_percent": _percent(result.get("val_accuracy")),
+        "published_accuracy_percent": pub.accuracy,
+        "published_model": pub.model,
+        "published_source": pub.source,
+        "epsilon_spent": result.get("epsilon_spent"),
+        "epsilon": repro.recipe_obj.privacy.epsilon,
+        "published_epsilon": pub.epsilon,
+        "delta": repro.recipe_obj.privacy.delta,
+        "published_delta": pub.delta,
+        "params_trained": result.get("params"),
+        "params_full": full_params(run.model),
+        "params_paper": pub.params,
+        "epochs": len(result.get("history", [])),
+        "epochs_planned": train_cfg.epochs,
+        "epochs_recipe": repro.recipe_obj.train.epochs,
+        "wall_seconds": result.get("wall_seconds"),
+        "notes": notes,
+        "reproduction_notes": list(repro.notes),
+    }
+
+
+def _percent(value: Any) -> float | None:
+    return None if value is None or not math.isfinite(value) else 100 * value
+
+
+# --------------------------------------------------------------------------------------------
+# the table
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_acc(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} %"
+
+
+def _fmt_int(value: int | None) -> str:
+    return "n/a" if value is None else f"{value:,}"
+
+
+def format_comparison(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of `rows` (from :func:`run_reproduction`) against the published numbers."""
+    if not rows:
+        return "no runs"
+    out: list[str] = []
+    for name in dict.fromkeys(r["reproduction"] for r in rows):
+        group = [r for r in rows if r["reproduction"] == name]
+        repro = REPRODUCTIONS.get(name)
+        out.append(f"reproduction {name}" + (f": {repro.title}" if repro else ""))
+        if any(r["quick"] for r in group):
+            banner = f"*** {QUICK_LABEL} ***"
+            out += [banner, "    (scaled-down networks, a few hundred images, 2 epochs: a pipeline check only)"]
+        header = ["run", "trained", "dataset", "test acc (this run)", "published", "eps spent / eps", "delta",
+                  "params trained", "params full", "params paper", "epochs (run/recipe)", "status"]
+        table = [header]
+        for r in group:
+            published = _fmt_acc(r["published_accuracy_percent"])
+            if r["published_model"] != r["run"]:
+                published += f" ({r['published_model']})"
+            eps = "n/a" if r["epsilon_spent"] is None else f"{r['epsilon_spent']:.3f}"
+            table.append([
+                r["run"],
+                r["trained"] if r["trained"] != r["run"] else "same",
+                r["dataset"],
+                _fmt_acc(r["accuracy_percent"]),
+                published,
+                f"{eps} / {r['epsilon']:g}",
+                f"{r['delta']:g}",
+                _fmt_int(r["params_trained"]),
+                _fmt_int(r["params_full"]),
+                _fmt_int(r["params_paper"]),
+                f"{r['epochs']}/{r['epochs_recipe']}",
+                r["status"] + (" QUICK" if r["quick"] else ""),
+            ])
+        widths = [max(len(str(line[i])) for line in table) for i in range(len(header))]
+        for i, line in enumerate(table):
+            out.append("  ".join(str(cell).ljust(w) for cell, w in zip(line, widths)).rstrip())
+            if i == 0:
+                out.append("  ".join("-" * w for w in widths))
+        notes = list(dict.fromkeys(n for r in group for n in [*r["notes"], *r.get("reproduction_notes", [])]))
+        if notes:
+            out.append("notes:")
+            out += [f"- {n}" for n in notes]
+        paths = [r.get("result_path") for r in group if r.get("result_path")]
+        if paths:
+            out.append("results: " + ", ".join(paths))
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
