@@ -391,7 +391,41 @@ class Plot(Command):
         return 0
 
 
-COMMANDS: list[Command] = [Describe(), Models(), Train(), Bench(), Search(), Best(), Privacy(), Dashboard(), Plot()]
+class Reproduce(Command):
+    """Train a paper's architecture with its recipe and compare with the published numbers.
+
+    smoothnet (CIFAR-10 or ImageNette at eps 7), resnet9-scalenorm (CIFAR-10 at eps 8, with and without
+    ScaleNorm), de-wrn (CIFAR-10 at eps 8).  --quick shrinks data, widths and epochs so it finishes on a CPU in
+    minutes (on the bundled digits when the dataset is not here), and labels the result as not comparable.
+    """
+
+    name = "reproduce"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        from dpnas.reproduce import REPRODUCTIONS
+
+        parser.add_argument("name", metavar="NAME", help=f"one of: {', '.join(REPRODUCTIONS)}")
+        parser.add_argument("--dataset", help="default: the reproduction's first dataset (cifar10)")
+        parser.add_argument("--data-dir", metavar="DIR")
+        parser.add_argument("--quick", action="store_true", help="a CPU-sized run in minutes, not comparable to the paper")
+        parser.add_argument("--device")
+        parser.add_argument("--out-dir", metavar="DIR", default="runs", help="where the JSON results go (default runs/)")
+        parser.add_argument("--no-download", action="store_true", help="never try to download the dataset")
+        parser.add_argument("--quiet", action="store_true")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dpnas.reproduce import format_comparison, run_reproduction
+
+        rows = run_reproduction(args.name, dataset=args.dataset, data_dir=args.data_dir, quick=args.quick,
+                                device=args.device, out_dir=Path(args.out_dir), progress=not args.quiet,
+                                download=not args.no_download)
+        print(format_comparison(rows), end="")
+        return 130 if any(r["interrupted"] for r in rows) else 0
+
+
+COMMANDS: list[Command] = [
+    Describe(), Models(), Train(), Bench(), Search(), Best(), Privacy(), Dashboard(), Plot(), Reproduce(),
+]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -18,9 +18,10 @@ Quick mode (``quick=True``) is a pipeline check that finishes in minutes on a 2-
 * data: the requested dataset if a copy is already in ``data_dir`` (quick mode never downloads), else the
   bundled ``digits`` as a stand-in (announced on stderr and in every row: ``digits (stand-in for
   cifar10)``); then a stratified subset of at most 512 training, 256 validation and 512 test images;
-* architecture: the named one scaled down (``QUICK`` changes of each run: SmoothNet W10D10 instead of
-  W80D50, ResNet-9 and WRN-16-4 with an eighth of the channels); the table shows the parameter count of
-  the full architecture (the paper comparison) and of the network actually trained;
+* architecture: the named one scaled down by each run's ``quick_changes``: SmoothNet W10D10 instead of
+  W80D50 (width 1, depth 1), ResNet-9 at an eighth of the channels and GroupNorm groups (width 2, stem 8,
+  groups 4), WRN-10-0.5 instead of WRN-16-4 (width 1, one block per stage, stem 8, groups 4); the table
+  shows the parameter count of the full architecture (the paper comparison) and of the network trained;
 * recipe: the same optimiser, learning rate, schedule, clip norm, ε and δ, but at most 2 epochs, logical
   batch ``min(recipe batch, train size // 4)`` (at least 4 steps per epoch; Poisson sampling needs a
   sample rate below 1), and for ``de-wrn`` augmentation multiplicity 2 and EMA decay 0.9 (16 copies and a
@@ -39,6 +40,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from dpnas.config import TrainConfig
 from dpnas.data import DEFAULT_DATA_DIR, DataError, DatasetSplits, ImageData, load_dataset, stratified_split
 from dpnas.models import build_model, count_parameters
 from dpnas.recipes import RECIPES, Recipe
@@ -304,7 +308,7 @@ def quick_arch(run: ReproRun) -> ArchConfig:
     return MODELS[run.model].arch.replace(**run.quick_changes)
 
 
-def quick_train_config(repro: Reproduction, train_size: int):
+def quick_train_config(repro: Reproduction, train_size: int) -> TrainConfig:
     """The recipe with quick mode's epochs, batch size and per-reproduction changes (see the module docstring)."""
     cfg = repro.recipe_obj.train
     batch = max(1, min(cfg.batch_size, train_size // 4))
@@ -339,7 +343,7 @@ def run_reproduction(
     has no published number for raises :class:`ConfigError`.  Ctrl-C stops after the current step: the
     interrupted run is reported (``interrupted: true``) and later runs are skipped.
     """
-    from dpnas.train import DivergedError, check_result_privacy, train
+    from dpnas.train import DivergedError, check_result_privacy, default_device, train
 
     repro = get_reproduction(name)
     dataset = repro.default_dataset if dataset is None else dataset.strip().lower()
@@ -347,6 +351,8 @@ def run_reproduction(
         raise ConfigError(
             f"reproduction {name!r} has published numbers for: {', '.join(repro.datasets)}; got dataset {dataset!r}"
         )
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ConfigError(f"image_size: must be a positive integer, got {image_size!r}")
     root = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser()
     out_dir = Path(out_dir)
     recipe = repro.recipe_obj
@@ -359,6 +365,9 @@ def run_reproduction(
                  progress=progress)
     train_cfg = quick_train_config(repro, len(data.splits.train)) if quick else recipe.train
     privacy = recipe.privacy
+    if not quick and (torch.device(device) if device else default_device()).type == "cpu":
+        log(f"the full recipe ({train_cfg.epochs} epochs on {len(data.splits.train):,} images) takes days on a CPU; "
+            "use a GPU, or quick mode for a pipeline check")
 
     rows: list[dict[str, Any]] = []
     for run in repro.runs:
@@ -389,7 +398,7 @@ def run_reproduction(
 
 
 def _row(repro: Reproduction, run: ReproRun, *, data: _Data, quick: bool, result: dict[str, Any],
-         error: str | None, train_cfg, trained_label: str) -> dict[str, Any]:
+         error: str | None, train_cfg: TrainConfig, trained_label: str) -> dict[str, Any]:
     pub = run.published[data.requested]
     accuracy = result.get("test_accuracy")
     interrupted = bool(result.get("interrupted", False))
