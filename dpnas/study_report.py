@@ -82,9 +82,9 @@ def study_note(study: optuna.Study, privacy: SearchPrivacy, storage_url: str) ->
     lines = [
         f"# dpnas study `{study.study_name}`",
         "",
-        f"**Data**: {attrs.get('dataset')} (selection on the validation split; test accuracy recorded, never used to select).",
-        f"**Per-trial budget**: every trial trains with DP-SGD at ε = {attrs.get('epsilon')}, δ = {attrs.get('delta')}.",
-        f"**Trials**: {', '.join(f'{k.lower()} {v}' for k, v in states.items() if v)}; sampler {attrs.get('sampler')}, "
+        f"- **Data**: {attrs.get('dataset')} (selection on the validation split; test accuracy recorded, never used to select).",
+        f"- **Per-trial budget**: every trial trains with DP-SGD at ε = {attrs.get('epsilon')}, δ = {attrs.get('delta')}.",
+        f"- **Trials**: {', '.join(f'{k.lower()} {v}' for k, v in states.items() if v)}; sampler {attrs.get('sampler')}, "
         f"pruner {attrs.get('pruner')}, trial count {attrs.get('trial_count')}.",
         "",
         "## Privacy cost of the search",
