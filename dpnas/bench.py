@@ -5,7 +5,10 @@ Three modes train the same model on the same CIFAR-shaped synthetic data:
 * ``nonprivate``: plain PyTorch SGD on device-resident batches (the floor);
 * ``opacus``: Opacus's default path: ``PrivacyEngine.make_private_with_epsilon`` with hooks,
   a DataLoader with Poisson sampling over host memory, fp32;
-* ``dpnas``: dpnas's own engine (:class:`dpnas.engine.DPSGDEngine`) with on-device sampling.
+* ``dpnas``: dpnas's own engine (:class:`dpnas.engine.DPSGDEngine`) with on-device sampling and its own
+  per-sample gradients (:mod:`dpnas.per_sample`);
+* ``dpnas_opacus_hooks`` (on request): the same engine with Opacus's GradSampleModule instead, which
+  isolates what dpnas's per-sample path gives.
 
 Each (model, mode) runs in a fresh subprocess, so its peak memory is its own and one
 case cannot warm another's caches.  Ratios are only meaningful within one run.
@@ -25,7 +28,8 @@ import torch
 
 from dpnas.registry import get_arch
 
-MODES = ("nonprivate", "opacus", "dpnas")
+MODES = ("nonprivate", "opacus", "dpnas", "dpnas_opacus_hooks")
+DEFAULT_MODES = ("nonprivate", "opacus", "dpnas")
 DEFAULT_MODELS = ("smoothnet", "resnet9_scalenorm", "tiny")
 
 
@@ -82,11 +86,12 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
             optimizer.step()
             return len(y)
 
-    elif mode == "dpnas":
+    elif mode in ("dpnas", "dpnas_opacus_hooks"):
         images, labels = images.to(dev), labels.to(dev)
         plan = plan_privacy(privacy, dataset_size=n, batch_size=batch_size, epochs=1)
         dp = DPSGDEngine(model, optimizer, plan=plan, max_grad_norm=1.0, private=True, accountant=None,
-                         physical_batch_size=batch_size, noise_generator=torch.Generator(dev).manual_seed(0))
+                         physical_batch_size=batch_size, noise_generator=torch.Generator(dev).manual_seed(0),
+                         per_sample="opacus" if mode == "dpnas_opacus_hooks" else "auto")
         sampler = torch.Generator(dev).manual_seed(0)
 
         def step() -> int:
@@ -170,12 +175,12 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'model':<18} {'mode':<11} {'batch':>5} {'step s':>8} {'samples/s':>10} {'peak MB':>9} {'x nonpriv':>9}"
+    header = f"{'model':<18} {'mode':<18} {'batch':>5} {'step s':>8} {'samples/s':>10} {'peak MB':>9} {'x nonpriv':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         ratio = f"{r['slowdown_vs_nonprivate']:.2f}" if r.get("slowdown_vs_nonprivate") else "-"
         lines.append(
-            f"{r['model']:<18} {r['mode']:<11} {r['batch_size']:>5} {r['step_seconds']:>8.3f} "
+            f"{r['model']:<18} {r['mode']:<18} {r['batch_size']:>5} {r['step_seconds']:>8.3f} "
             f"{r['samples_per_second']:>10.1f} {r['peak_memory_mb']:>9.0f} {ratio:>9}"
         )
     dpnas = {r["model"]: r for r in rows if r["mode"] == "dpnas"}

@@ -178,10 +178,10 @@ class Bench(Command):
     name = "bench"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from dpnas.bench import DEFAULT_MODELS, MODES
+        from dpnas.bench import DEFAULT_MODELS, DEFAULT_MODES, MODES
 
         parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated names (default {','.join(DEFAULT_MODELS)})")
-        parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+        parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {','.join(MODES)} (default {','.join(DEFAULT_MODES)})")
         parser.add_argument("--batch-size", type=int, default=32, metavar="B")
         parser.add_argument("--steps", type=int, default=5, metavar="N", help="timed steps per case (median reported)")
         parser.add_argument("--warmup", type=int, default=1, metavar="N")

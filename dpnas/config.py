@@ -17,6 +17,7 @@ from dpnas.space import ConfigError, check_choice, check_field_types
 OPTIMIZERS = ("sgd", "nadam", "adam")
 SCHEDULES = ("constant", "step", "plateau", "cosine")
 ACCOUNTANTS = ("rdp", "prv")
+PER_SAMPLE_MODES = ("auto", "dpnas", "opacus")
 
 
 def _positive(name: str, value: float) -> None:
@@ -101,11 +102,15 @@ class TrainConfig(_FromDict):
     seed: int = 0
     amp: bool = False
     """bf16 autocast on CUDA (ignored on CPU)."""
+    per_sample: str = "auto"
+    """Per-sample gradients: dpnas's own path (no discarded batch gradient) where it covers every layer
+    (auto | dpnas), or Opacus's GradSampleModule hooks (opacus)."""
 
     def __post_init__(self) -> None:
         check_field_types(self)
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("per_sample", self.per_sample, PER_SAMPLE_MODES)
         for name in ("epochs", "batch_size", "physical_batch_size", "step_size", "aug_multiplicity"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

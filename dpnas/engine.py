@@ -23,6 +23,8 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 
 from dpnas.compat import dp_problems
+from dpnas.config import PER_SAMPLE_MODES
+from dpnas.per_sample import PerSampleClipper, supports
 from dpnas.privacy import PrivacyPlan
 from dpnas.space import ConfigError
 
@@ -49,6 +51,7 @@ class DPSGDEngine:
         aug_multiplicity: int = 1,
         noise_generator: torch.Generator | None = None,
         autocast: bool = False,
+        per_sample: str = "auto",
     ) -> None:
         self.model = model
         self.plan = plan
@@ -60,7 +63,13 @@ class DPSGDEngine:
             problems = dp_problems(model)
             if problems:
                 raise ConfigError("Opacus cannot train this model privately:\n  " + "\n  ".join(problems))
-            self.module: nn.Module = GradSampleModule(model, loss_reduction="mean")
+            if per_sample not in PER_SAMPLE_MODES:
+                raise ConfigError(f"per_sample: unknown value {per_sample!r}; expected one of: {', '.join(PER_SAMPLE_MODES)}")
+            # dpnas's own path where it covers every layer; Opacus's hooks otherwise
+            self.clipper = PerSampleClipper(model) if per_sample != "opacus" and supports(model) else None
+            if per_sample == "dpnas" and self.clipper is None:
+                raise ConfigError("per_sample: 'dpnas' does not cover every layer of this model; use 'auto' or 'opacus'")
+            self.module: nn.Module = model if self.clipper else GradSampleModule(model, loss_reduction="mean")
             self.optimizer: torch.optim.Optimizer = DPOptimizer(
                 optimizer,
                 noise_multiplier=plan.noise_multiplier,
@@ -74,9 +83,18 @@ class DPSGDEngine:
                     lambda _: accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
                 )
         else:
+            self.clipper = None
             self.module = model
             self.optimizer = optimizer
+        self.max_grad_norm = max_grad_norm
         self.base_optimizer = optimizer
+
+    @property
+    def per_sample_path(self) -> str:
+        """Which per-sample gradients this engine computes: dpnas, opacus, or none (non-private)."""
+        if not self.private:
+            return "none"
+        return "dpnas" if self.clipper is not None else "opacus"
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, *, augment: Transform | None = None) -> torch.Tensor:
         """One optimiser step on a whole logical batch; returns the summed training loss.
@@ -94,6 +112,11 @@ class DPSGDEngine:
             last = i == len(chunks) - 1
             x = images[start : start + self.physical_batch_size]
             y = labels[start : start + self.physical_batch_size]
+            if self.clipper is not None:
+                total_loss += self._clipped_backward(x, y, augment)
+                if last:
+                    self._noisy_step()
+                continue
             total_loss += self._backward(x, y, augment)
             if self.private:
                 # Only the last chunk adds noise and steps; the others just clip and accumulate.
@@ -123,6 +146,28 @@ class DPSGDEngine:
             # the same normalisation as DPOptimizer: a sum divided by the expected batch size
             (per_row.sum() / (k * self.plan.expected_batch_size)).backward()
         return per_row.detach().sum() / k
+
+    def _clipped_backward(self, x: torch.Tensor, y: torch.Tensor, augment: Transform | None) -> torch.Tensor:
+        """dpnas's path: clipped per-sample gradients added straight into DPOptimizer's running sum."""
+        k = self.aug_multiplicity
+        if k > 1:
+            x, y = x.repeat_interleave(k, dim=0), y.repeat_interleave(k, dim=0)
+        if augment is not None:
+            x = augment(x)
+        with self._autocast():
+            loss = self.clipper.backward(self.module, x, y)
+        for p, clipped in self.clipper.clipped_sum(self.max_grad_norm, aug_multiplicity=k).items():
+            p.summed_grad = clipped if getattr(p, "summed_grad", None) is None else p.summed_grad + clipped
+        return loss / k
+
+    def _noisy_step(self) -> None:
+        # The clipped sum is already in p.summed_grad: hand DPOptimizer empty per-sample gradients so that it
+        # adds nothing more, then draws the noise, scales by the expected batch size and reports to the
+        # accountant exactly as on Opacus's path.
+        for p in self.optimizer.params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _average_augmentations(self, k: int) -> None:
         for p in self.optimizer.params:

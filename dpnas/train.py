@@ -136,6 +136,7 @@ def train(
         aug_multiplicity=train_cfg.aug_multiplicity,
         noise_generator=noise_generator,
         autocast=train_cfg.amp,
+        per_sample=train_cfg.per_sample,
     )
     augment = (lambda x: random_crop_flip(x, generator=augment_generator)) if train_cfg.augment else None
     eval_model = ema.module if ema is not None else model
@@ -222,6 +223,7 @@ def train(
         "samples_per_second": state.samples / state.train_seconds if state.train_seconds else 0.0,
         "wall_seconds": state.train_seconds,
         "device": str(device),
+        "per_sample": engine.per_sample_path,
         "interrupted": state.interrupted,
         "history": state.history,
     }

@@ -1,0 +1,86 @@
+"""Whole-epoch training throughput: `dpnas train`'s pipeline against Opacus's default one.
+
+Both train the same model for one epoch on the same synthetic CIFAR-shaped data at the same (eps, delta),
+expected batch and physical batch. Opacus's default: a DataLoader with Poisson sampling over host tensors,
+`make_private_with_epsilon`, hooks, BatchMemoryManager for the physical batch, fp32. Prints a table and
+writes JSON (one run: compare the ratio, not the absolute numbers, on a shared machine).
+
+    uv run python benchmarks/epoch_throughput.py --model tiny --samples 2048 --batch-size 256 --physical 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from dpnas.config import PrivacyConfig, TrainConfig
+from dpnas.data import load_dataset
+from dpnas.models import build_model
+from dpnas.registry import get_arch
+from dpnas.train import train
+
+
+def opacus_epoch(arch, data, *, batch_size: int, physical: int, device: str) -> float:
+    from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpnas.data import normalise
+
+    torch.manual_seed(0)
+    model = build_model(arch, num_classes=data.num_classes, in_channels=data.in_channels).to(device)
+    optimizer = torch.optim.NAdam(model.parameters(), lr=2e-3)
+    images = normalise(data.train.images, data.mean, data.std)  # host tensors, as a user would hold them
+    loader = DataLoader(TensorDataset(images, data.train.labels), batch_size=batch_size)
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=8.0, target_delta=1e-5, epochs=1,
+        max_grad_norm=1.0, poisson_sampling=True)
+    start = time.perf_counter()
+    seen = 0
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical, optimizer=optimizer) as batches:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            seen += len(y)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--samples", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--physical", type=int, default=64)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default="benchmarks/epoch_throughput.json")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    data = load_dataset("synthetic", synthetic_size=args.samples, val_fraction=0.0)
+    arch = get_arch(args.model)
+    cfg = TrainConfig(epochs=1, batch_size=args.batch_size, physical_batch_size=args.physical, optimizer="nadam",
+                      lr=2e-3, val_fraction=0.0)
+    result = train(arch, data, train_cfg=cfg, privacy=PrivacyConfig(epsilon=8.0), device=args.device, progress=False)
+    dpnas_rate = result["samples_per_second"]
+    opacus_rate = opacus_epoch(arch, data, batch_size=args.batch_size, physical=args.physical, device=args.device)
+    rows = [{"pipeline": "opacus default", "samples_per_second": opacus_rate},
+            {"pipeline": f"dpnas train ({result['per_sample']} per-sample path)", "samples_per_second": dpnas_rate}]
+    print(f"model {args.model}, {args.samples} synthetic samples, B={args.batch_size}, physical {args.physical}, {args.device}")
+    for row in rows:
+        print(f"  {row['pipeline']:<40} {row['samples_per_second']:8.1f} samples/s")
+    print(f"  dpnas / opacus throughput: {dpnas_rate / opacus_rate:.2f}x")
+    with open(args.json, "w") as handle:
+        json.dump({"args": vars(args), "rows": rows, "ratio": dpnas_rate / opacus_rate}, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
