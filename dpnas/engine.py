@@ -128,12 +128,16 @@ class DPSGDEngine:
             self.optimizer.zero_grad(set_to_none=True)
         return total_loss
 
-    def _backward(self, x: torch.Tensor, y: torch.Tensor, augment: Transform | None) -> torch.Tensor:
+    def _augmented(self, x: torch.Tensor, y: torch.Tensor, augment: Transform | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K copies of each sample, next to each other, each augmented on its own."""
         k = self.aug_multiplicity
         if k > 1:
             x, y = x.repeat_interleave(k, dim=0), y.repeat_interleave(k, dim=0)
-        if augment is not None:
-            x = augment(x)
+        return (augment(x) if augment is not None else x), y
+
+    def _backward(self, x: torch.Tensor, y: torch.Tensor, augment: Transform | None) -> torch.Tensor:
+        k = self.aug_multiplicity
+        x, y = self._augmented(x, y, augment)
         with self._autocast():
             logits = self.module(x)
         per_row = F.cross_entropy(logits.float(), y, reduction="none")
@@ -150,10 +154,7 @@ class DPSGDEngine:
     def _clipped_backward(self, x: torch.Tensor, y: torch.Tensor, augment: Transform | None) -> torch.Tensor:
         """dpnas's path: clipped per-sample gradients added straight into DPOptimizer's running sum."""
         k = self.aug_multiplicity
-        if k > 1:
-            x, y = x.repeat_interleave(k, dim=0), y.repeat_interleave(k, dim=0)
-        if augment is not None:
-            x = augment(x)
+        x, y = self._augmented(x, y, augment)
         with self._autocast():
             loss = self.clipper.backward(self.module, x, y)
         for p, clipped in self.clipper.clipped_sum(self.max_grad_norm, aug_multiplicity=k).items():
