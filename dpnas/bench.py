@@ -90,7 +90,8 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
         images, labels = images.to(dev), labels.to(dev)
         plan = plan_privacy(privacy, dataset_size=n, batch_size=batch_size, epochs=1)
         dp = DPSGDEngine(model, optimizer, plan=plan, max_grad_norm=1.0, private=True, accountant=None,
-                         physical_batch_size=batch_size, noise_generator=torch.Generator(dev).manual_seed(0),
+                         # the whole Poisson batch at once, as Opacus's default mode takes it (no chunking)
+                         physical_batch_size=n, noise_generator=torch.Generator(dev).manual_seed(0),
                          per_sample="opacus" if mode == "dpnas_opacus_hooks" else "auto")
         sampler = torch.Generator(dev).manual_seed(0)
 
