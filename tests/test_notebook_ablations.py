@@ -1,7 +1,6 @@
 """notebooks/ablations.ipynb runs top to bottom on a tiny study, so it cannot rot."""
 
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -128,7 +128,7 @@ def test_interrupted_trial_is_retried_with_the_same_parameters(tmp_path, monkeyp
     study = load(spec)
     states = [t.state for t in study.get_trials()]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
-    failed, waiting = study.get_trials()[1], study.get_trials()[2]
+    failed = study.get_trials()[1]
     assert "interrupted" in failed.user_attrs["failure_reason"]
     monkeypatch.setattr(search_module, "train", real_train)
     search(spec, progress=False)  # resume
