@@ -8,7 +8,9 @@ Three modes train the same model on the same CIFAR-shaped synthetic data:
 * ``dpnas``: dpnas's own engine (:class:`dpnas.engine.DPSGDEngine`) with on-device sampling and its own
   per-sample gradients (:mod:`dpnas.per_sample`);
 * ``dpnas_opacus_hooks`` (on request): the same engine with Opacus's GradSampleModule instead, which
-  isolates what dpnas's per-sample path gives.
+  isolates what dpnas's per-sample path gives;
+* ``dpnas_unfold``, ``dpnas_grouped``, ``dpnas_ghost`` (on request): dpnas's path with one convolution
+  method everywhere instead of the fastest per layer, which isolates what each method gives.
 
 Each (model, mode) runs in a fresh subprocess, so its peak memory is its own and one
 case cannot warm another's caches.  Ratios are only meaningful within one run.
@@ -28,7 +30,8 @@ import torch
 
 from dpnas.registry import get_arch
 
-MODES = ("nonprivate", "opacus", "dpnas", "dpnas_opacus_hooks")
+FIXED_METHOD_MODES = {"dpnas_unfold": "unfold", "dpnas_grouped": "grouped", "dpnas_ghost": "ghost"}
+MODES = ("nonprivate", "opacus", "dpnas", "dpnas_opacus_hooks", *FIXED_METHOD_MODES)
 DEFAULT_MODES = ("nonprivate", "opacus", "dpnas")
 DEFAULT_MODELS = ("smoothnet", "resnet9_scalenorm", "tiny")
 
@@ -86,13 +89,14 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
             optimizer.step()
             return len(y)
 
-    elif mode in ("dpnas", "dpnas_opacus_hooks"):
+    elif mode.startswith("dpnas"):
         images, labels = images.to(dev), labels.to(dev)
         plan = plan_privacy(privacy, dataset_size=n, batch_size=batch_size, epochs=1)
         dp = DPSGDEngine(model, optimizer, plan=plan, max_grad_norm=1.0, private=True, accountant=None,
                          # the whole Poisson batch at once, as Opacus's default mode takes it (no chunking)
                          physical_batch_size=n, noise_generator=torch.Generator(dev).manual_seed(0),
-                         per_sample="opacus" if mode == "dpnas_opacus_hooks" else "auto")
+                         per_sample="opacus" if mode == "dpnas_opacus_hooks" else "auto",
+                         per_sample_method=FIXED_METHOD_MODES.get(mode, "auto"))
         sampler = torch.Generator(dev).manual_seed(0)
 
         def step() -> int:
@@ -124,6 +128,10 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
         _sync(dev)
         times.append(time.perf_counter() - start)
     step_seconds = statistics.median(times)
+    methods: dict[str, int] = {}
+    if mode.startswith("dpnas") and dp.clipper is not None:  # which method each layer ended up with
+        for method in dp.clipper.chosen.values():
+            methods[method] = methods.get(method, 0) + 1
     if dev.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
     else:  # ru_maxrss is in KiB on Linux: the whole process, torch itself included
@@ -138,6 +146,7 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
         "samples_per_second": statistics.mean(sizes) / step_seconds,
         "peak_memory_mb": peak_mb,
         "memory_kind": "cuda_max_allocated" if dev.type == "cuda" else "process_peak_rss",
+        "per_sample_methods": methods,
     }
 
 

@@ -52,6 +52,7 @@ class DPSGDEngine:
         noise_generator: torch.Generator | None = None,
         autocast: bool = False,
         per_sample: str = "auto",
+        per_sample_method: str = "auto",
     ) -> None:
         self.model = model
         self.plan = plan
@@ -66,7 +67,9 @@ class DPSGDEngine:
             if per_sample not in PER_SAMPLE_MODES:
                 raise ConfigError(f"per_sample: unknown value {per_sample!r}; expected one of: {', '.join(PER_SAMPLE_MODES)}")
             # dpnas's own path where it covers every layer; Opacus's hooks otherwise
-            self.clipper = PerSampleClipper(model) if per_sample != "opacus" and supports(model) else None
+            # per_sample_method fixes one convolution method (benchmarks and tests); "auto" times them per layer
+            use_dpnas = per_sample != "opacus" and supports(model)
+            self.clipper = PerSampleClipper(model, method=per_sample_method) if use_dpnas else None
             if per_sample == "dpnas" and self.clipper is None:
                 raise ConfigError("per_sample: 'dpnas' does not cover every layer of this model; use 'auto' or 'opacus'")
             self.module: nn.Module = model if self.clipper else GradSampleModule(model, loss_reduction="mean")

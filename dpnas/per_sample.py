@@ -4,23 +4,30 @@ Opacus's GradSampleModule lets autograd compute every parameter's ordinary ``.gr
 builds per-sample gradients from hooks; DP-SGD never uses that ``.grad``.  Here the parameters
 stop requiring gradients during the backward pass (the images require one instead, so autograd
 still carries gradients through every layer), and hooks capture each layer's input and output
-gradient.  The per-sample gradients are then built once, their norms taken, and the clipped sum
-formed in the same pass.  On CPU the skipped batch gradient is about 40 % of a non-private
-backward pass for SmoothNet (benchmarks/RESULTS.md).
+gradient.  From those, :mod:`dpnas.per_sample_layers` gives each layer's per-sample squared norms by
+the fastest exact method for that layer's shape, which this module finds by timing the candidates
+once per layer shape (like cuDNN's autotuner); the clipped sum then comes either from the
+materialised per-sample gradients or from one batched weight gradient weighted by the clip factors.
 
-Supported layers: Conv2d (groups = 1) and its weight-standardised variant, Linear on flat inputs,
-GroupNorm.  :func:`supports` says whether a model is covered; otherwise use Opacus's path.
+Supported layers: Conv2d (groups = 1, zero padding given as numbers) and its weight-standardised
+variant, Linear on flat inputs, GroupNorm.  :func:`supports` says whether a model is covered;
+otherwise use Opacus's path.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dpnas.layers import WSConv2d
+from dpnas.per_sample_layers import CONV_METHODS, LayerNorms, layer_norms, methods_for, weighted_grads
 
-_SUPPORTED = (nn.Conv2d, nn.Linear, nn.GroupNorm)
+METHODS = ("auto", *CONV_METHODS)
+# the fastest method per layer shape and device, found once per process (see PerSampleClipper._tuned)
+_TUNED: dict[tuple, str] = {}
 
 
 def _trainable_leaves(model: nn.Module) -> list[nn.Module]:
@@ -32,21 +39,33 @@ def supports(model: nn.Module) -> bool:
     for module in _trainable_leaves(model):
         if type(module) not in (nn.Conv2d, WSConv2d, nn.Linear, nn.GroupNorm):
             return False
-        if isinstance(module, nn.Conv2d) and module.groups != 1:
+        if isinstance(module, nn.Conv2d) and (
+            module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
+        ):
             return False
     return True
 
 
 class PerSampleClipper:
-    """Hooks on a model that turn one backward pass into clipped, summed per-sample gradients."""
+    """Hooks on a model that turn one backward pass into clipped, summed per-sample gradients.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``method`` is ``"auto"`` (per layer, the fastest of the exact methods, timed on first use) or one
+    convolution method of :data:`dpnas.per_sample_layers.CONV_METHODS` for every convolution, which
+    benchmarks use to measure each one.
+    """
+
+    def __init__(self, model: nn.Module, *, method: str = "auto") -> None:
         if not supports(model):
             raise ValueError("model has layers without a dpnas per-sample gradient; use Opacus's path")
+        if method not in METHODS:
+            raise ValueError(f"unknown per-sample method {method!r}; expected one of: {', '.join(METHODS)}")
         self.model = model
+        self.method = method
         self.layers = _trainable_leaves(model)
         self.params = [p for m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]
+        self.chosen: dict[nn.Module, str] = {}  # what each layer used last, for reports
         self._inputs: dict[nn.Module, torch.Tensor] = {}
+        self._outputs: dict[nn.Module, torch.Tensor] = {}
         self._grads: dict[nn.Module, torch.Tensor] = {}
         self._handles = []
         for layer in self.layers:
@@ -57,6 +76,8 @@ class PerSampleClipper:
     def _save_input(self, module, inputs, output) -> None:
         if self._capturing:
             self._inputs[module] = inputs[0].detach()
+            if isinstance(module, WSConv2d):  # the ghost norm of a standardised conv uses its output
+                self._outputs[module] = output.detach()
 
     def _save_grad(self, module, grad_input, grad_output) -> None:
         if self._capturing:
@@ -79,58 +100,57 @@ class PerSampleClipper:
 
     def clipped_sum(self, max_grad_norm: float, *, aug_multiplicity: int = 1) -> dict[nn.Parameter, torch.Tensor]:
         """Per-sample gradients (averaged over augmentations), clipped to `max_grad_norm`, summed."""
-        per_sample: list[tuple[nn.Parameter, torch.Tensor]] = []
-        for layer in self.layers:
-            for param, grad in _layer_grads(layer, self._inputs.pop(layer), self._grads.pop(layer)):
-                if aug_multiplicity > 1:
-                    grad = grad.view(grad.shape[0] // aug_multiplicity, aug_multiplicity, *grad.shape[1:]).mean(1)
-                per_sample.append((param, grad))
-        squared = torch.stack([g.flatten(1).pow(2).sum(1) for _, g in per_sample], dim=1).sum(1)
+        k = aug_multiplicity
+        captured = [(layer, self._inputs.pop(layer), self._grads.pop(layer), self._outputs.pop(layer, None))
+                    for layer in self.layers]
+        norms: list[LayerNorms] = []
+        for layer, a, g, out in captured:
+            method = self._method(layer, a, g, out, k)
+            self.chosen[layer] = method
+            norms.append(layer_norms(layer, method, a, g, k=k, output=out))
+        squared = torch.stack([n.squared for n in norms], dim=1).sum(1)
         # the same clip factor as Opacus's DPOptimizer, so both paths agree to rounding
         factor = (max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
-        return {p: torch.einsum("i,i...->...", factor, g) for p, g in per_sample}
+        sums: dict[nn.Parameter, torch.Tensor] = {}
+        row_weights = (factor / k).repeat_interleave(k)
+        for (layer, a, g, _), layer_result in zip(captured, norms):
+            for p, per_sample in layer_result.per_sample.items():
+                sums[p] = torch.einsum("i,i...->...", factor, per_sample)
+            if layer_result.summed_later:
+                sums.update(weighted_grads(layer, a, g, row_weights))
+        return sums
+
+    def _method(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None, k: int) -> str:
+        candidates = methods_for(layer)
+        if len(candidates) == 1:
+            return candidates[0]
+        if self.method != "auto":
+            return self.method
+        key = (type(layer), tuple(a.shape[1:]), tuple(g.shape[1:]), layer.kernel_size, layer.stride, layer.padding,
+               layer.dilation, layer.bias is not None, k, a.device, a.dtype)
+        if key not in _TUNED:
+            _TUNED[key] = min(candidates, key=lambda m: _seconds(layer, m, a, g, out, k))
+        return _TUNED[key]
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
 
 
-def _layer_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    if isinstance(layer, nn.Conv2d):
-        return _conv_grads(layer, a, g)
-    if isinstance(layer, nn.Linear):
-        out = [(layer.weight, torch.einsum("bo,bi->boi", g, a))]
-        if layer.bias is not None:
-            out.append((layer.bias, g))
-        return out
-    # GroupNorm: y = x_hat * weight + bias, per channel
-    x_hat = F.group_norm(a, layer.num_groups, eps=layer.eps)
-    out = []
-    if layer.weight is not None:
-        out.append((layer.weight, (x_hat * g).flatten(2).sum(2)))
-    if layer.bias is not None:
-        out.append((layer.bias, g.flatten(2).sum(2)))
-    return out
+def _seconds(layer: nn.Module, method: str, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None, k: int) -> float:
+    """Time of one method's norms and clipped sum on this layer (the second of two runs: the first sets up kernels)."""
+    weights = torch.ones(a.shape[0], device=a.device)
 
+    def run() -> None:
+        result = layer_norms(layer, method, a, g, k=k, output=out)
+        for per_sample in result.per_sample.values():
+            torch.einsum("i,i...->...", weights[: per_sample.shape[0]], per_sample)
+        if result.summed_later:
+            weighted_grads(layer, a, g, weights)
+        if a.is_cuda:
+            torch.cuda.synchronize(a.device)
 
-def _conv_grads(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    b = a.shape[0]
-    cols = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    grad_out = g.flatten(2)  # (B, C_out, positions)
-    weight_grad = torch.bmm(grad_out, cols.transpose(1, 2))  # (B, C_out, C_in * k * k)
-    if isinstance(conv, WSConv2d):
-        weight_grad = _through_standardisation(conv, weight_grad)
-    out = [(conv.weight, weight_grad.view(b, *conv.weight.shape))]
-    if conv.bias is not None:
-        out.append((conv.bias, grad_out.sum(2)))
-    return out
-
-
-def _through_standardisation(conv: WSConv2d, grad_std: torch.Tensor) -> torch.Tensor:
-    """Chain rule through w_hat = (w - mean) / sqrt(var + eps), per output filter, for each sample."""
-    w = conv.weight.detach().flatten(1)
-    std = (w.var(dim=1, unbiased=False, keepdim=True) + conv.eps).sqrt()
-    w_hat = (w - w.mean(dim=1, keepdim=True)) / std
-    mean_g = grad_std.mean(dim=2, keepdim=True)
-    mean_gw = (grad_std * w_hat).mean(dim=2, keepdim=True)
-    return (grad_std - mean_g - w_hat * mean_gw) / std
+    run()
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start

@@ -9,58 +9,66 @@ from hypothesis import HealthCheck, given, settings
 from dpnas import MODELS, build_model
 from dpnas.config import PrivacyConfig
 from dpnas.engine import DPSGDEngine
-from dpnas.per_sample import supports
+from dpnas.per_sample import METHODS, supports
+from dpnas.per_sample_layers import CONV_METHODS
 from dpnas.privacy import PrivacyPlan, make_accountant
 from dpnas.space import ConfigError
 from test_opacus_property import small_arch
 
 
-def one_step(model, mode, x, y, *, sigma, C=1.0, physical=3, k=1, augment=None):
+def one_step(model, mode, x, y, *, sigma, C=1.0, physical=3, k=1, augment=None, method="auto"):
     model = copy.deepcopy(model)
     accountant = make_accountant(PrivacyConfig())
     plan = PrivacyPlan(sample_rate=0.05, steps=1, noise_multiplier=sigma, expected_batch_size=4.0, dataset_size=80)
     engine = DPSGDEngine(model, torch.optim.SGD(model.parameters(), lr=1.0), plan=plan, max_grad_norm=C,
                          private=True, accountant=accountant, physical_batch_size=physical, aug_multiplicity=k,
-                         noise_generator=torch.Generator().manual_seed(7), per_sample=mode)
+                         noise_generator=torch.Generator().manual_seed(7), per_sample=mode,
+                         per_sample_method=method)
     before = torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
     loss = engine.step(x, y, augment=augment)
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     return before - after, accountant.history, float(loss)
 
 
-def assert_same_step(model, *, image_size=32, sigma=0.0, k=1):
+def assert_same_step(model, *, image_size=32, sigma=0.0, k=1, method="auto", C=1.0):
     torch.manual_seed(1)
     x = torch.randn(5, 3, image_size, image_size)
     y = torch.randint(0, 4, (5,))
     augment = (lambda rows: rows * 1.5 + 0.1) if k > 1 else None
-    fast = one_step(model, "dpnas", x, y, sigma=sigma, k=k, augment=augment)
-    reference = one_step(model, "opacus", x, y, sigma=sigma, k=k, augment=augment)
+    fast = one_step(model, "dpnas", x, y, sigma=sigma, k=k, augment=augment, method=method, C=C)
+    reference = one_step(model, "opacus", x, y, sigma=sigma, k=k, augment=augment, C=C)
     error = (fast[0] - reference[0]).norm() / reference[0].norm()
     assert error < 1e-4, f"relative difference {error:.2e}"
     assert fast[1] == reference[1]  # the accountant heard the same steps
     assert fast[2] == pytest.approx(reference[2], rel=1e-5)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", ["tiny", "smoothnet_w80d10", "resnet9_scalenorm", "wrn16_4"])
-def test_reference_models_clipped_sum_equals_opacus(name):
+def test_reference_models_clipped_sum_equals_opacus(name, method):
     torch.manual_seed(0)
     model = build_model(MODELS[name].arch, num_classes=4, in_channels=3)
     assert supports(model)
-    assert_same_step(model)
+    assert_same_step(model, method=method)
 
 
+@pytest.mark.parametrize("method", CONV_METHODS)
 @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 @given(arch=small_arch())
-def test_random_points_clipped_sum_equals_opacus(arch):
+def test_random_points_clipped_sum_equals_opacus(arch, method):
     torch.manual_seed(0)
-    assert_same_step(build_model(arch, num_classes=4, in_channels=3))
+    assert_same_step(build_model(arch, num_classes=4, in_channels=3), method=method)
 
 
-def test_noise_and_augmentation_multiplicity_match_opacus():
+@pytest.mark.parametrize("method", METHODS)
+def test_noise_and_augmentation_multiplicity_match_opacus(method):
     torch.manual_seed(0)
     model = build_model(MODELS["tiny"].arch, num_classes=4, in_channels=3)
-    assert_same_step(model, sigma=1.3)  # the same generator draws the same noise on both paths
-    assert_same_step(model, k=2)
+    assert_same_step(model, sigma=1.3, method=method)  # the same generator draws the same noise on both paths
+    assert_same_step(model, k=2, method=method)
+    # weight standardisation, conv biases and strided convolutions, with K = 2 augmentations
+    wrn_like = build_model(MODELS["wrn16_4"].arch.replace(width=0.25, conv_bias=True), num_classes=4, in_channels=3)
+    assert_same_step(wrn_like, k=2, method=method, image_size=16, C=1e-3)  # every sample clipped
 
 
 def test_modes_and_fallback():

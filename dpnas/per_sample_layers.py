@@ -1,0 +1,219 @@
+"""Per-layer arithmetic of clipped DP-SGD: each sample's squared gradient norm, and the clipped sum.
+
+For one layer, from its input ``a`` (N rows) and output gradient ``g``, a *method* gives every
+sample's squared gradient norm, and either materialises the per-sample gradients (the clipped sum is
+then a weighted sum of them) or leaves the sum to :func:`weighted_grads`, which forms it as one
+batched weight gradient with per-row weights (book-keeping, Bu et al. 2023).  Rows come in groups of
+``k`` augmentations of one sample; a sample's gradient is the mean over its group (De et al. 2022).
+
+Convolution methods, all exact (they differ only in speed, which depends on the layer's shape and
+the hardware; :class:`dpnas.per_sample.PerSampleClipper` times them and keeps the fastest):
+
+* ``unfold``: per-sample gradients as ``unfold(a)`` times ``g``, one matrix product per sample;
+* ``grouped``: per-sample gradients as the weight gradient of one grouped convolution with the batch as
+  the groups (input channels padded to a multiple of 16, the block size oneDNN's kernels prefer);
+* ``ghost``: the norm only, ``sum_{t,s} <a_t, a_s> <g_t, g_s>`` over output positions t, s, with
+  ``<a_t, a_s>`` (inner products of unfolded patches) built from one Gram matrix of the padded input
+  summed along the kernel's offsets, which costs C_in instead of C_in * k * k per pair of positions.
+  Cheap when the feature map is small and the channels many.
+
+Weight-standardised convolutions (:class:`dpnas.layers.WSConv2d`) go through the chain rule of the
+standardisation: per sample for the materialising methods; for ``ghost`` in closed form, since that
+Jacobian is a scaled projection (see :func:`_standardised_ghost_correction`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpnas.layers import WSConv2d
+
+CONV_METHODS = ("unfold", "grouped", "ghost")
+LINEAR_METHODS = ("ghost",)  # a flat Linear layer's ghost norm is ||a||^2 ||g||^2: always the cheapest
+GROUP_NORM_METHODS = ("materialise",)  # per-sample gradients are only (N, C)
+_CHANNEL_BLOCK = 16
+
+
+@dataclass
+class LayerNorms:
+    """One layer's contribution to each sample's squared gradient norm."""
+
+    squared: torch.Tensor  # (B,)
+    per_sample: dict[nn.Parameter, torch.Tensor] = field(default_factory=dict)  # (B, *param.shape)
+    summed_later: bool = False  # the weight's clipped sum comes from weighted_grads()
+
+
+def methods_for(layer: nn.Module) -> tuple[str, ...]:
+    if isinstance(layer, nn.Conv2d):
+        return CONV_METHODS
+    if isinstance(layer, nn.Linear):
+        return LINEAR_METHODS
+    return GROUP_NORM_METHODS
+
+
+def layer_norms(layer: nn.Module, method: str, a: torch.Tensor, g: torch.Tensor, *, k: int, output: torch.Tensor | None = None) -> LayerNorms:
+    """Squared per-sample gradient norms of `layer` (B = rows / k samples)."""
+    a, g = a.float(), g.float()  # norms in fp32 whatever the forward pass ran in
+    if isinstance(layer, nn.Conv2d):
+        if method == "ghost":
+            return _conv_ghost(layer, a, g, k, output)
+        grads = {layer.weight: _conv_weight_per_sample(layer, method, a, g)}
+        if layer.bias is not None:
+            grads[layer.bias] = g.sum(dim=(2, 3))
+        return _materialised(grads, k)
+    if isinstance(layer, nn.Linear):
+        return _linear_ghost(layer, a, g, k)
+    if isinstance(layer, nn.GroupNorm):
+        return _materialised(_group_norm_per_sample(layer, a, g), k)
+    raise TypeError(f"no per-sample gradient for {type(layer).__name__}")
+
+
+def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, row_weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """``sum_r row_weights[r] * grad_r`` of the weight of a layer whose norms came from a ghost method."""
+    a, g = a.float(), g.float()
+    if isinstance(layer, nn.Linear):
+        return {layer.weight: (g * row_weights[:, None]).T @ a}
+    weight_std_grad = torch.nn.grad.conv2d_weight(
+        a, layer.weight.shape, g * row_weights.view(-1, 1, 1, 1),
+        stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
+    )
+    if isinstance(layer, WSConv2d):  # the chain rule is linear, so it applies to the sum
+        weight_std_grad = through_standardisation(layer, weight_std_grad.flatten(1)[None])[0].view_as(layer.weight)
+    return {layer.weight: weight_std_grad}
+
+
+def _materialised(grads: dict[nn.Parameter, torch.Tensor], k: int) -> LayerNorms:
+    if k > 1:
+        grads = {p: g.view(g.shape[0] // k, k, *g.shape[1:]).mean(1) for p, g in grads.items()}
+    squared = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
+    return LayerNorms(squared=squared, per_sample=grads)
+
+
+# --- convolutions --------------------------------------------------------------------------------------------
+
+
+def _conv_weight_per_sample(conv: nn.Conv2d, method: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    n = a.shape[0]
+    if method == "unfold":
+        cols = F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+        grad = torch.bmm(g.flatten(2), cols.transpose(1, 2))  # (N, C_out, C_in * kh * kw)
+    elif method == "grouped":
+        c_in = a.shape[1]
+        padded = F.pad(a, (0, 0, 0, 0, 0, -c_in % _CHANNEL_BLOCK))
+        c_pad = padded.shape[1]
+        grad = torch.nn.grad.conv2d_weight(
+            padded.reshape(1, n * c_pad, *a.shape[2:]), (n * conv.out_channels, c_pad, *conv.kernel_size),
+            g.reshape(1, -1, *g.shape[2:]), stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=n,
+        )
+        grad = grad.view(n, conv.out_channels, c_pad, -1)[:, :, :c_in].flatten(2)
+    else:
+        raise ValueError(f"unknown convolution method {method!r}; expected one of: {', '.join(CONV_METHODS)}")
+    if isinstance(conv, WSConv2d):
+        grad = through_standardisation(conv, grad)
+    return grad.view(n, *conv.weight.shape)
+
+
+def through_standardisation(conv: WSConv2d, grad_std: torch.Tensor) -> torch.Tensor:
+    """Chain rule through w_hat = (w - mean) / sqrt(var + eps), per output filter; grad_std is (N, C_out, D)."""
+    w_hat, std = _standardisation(conv)
+    mean_g = grad_std.mean(dim=2, keepdim=True)
+    mean_gw = (grad_std * w_hat).mean(dim=2, keepdim=True)
+    return (grad_std - mean_g - w_hat * mean_gw) / std
+
+
+def _standardisation(conv: WSConv2d) -> tuple[torch.Tensor, torch.Tensor]:
+    w = conv.weight.detach().float().flatten(1)
+    std = (w.var(dim=1, unbiased=False, keepdim=True) + conv.eps).sqrt()
+    return (w - w.mean(dim=1, keepdim=True)) / std, std
+
+
+def _conv_ghost(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, k: int, output: torch.Tensor | None) -> LayerNorms:
+    n, b = a.shape[0], a.shape[0] // k
+    bias_grad = g.sum(dim=(2, 3)) if conv.bias is not None else None
+    if isinstance(conv, WSConv2d):
+        _, std = _standardisation(conv)
+        g_scaled = g / std.view(1, -1, 1, 1)  # folds each filter's 1/std into its output gradient
+    else:
+        g_scaled = g
+    ph, pw = conv.padding
+    padded = F.pad(a, (pw, pw, ph, ph))
+    c_in, hp, wp = padded.shape[1:]
+    c_out, ho, wo = g.shape[1:]
+    # a sample's k augmentations are one longer list of positions
+    x = padded.view(b, k, c_in, hp * wp).transpose(1, 2).reshape(b, c_in, k * hp * wp)
+    gram_x = torch.bmm(x.transpose(1, 2), x).view(b, k, hp, wp, k, hp, wp)
+    y = g_scaled.view(b, k, c_out, ho * wo).transpose(1, 2).reshape(b, c_out, k * ho * wo)
+    gram_g = torch.bmm(y.transpose(1, 2), y).view(b, k, ho, wo, k, ho, wo)
+    squared = torch.zeros(b, device=a.device)
+    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
+    for dy in range(kh):
+        rows = slice(dy * dh, dy * dh + sh * (ho - 1) + 1, sh)
+        for dx in range(kw):
+            cols = slice(dx * dw, dx * dw + sw * (wo - 1) + 1, sw)
+            squared += (gram_x[:, :, rows, cols, :, rows, cols] * gram_g).sum(dim=(1, 2, 3, 4, 5, 6))
+    squared = squared / k**2
+    if isinstance(conv, WSConv2d):
+        squared = squared - _standardised_ghost_correction(conv, a, g_scaled, k, output)
+    result = LayerNorms(squared=squared.clamp(min=0), summed_later=True)
+    if bias_grad is not None:
+        bias = _materialised({conv.bias: bias_grad}, k)
+        result.squared = result.squared + bias.squared
+        result.per_sample = bias.per_sample
+    return result
+
+
+def _standardised_ghost_correction(conv: WSConv2d, a: torch.Tensor, g_scaled: torch.Tensor, k: int, output: torch.Tensor | None) -> torch.Tensor:
+    """What the standardisation's Jacobian removes from the squared norm of the gradient w.r.t. w_hat.
+
+    Per filter o, with D weights, the gradient w.r.t. w is J(h) = (h - mean(h) - w_hat * mean(h * w_hat)) / std
+    for the gradient h w.r.t. w_hat.  Since w_hat has mean 0 and sum(w_hat^2) = D * r, r = var / (var + eps),
+    ||J(h)||^2 = (||h||^2 - <h, 1>^2 / D - (2 - r) <h, w_hat>^2 / D) / std^2.  Both inner products are sums over
+    output positions: <h, 1> of the output gradient times the patch sums of the input, <h, w_hat> of the output
+    gradient times the convolution's own output (before the bias).  `g_scaled` already carries the 1 / std.
+    """
+    w_hat, std = _standardisation(conv)
+    d = w_hat.shape[1]
+    r = (1 - conv.eps / std.pow(2)).view(-1)  # var / (var + eps)
+    conv_args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+    ones = torch.ones(1, a.shape[1], *conv.kernel_size, device=a.device)
+    patch_sums = F.conv2d(a, ones, **conv_args)  # (N, 1, Ho, Wo)
+    if output is None or output.dtype != torch.float32:  # recomputed in fp32 so norm and sum agree
+        output = F.conv2d(a, w_hat.view_as(conv.weight), **conv_args)
+    elif conv.bias is not None:
+        output = output - conv.bias.detach().view(1, -1, 1, 1)
+    b = a.shape[0] // k
+    with_ones = (g_scaled * patch_sums).sum(dim=(2, 3)).view(b, k, -1).mean(1)  # (B, C_out)
+    with_w_hat = (g_scaled * output).sum(dim=(2, 3)).view(b, k, -1).mean(1)
+    return (with_ones.pow(2).sum(1) + (with_w_hat.pow(2) * (2 - r)).sum(1)) / d
+
+
+# --- linear and group norm ----------------------------------------------------------------------------------
+
+
+def _linear_ghost(linear: nn.Linear, a: torch.Tensor, g: torch.Tensor, k: int) -> LayerNorms:
+    if a.dim() != 2:
+        raise ValueError(f"dpnas's per-sample path takes Linear layers on flat inputs only, got input shape {tuple(a.shape)}")
+    b = a.shape[0] // k
+    gram_a = torch.bmm(a.view(b, k, -1), a.view(b, k, -1).transpose(1, 2))
+    gram_g = torch.bmm(g.view(b, k, -1), g.view(b, k, -1).transpose(1, 2))
+    result = LayerNorms(squared=(gram_a * gram_g).sum(dim=(1, 2)) / k**2, summed_later=True)
+    if linear.bias is not None:
+        bias = _materialised({linear.bias: g}, k)
+        result.squared = result.squared + bias.squared
+        result.per_sample = bias.per_sample
+    return result
+
+
+def _group_norm_per_sample(layer: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    # y = x_hat * weight + bias, per channel
+    x_hat = F.group_norm(a, layer.num_groups, eps=layer.eps)
+    grads = {}
+    if layer.weight is not None:
+        grads[layer.weight] = (x_hat * g).flatten(2).sum(2)
+    if layer.bias is not None:
+        grads[layer.bias] = g.flatten(2).sum(2)
+    return grads

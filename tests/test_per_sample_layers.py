@@ -1,0 +1,74 @@
+"""Each per-sample method gives every sample's exact gradient norm and clipped sum, checked against autograd."""
+
+import pytest
+import torch
+from torch import nn
+
+from dpnas.layers import WSConv2d
+from dpnas.per_sample_layers import CONV_METHODS, layer_norms, weighted_grads
+
+CONVS = {
+    "3x3": lambda: nn.Conv2d(5, 7, 3, padding=1, bias=False),
+    "3x3 bias stride 2": lambda: nn.Conv2d(5, 7, 3, stride=2, padding=1),
+    "1x1": lambda: nn.Conv2d(19, 6, 1, bias=False),
+    "dilated rectangular": lambda: nn.Conv2d(4, 3, (3, 2), padding=(2, 1), dilation=(2, 1), bias=False),
+    "weight standardised": lambda: WSConv2d(6, 8, 3, padding=1, bias=False),
+    "weight standardised, bias, stride 2": lambda: WSConv2d(6, 8, 3, stride=2, padding=1),
+}
+
+
+def brute_force(layer, a, g, k):
+    """Each sample's gradient (mean over its k rows), one autograd call per row."""
+    grads = []
+    for row in range(a.shape[0]):
+        layer.zero_grad()
+        (layer(a[row : row + 1]) * g[row : row + 1]).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in layer.parameters()]))
+    per_row = torch.stack(grads)
+    return per_row.view(a.shape[0] // k, k, -1).mean(1)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("method", CONV_METHODS)
+@pytest.mark.parametrize("name", list(CONVS))
+def test_conv_norms_and_weighted_sum_are_exact(name, method, k):
+    torch.manual_seed(0)
+    layer = CONVS[name]()
+    with torch.no_grad():
+        layer.weight.mul_(3).add_(0.2)  # non-zero filter means, so standardisation matters
+    a = torch.randn(4 * k, layer.in_channels, 9, 10)
+    out = layer(a).detach()
+    g = torch.randn_like(out)
+    expected = brute_force(layer, a, g, k)
+
+    result = layer_norms(layer, method, a, g, k=k, output=out)
+    torch.testing.assert_close(result.squared, expected.pow(2).sum(1), rtol=1e-4, atol=1e-5)
+
+    weights = torch.rand(4)
+    summed = {p: torch.einsum("i,i...->...", weights, s) for p, s in result.per_sample.items()}
+    if result.summed_later:
+        summed.update(weighted_grads(layer, a, g, (weights / k).repeat_interleave(k)))
+    got = torch.cat([summed[p].flatten() for p in layer.parameters()])
+    reference = weights @ expected
+    assert (got - reference).norm() / reference.norm() < 1e-5
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_linear_and_group_norm_are_exact(k):
+    torch.manual_seed(0)
+    for layer, shape in [(nn.Linear(6, 4), (6,)), (nn.GroupNorm(2, 6), (6, 3, 3))]:
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_()
+        a = torch.randn(3 * k, *shape)
+        g = torch.randn_like(layer(a))
+        expected = brute_force(layer, a, g, k)
+        method = "ghost" if isinstance(layer, nn.Linear) else "materialise"
+        result = layer_norms(layer, method, a, g, k=k)
+        torch.testing.assert_close(result.squared, expected.pow(2).sum(1), rtol=1e-4, atol=1e-5)
+
+
+def test_linear_on_sequences_is_refused():
+    layer = nn.Linear(4, 2)
+    with pytest.raises(ValueError, match="flat inputs"):
+        layer_norms(layer, "ghost", torch.randn(2, 3, 4), torch.randn(2, 3, 2), k=1)
