@@ -64,12 +64,25 @@ def layer_norms(layer: nn.Module, method: str, a: torch.Tensor, g: torch.Tensor,
         grads = {layer.weight: _conv_weight_per_sample(layer, method, a, g)}
         if layer.bias is not None:
             grads[layer.bias] = g.sum(dim=(2, 3))
+        if isinstance(layer, WSConv2d):
+            return _standardised_materialised(layer, grads, k)
         return _materialised(grads, k)
     if isinstance(layer, nn.Linear):
         return _linear_ghost(layer, a, g, k)
     if isinstance(layer, nn.GroupNorm):
         return _materialised(_group_norm_per_sample(layer, a, g), k)
     raise TypeError(f"no per-sample gradient for {type(layer).__name__}")
+
+
+def clipped_sum(layer: nn.Module, result: LayerNorms, a: torch.Tensor, g: torch.Tensor, factor: torch.Tensor, k: int) -> dict[nn.Parameter, torch.Tensor]:
+    """The layer's per-sample gradients, each scaled by its sample's clip factor, summed."""
+    sums = {p: torch.einsum("i,i...->...", factor, per_sample) for p, per_sample in result.per_sample.items()}
+    if isinstance(layer, WSConv2d) and layer.weight in sums:
+        # materialised per-sample gradients are w.r.t. the standardised weight; the chain rule is linear
+        sums[layer.weight] = through_standardisation(layer, sums[layer.weight].flatten(1)[None])[0].view_as(layer.weight)
+    if result.summed_later:
+        sums.update(weighted_grads(layer, a, g, (factor / k).repeat_interleave(k)))
+    return sums
 
 
 def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, row_weights: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
@@ -87,10 +100,33 @@ def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, row_weigh
 
 
 def _materialised(grads: dict[nn.Parameter, torch.Tensor], k: int) -> LayerNorms:
-    if k > 1:
-        grads = {p: g.view(g.shape[0] // k, k, *g.shape[1:]).mean(1) for p, g in grads.items()}
+    grads = _mean_over_augmentations(grads, k)
     squared = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
     return LayerNorms(squared=squared, per_sample=grads)
+
+
+def _mean_over_augmentations(grads: dict[nn.Parameter, torch.Tensor], k: int) -> dict[nn.Parameter, torch.Tensor]:
+    if k == 1:
+        return grads
+    return {p: g.view(g.shape[0] // k, k, *g.shape[1:]).mean(1) for p, g in grads.items()}
+
+
+def _standardised_materialised(conv: WSConv2d, grads: dict[nn.Parameter, torch.Tensor], k: int) -> LayerNorms:
+    """Per-sample gradients w.r.t. the standardised weight; their norms after the chain rule in closed form."""
+    grads = _mean_over_augmentations(grads, k)
+    h = grads[conv.weight].flatten(2)  # (B, C_out, D)
+    w_hat, std = _standardisation(conv)
+    r, d = _variance_share(conv, std), h.shape[2]
+    per_filter = h.pow(2).sum(2) - h.sum(2).pow(2) / d - (2 - r) * torch.einsum("bod,od->bo", h, w_hat).pow(2) / d
+    squared = (per_filter / std.view(1, -1).pow(2)).sum(1).clamp(min=0)
+    if conv.bias is not None:
+        squared = squared + grads[conv.bias].pow(2).sum(1)
+    return LayerNorms(squared=squared, per_sample=grads)
+
+
+def _variance_share(conv: WSConv2d, std: torch.Tensor) -> torch.Tensor:
+    """r = var / (var + eps) per filter: sum(w_hat^2) = D * r."""
+    return (1 - conv.eps / std.pow(2)).view(-1)
 
 
 # --- convolutions --------------------------------------------------------------------------------------------
@@ -109,12 +145,10 @@ def _conv_weight_per_sample(conv: nn.Conv2d, method: str, a: torch.Tensor, g: to
             padded.reshape(1, n * c_pad, *a.shape[2:]), (n * conv.out_channels, c_pad, *conv.kernel_size),
             g.reshape(1, -1, *g.shape[2:]), stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=n,
         )
-        grad = grad.view(n, conv.out_channels, c_pad, -1)[:, :, :c_in].flatten(2)
+        grad = grad.view(n, conv.out_channels, c_pad, -1)[:, :, :c_in]
     else:
         raise ValueError(f"unknown convolution method {method!r}; expected one of: {', '.join(CONV_METHODS)}")
-    if isinstance(conv, WSConv2d):
-        grad = through_standardisation(conv, grad)
-    return grad.view(n, *conv.weight.shape)
+    return grad.reshape(n, *conv.weight.shape)  # w.r.t. the standardised weight for a WSConv2d
 
 
 def through_standardisation(conv: WSConv2d, grad_std: torch.Tensor) -> torch.Tensor:
@@ -177,7 +211,7 @@ def _standardised_ghost_correction(conv: WSConv2d, a: torch.Tensor, g_scaled: to
     """
     w_hat, std = _standardisation(conv)
     d = w_hat.shape[1]
-    r = (1 - conv.eps / std.pow(2)).view(-1)  # var / (var + eps)
+    r = _variance_share(conv, std)
     conv_args = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
     ones = torch.ones(1, a.shape[1], *conv.kernel_size, device=a.device)
     patch_sums = F.conv2d(a, ones, **conv_args)  # (N, 1, Ho, Wo)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dpnas.layers import WSConv2d
-from dpnas.per_sample_layers import CONV_METHODS, layer_norms, weighted_grads
+from dpnas.per_sample_layers import CONV_METHODS, clipped_sum, layer_norms
 
 CONVS = {
     "3x3": lambda: nn.Conv2d(5, 7, 3, padding=1, bias=False),
@@ -45,9 +45,7 @@ def test_conv_norms_and_weighted_sum_are_exact(name, method, k):
     torch.testing.assert_close(result.squared, expected.pow(2).sum(1), rtol=1e-4, atol=1e-5)
 
     weights = torch.rand(4)
-    summed = {p: torch.einsum("i,i...->...", weights, s) for p, s in result.per_sample.items()}
-    if result.summed_later:
-        summed.update(weighted_grads(layer, a, g, (weights / k).repeat_interleave(k)))
+    summed = clipped_sum(layer, result, a, g, weights, k)
     got = torch.cat([summed[p].flatten() for p in layer.parameters()])
     reference = weights @ expected
     assert (got - reference).norm() / reference.norm() < 1e-5
@@ -66,6 +64,10 @@ def test_linear_and_group_norm_are_exact(k):
         method = "ghost" if isinstance(layer, nn.Linear) else "materialise"
         result = layer_norms(layer, method, a, g, k=k)
         torch.testing.assert_close(result.squared, expected.pow(2).sum(1), rtol=1e-4, atol=1e-5)
+        weights = torch.rand(3)
+        summed = clipped_sum(layer, result, a, g, weights, k)
+        got = torch.cat([summed[p].flatten() for p in layer.parameters()])
+        torch.testing.assert_close(got, weights @ expected, rtol=1e-4, atol=1e-5)
 
 
 def test_linear_on_sequences_is_refused():
