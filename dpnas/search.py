@@ -72,7 +72,9 @@ def make_sampler(spec: StudySpec, worker_index: int = 0) -> optuna.samplers.Base
     if spec.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if spec.sampler == "grid":
-        return _GridSampler({a.name: a.grid_values() for a in spec.axes}, seed=seed)
+        # The opposite for the grid: Optuna shuffles it with the seed and a trial's grid id indexes that
+        # shuffled list, so every worker needs the same order or they would repeat some points and skip others.
+        return _GridSampler({a.name: a.grid_values() for a in spec.axes}, seed=spec.seed)
     # random, and ablation (whose trials are all enqueued with fixed parameters)
     return optuna.samplers.RandomSampler(seed=seed)
 
@@ -230,7 +232,8 @@ def run_worker(
     """Take trials of the study until its budget is used (or `timeout` seconds have passed)."""
     study = open_study(spec, storage_url, study_name=study_name, worker_index=worker_index)
     data = load_dataset(spec.dataset, data_dir=spec.data_dir, val_fraction=spec.val_fraction,
-                        seed=spec.train.seed, image_size=spec.image_size, progress=progress)
+                        seed=spec.train.seed, image_size=spec.image_size, synthetic_size=spec.synthetic_size,
+                        progress=progress)
     storage = study._storage
     report = WorkerReport()
     started = time.monotonic()

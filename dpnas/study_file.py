@@ -1,7 +1,7 @@
 """Study files: one TOML file describes a whole architecture search.
 
     [study]    name, objectives, n_trials, sampler, pruner, seed, trial_count (fixed | poisson | ...)
-    [data]     dataset, data_dir, val_fraction, image_size
+    [data]     dataset, data_dir, val_fraction, image_size, synthetic_size (samples of dataset = "synthetic")
     [privacy]  PrivacyConfig fields: the fixed (ε, δ) every trial trains at, clip norm, accountant
     [train]    recipe = NAME, then TrainConfig fields overriding it
     [arch]     base = NAME (a registered architecture), then ArchConfig fields: the fixed part of the space
@@ -36,7 +36,7 @@ _STUDY_KEYS = {
     "pruner": str, "trial_count": str, "mean_trials": (int, float), "eta": (int, float), "gamma": (int, float),
     "max_retries": int, "heartbeat_interval": int, "grace_period": int, "description": str,
 }
-_DATA_KEYS = {"dataset": str, "data_dir": str, "val_fraction": (int, float), "image_size": int}
+_DATA_KEYS = {"dataset": str, "data_dir": str, "val_fraction": (int, float), "image_size": int, "synthetic_size": int}
 _CONFIG_FIELDS = {
     "arch": {f.name for f in dataclasses.fields(ArchConfig)},
     "train": {f.name for f in dataclasses.fields(TrainConfig)},
@@ -104,6 +104,7 @@ class StudySpec:
     train: TrainConfig
     privacy: PrivacyConfig
     axes: tuple[Axis, ...] = field(default_factory=tuple)
+    synthetic_size: int = 2048
 
     @property
     def directions(self) -> list[str]:
@@ -217,6 +218,11 @@ def load_study_file(path: str | Path) -> StudySpec:
 
     dataset = data.get("dataset", "digits")
     _choice(path, "data.dataset", dataset, DATASETS)
+    synthetic_size = data.get("synthetic_size", 2048)
+    if "synthetic_size" in data and dataset != "synthetic":
+        raise _fail(path, "data.synthetic_size", f"only for dataset = \"synthetic\", not {dataset!r}")
+    if synthetic_size < 2:
+        raise _fail(path, "data.synthetic_size", f"must be >= 2, got {synthetic_size}")
 
     train_table = dict(document.get("train", {}))
     recipe_name = train_table.pop("recipe", DEFAULT_RECIPE)
@@ -280,6 +286,7 @@ def load_study_file(path: str | Path) -> StudySpec:
         train=train,
         privacy=privacy,
         axes=axes,
+        synthetic_size=synthetic_size,
     )
 
 

@@ -107,6 +107,12 @@ def test_two_worker_processes_share_one_journal_and_finish_exactly(tmp_path):
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
 
 
+def test_grid_workers_share_one_grid_order(tmp_path):
+    # a trial's grid id indexes the sampler's shuffled grid: with per-worker orders, workers repeat and skip points
+    spec = load_study_file(write_study(tmp_path, sampler="grid"))
+    assert search_module.make_sampler(spec, 0)._all_grids == search_module.make_sampler(spec, 1)._all_grids
+
+
 def test_interrupted_trial_is_retried_with_the_same_parameters(tmp_path, monkeypatch):
     spec = load_study_file(write_study(tmp_path, n_trials=3))
     real_train = search_module.train

@@ -69,6 +69,12 @@ def test_valid_file_builds_configs(tmp_path):
     assert spec.default_storage() == str(tmp_path / "study.journal")
 
 
+def test_synthetic_size_sets_the_synthetic_data_size(tmp_path):
+    spec = load_study_file(write(tmp_path, VALID.replace('dataset = "digits"', 'dataset = "synthetic"\nsynthetic_size = 512')))
+    assert spec.dataset == "synthetic" and spec.synthetic_size == 512
+    assert load_study_file(write(tmp_path, VALID, name="default.toml")).synthetic_size == 2048
+
+
 @pytest.mark.parametrize(
     "old,new,needle",
     [
@@ -88,6 +94,8 @@ def test_valid_file_builds_configs(tmp_path):
         ("n_trials = 3", 'trial_count = "truncated_negative_binomial"\neta = 1\ngamma = 1.5', "study.gamma"),
         ("n_trials = 3", 'trial_count = "geometric"', "study.trial_count: unknown value 'geometric'"),
         ('dataset = "digits"', 'dataset = "mnist"', "data.dataset: unknown value 'mnist'"),
+        ('dataset = "digits"', 'dataset = "digits"\nsynthetic_size = 512', "data.synthetic_size: only for dataset = \"synthetic\""),
+        ('dataset = "digits"', 'dataset = "synthetic"\nsynthetic_size = 1', "data.synthetic_size: must be >= 2"),
         ("epsilon = 8.0", "epsilon = -1.0", "[privacy] epsilon: must be > 0"),
         ("epsilon = 8.0", "epsilon = 8.0\nnoise = 1.0", "privacy.noise: unknown field; PrivacyConfig fields are"),
         ('recipe = "quick"', 'recipe = "fast"', "train.recipe: unknown recipe 'fast'"),
