@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpnas.layers import WSConv2d
-from dpnas.per_sample_layers import CONV_METHODS, LayerNorms, layer_norms, methods_for
+from dpnas.per_sample_layers import CONV_METHODS, LayerNorms, estimated_cost, layer_norms, methods_for
 from dpnas.per_sample_layers import clipped_sum as layer_clipped_sum
 
 METHODS = ("auto", *CONV_METHODS)
@@ -126,7 +126,10 @@ class PerSampleClipper:
         key = (type(layer), tuple(a.shape[1:]), tuple(g.shape[1:]), layer.kernel_size, layer.stride, layer.padding,
                layer.dilation, layer.bias is not None, k, a.device, a.dtype)
         if key not in _TUNED:
-            _TUNED[key] = min(candidates, key=lambda m: _seconds(layer, m, a, g, out, k))
+            # only methods within 3x of the cheapest estimate are worth timing
+            costs = {m: estimated_cost(layer, m, a, g) for m in candidates}
+            worth_timing = [m for m in candidates if costs[m] <= 3 * min(costs.values())]
+            _TUNED[key] = min(worth_timing, key=lambda m: _seconds(layer, m, a, g, out, k))
         return _TUNED[key]
 
     def close(self) -> None:

@@ -55,6 +55,18 @@ def methods_for(layer: nn.Module) -> tuple[str, ...]:
     return GROUP_NORM_METHODS
 
 
+def estimated_cost(conv: nn.Conv2d, method: str, a: torch.Tensor, g: torch.Tensor) -> float:
+    """Multiply-adds per sample: enough to rule out methods far slower than another, not to rank close ones."""
+    c_in, h, w = a.shape[1:]
+    c_out, ho, wo = g.shape[1:]
+    positions, patch = ho * wo, c_in * conv.kernel_size[0] * conv.kernel_size[1]
+    if method != "ghost":
+        return positions * patch * c_out
+    padded = (h + 2 * conv.padding[0]) * (w + 2 * conv.padding[1])
+    # two Gram matrices, then one pass over position pairs per kernel offset (memory-bound: weighted 8x)
+    return padded**2 * c_in + positions**2 * c_out + 8 * positions**2 * conv.kernel_size[0] * conv.kernel_size[1]
+
+
 def layer_norms(layer: nn.Module, method: str, a: torch.Tensor, g: torch.Tensor, *, k: int, output: torch.Tensor | None = None) -> LayerNorms:
     """Squared per-sample gradient norms of `layer` (B = rows / k samples)."""
     a, g = a.float(), g.float()  # norms in fp32 whatever the forward pass ran in

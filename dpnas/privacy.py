@@ -7,6 +7,7 @@ here keeps to exactly that.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass
 
@@ -75,21 +76,36 @@ def plan_privacy(
 
 def _calibrate(privacy: PrivacyConfig, *, sample_rate: float, steps: int) -> float:
     try:
-        return get_noise_multiplier(
-            target_epsilon=privacy.epsilon,
-            target_delta=privacy.delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=privacy.accountant,
-            # the binary search stops within this distance below the target: keep it under 0.5 %
-            epsilon_tolerance=min(0.01, 0.005 * privacy.epsilon),
-            **_accountant_options(privacy.accountant),
-        )
+        return _noise_multiplier(privacy.epsilon, privacy.delta, privacy.accountant, sample_rate, steps)
     except ValueError as err:  # Opacus: "The privacy budget is too low."
         raise ConfigError(
             f"epsilon: no noise level reaches epsilon={privacy.epsilon:g} at delta={privacy.delta:g} "
             f"with sample rate {sample_rate:.3g} over {steps} steps ({err}); raise epsilon or train for fewer steps"
         ) from err
+
+
+# The calibration and the epsilon of a history are pure functions of their arguments and take seconds
+# (a binary search over the accountant); the trials of a search all ask the same questions, so one
+# answer per worker process is enough.  Cached values are the exact values, not approximations.
+@functools.lru_cache(maxsize=256)
+def _noise_multiplier(epsilon: float, delta: float, accountant: str, sample_rate: float, steps: int) -> float:
+    return get_noise_multiplier(
+        target_epsilon=epsilon,
+        target_delta=delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=accountant,
+        # the binary search stops within this distance below the target: keep it under 0.5 %
+        epsilon_tolerance=min(0.01, 0.005 * epsilon),
+        **_accountant_options(accountant),
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_of_history(mechanism: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    accountant = create_accountant(mechanism)
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta=delta, **_accountant_options(mechanism)))
 
 
 def make_accountant(privacy: PrivacyConfig) -> IAccountant:
@@ -110,7 +126,8 @@ def epsilon_spent(accountant: IAccountant, delta: float) -> float:
     """ε spent so far at `delta` (0 before any step; inf for non-private runs, which record no steps)."""
     if not accountant.history:
         return 0.0
-    return float(accountant.get_epsilon(delta=delta, **_accountant_options(accountant.mechanism())))
+    history = tuple((float(sigma), float(q), int(steps)) for sigma, q, steps in accountant.history)
+    return _epsilon_of_history(accountant.mechanism(), history, delta)
 
 
 def poisson_sample(

@@ -200,3 +200,22 @@ def test_poisson_sampler_draws_each_sample_independently_with_rate_q():
     # every sample is included with probability q
     rate = counts / draws
     assert (rate - q).abs().max() < 5 * math.sqrt(q * (1 - q) / draws)
+
+
+def test_cached_epsilon_and_calibration_are_the_exact_values():
+    from dpnas.privacy import _accountant_options, _noise_multiplier
+
+    for mechanism in ("rdp", "prv"):
+        accountant = make_accountant(PrivacyConfig(accountant=mechanism))
+        for _ in range(30):
+            accountant.step(noise_multiplier=1.1, sample_rate=0.01)
+        accountant.step(noise_multiplier=0.9, sample_rate=0.02)  # a second history entry
+        direct = accountant.get_epsilon(delta=1e-5, **_accountant_options(mechanism))
+        assert epsilon_spent(accountant, 1e-5) == direct
+        assert epsilon_spent(accountant, 1e-5) == direct  # the second answer comes from the cache
+
+    privacy = PrivacyConfig(epsilon=3.0)
+    first = plan_privacy(privacy, dataset_size=1000, batch_size=50, epochs=2)
+    hits = _noise_multiplier.cache_info().hits
+    again = plan_privacy(privacy, dataset_size=1000, batch_size=50, epochs=2)
+    assert again == first and _noise_multiplier.cache_info().hits == hits + 1
