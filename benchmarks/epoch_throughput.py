@@ -5,13 +5,16 @@ expected batch and physical batch. Opacus's default: a DataLoader with Poisson s
 `make_private_with_epsilon`, hooks, BatchMemoryManager for the physical batch, fp32. Prints a table and
 writes JSON (one run: compare the ratio, not the absolute numbers, on a shared machine).
 
-    uv run python benchmarks/epoch_throughput.py --model tiny --samples 2048 --batch-size 256 --physical 64
+    uv run python benchmarks/epoch_throughput.py --model tiny,resnet9_scalenorm --samples 2048 --batch-size 256 --physical 64
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
+import sys
 import time
 import warnings
 
@@ -55,31 +58,35 @@ def opacus_epoch(arch, data, *, batch_size: int, physical: int, device: str) -> 
     return seen / (time.perf_counter() - start)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default="tiny", help="registered architecture name(s), comma-separated")
     parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--physical", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="benchmarks/epoch_throughput.json")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     data = load_dataset("synthetic", synthetic_size=args.samples, val_fraction=0.0)
-    arch = get_arch(args.model)
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, physical_batch_size=args.physical, optimizer="nadam",
                       lr=2e-3, val_fraction=0.0)
-    result = train(arch, data, train_cfg=cfg, privacy=PrivacyConfig(epsilon=8.0), device=args.device, progress=False)
-    dpnas_rate = result["samples_per_second"]
-    opacus_rate = opacus_epoch(arch, data, batch_size=args.batch_size, physical=args.physical, device=args.device)
-    rows = [{"pipeline": "opacus default", "samples_per_second": opacus_rate},
-            {"pipeline": f"dpnas train ({result['per_sample']} per-sample path)", "samples_per_second": dpnas_rate}]
-    print(f"model {args.model}, {args.samples} synthetic samples, B={args.batch_size}, physical {args.physical}, {args.device}")
-    for row in rows:
-        print(f"  {row['pipeline']:<40} {row['samples_per_second']:8.1f} samples/s")
-    print(f"  dpnas / opacus throughput: {dpnas_rate / opacus_rate:.2f}x")
+    print(f"{args.samples} synthetic samples, B={args.batch_size}, physical {args.physical}, {args.device}")
+    print(f"{'model':<20} {'opacus samples/s':>17} {'dpnas samples/s':>16} {'dpnas / opacus':>15}")
+    rows = []
+    for name in args.model.split(","):
+        arch = get_arch(name)
+        result = train(arch, data, train_cfg=cfg, privacy=PrivacyConfig(epsilon=8.0), device=args.device, progress=False)
+        opacus_rate = opacus_epoch(arch, data, batch_size=args.batch_size, physical=args.physical, device=args.device)
+        dpnas_rate = result["samples_per_second"]
+        rows.append({"model": name, "opacus_default_samples_per_second": opacus_rate,
+                     "dpnas_train_samples_per_second": dpnas_rate, "per_sample": result["per_sample"],
+                     "ratio": dpnas_rate / opacus_rate})
+        print(f"{name:<20} {opacus_rate:>17.1f} {dpnas_rate:>16.1f} {dpnas_rate / opacus_rate:>14.2f}x", flush=True)
     with open(args.json, "w") as handle:
-        json.dump({"args": vars(args), "rows": rows, "ratio": dpnas_rate / opacus_rate}, handle, indent=2)
+        json.dump({"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "machine": platform.machine(),
+                   "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args),
+                   "rows": rows}, handle, indent=2)
 
 
 if __name__ == "__main__":

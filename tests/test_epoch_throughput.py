@@ -1,0 +1,24 @@
+"""benchmarks/epoch_throughput.py end to end, tiny: both pipelines train a whole epoch and the ratio is theirs."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "epoch_throughput.py"
+
+
+def test_epoch_throughput_compares_both_pipelines(tmp_path):
+    spec = importlib.util.spec_from_file_location("epoch_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # benchmarks/ is not a package
+    out = tmp_path / "epoch.json"
+    module.main(["--model", "tiny", "--samples", "256", "--batch-size", "32", "--physical", "16", "--device", "cpu",
+                 "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["date"] and result["torch"] and result["args"]["model"] == "tiny"
+    (row,) = result["rows"]
+    assert row["model"] == "tiny" and row["per_sample"] == "dpnas"
+    assert row["opacus_default_samples_per_second"] > 0 and row["dpnas_train_samples_per_second"] > 0
+    assert row["ratio"] == pytest.approx(row["dpnas_train_samples_per_second"] / row["opacus_default_samples_per_second"])
