@@ -128,10 +128,8 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
         _sync(dev)
         times.append(time.perf_counter() - start)
     step_seconds = statistics.median(times)
-    methods: dict[str, int] = {}
-    if mode.startswith("dpnas") and dp.clipper is not None:  # which method each layer ended up with
-        for method in dp.clipper.chosen.values():
-            methods[method] = methods.get(method, 0) + 1
+    # which method each layer ended up with
+    methods = dp.clipper.method_counts() if mode.startswith("dpnas") and dp.clipper is not None else {}
     if dev.type == "cuda":
         peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
     else:  # ru_maxrss is in KiB on Linux: the whole process, torch itself included

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpnas.layers import WSConv2d
-from dpnas.per_sample_layers import CONV_METHODS, LayerNorms, estimated_cost, layer_norms, methods_for
+from dpnas.per_sample_layers import CONV_METHODS, LayerNorms, estimated_cost, ghost_memory_bounded, layer_norms, methods_for
 from dpnas.per_sample_layers import clipped_sum as layer_clipped_sum
 
 METHODS = ("auto", *CONV_METHODS)
@@ -126,11 +126,19 @@ class PerSampleClipper:
         key = (type(layer), tuple(a.shape[1:]), tuple(g.shape[1:]), layer.kernel_size, layer.stride, layer.padding,
                layer.dilation, layer.bias is not None, k, a.device, a.dtype)
         if key not in _TUNED:
-            # only methods within 3x of the cheapest estimate are worth timing
+            # only methods within 3x of the cheapest estimate, and whose scratch memory is bounded, are worth timing
             costs = {m: estimated_cost(layer, m, a, g) for m in candidates}
-            worth_timing = [m for m in candidates if costs[m] <= 3 * min(costs.values())]
+            worth_timing = [m for m in candidates
+                            if costs[m] <= 3 * min(costs.values()) and (m != "ghost" or ghost_memory_bounded(layer, a))]
             _TUNED[key] = min(worth_timing, key=lambda m: _seconds(layer, m, a, g, out, k))
         return _TUNED[key]
+
+    def method_counts(self) -> dict[str, int]:
+        """How many layers used each method in the last step (for results and benchmarks)."""
+        counts: dict[str, int] = {}
+        for method in self.chosen.values():
+            counts[method] = counts.get(method, 0) + 1
+        return counts
 
     def close(self) -> None:
         for handle in self._handles:

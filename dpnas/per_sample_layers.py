@@ -67,6 +67,16 @@ def estimated_cost(conv: nn.Conv2d, method: str, a: torch.Tensor, g: torch.Tenso
     return padded**2 * c_in + positions**2 * c_out + 8 * positions**2 * conv.kernel_size[0] * conv.kernel_size[1]
 
 
+def ghost_memory_bounded(conv: nn.Conv2d, a: torch.Tensor) -> bool:
+    """True when the ghost norm's Gram matrix (positions^2 per sample) is at most 16x the layer's input.
+
+    On large feature maps it would not be: 160 x 160 ImageNette images make a 2.7 GB Gram matrix per sample.
+    """
+    c_in, h, w = a.shape[1:]
+    padded = (h + 2 * conv.padding[0]) * (w + 2 * conv.padding[1])
+    return padded <= 16 * c_in
+
+
 def layer_norms(layer: nn.Module, method: str, a: torch.Tensor, g: torch.Tensor, *, k: int, output: torch.Tensor | None = None) -> LayerNorms:
     """Squared per-sample gradient norms of `layer` (B = rows / k samples)."""
     a, g = a.float(), g.float()  # norms in fp32 whatever the forward pass ran in

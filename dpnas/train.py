@@ -224,6 +224,7 @@ def train(
         "wall_seconds": state.train_seconds,
         "device": str(device),
         "per_sample": engine.per_sample_path,
+        "per_sample_methods": engine.clipper.method_counts() if engine.clipper is not None else {},
         "interrupted": state.interrupted,
         "history": state.history,
     }

@@ -38,7 +38,8 @@ def wait_for(predicate, seconds=180):
 
 def test_ctrl_c_during_train_writes_the_finished_epochs(tmp_path):
     out = tmp_path / "result.json"
-    process, seen = start(["train", "tiny", "--epochs", "200", "--out", str(out)])
+    # far more epochs than the test waits for: it must still be training when Ctrl-C comes
+    process, seen = start(["train", "tiny", "--epochs", "3000", "--out", str(out)])
     # wait until the progress bar shows an epoch finished, then press Ctrl-C
     assert wait_for(lambda: "epoch=2" in "".join(seen)), "".join(seen)[-2000:]
     process.send_signal(signal.SIGINT)

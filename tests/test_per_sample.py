@@ -85,3 +85,29 @@ def test_modes_and_fallback():
         DPSGDEngine(grouped, torch.optim.SGD(grouped.parameters(), lr=0.1), per_sample="dpnas", **kwargs)
     with pytest.raises(ConfigError, match="per_sample: unknown value"):
         DPSGDEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), per_sample="fast", **kwargs)
+
+
+def test_tuner_times_only_plausible_methods_and_remembers_the_choice(monkeypatch):
+    import dpnas.per_sample as per_sample
+    from dpnas.per_sample import PerSampleClipper
+
+    timed = []
+    monkeypatch.setattr(per_sample, "_TUNED", {})
+    monkeypatch.setattr(per_sample, "_seconds", lambda layer, method, *rest: timed.append(method) or 1.0)
+
+    def tuned(model, image_shape):
+        clipper = PerSampleClipper(model)
+        for _ in range(2):  # the second step reuses the first step's choice
+            clipper.backward(model, torch.randn(3, *image_shape), torch.tensor([0, 1, 0]))
+            clipper.clipped_sum(1.0)
+        return clipper.chosen[model[0]]
+
+    # a 64x64 map with few channels: the ghost Gram matrix would be 16x the input and far more work
+    big_map = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 64 * 64, 2))
+    assert tuned(big_map, (4, 64, 64)) in ("unfold", "grouped")
+    assert timed == ["unfold", "grouped"]
+    timed.clear()
+    # a 4x4 map with many channels: materialising per-sample gradients is 5x the multiply-adds of the ghost norm
+    small_map = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(64 * 16, 2))
+    assert tuned(small_map, (64, 4, 4)) == "ghost"
+    assert timed == ["ghost"]

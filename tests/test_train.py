@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dpnas.train as train_module
-from dpnas import ArchConfig, MODELS
+from dpnas import ArchConfig, MODELS, build_model
 from dpnas.augment import random_crop_flip
 from dpnas.cli import main
 from dpnas.config import PrivacyConfig, TrainConfig
