@@ -38,12 +38,16 @@ def wait_for(predicate, seconds=180):
 
 def test_ctrl_c_during_train_writes_the_finished_epochs(tmp_path):
     out = tmp_path / "result.json"
-    # far more epochs than the test waits for: it must still be training when Ctrl-C comes
-    process, seen = start(["train", "tiny", "--epochs", "3000", "--out", str(out)])
-    # wait until the progress bar shows an epoch finished, then press Ctrl-C
-    assert wait_for(lambda: "epoch=2" in "".join(seen)), "".join(seen)[-2000:]
-    process.send_signal(signal.SIGINT)
-    stdout, _ = process.communicate(timeout=120)
+    # minutes of small steps (a long run at a moderate noise level, whose epsilon is quick to compute):
+    # it must still be training when Ctrl-C comes
+    process, seen = start(["train", "tiny", "--epochs", "200", "--batch-size", "16", "--out", str(out)])
+    try:
+        # wait until the progress bar shows an epoch finished, then press Ctrl-C
+        assert wait_for(lambda: "epoch=2" in "".join(seen)), "".join(seen)[-2000:]
+        process.send_signal(signal.SIGINT)
+        stdout, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()  # a no-op when it has exited; never leave a training process behind a failed test
     assert process.returncode == 130, stdout
     result = json.loads(out.read_text())
     assert result["interrupted"] is True
@@ -56,6 +60,13 @@ def test_ctrl_c_during_search_leaves_a_resumable_study(tmp_path):
     path = write_study(tmp_path, n_trials=3, epochs=40)
     storage_path = tmp_path / "tiny.journal"
     process, _ = start(["search", str(path), "--quiet"])
+    try:
+        _interrupt_search(process, storage_path)
+    finally:
+        process.kill()
+
+
+def _interrupt_search(process, storage_path):
 
     def training():
         if not storage_path.exists():
