@@ -15,8 +15,11 @@ from search_helpers import write_study
 
 
 def start(argv):
+    # A shell starts background jobs with SIGINT ignored, and children inherit that: give the command the
+    # disposition a terminal user has, wherever pytest itself was started.
     process = subprocess.Popen([sys.executable, "-m", "dpnas", *argv], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
 
     def read():  # character by character: a progress bar redraws its line with \r, never ending it
