@@ -101,7 +101,7 @@ def clipped_sum(layer: nn.Module, result: LayerNorms, a: torch.Tensor, g: torch.
     sums = {p: torch.einsum("i,i...->...", factor, per_sample) for p, per_sample in result.per_sample.items()}
     if isinstance(layer, WSConv2d) and layer.weight in sums:
         # materialised per-sample gradients are w.r.t. the standardised weight; the chain rule is linear
-        sums[layer.weight] = through_standardisation(layer, sums[layer.weight].flatten(1)[None])[0].view_as(layer.weight)
+        sums[layer.weight] = _summed_through_standardisation(layer, sums[layer.weight])
     if result.summed_later:
         sums.update(weighted_grads(layer, a, g, (factor / k).repeat_interleave(k)))
     return sums
@@ -117,8 +117,13 @@ def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, row_weigh
         stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
     )
     if isinstance(layer, WSConv2d):  # the chain rule is linear, so it applies to the sum
-        weight_std_grad = through_standardisation(layer, weight_std_grad.flatten(1)[None])[0].view_as(layer.weight)
+        return {layer.weight: _summed_through_standardisation(layer, weight_std_grad)}
     return {layer.weight: weight_std_grad}
+
+
+def _summed_through_standardisation(conv: WSConv2d, summed: torch.Tensor) -> torch.Tensor:
+    """The chain rule of :func:`through_standardisation` for one gradient of the weight's shape."""
+    return through_standardisation(conv, summed.flatten(1)[None])[0].view_as(conv.weight)
 
 
 def _materialised(grads: dict[nn.Parameter, torch.Tensor], k: int) -> LayerNorms:
