@@ -44,7 +44,7 @@ def assert_same_step(model, *, image_size=32, sigma=0.0, k=1, method="auto", C=1
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", ["tiny", "smoothnet_w80d10", "resnet9_scalenorm", "wrn16_4"])
+@pytest.mark.parametrize("name", ["tiny", "smoothnet", "smoothnet_w80d10", "resnet9", "resnet9_scalenorm", "wrn16_4"])
 def test_reference_models_clipped_sum_equals_opacus(name, method):
     torch.manual_seed(0)
     model = build_model(MODELS[name].arch, num_classes=4, in_channels=3)
