@@ -43,6 +43,10 @@ def test_private_training_meets_the_budget_and_reports_it(digits):
     assert result["train_size"] + result["val_size"] + result["test_size"] == 1797
     assert 0 <= result["test_accuracy"] <= 1 and result["samples_per_second"] > 0
     assert not result["interrupted"] and not result["synthetic_data"]
+    # which exact method each trainable layer's per-sample gradients came from: every layer is counted
+    model = build_model(TINY, num_classes=10, in_channels=digits.in_channels)
+    trainable = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+    assert result["per_sample"] == "dpnas" and sum(result["per_sample_methods"].values()) == len(trainable)
 
 
 def test_training_is_reproducible_for_a_seed(digits):
