@@ -193,7 +193,7 @@ def _standardisation(conv: WSConv2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _conv_ghost(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, k: int, output: torch.Tensor | None) -> LayerNorms:
-    n, b = a.shape[0], a.shape[0] // k
+    b = a.shape[0] // k
     bias_grad = g.sum(dim=(2, 3)) if conv.bias is not None else None
     if isinstance(conv, WSConv2d):
         _, std = _standardisation(conv)
