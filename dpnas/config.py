@@ -101,7 +101,10 @@ class TrainConfig(_FromDict):
     val_fraction: float = 0.2
     seed: int = 0
     amp: bool = False
-    """bf16 autocast on CUDA (ignored on CPU)."""
+    """bf16 autocast of the forward pass (on CPU too, where it is slower without bf16 instructions).
+    Per-sample norms and clipped sums are still computed in fp32."""
+    channels_last: bool = False
+    """NHWC tensors for the convolutions (their tensor-core kernels on GPU); needs dpnas's per-sample path."""
     per_sample: str = "auto"
     """Per-sample gradients: dpnas's own path (no discarded batch gradient) where it covers every layer
     (auto | dpnas), or Opacus's GradSampleModule hooks (opacus)."""

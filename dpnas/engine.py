@@ -51,6 +51,7 @@ class DPSGDEngine:
         aug_multiplicity: int = 1,
         noise_generator: torch.Generator | None = None,
         autocast: bool = False,
+        channels_last: bool = False,
         per_sample: str = "auto",
         per_sample_method: str = "auto",
     ) -> None:
@@ -60,6 +61,11 @@ class DPSGDEngine:
         self.physical_batch_size = physical_batch_size
         self.aug_multiplicity = aug_multiplicity
         self.autocast = autocast
+        self.channels_last = channels_last
+        if channels_last:
+            # NHWC weights (and inputs, see _augmented): convolutions take their NHWC kernels, which are
+            # the tensor-core ones on GPU; the per-sample arithmetic accepts either layout
+            model.to(memory_format=torch.channels_last)
         if private:
             problems = dp_problems(model)
             if problems:
@@ -72,6 +78,14 @@ class DPSGDEngine:
             self.clipper = PerSampleClipper(model, method=per_sample_method) if use_dpnas else None
             if per_sample == "dpnas" and self.clipper is None:
                 raise ConfigError("per_sample: 'dpnas' does not cover every layer of this model; use 'auto' or 'opacus'")
+            if channels_last and self.clipper is None:
+                # Opacus's conv grad sampler builds patches with as_strided from NCHW strides: on NHWC tensors
+                # its per-sample gradients are silently wrong (tests/test_precision.py shows it)
+                raise ConfigError("channels_last: needs dpnas's per-sample path, and this model runs on Opacus's hooks")
+            if autocast and self.clipper is None:
+                # Opacus's hooks compute per-sample gradients and their norms in bf16 under autocast: a clipped
+                # contribution can then exceed C (by 0.4 % in tests/test_precision.py); dpnas's path works in fp32
+                raise ConfigError("amp: needs dpnas's per-sample path, and this model runs on Opacus's hooks")
             self.module: nn.Module = model if self.clipper else GradSampleModule(model, loss_reduction="mean")
             self.optimizer: torch.optim.Optimizer = DPOptimizer(
                 optimizer,
@@ -136,13 +150,21 @@ class DPSGDEngine:
         k = self.aug_multiplicity
         if k > 1:
             x, y = x.repeat_interleave(k, dim=0), y.repeat_interleave(k, dim=0)
-        return (augment(x) if augment is not None else x), y
+        if augment is not None:
+            x = augment(x)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's logits; only the forward pass runs under autocast, as PyTorch recommends."""
+        with self._autocast(x.device):
+            return self.module(x)
 
     def _backward(self, x: torch.Tensor, y: torch.Tensor, augment: Transform | None) -> torch.Tensor:
         k = self.aug_multiplicity
         x, y = self._augmented(x, y, augment)
-        with self._autocast():
-            logits = self.module(x)
+        logits = self._forward(x)
         per_row = F.cross_entropy(logits.float(), y, reduction="none")
         if self.private:
             # mean over the chunk: GradSampleModule rescales so each row gets its own gradient
@@ -158,8 +180,7 @@ class DPSGDEngine:
         """dpnas's path: clipped per-sample gradients added straight into DPOptimizer's running sum."""
         k = self.aug_multiplicity
         x, y = self._augmented(x, y, augment)
-        with self._autocast():
-            loss = self.clipper.backward(self.module, x, y)
+        loss = self.clipper.backward(self._forward, x, y)
         for p, clipped in self.clipper.clipped_sum(self.max_grad_norm, aug_multiplicity=k).items():
             p.summed_grad = clipped if getattr(p, "summed_grad", None) is None else p.summed_grad + clipped
         return loss / k
@@ -187,7 +208,9 @@ class DPSGDEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _autocast(self):
-        if self.autocast and next(self.model.parameters()).is_cuda:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+    def _autocast(self, device: torch.device):
+        # bf16 on CPU as well: slower there unless the CPU has bf16 instructions, but the same arithmetic
+        # (and the same code path) as on the GPU
+        if self.autocast:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()

@@ -136,6 +136,7 @@ def train(
         aug_multiplicity=train_cfg.aug_multiplicity,
         noise_generator=noise_generator,
         autocast=train_cfg.amp,
+        channels_last=train_cfg.channels_last,
         per_sample=train_cfg.per_sample,
     )
     augment = (lambda x: random_crop_flip(x, generator=augment_generator)) if train_cfg.augment else None

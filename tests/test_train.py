@@ -160,6 +160,17 @@ def test_cli_train_writes_the_result_json(tmp_path, capsys):
     assert "result written to" in capsys.readouterr().out
 
 
+def test_cli_train_with_bf16_and_channels_last(tmp_path):
+    out = tmp_path / "result.json"
+    code = main(["train", "tiny", "--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--epsilon", "3",
+                 "--set", "amp=true", "--set", "channels_last=true", "--quiet", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["train_config"]["amp"] is True and result["train_config"]["channels_last"] is True
+    assert result["per_sample"] == "dpnas" and 0.99 * 3.0 <= result["epsilon_spent"] <= 3.0
+    assert result["test_accuracy"] > 0.2  # 1 epoch of tiny on digits; chance is 0.1
+
+
 def test_cli_no_dp_writes_strict_json(tmp_path):
     out = tmp_path / "r.json"
     assert main(["train", "tiny", "--no-dp", "--epochs", "1", "--quiet", "--out", str(out)]) == 0
@@ -176,6 +187,8 @@ def test_cli_no_dp_writes_strict_json(tmp_path):
         (["--recipe", "fast"], "unknown recipe 'fast'"),
         (["--batch-size", "5000"], "batch_size: 5000 is larger"),
         (["--set", "optimizer=lbfgs"], "optimizer: unknown value"),
+        (["--set", "channels_last=true", "--set", "per_sample=opacus"], "channels_last: needs dpnas's per-sample path"),
+        (["--set", "amp=true", "--set", "per_sample=opacus"], "amp: needs dpnas's per-sample path"),
     ],
 )
 def test_cli_train_user_errors_exit_2(capsys, argv, needle):
