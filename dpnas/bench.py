@@ -12,7 +12,14 @@ Three modes train the same model on the same CIFAR-shaped synthetic data:
 * ``dpnas_unfold``, ``dpnas_grouped``, ``dpnas_ghost`` (on request): dpnas's path with one convolution
   method everywhere instead of the fastest per layer, which isolates what each method gives.
 
-Each (model, mode) runs in a fresh subprocess, so its peak memory is its own and one
+Each mode can run in *variants* (``--variants``): ``fp32`` (the default), or any ``+``-joined set of
+``bf16`` (autocast of the forward pass), ``channels_last`` (NHWC tensors) and ``cudnn_benchmark`` (cuDNN
+times its algorithms per shape).  Ratios to ``nonprivate`` are taken within one variant.  The Opacus
+modes are Opacus's default pipeline, fp32 and NCHW, and run in the ``fp32`` variant only (Opacus's hooks
+also give wrong per-sample gradients on NHWC tensors and clip in bf16 under autocast; see
+:class:`dpnas.engine.DPSGDEngine`).
+
+Each (model, mode, variant) runs in a fresh subprocess, so its peak memory is its own and one
 case cannot warm another's caches.  Ratios are only meaningful within one run.
 """
 
@@ -34,6 +41,19 @@ FIXED_METHOD_MODES = {"dpnas_unfold": "unfold", "dpnas_grouped": "grouped", "dpn
 MODES = ("nonprivate", "opacus", "dpnas", "dpnas_opacus_hooks", *FIXED_METHOD_MODES)
 DEFAULT_MODES = ("nonprivate", "opacus", "dpnas")
 DEFAULT_MODELS = ("smoothnet", "resnet9_scalenorm", "tiny")
+VARIANT_OPTIONS = ("bf16", "channels_last", "cudnn_benchmark")
+OPACUS_MODES = ("opacus", "dpnas_opacus_hooks")  # fp32 variant only
+
+
+def parse_variant(variant: str) -> frozenset[str]:
+    """``fp32`` or a ``+``-joined set of VARIANT_OPTIONS, e.g. ``bf16+channels_last``."""
+    if variant == "fp32":
+        return frozenset()
+    options = variant.split("+")
+    unknown = [o for o in options if o not in VARIANT_OPTIONS]
+    if unknown or not options:
+        raise ValueError(f"unknown variant {variant!r}; expected fp32 or a '+'-joined set of {', '.join(VARIANT_OPTIONS)}")
+    return frozenset(options)
 
 
 def _sync(device: torch.device) -> None:
@@ -41,8 +61,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup: int, device: str) -> dict[str, Any]:
-    """Time `steps` training steps of one model in one mode (after `warmup` untimed ones)."""
+def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup: int, device: str,
+             variant: str = "fp32") -> dict[str, Any]:
+    """Time `steps` training steps of one model in one mode and variant (after `warmup` untimed ones)."""
+    import contextlib
     import warnings
 
     import torch.nn.functional as F
@@ -61,6 +83,12 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
     model = build_model(get_arch(model_name), num_classes=10, in_channels=3).to(dev)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     privacy = PrivacyConfig(epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
+    options = parse_variant(variant)
+    if mode in OPACUS_MODES and options:
+        raise ValueError(f"mode {mode} runs in the fp32 variant only, not {variant}")
+    torch.backends.cudnn.benchmark = "cudnn_benchmark" in options
+    bf16 = "bf16" in options
+    channels_last = "channels_last" in options
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -96,7 +124,8 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
                          # the whole Poisson batch at once, as Opacus's default mode takes it (no chunking)
                          physical_batch_size=n, noise_generator=torch.Generator(dev).manual_seed(0),
                          per_sample="opacus" if mode == "dpnas_opacus_hooks" else "auto",
-                         per_sample_method=FIXED_METHOD_MODES.get(mode, "auto"))
+                         per_sample_method=FIXED_METHOD_MODES.get(mode, "auto"),
+                         autocast=bf16, channels_last=channels_last)
         sampler = torch.Generator(dev).manual_seed(0)
 
         def step() -> int:
@@ -107,11 +136,15 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
     elif mode == "nonprivate":
         images, labels = images.to(dev), labels.to(dev)
         sampler = torch.Generator(dev).manual_seed(0)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        model.to(memory_format=layout)
 
         def step() -> int:
             idx = torch.randint(0, n, (batch_size,), generator=sampler, device=dev)
             optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(images[idx]), labels[idx]).backward()
+            with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                logits = model(images[idx].contiguous(memory_format=layout))
+            F.cross_entropy(logits.float(), labels[idx]).backward()
             optimizer.step()
             return batch_size
 
@@ -137,6 +170,7 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
     return {
         "model": model_name,
         "mode": mode,
+        "variant": variant,
         "batch_size": batch_size,
         "device": str(dev),
         "steps": steps,
@@ -150,7 +184,7 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
 
 def run_benchmark(
     *, models: list[str], modes: list[str], batch_size: int, steps: int, warmup: int = 1, device: str | None = None,
-    progress: bool = True,
+    variants: list[str] = ("fp32",), progress: bool = True,
 ) -> list[dict[str, Any]]:
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     for name in models:
@@ -158,44 +192,50 @@ def run_benchmark(
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
+    for variant in variants:
+        parse_variant(variant)
+    cases = [(name, variant, mode) for name in models for variant in variants for mode in modes
+             if variant == "fp32" or mode not in OPACUS_MODES]  # Opacus's pipeline is fp32 NCHW
     rows = []
-    for name in models:
-        for mode in modes:
-            if progress:
-                print(f"  running {name} / {mode} ...", file=sys.stderr, flush=True)
-            args = dict(model_name=name, mode=mode, batch_size=batch_size, steps=steps, warmup=warmup, device=device)
-            result = subprocess.run(
-                [sys.executable, "-m", "dpnas.bench", json.dumps(args)], capture_output=True, text=True, check=False
-            )
-            if result.returncode != 0:
-                raise RuntimeError(f"benchmark case {name}/{mode} failed:\n{result.stderr[-2000:]}")
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    for name, variant, mode in cases:
+        if progress:
+            print(f"  running {name} / {mode} / {variant} ...", file=sys.stderr, flush=True)
+        args = dict(model_name=name, mode=mode, batch_size=batch_size, steps=steps, warmup=warmup, device=device,
+                    variant=variant)
+        result = subprocess.run(
+            [sys.executable, "-m", "dpnas.bench", json.dumps(args)], capture_output=True, text=True, check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"benchmark case {name}/{mode}/{variant} failed:\n{result.stderr[-2000:]}")
+        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     _add_ratios(rows)
     return rows
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Step time relative to the non-private step of the same model, measured in the same run."""
-    floor = {r["model"]: r["step_seconds"] for r in rows if r["mode"] == "nonprivate"}
+    """Step time relative to the non-private step of the same model and variant, measured in the same run."""
+    floor = {(r["model"], r.get("variant", "fp32")): r["step_seconds"] for r in rows if r["mode"] == "nonprivate"}
     for r in rows:
-        base = floor.get(r["model"])
+        base = floor.get((r["model"], r.get("variant", "fp32")))
         r["slowdown_vs_nonprivate"] = r["step_seconds"] / base if base else None
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'model':<18} {'mode':<18} {'batch':>5} {'step s':>8} {'samples/s':>10} {'peak MB':>9} {'x nonpriv':>9}"
+    header = (f"{'model':<18} {'mode':<18} {'variant':<18} {'batch':>5} {'step s':>8} {'samples/s':>10} {'peak MB':>9} "
+              f"{'x nonpriv':>9}")
     lines = [header, "-" * len(header)]
     for r in rows:
         ratio = f"{r['slowdown_vs_nonprivate']:.2f}" if r.get("slowdown_vs_nonprivate") else "-"
         lines.append(
-            f"{r['model']:<18} {r['mode']:<18} {r['batch_size']:>5} {r['step_seconds']:>8.3f} "
-            f"{r['samples_per_second']:>10.1f} {r['peak_memory_mb']:>9.0f} {ratio:>9}"
+            f"{r['model']:<18} {r['mode']:<18} {r.get('variant', 'fp32'):<18} {r['batch_size']:>5} "
+            f"{r['step_seconds']:>8.3f} {r['samples_per_second']:>10.1f} {r['peak_memory_mb']:>9.0f} {ratio:>9}"
         )
-    dpnas = {r["model"]: r for r in rows if r["mode"] == "dpnas"}
+    opacus = {r["model"]: r for r in rows if r["mode"] == "opacus"}
     for r in rows:
-        if r["mode"] == "opacus" and r["model"] in dpnas:
-            speedup = r["step_seconds"] / dpnas[r["model"]]["step_seconds"]
-            lines.append(f"{r['model']}: Opacus-default step time / dpnas step time = {speedup:.2f} (> 1: dpnas is faster)")
+        if r["mode"] == "dpnas" and r["model"] in opacus:
+            speedup = opacus[r["model"]]["step_seconds"] / r["step_seconds"]
+            lines.append(f"{r['model']}: Opacus-default step time / dpnas ({r.get('variant', 'fp32')}) step time = "
+                         f"{speedup:.2f} (> 1: dpnas is faster)")
     return "\n".join(lines)
 
 

@@ -185,6 +185,9 @@ class Bench(Command):
         parser.add_argument("--batch-size", type=int, default=32, metavar="B")
         parser.add_argument("--steps", type=int, default=5, metavar="N", help="timed steps per case (median reported)")
         parser.add_argument("--warmup", type=int, default=1, metavar="N")
+        parser.add_argument("--variants", default="fp32", metavar="V,...",
+                            help="comma-separated: fp32, or a '+'-joined set of bf16, channels_last, cudnn_benchmark "
+                                 "(e.g. fp32,bf16+channels_last); Opacus's modes run in fp32 only")
         parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
         parser.add_argument("--json", dest="json_file", metavar="FILE", help="also write the rows as JSON")
 
@@ -196,9 +199,10 @@ class Bench(Command):
             raise UsageError("--batch-size and --steps must be >= 1 and --warmup >= 0")
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         try:
             rows = run_benchmark(models=models, modes=modes, batch_size=args.batch_size, steps=args.steps,
-                                 warmup=args.warmup, device=args.device)
+                                 warmup=args.warmup, device=args.device, variants=variants)
         except ValueError as err:
             raise UsageError(str(err)) from err
         print(format_table(rows))

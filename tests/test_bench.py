@@ -3,8 +3,9 @@
 import json
 
 import pytest
+import torch
 
-from dpnas.bench import MODES, _add_ratios, format_table, run_case
+from dpnas.bench import MODES, _add_ratios, format_table, parse_variant, run_benchmark, run_case
 from dpnas.cli import main
 
 FIELDS = {"model", "mode", "batch_size", "device", "step_seconds", "samples_per_second", "peak_memory_mb"}
@@ -24,10 +25,53 @@ def test_ratios_and_table():
         {"model": "m", "mode": "opacus", "batch_size": 8, "step_seconds": 3.0, "samples_per_second": 2.7, "peak_memory_mb": 1.0},
         {"model": "m", "mode": "dpnas", "batch_size": 8, "step_seconds": 2.0, "samples_per_second": 4.0, "peak_memory_mb": 1.0},
     ]
+    rows += [
+        {"model": "m", "mode": "nonprivate", "variant": "bf16", "batch_size": 8, "step_seconds": 0.5, "samples_per_second": 16.0, "peak_memory_mb": 1.0},
+        {"model": "m", "mode": "dpnas", "variant": "bf16", "batch_size": 8, "step_seconds": 0.6, "samples_per_second": 13.3, "peak_memory_mb": 1.0},
+    ]
     _add_ratios(rows)
-    assert [r["slowdown_vs_nonprivate"] for r in rows] == [1.0, 3.0, 2.0]
+    # each variant against the non-private step of the same variant
+    assert [r["slowdown_vs_nonprivate"] for r in rows] == pytest.approx([1.0, 3.0, 2.0, 1.0, 1.2])
     table = format_table(rows)
-    assert "Opacus-default step time / dpnas step time = 1.50" in table
+    assert "Opacus-default step time / dpnas (fp32) step time = 1.50" in table
+    assert "Opacus-default step time / dpnas (bf16) step time = 5.00" in table
+
+
+@pytest.mark.parametrize("mode", ["nonprivate", "dpnas"])
+def test_variants_change_how_the_convolutions_run(mode, monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # run_case sets it for its own process
+    seen = []
+
+    def record(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d) and module.training:
+            seen.append((output.dtype, output.is_contiguous(memory_format=torch.channels_last)))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        for variant in ("fp32", "bf16+channels_last+cudnn_benchmark"):
+            seen.clear()
+            row = run_case(model_name="tiny", mode=mode, batch_size=8, steps=1, warmup=0, device="cpu", variant=variant)
+            assert row["variant"] == variant
+            assert set(seen) == ({(torch.float32, False)} if variant == "fp32" else {(torch.bfloat16, True)})
+    finally:
+        handle.remove()
+    assert torch.backends.cudnn.benchmark
+
+
+def test_variant_names_are_checked():
+    assert parse_variant("fp32") == frozenset()
+    assert parse_variant("channels_last+bf16") == {"bf16", "channels_last"}
+    for bad in ("fp16", "bf16+", "bf16+fp32"):
+        with pytest.raises(ValueError, match="unknown variant"):
+            parse_variant(bad)
+    with pytest.raises(ValueError, match="fp32 variant only"):
+        run_case(model_name="tiny", mode="opacus", batch_size=8, steps=1, warmup=0, device="cpu", variant="bf16")
+
+
+def test_opacus_baseline_runs_once_in_fp32_whatever_the_variants():
+    rows = run_benchmark(models=["tiny"], modes=["opacus", "dpnas"], batch_size=4, steps=1, warmup=0, device="cpu",
+                         variants=["fp32", "bf16"], progress=False)
+    assert [(r["mode"], r["variant"]) for r in rows] == [("opacus", "fp32"), ("dpnas", "fp32"), ("dpnas", "bf16")]
 
 
 def test_cli_bench_writes_rows(tmp_path, capsys):
@@ -44,3 +88,5 @@ def test_cli_bench_rejects_unknown_names(capsys):
     assert "unknown architecture 'nonet'" in capsys.readouterr().err
     assert main(["bench", "--models", "tiny", "--modes", "fast", "--steps", "1"]) == 2
     assert "unknown mode 'fast'" in capsys.readouterr().err
+    assert main(["bench", "--models", "tiny", "--variants", "fp16", "--steps", "1"]) == 2
+    assert "unknown variant 'fp16'" in capsys.readouterr().err
