@@ -16,6 +16,7 @@ otherwise use Opacus's path.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -29,6 +30,23 @@ from dpnas.per_sample_layers import clipped_sum as layer_clipped_sum
 METHODS = ("auto", *CONV_METHODS)
 # the fastest method per layer shape and device, found once per process (see PerSampleClipper._tuned)
 _TUNED: dict[tuple, str] = {}
+
+
+@contextlib.contextmanager
+def full_fp32():
+    """TF32 off (cuDNN convolutions and CUDA matrix products) while norms and clipped sums are formed.
+
+    A ghost norm and the book-keeping sum it scales come from different kernels; in TF32 (10-bit
+    mantissa, cuDNN's default for convolutions) they would disagree by about 1e-3, and a clipped
+    contribution could exceed C by as much.  In fp32 they agree to rounding.  The model's own forward
+    and backward passes keep whatever precision the user chose.
+    """
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _trainable_leaves(model: nn.Module) -> list[nn.Module]:
@@ -101,7 +119,10 @@ class PerSampleClipper:
 
     def clipped_sum(self, max_grad_norm: float, *, aug_multiplicity: int = 1) -> dict[nn.Parameter, torch.Tensor]:
         """Per-sample gradients (averaged over augmentations), clipped to `max_grad_norm`, summed."""
-        k = aug_multiplicity
+        with full_fp32():
+            return self._clipped_sum(max_grad_norm, aug_multiplicity)
+
+    def _clipped_sum(self, max_grad_norm: float, k: int) -> dict[nn.Parameter, torch.Tensor]:
         captured = [(layer, self._inputs.pop(layer), self._grads.pop(layer), self._outputs.pop(layer, None))
                     for layer in self.layers]
         norms: list[LayerNorms] = []

@@ -117,3 +117,29 @@ def test_amp_unclipped_sum_is_the_gradient_of_the_bf16_forward_pass(name):
     expected = torch.cat([p.grad.flatten() for p in reference.parameters()]).double()
     applied = update(model, x, y, autocast=True, max_grad_norm=1e6).double()
     assert ((applied - expected).norm() / expected.norm()) < 1e-2
+
+
+def test_norms_and_clipped_sums_are_formed_without_tf32(monkeypatch):
+    """On GPU, TF32 would let a ghost norm and its book-keeping sum disagree by 1e-3: both run in full fp32."""
+    import dpnas.per_sample as per_sample
+
+    flags = []
+
+    def recording(function):
+        def wrapped(*args, **kwargs):
+            flags.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return function(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(per_sample, "layer_norms", recording(per_sample.layer_norms))
+    monkeypatch.setattr(per_sample, "layer_clipped_sum", recording(per_sample.layer_clipped_sum))
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # (these reject monkeypatch)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # what a user may have turned on
+    try:
+        model = build_model(MODELS["tiny"].arch, num_classes=4, in_channels=3)
+        update(model, torch.randn(3, 3, 32, 32), torch.randint(0, 4, (3,)), per_sample="dpnas")
+        assert flags and set(flags) == {(False, False)}
+        # and the user's settings are back afterwards
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
