@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# What a GPU session runs on the device machine (one H200), one part per device call:
+#
+#     bash benchmarks/gpu_session.sh PART [OUTDIR]       PART: check | bench | epoch | search
+#
+# Before the session (here, with network): benchmarks/device_wheels.sh fills .whl/ with what the device
+# lacks (Opacus, Optuna, ...). Then one `run` call per part, in this order; each part stops starting new
+# steps after DPNAS_PART_BUDGET_S (540 s) so that its log and files come back inside the 600 s limit:
+#
+# run: {"command": "bash benchmarks/gpu_session.sh check", "carry": [".whl"], "timeout_s": 600}
+# run: {"command": "DPNAS_MODELS=smoothnet bash benchmarks/gpu_session.sh bench", "carry": [".whl"], "timeout_s": 600}
+# run: {"command": "DPNAS_MODELS=resnet9_scalenorm bash benchmarks/gpu_session.sh bench", "carry": [".whl"], "timeout_s": 600}
+# run: {"command": "DPNAS_MODELS=wrn16_4 bash benchmarks/gpu_session.sh bench", "carry": [".whl"], "timeout_s": 600}
+# run: {"command": "bash benchmarks/gpu_session.sh epoch", "carry": [".whl"], "timeout_s": 600}
+# run: {"command": "bash benchmarks/gpu_session.sh search", "carry": [".whl"], "timeout_s": 600}
+#
+# Make the calls back to back: the machine stays warm only 30 s after a call, and a fresh start costs a
+# minute or more of the session's 30 device minutes. Six calls of a few minutes each fill most of those 30
+# minutes (estimates below; nothing here has run on the H200 yet): read each call's timings before the next,
+# and where time runs short, narrow a call (e.g. DPNAS_BENCH_VARIANTS=fp32,bf16+channels_last) or drop one.
+# A part that ran out of time prints which steps it skipped (exit 3); rerun just those with DPNAS_MODELS=...
+#
+# Parts (all sizes are the defaults; the environment variables in brackets override them):
+#   check   python/torch/CUDA versions and nvidia-smi; tests/test_gpu.py (if present); a GPU smoke run:
+#           dpnas train smoothnet [DPNAS_SMOKE_MODEL] --dataset synthetic --epochs 1 [DPNAS_SMOKE_EPOCHS]
+#   bench   dpnas bench, batch 256 [DPNAS_BENCH_BATCH], 20 steps [DPNAS_BENCH_STEPS], modes
+#           [DPNAS_BENCH_MODES], variants fp32,bf16,channels_last,bf16+channels_last [DPNAS_BENCH_VARIANTS;
+#           empty: no --variants flag]. One `dpnas bench` per model, each with its own JSON: 6 modes x 4
+#           variants, Opacus in fp32 only = 21 subprocess cases per model (each pays Python, torch and CUDA
+#           start-up), so more than one model per call risks the 10-minute limit, and a model stopped by the
+#           time limit loses only its own rows.
+#   epoch   benchmarks/epoch_throughput.py per model, 50000 samples [DPNAS_EPOCH_SAMPLES], B 256
+#           [DPNAS_EPOCH_BATCH], physical 256 [DPNAS_EPOCH_PHYSICAL]
+#   search  benchmarks/search_throughput.py, synthetic 50000 [DPNAS_SEARCH_SIZE], 16 trials
+#           [DPNAS_SEARCH_TRIALS] of 1 epoch [DPNAS_SEARCH_EPOCHS], workers 1,2,4 [DPNAS_SEARCH_WORKERS]
+#   Epoch and search are separate parts: from the CPU timings in benchmarks/RESULTS.md (2 cores), one epoch
+#   of 50000 samples for the three models (dpnas + Opacus) is about 16000 CPU-seconds, i.e. 3-9 minutes at a
+#   30-100x GPU speed-up; the search's three arms of 16 one-epoch trials about 3600 CPU-seconds (1-2 minutes),
+#   plus a few seconds of start-up per worker. Together they could pass the 10-minute limit.
+# Common: DPNAS_MODELS (smoothnet,resnet9_scalenorm,wrn16_4; bench and epoch), DPNAS_DEVICE (cuda),
+# DPNAS_TAG (h200: prefix of the JSON files), DPNAS_PART_BUDGET_S (540), DPNAS_SITE (/tmp/site: where
+# .whl/ is installed), DPNAS_DRY_RUN=1 (print the commands, run nothing, install nothing).
+#
+# OUTDIR: $OUT on the device (what is written there comes back: at most 8 files), else benchmarks/gpu_out
+# (git-ignored). A CPU rehearsal, e.g. with a Python 3.12 venv holding only what the device has:
+#   DPNAS_DEVICE=cpu DPNAS_TAG=cpu DPNAS_SMOKE_MODEL=tiny DPNAS_MODELS=tiny DPNAS_BENCH_BATCH=8 \
+#   DPNAS_BENCH_STEPS=2 DPNAS_EPOCH_SAMPLES=256 DPNAS_EPOCH_BATCH=64 DPNAS_EPOCH_PHYSICAL=32 \
+#   DPNAS_SEARCH_SIZE=640 DPNAS_SEARCH_TRIALS=2 DPNAS_SEARCH_WORKERS=1,2 bash benchmarks/gpu_session.sh check
+# (the search's smoothnet recipe takes a batch of 256: DPNAS_SEARCH_SIZE must leave more training samples.)
+set -uo pipefail  # no -e: a failed step is reported, and the part goes on to its next step
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PARTS="check bench epoch search"
+
+if [[ $# -lt 1 || $# -gt 2 || " $PARTS " != *" $1 "* ]]; then
+    [[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; }
+    echo "usage: $0 {${PARTS// /|}} [OUTDIR]   (--help: the run calls and the settings)" >&2
+    exit 2
+fi
+PART=$1
+OUTDIR=${2:-${OUT:-$REPO/benchmarks/gpu_out}}
+
+DEVICE=${DPNAS_DEVICE:-cuda}
+TAG=${DPNAS_TAG:-h200}
+MODELS=${DPNAS_MODELS:-smoothnet,resnet9_scalenorm,wrn16_4}
+BUDGET_S=${DPNAS_PART_BUDGET_S:-540}
+MIN_STEP_S=30  # do not start a step with less time than this left
+SITE=${DPNAS_SITE:-/tmp/site}
+DRY_RUN=${DPNAS_DRY_RUN:-}
+
+export PYTHONUNBUFFERED=1  # the log is all a killed call returns: let nothing sit in a buffer
+# dpnas is not installed there: run it from the working tree; the carried wheels come first
+export PYTHONPATH=$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
+
+FAILED=()
+SKIPPED=()
+
+# step NAME COMMAND...: run one command under what is left of the part's time budget, logged with its time.
+step() {
+    local name=$1; shift
+    local left=$((BUDGET_S - SECONDS))
+    if ((left < MIN_STEP_S)); then
+        echo "=== SKIPPED $name: ${left} s left of the part's ${BUDGET_S} s"
+        SKIPPED+=("$name")
+        return
+    fi
+    echo "=== $name: $(date -u +%H:%M:%S) UTC, ${left} s left"
+    if [[ -n $DRY_RUN ]]; then
+        echo "DRY-RUN: $(printf '%q ' "$@")"
+        return
+    fi
+    echo "\$ $*"
+    local start=$SECONDS rc
+    # TERM, not INT: on Ctrl-C `dpnas train` finishes its step and epoch_throughput.py then starts its Opacus
+    # epoch; none of these commands writes its JSON before the end, so there is nothing to wait for.
+    # timeout signals its whole process group: bench's case processes and search's workers go too.
+    timeout --kill-after=10 "$left" "$@"
+    rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - start)) s"
+    if ((rc == 124 || rc == 137)); then
+        FAILED+=("$name (out of time)")
+    elif ((rc != 0)); then
+        FAILED+=("$name (exit $rc)")
+    fi
+}
+
+setup() {
+    # Install the carried wheels (pure Python, and SQLAlchemy's cp312 build) next to the image's packages.
+    if [[ -n $DRY_RUN ]]; then
+        return 0
+    fi
+    if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
+        local stamp wanted
+        stamp=$SITE/.dpnas-wheels
+        wanted=$(cd "$REPO/.whl" && ls -l -- *.whl)
+        if [[ -f $stamp && $(cat "$stamp") == "$wanted" ]]; then
+            echo "wheels already installed in $SITE"  # a warm machine keeps /tmp between calls
+        else
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+                "$REPO"/.whl/*.whl || { echo "error: installing .whl/*.whl failed"; return 1; }
+            echo "$wanted" >"$stamp"
+            echo "installed $(cd "$REPO/.whl" && ls -- *.whl | tr '\n' ' ')into $SITE"
+        fi
+    else
+        echo "no .whl/ here: using only what python3 already has (run benchmarks/device_wheels.sh and carry .whl)"
+    fi
+    command -v nvidia-smi >/dev/null && nvidia-smi
+    # versions, and a clear message now rather than an ImportError in the middle of a step
+    python3 - "$SITE" <<'PY'
+import importlib, platform, sys
+import torch
+print(f"python {platform.python_version()} ({sys.executable}), torch {torch.__version__}, CUDA {torch.version.cuda}, "
+      f"cuDNN {torch.backends.cudnn.version()}, cuda available: {torch.cuda.is_available()}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, capability {p.major}.{p.minor}")
+missing = []
+for name in ("numpy", "scipy", "pandas", "sklearn", "tqdm", "opacus", "optuna", "optuna_dashboard", "sqlalchemy", "alembic"):
+    try:
+        print(f"  {name} {getattr(importlib.import_module(name), '__version__', '?')}")
+    except ImportError as err:
+        missing.append(f"{name} ({err})")
+if missing:
+    sys.exit("error: missing: " + ", ".join(missing) + "; run benchmarks/device_wheels.sh here and carry .whl")
+# the carried wheels were installed with --no-deps: check their needs against the image's versions
+from importlib.metadata import distributions, version, PackageNotFoundError
+from packaging.requirements import Requirement
+for dist in distributions(path=[sys.argv[1]]):  # what was installed from .whl/
+    for text in dist.requires or []:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            have = version(req.name)
+        except PackageNotFoundError:
+            have = None
+        if have is None or not req.specifier.contains(have, prereleases=True):
+            print(f"  WARNING: {dist.metadata['Name']} requires {req}, found {have}")
+import dpnas.cli  # noqa: E402,F401  what `python3 -m dpnas` imports before it parses its arguments
+PY
+}
+
+part_check() {
+    if [[ -f tests/test_gpu.py ]]; then
+        # DPNAS_TEST_DEVICE: test_gpu.py runs on the CPU too, for a rehearsal with DPNAS_DEVICE=cpu
+        DPNAS_TEST_DEVICE=${DPNAS_TEST_DEVICE:-$DEVICE} step test_gpu \
+            python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml="$OUTDIR/test_gpu.xml"
+    else
+        echo "=== tests/test_gpu.py does not exist (yet): skipped"
+    fi
+    step smoke_train python3 -m dpnas train "${DPNAS_SMOKE_MODEL:-smoothnet}" --dataset synthetic \
+        --epochs "${DPNAS_SMOKE_EPOCHS:-1}" --device "$DEVICE" --out "$OUTDIR/smoke_train.json"
+}
+
+part_bench() {
+    local variants=${DPNAS_BENCH_VARIANTS-fp32,bf16,channels_last,bf16+channels_last} model
+    local extra=()
+    if [[ -n $variants ]]; then
+        extra=(--variants "$variants")
+    fi
+    for model in ${MODELS//,/ }; do
+        step "bench_$model" python3 -m dpnas bench --device "$DEVICE" --batch-size "${DPNAS_BENCH_BATCH:-256}" \
+            --steps "${DPNAS_BENCH_STEPS:-20}" --models "$model" \
+            --modes "${DPNAS_BENCH_MODES:-nonprivate,opacus,dpnas,dpnas_unfold,dpnas_grouped,dpnas_ghost}" \
+            "${extra[@]}" --json "$OUTDIR/${TAG}_bench_$model.json"
+    done
+}
+
+part_epoch() {
+    local model
+    for model in ${MODELS//,/ }; do
+        step "epoch_$model" python3 benchmarks/epoch_throughput.py --device "$DEVICE" --model "$model" \
+            --samples "${DPNAS_EPOCH_SAMPLES:-50000}" --batch-size "${DPNAS_EPOCH_BATCH:-256}" \
+            --physical "${DPNAS_EPOCH_PHYSICAL:-256}" --json "$OUTDIR/${TAG}_epoch_$model.json"
+    done
+}
+
+part_search() {
+    step search python3 benchmarks/search_throughput.py --device "$DEVICE" \
+        --synthetic-size "${DPNAS_SEARCH_SIZE:-50000}" --trials "${DPNAS_SEARCH_TRIALS:-16}" \
+        --epochs "${DPNAS_SEARCH_EPOCHS:-1}" --workers "${DPNAS_SEARCH_WORKERS:-1,2,4}" --json "$OUTDIR/${TAG}_search.json"
+}
+
+main() {
+    echo "=== gpu_session.sh $PART: $(date -u +%Y-%m-%dT%H:%M:%SZ), $(hostname), $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git')"
+    echo "OUTDIR=$OUTDIR DEVICE=$DEVICE MODELS=$MODELS budget ${BUDGET_S} s"
+    setup || return 2
+    "part_$PART"
+    echo "=== $PART done after $SECONDS s; files in $OUTDIR:"
+    ls -l "$OUTDIR"
+    local count
+    count=$(find "$OUTDIR" -type f | wc -l)
+    ((count <= 8)) || echo "WARNING: $count files in $OUTDIR; the device returns at most 8"
+    ((${#SKIPPED[@]})) && echo "OUT OF TIME, not started: ${SKIPPED[*]} (rerun them in another call, e.g. with DPNAS_MODELS=...)"
+    ((${#FAILED[@]})) && echo "FAILED: ${FAILED[*]}"
+    if ((${#FAILED[@]})); then
+        return 1
+    elif ((${#SKIPPED[@]})); then
+        return 3
+    fi
+    echo "OK"
+}
+
+mkdir -p "$OUTDIR" || exit 2
+cd "$REPO" || exit 2
+# `; exit` on this line: bash reads a script while it runs it, so an edit to this file during a run can't add more
+main 2>&1 | tee -a "$OUTDIR/$PART.log"; exit
