@@ -6,6 +6,9 @@ expected batch and physical batch. Opacus's default: a DataLoader with Poisson s
 writes JSON (one run: compare the ratio, not the absolute numbers, on a shared machine).
 
     uv run python benchmarks/epoch_throughput.py --model tiny,resnet9_scalenorm --samples 2048 --batch-size 256 --physical 64
+
+`--set amp=true --set channels_last=true` (any TrainConfig field) changes dpnas's side only: Opacus's default
+pipeline is the fixed baseline.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 from dpnas.config import PrivacyConfig, TrainConfig
 from dpnas.data import load_dataset
 from dpnas.models import build_model
+from dpnas.recipes import split_overrides
 from dpnas.registry import get_arch
 from dpnas.train import train
 
@@ -66,12 +70,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--physical", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="benchmarks/epoch_throughput.json")
+    parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a TrainConfig field for dpnas's side (repeatable), e.g. --set amp=true")
     args = parser.parse_args(argv)
+    arch_fields, dpnas_options, privacy_fields = split_overrides(args.assignments)
+    if arch_fields or privacy_fields:
+        parser.error("--set takes TrainConfig fields only (the model and the budget are the baseline's too)")
     warnings.filterwarnings("ignore")
     data = load_dataset("synthetic", synthetic_size=args.samples, val_fraction=0.0)
     cfg = TrainConfig(epochs=1, batch_size=args.batch_size, physical_batch_size=args.physical, optimizer="nadam",
-                      lr=2e-3, val_fraction=0.0)
-    print(f"{args.samples} synthetic samples, B={args.batch_size}, physical {args.physical}, {args.device}")
+                      lr=2e-3, val_fraction=0.0, **dpnas_options)
+    print(f"{args.samples} synthetic samples, B={args.batch_size}, physical {args.physical}, {args.device}, "
+          f"dpnas options {dpnas_options or 'none'}")
     print(f"{'model':<20} {'opacus samples/s':>17} {'dpnas samples/s':>16} {'dpnas / opacus':>15}")
     rows = []
     for name in args.model.split(","):
@@ -81,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         dpnas_rate = result["samples_per_second"]
         rows.append({"model": name, "opacus_default_samples_per_second": opacus_rate,
                      "dpnas_train_samples_per_second": dpnas_rate, "per_sample": result["per_sample"],
+                     "dpnas_options": dpnas_options,
                      "ratio": dpnas_rate / opacus_rate})
         print(f"{name:<20} {opacus_rate:>17.1f} {dpnas_rate:>16.1f} {dpnas_rate / opacus_rate:>14.2f}x", flush=True)
     with open(args.json, "w") as handle:

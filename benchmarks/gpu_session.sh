@@ -30,7 +30,8 @@
 #           start-up), so more than one model per call risks the 10-minute limit, and a model stopped by the
 #           time limit loses only its own rows.
 #   epoch   benchmarks/epoch_throughput.py per model, 50000 samples [DPNAS_EPOCH_SAMPLES], B 256
-#           [DPNAS_EPOCH_BATCH], physical 256 [DPNAS_EPOCH_PHYSICAL]
+#           [DPNAS_EPOCH_BATCH], physical 256 [DPNAS_EPOCH_PHYSICAL]; DPNAS_EPOCH_SET=amp=true,channels_last=true
+#           gives dpnas's side those TrainConfig fields (Opacus's baseline stays fp32)
 #   search  benchmarks/search_throughput.py, synthetic 50000 [DPNAS_SEARCH_SIZE], 16 trials
 #           [DPNAS_SEARCH_TRIALS] of 1 epoch [DPNAS_SEARCH_EPOCHS], workers 1,2,4 [DPNAS_SEARCH_WORKERS]
 #   Epoch and search are separate parts: from the CPU timings in benchmarks/RESULTS.md (2 cores), one epoch
@@ -187,11 +188,15 @@ part_bench() {
 }
 
 part_epoch() {
-    local model
+    local model assignment
+    local options=()  # DPNAS_EPOCH_SET=amp=true,channels_last=true: dpnas's side of the epoch with those levers
+    for assignment in ${DPNAS_EPOCH_SET:+${DPNAS_EPOCH_SET//,/ }}; do
+        options+=(--set "$assignment")
+    done
     for model in ${MODELS//,/ }; do
         step "epoch_$model" python3 benchmarks/epoch_throughput.py --device "$DEVICE" --model "$model" \
             --samples "${DPNAS_EPOCH_SAMPLES:-50000}" --batch-size "${DPNAS_EPOCH_BATCH:-256}" \
-            --physical "${DPNAS_EPOCH_PHYSICAL:-256}" --json "$OUTDIR/${TAG}_epoch_$model.json"
+            --physical "${DPNAS_EPOCH_PHYSICAL:-256}" "${options[@]}" --json "$OUTDIR/${TAG}_epoch_$model.json"
     done
 }
 

@@ -22,3 +22,17 @@ def test_epoch_throughput_compares_both_pipelines(tmp_path):
     assert row["model"] == "tiny" and row["per_sample"] == "dpnas"
     assert row["opacus_default_samples_per_second"] > 0 and row["dpnas_train_samples_per_second"] > 0
     assert row["ratio"] == pytest.approx(row["dpnas_train_samples_per_second"] / row["opacus_default_samples_per_second"])
+
+
+def test_epoch_throughput_options_apply_to_dpnas_only(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("epoch_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "epoch.json"
+    module.main(["--model", "tiny", "--samples", "128", "--batch-size", "32", "--physical", "32", "--device", "cpu",
+                 "--set", "channels_last=true", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["rows"][0]["dpnas_options"] == {"channels_last": True}
+    with pytest.raises(SystemExit):
+        module.main(["--model", "tiny", "--set", "activation=relu", "--json", str(out)])
+    assert "TrainConfig fields only" in capsys.readouterr().err
