@@ -145,7 +145,8 @@ class PerSampleClipper:
         if self.method != "auto":
             return self.method
         key = (type(layer), tuple(a.shape[1:]), tuple(g.shape[1:]), layer.kernel_size, layer.stride, layer.padding,
-               layer.dilation, layer.bias is not None, k, a.device, a.dtype)
+               layer.dilation, layer.bias is not None, k, a.device, a.dtype,
+               a.is_contiguous(memory_format=torch.channels_last))  # NHWC can change which method is fastest
         if key not in _TUNED:
             # only methods within 3x of the cheapest estimate, and whose scratch memory is bounded, are worth timing
             costs = {m: estimated_cost(layer, m, a, g) for m in candidates}
