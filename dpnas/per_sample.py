@@ -34,19 +34,22 @@ _TUNED: dict[tuple, str] = {}
 
 @contextlib.contextmanager
 def full_fp32():
-    """TF32 off (cuDNN convolutions and CUDA matrix products) while norms and clipped sums are formed.
+    """Full fp32 while norms and clipped sums are formed: no TF32 in cuDNN convolutions or matrix products,
+    and no bf16 inside fp32 matrix products on CPU (``torch.set_float32_matmul_precision("medium")``).
 
     A ghost norm and the book-keeping sum it scales come from different kernels; in TF32 (10-bit
     mantissa, cuDNN's default for convolutions) they would disagree by about 1e-3, and a clipped
     contribution could exceed C by as much.  In fp32 they agree to rounding.  The model's own forward
     and backward passes keep whatever precision the user chose.
     """
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
 
 
 def _trainable_leaves(model: nn.Module) -> list[nn.Module]:

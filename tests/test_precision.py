@@ -119,27 +119,31 @@ def test_amp_unclipped_sum_is_the_gradient_of_the_bf16_forward_pass(name):
     assert ((applied - expected).norm() / expected.norm()) < 1e-2
 
 
-def test_norms_and_clipped_sums_are_formed_without_tf32(monkeypatch):
-    """On GPU, TF32 would let a ghost norm and its book-keeping sum disagree by 1e-3: both run in full fp32."""
+def test_norms_and_clipped_sums_are_formed_in_full_fp32(monkeypatch):
+    """On GPU, TF32 would let a ghost norm and its book-keeping sum disagree by 1e-3 (on CPU, "medium" matmul
+    precision would run them in bf16): both run in full fp32, whatever the user set for the model."""
     import dpnas.per_sample as per_sample
 
-    flags = []
+    settings = []
 
     def recording(function):
         def wrapped(*args, **kwargs):
-            flags.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            settings.append((torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+                             torch.backends.cudnn.allow_tf32))
             return function(*args, **kwargs)
         return wrapped
 
     monkeypatch.setattr(per_sample, "layer_norms", recording(per_sample.layer_norms))
     monkeypatch.setattr(per_sample, "layer_clipped_sum", recording(per_sample.layer_clipped_sum))
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32  # (these reject monkeypatch)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # what a user may have turned on
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32  # (these reject monkeypatch)
+    torch.set_float32_matmul_precision("medium")  # what a user may have set: TF32 on GPU, bf16 on CPU
+    torch.backends.cudnn.allow_tf32 = True
     try:
         model = build_model(MODELS["tiny"].arch, num_classes=4, in_channels=3)
         update(model, torch.randn(3, 3, 32, 32), torch.randint(0, 4, (3,)), per_sample="dpnas")
-        assert flags and set(flags) == {(False, False)}
+        assert settings and set(settings) == {("highest", False, False)}
         # and the user's settings are back afterwards
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        assert torch.get_float32_matmul_precision() == "medium" and torch.backends.cudnn.allow_tf32
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]
