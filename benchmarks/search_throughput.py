@@ -34,7 +34,7 @@ import torch
 from optuna.trial import TrialState
 
 from dpnas import __version__ as dpnas_version
-from dpnas.data import load_dataset
+from dpnas.data import DEFAULT_SYNTHETIC_SIZE, load_dataset
 from dpnas.search import search
 from dpnas.study_file import load_study_file
 
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dataset", choices=("synthetic", "cifar10"), default="synthetic")
     parser.add_argument("--data-dir", help="where cifar10 is (or is downloaded to)")
     parser.add_argument("--synthetic-size", type=positive_int,
-                        help="samples of the synthetic CIFAR-shaped data (default 2048; CIFAR-10 has 50000)")
+                        help=f"samples of the synthetic CIFAR-shaped data (default {DEFAULT_SYNTHETIC_SIZE}; CIFAR-10 has 50000)")
     parser.add_argument("--image-size", type=positive_int, help="resize images (default: the dataset's 32)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/search_throughput.json"))
     args = parser.parse_args(argv)
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.synthetic_size and args.dataset != "synthetic":
         parser.error("--synthetic-size is only for --dataset synthetic")
     if args.dataset == "synthetic":
-        args.synthetic_size = args.synthetic_size or 2048
+        args.synthetic_size = args.synthetic_size or DEFAULT_SYNTHETIC_SIZE
     grid_size = math.prod(len(v) for v in GRID_COMPONENTS.values()) * len(args.widths) * len(args.depths)
     if args.trials > grid_size:
         # beyond the grid Optuna re-runs random points, and the arms would no longer run the same trials

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 DATASETS = ("cifar10", "imagenette", "digits", "synthetic")
 
 DEFAULT_DATA_DIR = Path("~/.cache/dpnas/data")
+DEFAULT_SYNTHETIC_SIZE = 2048  # samples of dataset "synthetic" unless told otherwise
 IMAGENETTE_RELEASES = (("imagenette2-160", 160), ("imagenette2-320", 320), ("imagenette2", math.inf))
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -111,7 +112,7 @@ def load_dataset(
     seed: int = 0,
     image_size: int | None = None,
     download: bool = True,
-    synthetic_size: int = 2048,
+    synthetic_size: int = DEFAULT_SYNTHETIC_SIZE,
     progress: bool = True,
 ) -> DatasetSplits:
     """Load ``name`` (one of ``DATASETS``) into CPU memory; call ``.to(device)`` on the result to move it.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,7 @@ from dpnas.per_sample_layers import CONV_METHODS, LayerNorms, estimated_cost, gh
 from dpnas.per_sample_layers import clipped_sum as layer_clipped_sum
 
 METHODS = ("auto", *CONV_METHODS)
-# the fastest method per layer shape and device, found once per process (see PerSampleClipper._tuned)
+# the fastest method per layer shape and device, found once per process (see PerSampleClipper._method)
 _TUNED: dict[tuple, str] = {}
 
 
@@ -160,10 +161,7 @@ class PerSampleClipper:
 
     def method_counts(self) -> dict[str, int]:
         """How many layers used each method in the last step (for results and benchmarks)."""
-        counts: dict[str, int] = {}
-        for method in self.chosen.values():
-            counts[method] = counts.get(method, 0) + 1
-        return counts
+        return dict(Counter(self.chosen.values()))
 
     def close(self) -> None:
         for handle in self._handles:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from dpnas.config import PrivacyConfig, TrainConfig
-from dpnas.data import DATASETS
+from dpnas.data import DATASETS, DEFAULT_SYNTHETIC_SIZE
 from dpnas.recipes import DEFAULT_RECIPE, RECIPES
 from dpnas.registry import MODELS
 from dpnas.space import ArchConfig, ConfigError
@@ -104,7 +104,7 @@ class StudySpec:
     train: TrainConfig
     privacy: PrivacyConfig
     axes: tuple[Axis, ...] = field(default_factory=tuple)
-    synthetic_size: int = 2048
+    synthetic_size: int = DEFAULT_SYNTHETIC_SIZE
 
     @property
     def directions(self) -> list[str]:
@@ -218,7 +218,7 @@ def load_study_file(path: str | Path) -> StudySpec:
 
     dataset = data.get("dataset", "digits")
     _choice(path, "data.dataset", dataset, DATASETS)
-    synthetic_size = data.get("synthetic_size", 2048)
+    synthetic_size = data.get("synthetic_size", DEFAULT_SYNTHETIC_SIZE)
     if "synthetic_size" in data and dataset != "synthetic":
         raise _fail(path, "data.synthetic_size", f"only for dataset = \"synthetic\", not {dataset!r}")
     if synthetic_size < 2:
