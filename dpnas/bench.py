@@ -140,13 +140,14 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
         model.to(memory_format=layout)
 
         def step() -> int:
-            idx = torch.randint(0, n, (batch_size,), generator=sampler, device=dev)
+            # the same Poisson batches (same seed, same sizes) as dpnas's modes, so step times compare like with like
+            idx = poisson_sample(n, batch_size / n, generator=sampler, device=dev)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
                 logits = model(images[idx].contiguous(memory_format=layout))
             F.cross_entropy(logits.float(), labels[idx]).backward()
             optimizer.step()
-            return batch_size
+            return len(idx)
 
     else:
         raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
@@ -176,6 +177,7 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
         "steps": steps,
         "step_seconds": step_seconds,
         "samples_per_second": statistics.mean(sizes) / step_seconds,
+        "timed_batch_sizes": sizes,  # Poisson: the realised size of each timed batch
         "peak_memory_mb": peak_mb,
         "memory_kind": "cuda_max_allocated" if dev.type == "cuda" else "process_peak_rss",
         "per_sample_methods": methods,

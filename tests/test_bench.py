@@ -19,6 +19,15 @@ def test_each_mode_times_real_steps(mode):
     assert row["step_seconds"] > 0 and row["samples_per_second"] > 0 and row["peak_memory_mb"] > 0
 
 
+def test_nonprivate_baseline_times_the_same_poisson_batches_as_dpnas():
+    # a fixed-size baseline against Poisson batches would bias the ratio by however the sizes fell
+    rows = [run_case(model_name="tiny", mode=mode, batch_size=8, steps=6, warmup=1, device="cpu")
+            for mode in ("nonprivate", "dpnas")]
+    sizes = [r["timed_batch_sizes"] for r in rows]
+    assert sizes[0] == sizes[1]
+    assert len(set(sizes[0])) > 1  # really Poisson: the sizes vary
+
+
 def test_ratios_and_table():
     rows = [
         {"model": "m", "mode": "nonprivate", "batch_size": 8, "step_seconds": 1.0, "samples_per_second": 8.0, "peak_memory_mb": 1.0},
