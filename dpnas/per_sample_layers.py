@@ -66,19 +66,17 @@ def estimated_cost(conv: nn.Conv2d, method: str, a: torch.Tensor, g: torch.Tenso
     positions, patch = ho * wo, c_in * conv.kernel_size[0] * conv.kernel_size[1]
     if method != "ghost":
         return positions * patch * c_out
-    padded = (h + 2 * conv.padding[0]) * (w + 2 * conv.padding[1])
     # two Gram matrices, then one pass over position pairs per kernel offset (memory-bound: weighted 8x)
-    return padded**2 * c_in + positions**2 * c_out + 8 * positions**2 * conv.kernel_size[0] * conv.kernel_size[1]
+    return (h * w) ** 2 * c_in + positions**2 * c_out + 8 * positions**2 * conv.kernel_size[0] * conv.kernel_size[1]
 
 
 def ghost_memory_bounded(conv: nn.Conv2d, a: torch.Tensor) -> bool:
     """True when the ghost norm's Gram matrix (positions^2 per sample) is at most 16x the layer's input.
 
-    On large feature maps it would not be: 160 x 160 ImageNette images make a 2.7 GB Gram matrix per sample.
+    On large feature maps it would not be: 160 x 160 ImageNette images make a 2.6 GB Gram matrix per sample.
     """
     c_in, h, w = a.shape[1:]
-    padded = (h + 2 * conv.padding[0]) * (w + 2 * conv.padding[1])
-    return padded <= 16 * c_in
+    return h * w <= 16 * c_in
 
 
 def layer_norms(layer: nn.Module, method: str, a: torch.Tensor, g: torch.Tensor, *, k: int, output: torch.Tensor | None = None) -> LayerNorms:
@@ -217,14 +215,13 @@ def _conv_ghost(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, k: int, outpu
         g_scaled = g / standardisation[1].view(1, -1, 1, 1)  # folds each filter's 1/std into its output gradient
     else:
         g_scaled = g
-    ph, pw = conv.padding
-    padded = F.pad(a, (pw, pw, ph, ph))
-    c_in, hp, wp = padded.shape[1:]
+    c_in, h, w = a.shape[1:]
     c_out, ho, wo = g.shape[1:]
-    # a sample's k augmentations are one longer list of positions
-    x = padded.view(b, k, c_in, hp * wp).transpose(1, 2).reshape(b, c_in, k * hp * wp)
-    gram_x = torch.bmm(x.transpose(1, 2), x).view(b, k, hp, wp, k, hp, wp)
-    y = g_scaled.view(b, k, c_out, ho * wo).transpose(1, 2).reshape(b, c_out, k * ho * wo)
+    # a sample's k augmentations are one longer list of positions; the zero padding adds nothing to a
+    # Gram matrix, so it is left out (at 16x16 with padding 1 that is 38 % fewer products)
+    x = a.reshape(b, k, c_in, h * w).transpose(1, 2).reshape(b, c_in, k * h * w)
+    gram_x = torch.bmm(x.transpose(1, 2), x).view(b, k, h, w, k, h, w)
+    y = g_scaled.reshape(b, k, c_out, ho * wo).transpose(1, 2).reshape(b, c_out, k * ho * wo)
     gram_g = torch.bmm(y.transpose(1, 2), y)
     gram_patches = _summed_along_kernel_offsets(conv, gram_x, ho, wo)
     squared = torch.linalg.vecdot(gram_patches.flatten(1), gram_g.flatten(1)) / k**2
@@ -239,22 +236,35 @@ def _conv_ghost(conv: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, k: int, outpu
 
 
 def _summed_along_kernel_offsets(conv: nn.Conv2d, gram_x: torch.Tensor, ho: int, wo: int) -> torch.Tensor:
-    """Inner products of unfolded patches, ``<a_t, a_s>`` for output positions t, s, from the padded input's Gram.
+    """Inner products of unfolded patches, ``<a_t, a_s>`` for output positions t, s, from the input's Gram matrix.
 
-    ``<a_t, a_s>`` sums ``gram_x`` over the kernel's offsets (dy, dx) applied to both positions.  The sum is
-    separable: first along dx (on the padded rows), then along dy, which reads the large Gram matrix kw times
-    instead of kh * kw times (2.8x faster than one pass per offset for a 3x3 kernel at 16x16 on CPU).
+    ``<a_t, a_s>`` sums ``gram_x`` (B, k, H, W, k, H, W) over the kernel's offsets (dy, dx), applied to both
+    positions; an offset that lands in the zero padding adds nothing.  The sum is separable: first along dx
+    (every input row), then along dy, which reads the large Gram matrix kw times instead of kh * kw times
+    (2.8x faster than one pass per offset for a 3x3 kernel at 16x16 on CPU).
     """
-    (kh, kw), (sh, sw), (dh, dw) = conv.kernel_size, conv.stride, conv.dilation
-    cols = [slice(dx * dw, dx * dw + sw * (wo - 1) + 1, sw) for dx in range(kw)]
-    rows = [slice(dy * dh, dy * dh + sh * (ho - 1) + 1, sh) for dy in range(kh)]
-    along_dx = gram_x[..., cols[0], :, :, cols[0]].clone()  # (B, k, Hp, Wo, k, Hp, Wo)
-    for c in cols[1:]:
-        along_dx += gram_x[..., c, :, :, c]
-    summed = along_dx[:, :, rows[0], :, :, rows[0], :].clone()  # (B, k, Ho, Wo, k, Ho, Wo)
-    for r in rows[1:]:
-        summed += along_dx[:, :, r, :, :, r, :]
+    b, k, h, w = gram_x.shape[:4]
+    (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+    along_dx = gram_x.new_zeros(b, k, h, wo, k, h, wo)
+    for dx in range(kw):
+        for out, src in _inside_input(wo, w, dx * dw, sw, pw):
+            along_dx[..., out, :, :, out] += gram_x[..., src, :, :, src]
+    summed = gram_x.new_zeros(b, k, ho, wo, k, ho, wo)
+    for dy in range(kh):
+        for out, src in _inside_input(ho, h, dy * dh, sh, ph):
+            summed[:, :, out, :, :, out, :] += along_dx[:, :, src, :, :, src, :]
     return summed
+
+
+def _inside_input(out_size: int, in_size: int, offset: int, stride: int, padding: int) -> list[tuple[slice, slice]]:
+    """The output indices t whose input index t * stride + offset - padding is inside the input, and those
+    input indices, as slices; an empty list when every one falls in the padding."""
+    first = max(0, -(-(padding - offset) // stride))  # ceil division
+    last = min(out_size - 1, (in_size - 1 + padding - offset) // stride)
+    if last < first:
+        return []
+    start = first * stride + offset - padding
+    return [(slice(first, last + 1), slice(start, start + (last - first) * stride + 1, stride))]
 
 
 def _standardised_ghost_correction(conv: WSConv2d, a: torch.Tensor, g_scaled: torch.Tensor, k: int,

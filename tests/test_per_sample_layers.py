@@ -12,6 +12,9 @@ CONVS = {
     "3x3 bias stride 2": lambda: nn.Conv2d(5, 7, 3, stride=2, padding=1),
     "1x1": lambda: nn.Conv2d(19, 6, 1, bias=False),
     "dilated rectangular": lambda: nn.Conv2d(4, 3, (3, 2), padding=(2, 1), dilation=(2, 1), bias=False),
+    # rows and columns of kernel offsets that fall wholly in the padding, and a stride that skips inputs
+    "padding beyond the kernel": lambda: nn.Conv2d(3, 4, 3, padding=(4, 3), bias=False),
+    "5x5 stride 3 unpadded": lambda: nn.Conv2d(3, 4, 5, stride=3, bias=False),
     "weight standardised": lambda: WSConv2d(6, 8, 3, padding=1, bias=False),
     "weight standardised, bias, stride 2": lambda: WSConv2d(6, 8, 3, stride=2, padding=1),
 }
