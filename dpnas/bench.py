@@ -186,8 +186,16 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
 
 def run_benchmark(
     *, models: list[str], modes: list[str], batch_size: int, steps: int, warmup: int = 1, device: str | None = None,
-    variants: list[str] = ("fp32",), progress: bool = True,
+    variants: list[str] = ("fp32",), repeats: int = 1, progress: bool = True,
 ) -> list[dict[str, Any]]:
+    """One row per (model, variant, mode), each case in its own process.
+
+    With ``repeats`` > 1 the whole list of cases runs that many times in turn, and each row reports the median
+    of its repeats: on a shared machine a case's speed drifts from one process to the next (by 20-40 % on the
+    2-core development machine), and taking turns spreads the drift over every case instead of a few.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     for name in models:
         get_arch(name)  # unknown names fail before any case runs
@@ -198,20 +206,33 @@ def run_benchmark(
         parse_variant(variant)
     cases = [(name, variant, mode) for name in models for variant in variants for mode in modes
              if variant == "fp32" or mode not in OPACUS_MODES]  # Opacus's pipeline is fp32 NCHW
-    rows = []
-    for name, variant, mode in cases:
-        if progress:
-            print(f"  running {name} / {mode} / {variant} ...", file=sys.stderr, flush=True)
-        args = dict(model_name=name, mode=mode, batch_size=batch_size, steps=steps, warmup=warmup, device=device,
-                    variant=variant)
-        result = subprocess.run(
-            [sys.executable, "-m", "dpnas.bench", json.dumps(args)], capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"benchmark case {name}/{mode}/{variant} failed:\n{result.stderr[-2000:]}")
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {case: [] for case in cases}
+    for repeat in range(repeats):
+        for name, variant, mode in cases:
+            if progress:
+                of = f" (repeat {repeat + 1}/{repeats})" if repeats > 1 else ""
+                print(f"  running {name} / {mode} / {variant}{of} ...", file=sys.stderr, flush=True)
+            args = dict(model_name=name, mode=mode, batch_size=batch_size, steps=steps, warmup=warmup, device=device,
+                        variant=variant)
+            result = subprocess.run(
+                [sys.executable, "-m", "dpnas.bench", json.dumps(args)], capture_output=True, text=True, check=False
+            )
+            if result.returncode != 0:
+                raise RuntimeError(f"benchmark case {name}/{mode}/{variant} failed:\n{result.stderr[-2000:]}")
+            runs[(name, variant, mode)].append(json.loads(result.stdout.strip().splitlines()[-1]))
+    rows = [_median_of_repeats(runs[case]) for case in cases]
     _add_ratios(rows)
     return rows
+
+
+def _median_of_repeats(repeats: list[dict[str, Any]]) -> dict[str, Any]:
+    """The repeat with the median step time (the lower middle one for an even count), with every repeat's
+    step time and the highest peak memory of all of them."""
+    ranked = sorted(repeats, key=lambda r: r["step_seconds"])
+    row = dict(ranked[(len(ranked) - 1) // 2])
+    row["repeat_step_seconds"] = [r["step_seconds"] for r in repeats]
+    row["peak_memory_mb"] = max(r["peak_memory_mb"] for r in repeats)
+    return row
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:

@@ -185,6 +185,9 @@ class Bench(Command):
         parser.add_argument("--batch-size", type=int, default=32, metavar="B")
         parser.add_argument("--steps", type=int, default=5, metavar="N", help="timed steps per case (median reported)")
         parser.add_argument("--warmup", type=int, default=1, metavar="N")
+        parser.add_argument("--repeats", type=int, default=1, metavar="R",
+                            help="run every case R times in turn and report each case's median (steadier ratios "
+                                 "on a shared machine)")
         parser.add_argument("--variants", default="fp32", metavar="V,...",
                             help="comma-separated: fp32, or a '+'-joined set of bf16, channels_last, cudnn_benchmark "
                                  "(e.g. fp32,bf16+channels_last); Opacus's modes run in fp32 only")
@@ -195,14 +198,14 @@ class Bench(Command):
         from dpnas.bench import format_table, run_benchmark
         from dpnas.results import write_json
 
-        if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
-            raise UsageError("--batch-size and --steps must be >= 1 and --warmup >= 0")
+        if args.batch_size < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0:
+            raise UsageError("--batch-size, --steps and --repeats must be >= 1 and --warmup >= 0")
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         try:
             rows = run_benchmark(models=models, modes=modes, batch_size=args.batch_size, steps=args.steps,
-                                 warmup=args.warmup, device=args.device, variants=variants)
+                                 warmup=args.warmup, device=args.device, variants=variants, repeats=args.repeats)
         except ValueError as err:
             raise UsageError(str(err)) from err
         print(format_table(rows))

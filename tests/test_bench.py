@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dpnas.bench import MODES, _add_ratios, format_table, parse_variant, run_benchmark, run_case
+from dpnas.bench import MODES, _add_ratios, _median_of_repeats, format_table, parse_variant, run_benchmark, run_case
 from dpnas.cli import main
 
 FIELDS = {"model", "mode", "batch_size", "device", "step_seconds", "samples_per_second", "peak_memory_mb"}
@@ -26,6 +26,30 @@ def test_nonprivate_baseline_times_the_same_poisson_batches_as_dpnas():
     sizes = [r["timed_batch_sizes"] for r in rows]
     assert sizes[0] == sizes[1]
     assert len(set(sizes[0])) > 1  # really Poisson: the sizes vary
+
+
+def test_repeats_take_turns_and_report_each_cases_median(capsys):
+    rows = run_benchmark(models=["tiny"], modes=["nonprivate", "dpnas"], batch_size=4, steps=1, warmup=0,
+                         device="cpu", repeats=2)
+    assert [r["mode"] for r in rows] == ["nonprivate", "dpnas"]
+    for r in rows:
+        assert len(r["repeat_step_seconds"]) == 2
+        assert r["step_seconds"] == min(r["repeat_step_seconds"])  # the lower middle of two
+    progress = [line.strip() for line in capsys.readouterr().err.splitlines() if "running" in line]
+    assert progress == [  # in turn, not each case twice in a row
+        "running tiny / nonprivate / fp32 (repeat 1/2) ...", "running tiny / dpnas / fp32 (repeat 1/2) ...",
+        "running tiny / nonprivate / fp32 (repeat 2/2) ...", "running tiny / dpnas / fp32 (repeat 2/2) ...",
+    ]
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        run_benchmark(models=["tiny"], modes=["dpnas"], batch_size=4, steps=1, repeats=0)
+
+
+def test_median_of_repeats():
+    repeats = [{"step_seconds": t, "peak_memory_mb": m, "tag": t} for t, m in [(3.0, 10), (1.0, 30), (2.0, 20)]]
+    row = _median_of_repeats(repeats)
+    assert row["step_seconds"] == 2.0 and row["tag"] == 2.0  # the whole median repeat, not a mix
+    assert row["repeat_step_seconds"] == [3.0, 1.0, 2.0]
+    assert row["peak_memory_mb"] == 30
 
 
 def test_ratios_and_table():
@@ -99,3 +123,5 @@ def test_cli_bench_rejects_unknown_names(capsys):
     assert "unknown mode 'fast'" in capsys.readouterr().err
     assert main(["bench", "--models", "tiny", "--variants", "fp16", "--steps", "1"]) == 2
     assert "unknown variant 'fp16'" in capsys.readouterr().err
+    assert main(["bench", "--models", "tiny", "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1" in capsys.readouterr().err
