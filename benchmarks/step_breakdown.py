@@ -1,0 +1,119 @@
+"""Where a DP step's time goes: dpnas's forward + backward and its norms + clipped sums, against a non-private
+forward + backward of the same model, with the steps of the two taking turns in one process.
+
+`dpnas bench` times whole steps, each mode in its own process; on a shared machine a process's speed drifts,
+and a ratio then moves by 20-40 % from run to run. Here both models live in one process and alternate step by
+step, so drift hits both alike; that makes this the instrument for the per-sample arithmetic itself. Every step
+takes the same fixed batch. The optimizer step and the noise (the same for every per-sample method; about
+12 ms for WRN-16-4 on the 2-core CPU) are left out.
+
+    uv run python benchmarks/step_breakdown.py --models smoothnet,resnet9_scalenorm,wrn16_4 --batch-size 32 --steps 10
+
+Prints a table and writes JSON (`--json`, default benchmarks/step_breakdown.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dpnas.models import build_model
+from dpnas.per_sample import PerSampleClipper
+from dpnas.registry import get_arch
+from dpnas.space import ConfigError
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def breakdown(model_name: str, *, batch_size: int, steps: int, device: str, warmup: int = 2) -> dict:
+    """Median milliseconds of each part over `steps` alternating steps (after `warmup` untimed ones)."""
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    arch = get_arch(model_name)
+    nonprivate = build_model(arch, num_classes=10, in_channels=3).to(dev)
+    private = build_model(arch, num_classes=10, in_channels=3).to(dev)
+    images = torch.randn(batch_size, 3, 32, 32, device=dev)
+    labels = torch.randint(0, 10, (batch_size,), device=dev)
+    clipper = PerSampleClipper(private)
+
+    def timed(fn) -> float:
+        _sync(dev)
+        start = time.perf_counter()
+        fn()
+        _sync(dev)
+        return (time.perf_counter() - start) * 1e3
+
+    def nonprivate_step() -> None:
+        nonprivate.zero_grad(set_to_none=True)
+        F.cross_entropy(nonprivate(images), labels).backward()
+
+    parts: dict[str, list[float]] = {"nonprivate_forward_backward": [], "dpnas_forward_backward": [],
+                                     "dpnas_norms_and_sums": []}
+    for step in range(warmup + steps):  # the first clipped sum also times each layer's methods (not counted)
+        times = (timed(nonprivate_step), timed(lambda: clipper.backward(private, images, labels)),
+                 timed(lambda: clipper.clipped_sum(1.0)))
+        if step >= warmup:
+            for part, ms in zip(parts, times):
+                parts[part].append(ms)
+    clipper.close()
+    row = {"model": model_name, "batch_size": batch_size, "device": str(dev), "steps": steps,
+           **{f"{part}_ms": statistics.median(values) for part, values in parts.items()},
+           "per_sample_methods": clipper.method_counts()}
+    dpnas_ms = row["dpnas_forward_backward_ms"] + row["dpnas_norms_and_sums_ms"]
+    row["dpnas_vs_nonprivate"] = dpnas_ms / row["nonprivate_forward_backward_ms"]
+    return row
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'model':<18} {'batch':>5} {'nonprivate ms':>14} {'dpnas fwd+bwd ms':>17} {'norms+sums ms':>14} {'x nonpriv':>9}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['model']:<18} {r['batch_size']:>5} {r['nonprivate_forward_backward_ms']:>14.1f} "
+                     f"{r['dpnas_forward_backward_ms']:>17.1f} {r['dpnas_norms_and_sums_ms']:>14.1f} "
+                     f"{r['dpnas_vs_nonprivate']:>9.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="smoothnet,resnet9_scalenorm,wrn16_4")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per model (median reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default="benchmarks/step_breakdown.json", help="where the rows go, with the machine and command")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 1:
+        parser.error("--batch-size, --steps and --warmup must be >= 1 (the first step times the methods)")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for name in models:
+        try:
+            get_arch(name)  # unknown names fail before any model runs
+        except ConfigError as err:
+            parser.error(str(err))
+    rows = []
+    for name in models:
+        print(f"  {name} ...", file=sys.stderr, flush=True)
+        rows.append(breakdown(name, batch_size=args.batch_size, steps=args.steps, device=args.device,
+                              warmup=args.warmup))
+    print(format_table(rows))
+    with open(args.json, "w") as handle:
+        json.dump({"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "machine": platform.machine(),
+                   "torch": torch.__version__, "args": vars(args), "rows": rows}, handle, indent=2)
+    print(f"written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""benchmarks/step_breakdown.py end to end, tiny: both models take turns and the ratio is their own."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from dpnas.models import build_model
+from dpnas.registry import get_arch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_breakdown.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("step_breakdown", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # benchmarks/ is not a package
+    return module
+
+
+def test_breakdown_times_both_models_and_writes_rows(tmp_path, capsys):
+    out = tmp_path / "breakdown.json"
+    assert _load().main(["--models", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+                         "--device", "cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["date"] and result["torch"] and result["args"]["models"] == "tiny"
+    (row,) = result["rows"]
+    parts = [row[f"{p}_ms"] for p in ("nonprivate_forward_backward", "dpnas_forward_backward", "dpnas_norms_and_sums")]
+    assert all(ms > 0 for ms in parts)
+    assert row["dpnas_vs_nonprivate"] == pytest.approx((parts[1] + parts[2]) / parts[0])
+    tiny = build_model(get_arch("tiny"), num_classes=10, in_channels=3)
+    trainable = [m for m in tiny.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    assert sum(row["per_sample_methods"].values()) == len(trainable)  # each layer with the method it used
+    assert "tiny" in capsys.readouterr().out
+
+
+def test_breakdown_rejects_unknown_models(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _load().main(["--models", "nonet", "--json", str(tmp_path / "x.json")])
+    assert "unknown architecture 'nonet'" in capsys.readouterr().err
