@@ -25,15 +25,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dpnas.bench import synchronize
 from dpnas.models import build_model
 from dpnas.per_sample import PerSampleClipper
 from dpnas.registry import get_arch
 from dpnas.space import ConfigError
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def breakdown(model_name: str, *, batch_size: int, steps: int, device: str, warmup: int = 2) -> dict:
@@ -48,10 +44,10 @@ def breakdown(model_name: str, *, batch_size: int, steps: int, device: str, warm
     clipper = PerSampleClipper(private)
 
     def timed(fn) -> float:
-        _sync(dev)
+        synchronize(dev)
         start = time.perf_counter()
         fn()
-        _sync(dev)
+        synchronize(dev)
         return (time.perf_counter() - start) * 1e3
 
     def nonprivate_step() -> None:

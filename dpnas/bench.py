@@ -56,7 +56,8 @@ def parse_variant(variant: str) -> frozenset[str]:
     return frozenset(options)
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Waits for the device's queued work, so a timer reads what it ran (a no-op on CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -154,12 +155,12 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
 
     for _ in range(warmup):
         step()
-    _sync(dev)
+    synchronize(dev)
     times, sizes = [], []
     for _ in range(steps):
         start = time.perf_counter()
         sizes.append(step())
-        _sync(dev)
+        synchronize(dev)
         times.append(time.perf_counter() - start)
     step_seconds = statistics.median(times)
     # which method each layer ended up with

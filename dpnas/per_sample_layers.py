@@ -116,11 +116,9 @@ def clipped_sum(layer: nn.Module, result: LayerNorms, a: torch.Tensor, g: torch.
 
 
 def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, row_weights: torch.Tensor,
-                   standardisation: Standardisation | None = None) -> dict[nn.Parameter, torch.Tensor]:
-    """``sum_r row_weights[r] * grad_r`` of the weight of a layer whose norms came from a ghost method.
-
-    A WSConv2d's ``standardisation`` is computed here when the caller has none.
-    """
+                   standardisation: Standardisation | None) -> dict[nn.Parameter, torch.Tensor]:
+    """``sum_r row_weights[r] * grad_r`` of the weight of a layer whose norms came from a ghost method
+    (``standardisation``: a WSConv2d's, from its :class:`LayerNorms`; None for other layers)."""
     a, g = a.float(), g.float()
     if isinstance(layer, nn.Linear):
         return {layer.weight: (g * row_weights[:, None]).T @ a}
@@ -128,9 +126,8 @@ def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, row_weigh
         a, layer.weight.shape, g * row_weights.view(-1, 1, 1, 1),
         stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
     )
-    if isinstance(layer, WSConv2d):  # the chain rule is linear, so it applies to the sum
-        w_hat, std = standardisation or _standardisation(layer)
-        return {layer.weight: _summed_through_standardisation(weight_std_grad, w_hat, std)}
+    if standardisation is not None:  # the chain rule is linear, so it applies to the sum
+        return {layer.weight: _summed_through_standardisation(weight_std_grad, *standardisation)}
     return {layer.weight: weight_std_grad}
 
 
