@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import sys
 import time
@@ -29,6 +28,7 @@ from dpnas.data import load_dataset
 from dpnas.models import build_model
 from dpnas.recipes import split_overrides
 from dpnas.registry import get_arch
+from dpnas.results import write_json
 from dpnas.train import train
 
 
@@ -94,10 +94,9 @@ def main(argv: list[str] | None = None) -> None:
                      "dpnas_options": dpnas_options,
                      "ratio": dpnas_rate / opacus_rate})
         print(f"{name:<20} {opacus_rate:>17.1f} {dpnas_rate:>16.1f} {dpnas_rate / opacus_rate:>14.2f}x", flush=True)
-    with open(args.json, "w") as handle:
-        json.dump({"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "machine": platform.machine(),
-                   "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "args": vars(args),
-                   "rows": rows}, handle, indent=2)
+    write_json(args.json, {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+                           "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
+                           "torch": torch.__version__, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import sys
@@ -29,6 +28,7 @@ from dpnas.bench import synchronize
 from dpnas.models import build_model
 from dpnas.per_sample import PerSampleClipper
 from dpnas.registry import get_arch
+from dpnas.results import write_json
 from dpnas.space import ConfigError
 
 
@@ -104,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(breakdown(name, batch_size=args.batch_size, steps=args.steps, device=args.device,
                               warmup=args.warmup))
     print(format_table(rows))
-    with open(args.json, "w") as handle:
-        json.dump({"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv), "machine": platform.machine(),
-                   "torch": torch.__version__, "args": vars(args), "rows": rows}, handle, indent=2)
+    write_json(args.json, {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+                           "machine": platform.machine(), "torch": torch.__version__, "args": vars(args), "rows": rows})
     print(f"written to {args.json}")
     return 0
 

@@ -109,7 +109,7 @@ def clipped_sum(layer: nn.Module, result: LayerNorms, a: torch.Tensor, g: torch.
     sums = {p: torch.einsum("i,i...->...", factor, per_sample) for p, per_sample in result.per_sample.items()}
     if result.standardisation is not None and layer.weight in sums:
         # materialised per-sample gradients are w.r.t. the standardised weight; the chain rule is linear
-        sums[layer.weight] = _summed_through_standardisation(sums[layer.weight], *result.standardisation)
+        sums[layer.weight] = through_standardisation(sums[layer.weight], *result.standardisation)
     if result.summed_later:
         sums.update(weighted_grads(layer, a, g, (factor / k).repeat_interleave(k), result.standardisation))
     return sums
@@ -127,13 +127,8 @@ def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, row_weigh
         stride=layer.stride, padding=layer.padding, dilation=layer.dilation,
     )
     if standardisation is not None:  # the chain rule is linear, so it applies to the sum
-        return {layer.weight: _summed_through_standardisation(weight_std_grad, *standardisation)}
+        return {layer.weight: through_standardisation(weight_std_grad, *standardisation)}
     return {layer.weight: weight_std_grad}
-
-
-def _summed_through_standardisation(summed: torch.Tensor, w_hat: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """The chain rule of :func:`through_standardisation` for one gradient of the weight's shape."""
-    return through_standardisation(summed.flatten(1)[None], w_hat, std)[0].view_as(summed)
 
 
 def _materialised(grads: dict[nn.Parameter, torch.Tensor], k: int) -> LayerNorms:
@@ -190,10 +185,12 @@ def _conv_weight_per_sample(conv: nn.Conv2d, method: str, a: torch.Tensor, g: to
 
 
 def through_standardisation(grad_std: torch.Tensor, w_hat: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """Chain rule through w_hat = (w - mean) / sqrt(var + eps), per output filter; grad_std is (N, C_out, D)."""
-    mean_g = grad_std.mean(dim=2, keepdim=True)
-    mean_gw = (grad_std * w_hat).mean(dim=2, keepdim=True)
-    return (grad_std - mean_g - w_hat * mean_gw) / std
+    """Chain rule through w_hat = (w - mean) / sqrt(var + eps), per output filter, for one gradient of the
+    weight's shape (a clipped sum: the rule is linear, so it applies to the sum, never per sample)."""
+    flat = grad_std.flatten(1)  # (C_out, D)
+    mean_g = flat.mean(dim=1, keepdim=True)
+    mean_gw = (flat * w_hat).mean(dim=1, keepdim=True)
+    return ((flat - mean_g - w_hat * mean_gw) / std).view_as(grad_std)
 
 
 def _standardisation(conv: WSConv2d) -> Standardisation:
