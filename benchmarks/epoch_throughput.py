@@ -23,13 +23,13 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from dpnas.config import PrivacyConfig, TrainConfig
-from dpnas.data import load_dataset
-from dpnas.models import build_model
-from dpnas.recipes import split_overrides
-from dpnas.registry import get_arch
+from dpnas.arch.models import build_model
+from dpnas.arch.registry import get_arch
+from dpnas.data.datasets import load_dataset
+from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.recipes import split_overrides
+from dpnas.dp.train import train
 from dpnas.results import write_json
-from dpnas.train import train
 
 
 def opacus_epoch(arch, data, *, batch_size: int, physical: int, device: str) -> float:
@@ -37,7 +37,7 @@ def opacus_epoch(arch, data, *, batch_size: int, physical: int, device: str) -> 
     from opacus.utils.batch_memory_manager import BatchMemoryManager
     from torch.utils.data import DataLoader, TensorDataset
 
-    from dpnas.data import normalise
+    from dpnas.data.datasets import normalise
 
     torch.manual_seed(0)
     model = build_model(arch, num_classes=data.num_classes, in_channels=data.in_channels).to(device)

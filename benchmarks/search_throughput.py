@@ -2,7 +2,7 @@
 
 A short-budget version of studies/smoothnet_cifar10.toml (its privacy budget, recipe and base architecture;
 `--epochs` per trial; a grid of small SmoothNet points; no pruning) runs once per arm through dpnas's own
-`dpnas.search.search(spec, workers=N, device=...)`: workers=1 takes the trials one after another, workers=N
+`dpnas.search.runner.search(spec, workers=N, device=...)`: workers=1 takes the trials one after another, workers=N
 starts N processes that share the device. Every arm runs the same trials (the first `--trials` points of the
 same grid) in a fresh journal in a temp dir. Wall time is the whole search call, as a user waits for it:
 worker start-up and data loading included. Prints a table and writes JSON (compare the ratio, measured in
@@ -34,9 +34,9 @@ import torch
 from optuna.trial import TrialState
 
 from dpnas import __version__ as dpnas_version
-from dpnas.data import DEFAULT_SYNTHETIC_SIZE, load_dataset
-from dpnas.search import search
-from dpnas.study_file import load_study_file
+from dpnas.data.datasets import DEFAULT_SYNTHETIC_SIZE, load_dataset
+from dpnas.search.runner import search
+from dpnas.search.study_file import load_study_file
 
 DEFAULT_STUDY = Path(__file__).resolve().parents[1] / "studies" / "smoothnet_cifar10.toml"
 # Two components of the study's space at its smallest widths and depths: cheap trials that still differ.
@@ -131,7 +131,7 @@ def derive_study(args: argparse.Namespace, directory: Path) -> Path:
 
 
 def to_toml(document: dict) -> str:
-    # JSON scalars and arrays are valid TOML values (as in dpnas.study_report.arch_to_toml)
+    # JSON scalars and arrays are valid TOML values (as in dpnas.search.study_report.arch_to_toml)
     lines = []
     for section, table in document.items():
         lines.append(f"[{section}]")

@@ -24,12 +24,12 @@ import time
 import torch
 import torch.nn.functional as F
 
+from dpnas.arch.models import build_model
+from dpnas.arch.registry import get_arch
+from dpnas.arch.space import ConfigError
 from dpnas.bench import synchronize
-from dpnas.models import build_model
-from dpnas.per_sample import PerSampleClipper
-from dpnas.registry import get_arch
+from dpnas.dp.per_sample import PerSampleClipper
 from dpnas.results import write_json
-from dpnas.space import ConfigError
 
 
 def breakdown(model_name: str, *, batch_size: int, steps: int, device: str, warmup: int = 2) -> dict:

@@ -5,8 +5,8 @@ Three modes train the same model on the same CIFAR-shaped synthetic data:
 * ``nonprivate``: plain PyTorch SGD on device-resident batches (the floor);
 * ``opacus``: Opacus's default path: ``PrivacyEngine.make_private_with_epsilon`` with hooks,
   a DataLoader with Poisson sampling over host memory, fp32;
-* ``dpnas``: dpnas's own engine (:class:`dpnas.engine.DPSGDEngine`) with on-device sampling and its own
-  per-sample gradients (:mod:`dpnas.per_sample`);
+* ``dpnas``: dpnas's own engine (:class:`dpnas.dp.engine.DPSGDEngine`) with on-device sampling and its own
+  per-sample gradients (:mod:`dpnas.dp.per_sample`);
 * ``dpnas_opacus_hooks`` (on request): the same engine with Opacus's GradSampleModule instead, which
   isolates what dpnas's per-sample path gives;
 * ``dpnas_unfold``, ``dpnas_grouped``, ``dpnas_ghost`` (on request): dpnas's path with one convolution
@@ -17,7 +17,7 @@ Each mode can run in *variants* (``--variants``): ``fp32`` (the default), or any
 times its algorithms per shape).  Ratios to ``nonprivate`` are taken within one variant.  The Opacus
 modes are Opacus's default pipeline, fp32 and NCHW, and run in the ``fp32`` variant only (Opacus's hooks
 also give wrong per-sample gradients on NHWC tensors and clip in bf16 under autocast; see
-:class:`dpnas.engine.DPSGDEngine`).
+:class:`dpnas.dp.engine.DPSGDEngine`).
 
 Each (model, mode, variant) runs in a fresh subprocess, so its peak memory is its own and one
 case cannot warm another's caches.  Ratios are only meaningful within one run.
@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from dpnas.registry import get_arch
+from dpnas.arch.registry import get_arch
 
 FIXED_METHOD_MODES = {"dpnas_unfold": "unfold", "dpnas_grouped": "grouped", "dpnas_ghost": "ghost"}
 MODES = ("nonprivate", "opacus", "dpnas", "dpnas_opacus_hooks", *FIXED_METHOD_MODES)
@@ -70,10 +70,10 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
 
     import torch.nn.functional as F
 
-    from dpnas.config import PrivacyConfig
-    from dpnas.engine import DPSGDEngine
-    from dpnas.models import build_model
-    from dpnas.privacy import plan_privacy, poisson_sample
+    from dpnas.arch.models import build_model
+    from dpnas.dp.config import PrivacyConfig
+    from dpnas.dp.engine import DPSGDEngine
+    from dpnas.dp.privacy import plan_privacy, poisson_sample
 
     warnings.filterwarnings("ignore")
     dev = torch.device(device)

@@ -13,12 +13,12 @@ import math
 import sys
 from pathlib import Path
 
-from dpnas.data import DATASETS, DataError
-from dpnas.describe import describe, format_description
-from dpnas.models import build_model, count_parameters
-from dpnas.registry import MODELS, get_arch
+from dpnas.arch.describe import describe, format_description
+from dpnas.arch.models import build_model, count_parameters
+from dpnas.arch.registry import MODELS, get_arch
+from dpnas.arch.space import ArchConfig, ConfigError, load_arch_file, parse_assignment
+from dpnas.data.datasets import DATASETS, DataError
 from dpnas.results import json_safe
-from dpnas.space import ArchConfig, ConfigError, load_arch_file, parse_assignment
 
 
 class UsageError(Exception):
@@ -111,7 +111,7 @@ class Train(Command):
     name = "train"
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        from dpnas.recipes import DEFAULT_RECIPE, RECIPES
+        from dpnas.dp.recipes import DEFAULT_RECIPE, RECIPES
 
         parser.add_argument("arch", metavar="ARCH", help="a name from `dpnas models`, or a .json/.toml ArchConfig")
         parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of: {', '.join(RECIPES)} (default {DEFAULT_RECIPE})")
@@ -136,10 +136,10 @@ class Train(Command):
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dpnas.data import load_dataset
-        from dpnas.recipes import get_recipe, split_overrides
+        from dpnas.data.datasets import load_dataset
+        from dpnas.dp.recipes import get_recipe, split_overrides
+        from dpnas.dp.train import DivergedError, train
         from dpnas.results import default_result_path, write_json
-        from dpnas.train import DivergedError, train
 
         recipe = get_recipe(args.recipe)
         arch_changes, train_changes, privacy_changes = split_overrides(args.assignments)
@@ -236,10 +236,10 @@ class Search(Command):
         parser.add_argument("--quiet", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dpnas.search import search, trial_budget
-        from dpnas.storage import dashboard_command
-        from dpnas.study_file import load_study_file
-        from dpnas.study_report import save_study_note
+        from dpnas.search.runner import search, trial_budget
+        from dpnas.search.storage import dashboard_command
+        from dpnas.search.study_file import load_study_file
+        from dpnas.search.study_report import save_study_note
 
         spec = load_study_file(args.study)
         if args.n_trials is not None and args.n_trials < 1:
@@ -252,10 +252,10 @@ class Search(Command):
                            progress=not args.quiet)
         except KeyboardInterrupt:
             interrupted = True
-            from dpnas.study_report import resolve_study
+            from dpnas.search.study_report import resolve_study
 
             study, _ = resolve_study(url, args.study_name or spec.name)
-        from dpnas.search import best_trials, study_privacy
+        from dpnas.search.runner import best_trials, study_privacy
 
         target, _, waiting, _ = trial_budget(study)
         save_study_note(study, url)
@@ -285,7 +285,7 @@ class Best(Command):
         parser.add_argument("--out", metavar="FILE", help="a .toml or .json file (default runs/best-STUDY.toml)")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dpnas.study_report import export_best, resolve_study
+        from dpnas.search.study_report import export_best, resolve_study
 
         study, _ = resolve_study(args.study, args.study_name)
         out = Path(args.out) if args.out else Path("runs") / f"best-{study.study_name}.toml"
@@ -310,8 +310,8 @@ class Privacy(Command):
         parser.add_argument("--json", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dpnas.search import study_privacy
-        from dpnas.study_report import resolve_study
+        from dpnas.search.runner import study_privacy
+        from dpnas.search.study_report import resolve_study
 
         study, _ = resolve_study(args.study, args.study_name)
         report = study_privacy(study)
@@ -338,8 +338,8 @@ class Dashboard(Command):
     def run(self, args: argparse.Namespace) -> int:
         from optuna_dashboard import run_server
 
-        from dpnas.storage import open_storage
-        from dpnas.study_file import load_study_file
+        from dpnas.search.storage import open_storage
+        from dpnas.search.study_file import load_study_file
 
         url = load_study_file(args.storage).default_storage() if args.storage.endswith(".toml") else args.storage
         storage = open_storage(url, must_exist=True)
@@ -372,7 +372,7 @@ class Plot(Command):
 
         from dpnas.analysis.figures import attach_to_dashboard, study_figures, write_figures
         from dpnas.analysis.frame import trials_frame
-        from dpnas.study_report import resolve_study
+        from dpnas.search.study_report import resolve_study
 
         study, _ = resolve_study(args.study, args.study_name)
         frame = trials_frame(study)

@@ -41,13 +41,13 @@ from typing import Any
 
 import torch
 
-from dpnas.config import TrainConfig
-from dpnas.data import DEFAULT_DATA_DIR, DataError, DatasetSplits, ImageData, load_dataset, stratified_split
-from dpnas.models import build_model, count_parameters
-from dpnas.recipes import RECIPES, Recipe
-from dpnas.registry import MODELS
+from dpnas.arch.models import build_model, count_parameters
+from dpnas.arch.registry import MODELS
+from dpnas.arch.space import ArchConfig, ConfigError
+from dpnas.data.datasets import DEFAULT_DATA_DIR, DataError, DatasetSplits, ImageData, load_dataset, stratified_split
+from dpnas.dp.config import TrainConfig
+from dpnas.dp.recipes import RECIPES, Recipe
 from dpnas.results import default_result_path, write_json
-from dpnas.space import ArchConfig, ConfigError
 
 QUICK_LABEL = "QUICK RUN - not comparable to the paper"
 QUICK_EPOCHS = 2
@@ -81,7 +81,7 @@ class ReproRun:
 
     label: str
     model: str
-    """A name in :data:`dpnas.registry.MODELS`."""
+    """A name in :data:`dpnas.arch.registry.MODELS`."""
     published: dict[str, Published]
     """By dataset name."""
     quick_changes: dict[str, Any]
@@ -94,7 +94,7 @@ class Reproduction:
     name: str
     title: str
     recipe: str
-    """A name in :data:`dpnas.recipes.RECIPES`."""
+    """A name in :data:`dpnas.dp.recipes.RECIPES`."""
     datasets: tuple[str, ...]
     """The datasets with published numbers; the first is the default."""
     runs: tuple[ReproRun, ...]
@@ -342,7 +342,7 @@ def run_reproduction(
     has no published number for raises :class:`ConfigError`.  Ctrl-C stops after the current step: the
     interrupted run is reported (``interrupted: true``) and later runs are skipped.
     """
-    from dpnas.train import DivergedError, check_result_privacy, default_device, train
+    from dpnas.dp.train import DivergedError, check_result_privacy, default_device, train
 
     repro = get_reproduction(name)
     dataset = repro.default_dataset if dataset is None else dataset.strip().lower()

@@ -10,7 +10,6 @@ import re as _re  # noqa: E402
 import uuid as _uuid  # noqa: E402
 
 import pytest  # noqa: E402
-
 from postgres_server import PostgresServer  # noqa: E402
 
 

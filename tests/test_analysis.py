@@ -13,9 +13,9 @@ from dpnas.analysis.frame import COMPONENTS, finished, trials_frame
 from dpnas.analysis.heatmap import width_depth_info
 from dpnas.analysis.pareto import pareto_info
 from dpnas.cli import main
-from dpnas.search import search
-from dpnas.storage import open_storage
-from dpnas.study_file import load_study_file
+from dpnas.search.runner import search
+from dpnas.search.storage import open_storage
+from dpnas.search.study_file import load_study_file
 
 STUDY = """
 [study]

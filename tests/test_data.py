@@ -1,4 +1,4 @@
-"""dpnas.data: real on-disk formats written in miniature, loaded by the real loaders; no network."""
+"""dpnas.data.datasets: real on-disk formats written in miniature, loaded by the real loaders; no network."""
 
 from __future__ import annotations
 
@@ -12,15 +12,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from dpnas.data import (
-    DATASETS,
-    DataError,
-    DatasetSplits,
-    ImageData,
-    load_dataset,
-    normalise,
-    stratified_split,
-)
+from dpnas.data.datasets import DATASETS, DataError, DatasetSplits, ImageData, load_dataset, normalise, stratified_split
 
 
 def row_set(data: ImageData) -> set[bytes]:

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from dpnas import MODELS, build_model
-from dpnas.config import PrivacyConfig, TrainConfig
-from dpnas.data import load_dataset
-from dpnas.engine import DPSGDEngine
-from dpnas.per_sample import METHODS
-from dpnas.privacy import PrivacyPlan, poisson_sample
-from dpnas.train import train
+from dpnas.data.datasets import load_dataset
+from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.engine import DPSGDEngine
+from dpnas.dp.per_sample import METHODS
+from dpnas.dp.privacy import PrivacyPlan, poisson_sample
+from dpnas.dp.train import train
 
 # DPNAS_TEST_DEVICE=cpu runs this file's logic on the CPU (to rehearse it before a GPU session)
 CUDA = torch.device(os.environ.get("DPNAS_TEST_DEVICE", "cuda"))

@@ -9,9 +9,9 @@ import time
 
 import optuna
 from optuna.trial import TrialState
-
-from dpnas.storage import open_storage
 from search_helpers import write_study
+
+from dpnas.search.storage import open_storage
 
 
 def start(argv):

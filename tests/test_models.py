@@ -2,9 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from dpnas import ArchConfig, ConfigError, MODELS, build_model, count_parameters
-from dpnas.layers import TemperedSigmoid, WSConv2d
-from dpnas.models import DenseBlock, LastChannels, ResidualBlock
+from dpnas import MODELS, ArchConfig, ConfigError, build_model, count_parameters
+from dpnas.arch.layers import TemperedSigmoid, WSConv2d
+from dpnas.arch.models import DenseBlock, LastChannels, ResidualBlock
 
 
 def params(name, num_classes=10):

@@ -10,9 +10,21 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from dpnas import ArchConfig, ConfigError, MODELS, build_model
-from dpnas.compat import dp_problems
-from dpnas.space import ACTIVATIONS, DOWNSAMPLES, HEAD_POOLS, HEADS, INITS, NORMS, SCALENORMS, SHORTCUTS, SKIPS, SMOOTHING_POOLS, TRANSITIONS
+from dpnas import MODELS, ArchConfig, ConfigError, build_model
+from dpnas.arch.compat import dp_problems
+from dpnas.arch.space import (
+    ACTIVATIONS,
+    DOWNSAMPLES,
+    HEAD_POOLS,
+    HEADS,
+    INITS,
+    NORMS,
+    SCALENORMS,
+    SHORTCUTS,
+    SKIPS,
+    SMOOTHING_POOLS,
+    TRANSITIONS,
+)
 
 
 @st.composite

@@ -5,15 +5,15 @@ import copy
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
+from test_opacus_property import small_arch
 
 from dpnas import MODELS, build_model
-from dpnas.config import PrivacyConfig
-from dpnas.engine import DPSGDEngine
-from dpnas.per_sample import METHODS, supports
-from dpnas.per_sample_layers import CONV_METHODS
-from dpnas.privacy import PrivacyPlan, make_accountant
-from dpnas.space import ConfigError
-from test_opacus_property import small_arch
+from dpnas.arch.space import ConfigError
+from dpnas.dp.config import PrivacyConfig
+from dpnas.dp.engine import DPSGDEngine
+from dpnas.dp.per_sample import METHODS, supports
+from dpnas.dp.per_sample_layers import CONV_METHODS
+from dpnas.dp.privacy import PrivacyPlan, make_accountant
 
 
 def one_step(model, mode, x, y, *, sigma, C=1.0, physical=3, k=1, augment=None, method="auto"):
@@ -88,8 +88,8 @@ def test_modes_and_fallback():
 
 
 def test_tuner_times_only_plausible_methods_and_remembers_the_choice(monkeypatch):
-    import dpnas.per_sample as per_sample
-    from dpnas.per_sample import PerSampleClipper
+    import dpnas.dp.per_sample as per_sample
+    from dpnas.dp.per_sample import PerSampleClipper
 
     timed = []
     seconds = {"unfold": 2.0, "grouped": 1.0, "ghost": 3.0}

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from dpnas.layers import WSConv2d
-from dpnas.per_sample_layers import CONV_METHODS, clipped_sum, layer_norms
+from dpnas.arch.layers import WSConv2d
+from dpnas.dp.per_sample_layers import CONV_METHODS, clipped_sum, layer_norms
 
 CONVS = {
     "3x3": lambda: nn.Conv2d(5, 7, 3, padding=1, bias=False),

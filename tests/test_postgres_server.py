@@ -13,7 +13,6 @@ import optuna
 import pytest
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
-
 from postgres_server import PostgresServer
 
 HEARTBEAT = dict(heartbeat_interval=1, grace_period=2)

@@ -11,10 +11,10 @@ import torch
 from opacus import GradSampleModule
 
 from dpnas import MODELS, build_model
-from dpnas.engine import DPSGDEngine
-from dpnas.per_sample import METHODS
-from dpnas.privacy import PrivacyPlan
-from dpnas.space import ConfigError
+from dpnas.arch.space import ConfigError
+from dpnas.dp.engine import DPSGDEngine
+from dpnas.dp.per_sample import METHODS
+from dpnas.dp.privacy import PrivacyPlan
 
 PLAN = PrivacyPlan(sample_rate=0.05, steps=1, noise_multiplier=0.0, expected_batch_size=1.0, dataset_size=20)
 
@@ -122,7 +122,7 @@ def test_amp_unclipped_sum_is_the_gradient_of_the_bf16_forward_pass(name):
 def test_norms_and_clipped_sums_are_formed_in_full_fp32(monkeypatch):
     """On GPU, TF32 would let a ghost norm and its book-keeping sum disagree by 1e-3 (on CPU, "medium" matmul
     precision would run them in bf16): both run in full fp32, whatever the user set for the model."""
-    import dpnas.per_sample as per_sample
+    import dpnas.dp.per_sample as per_sample
 
     settings = []
 

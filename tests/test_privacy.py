@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from dpnas.config import PrivacyConfig
-from dpnas.engine import DPSGDEngine
-from dpnas.privacy import PrivacyPlan, epsilon_spent, make_accountant, plan_privacy, poisson_sample
-from dpnas.space import ConfigError
+from dpnas.arch.space import ConfigError
+from dpnas.dp.config import PrivacyConfig
+from dpnas.dp.engine import DPSGDEngine
+from dpnas.dp.privacy import PrivacyPlan, epsilon_spent, make_accountant, plan_privacy, poisson_sample
 
 
 def small_model(seed=0):
@@ -203,7 +203,7 @@ def test_poisson_sampler_draws_each_sample_independently_with_rate_q():
 
 
 def test_cached_epsilon_and_calibration_are_the_exact_values():
-    from dpnas.privacy import _accountant_options, _noise_multiplier
+    from dpnas.dp.privacy import _accountant_options, _noise_multiplier
 
     for mechanism in ("rdp", "prv"):
         accountant = make_accountant(PrivacyConfig(accountant=mechanism))

@@ -13,7 +13,8 @@ import pytest
 
 import dpnas.reproduce as reproduce
 from dpnas import MODELS, build_model, count_parameters
-from dpnas.data import DataError, load_dataset
+from dpnas.arch.space import ConfigError
+from dpnas.data.datasets import DataError, load_dataset
 from dpnas.reproduce import (
     QUICK_LABEL,
     QUICK_TRAIN_SIZE,
@@ -22,7 +23,6 @@ from dpnas.reproduce import (
     format_comparison,
     run_reproduction,
 )
-from dpnas.space import ConfigError
 
 
 @pytest.fixture(scope="module")

@@ -11,15 +11,15 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 import optuna
 import pytest
 from optuna.trial import TrialState
-
-import dpnas.search as search_module
-from dpnas.cli import main
-from dpnas.search import best_trials, search, study_privacy, trial_budget
-from dpnas.space import ConfigError
-from dpnas.storage import open_storage, storage_kind
-from dpnas.study_file import load_study_file
-from dpnas.train import DivergedError
 from search_helpers import write_study
+
+import dpnas.search.runner as search_module
+from dpnas.arch.space import ConfigError
+from dpnas.cli import main
+from dpnas.dp.train import DivergedError
+from dpnas.search.runner import best_trials, search, study_privacy, trial_budget
+from dpnas.search.storage import open_storage, storage_kind
+from dpnas.search.study_file import load_study_file
 
 ATTRS = {"epsilon_spent", "noise_multiplier", "params", "samples_per_second", "wall_seconds", "test_accuracy",
          "privacy_plan", "config", "val_accuracy"}

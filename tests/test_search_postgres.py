@@ -8,11 +8,11 @@ import time
 
 import optuna
 from optuna.trial import TrialState
-
-from dpnas.search import search, trial_budget
-from dpnas.storage import open_storage
-from dpnas.study_file import load_study_file
 from search_helpers import write_study
+
+from dpnas.search.runner import search, trial_budget
+from dpnas.search.storage import open_storage
+from dpnas.search.study_file import load_study_file
 
 
 def test_killed_worker_trial_is_retried_once_and_none_is_lost(tmp_path, postgres_url):

@@ -13,8 +13,8 @@ import pytest
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from dpnas import search_privacy as sp
-from dpnas.search_privacy import (
+from dpnas.search import privacy as sp
+from dpnas.search.privacy import (
     MODES,
     ORDERS,
     RunPrivacy,

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from dpnas import ArchConfig, ConfigError, load_arch_file
-from dpnas.space import ACTIVATIONS, parse_assignment
+from dpnas.arch.space import ACTIVATIONS, parse_assignment
 
 
 def test_defaults_are_smoothnet_w80d50():

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dpnas.models import build_model
-from dpnas.registry import get_arch
+from dpnas.arch.models import build_model
+from dpnas.arch.registry import get_arch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_breakdown.py"
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dpnas.study_file import StudyFileError, load_study_file
+from dpnas.search.study_file import StudyFileError, load_study_file
 
 STUDIES = sorted((Path(__file__).parent.parent / "studies").glob("*.toml"))
 

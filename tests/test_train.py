@@ -6,15 +6,15 @@ import math
 import pytest
 import torch
 
-import dpnas.train as train_module
-from dpnas import ArchConfig, MODELS, build_model
-from dpnas.augment import random_crop_flip
+import dpnas.dp.train as train_module
+from dpnas import MODELS, ArchConfig, build_model
+from dpnas.arch.space import ConfigError
 from dpnas.cli import main
-from dpnas.config import PrivacyConfig, TrainConfig
-from dpnas.data import load_dataset
-from dpnas.recipes import RECIPES, split_overrides
-from dpnas.space import ConfigError
-from dpnas.train import DivergedError, train
+from dpnas.data.augment import random_crop_flip
+from dpnas.data.datasets import load_dataset
+from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.recipes import RECIPES, split_overrides
+from dpnas.dp.train import DivergedError, train
 
 TINY = MODELS["tiny"].arch
 REQUIRED = {"config", "dataset", "epsilon_target", "epsilon_spent", "delta", "noise_multiplier", "sample_rate", "steps",

@@ -8,7 +8,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from dpnas.analysis.frame import finished
-from dpnas.space import ArchConfig
+from dpnas.arch.space import ArchConfig
 
 _ARCH_FIELDS = list(ArchConfig.__dataclass_fields__)
 

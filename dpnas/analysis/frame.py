@@ -8,7 +8,7 @@ from typing import Any
 import optuna
 import pandas as pd
 
-from dpnas.space import ArchConfig
+from dpnas.arch.space import ArchConfig
 
 # The components whose effect the component figures show, in the papers' order.
 COMPONENTS = ("norm", "groups", "scalenorm", "activation", "pool", "skip")

@@ -6,9 +6,9 @@ from typing import Any
 
 import torch
 
-from dpnas.compat import dp_problems
-from dpnas.models import build_model, count_parameters
-from dpnas.space import ArchConfig
+from dpnas.arch.compat import dp_problems
+from dpnas.arch.models import build_model, count_parameters
+from dpnas.arch.space import ArchConfig
 
 
 def describe(arch: ArchConfig, *, num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> dict[str, Any]:

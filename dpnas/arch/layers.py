@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpnas.space import ACTIVATIONS, ArchConfig, ConfigError
+from dpnas.arch.space import ACTIVATIONS, ArchConfig, ConfigError
 
 
 class TemperedSigmoid(nn.Module):

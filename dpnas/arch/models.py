@@ -1,7 +1,7 @@
 """Build any point of the search space into an Opacus-compatible PyTorch model.
 
 One builder serves every architecture: SmoothNet, ResNet-9 (with or without ScaleNorm)
-and De et al.'s WRN are all ArchConfig points (see :mod:`dpnas.registry`).  The builder
+and De et al.'s WRN are all ArchConfig points (see :mod:`dpnas.arch.registry`).  The builder
 never sees an Optuna trial; it only reads the config.
 """
 
@@ -12,8 +12,9 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from dpnas.layers import (
+from dpnas.arch.layers import (
     ChannelPad,
+    downsampling_stride,
     initialise,
     make_activation,
     make_conv,
@@ -21,9 +22,8 @@ from dpnas.layers import (
     make_head_pool,
     make_norm,
     make_smoothing_pool,
-    downsampling_stride,
 )
-from dpnas.space import ArchConfig, ConfigError
+from dpnas.arch.space import ArchConfig, ConfigError
 
 
 def conv_unit(

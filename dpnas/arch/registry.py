@@ -1,6 +1,6 @@
 """Named architectures: the papers' networks as points of the search space.
 
-Each entry is only an ArchConfig, built by the same :func:`dpnas.models.build_model` as
+Each entry is only an ArchConfig, built by the same :func:`dpnas.arch.models.build_model` as
 every search trial, so a reference network and a searched one differ only in their data.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpnas.space import ArchConfig, ConfigError
+from dpnas.arch.space import ArchConfig, ConfigError
 
 
 @dataclass(frozen=True)

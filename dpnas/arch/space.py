@@ -6,7 +6,7 @@ trial and a saved config rebuilds the same model.  The defaults are SmoothNet W8
 choices, so ``ArchConfig()`` *is* SmoothNet and ``ArchConfig(activation="relu")`` is
 SmoothNet with ReLU.
 
-How a point becomes a network (see :mod:`dpnas.models`)::
+How a point becomes a network (see :mod:`dpnas.arch.models`)::
 
     [stem conv] -> stage 0 -> transition -> stage 1 -> ... -> head
 

@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from dpnas.space import ConfigError, check_choice, check_field_types
+from dpnas.arch.space import ConfigError, check_choice, check_field_types
 
 OPTIMIZERS = ("sgd", "nadam", "adam")
 SCHEDULES = ("constant", "step", "plateau", "cosine")
@@ -74,7 +74,7 @@ class PrivacyConfig(_FromDict):
 
 @dataclass(frozen=True)
 class TrainConfig(_FromDict):
-    """Optimisation recipe of one training run (see :mod:`dpnas.recipes` for the papers' presets)."""
+    """Optimisation recipe of one training run (see :mod:`dpnas.dp.recipes` for the papers' presets)."""
 
     epochs: int = 30
     batch_size: int = 256

@@ -22,11 +22,11 @@ from opacus.accountants import IAccountant
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from dpnas.compat import dp_problems
-from dpnas.config import PER_SAMPLE_MODES
-from dpnas.per_sample import PerSampleClipper, supports
-from dpnas.privacy import PrivacyPlan
-from dpnas.space import ConfigError
+from dpnas.arch.compat import dp_problems
+from dpnas.arch.space import ConfigError
+from dpnas.dp.config import PER_SAMPLE_MODES
+from dpnas.dp.per_sample import PerSampleClipper, supports
+from dpnas.dp.privacy import PrivacyPlan
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 

@@ -4,7 +4,7 @@ Opacus's GradSampleModule lets autograd compute every parameter's ordinary ``.gr
 builds per-sample gradients from hooks; DP-SGD never uses that ``.grad``.  Here the parameters
 stop requiring gradients during the backward pass (the images require one instead, so autograd
 still carries gradients through every layer), and hooks capture each layer's input and output
-gradient.  From those, :mod:`dpnas.per_sample_layers` gives each layer's per-sample squared norms by
+gradient.  From those, :mod:`dpnas.dp.per_sample_layers` gives each layer's per-sample squared norms by
 the fastest exact method for that layer's shape, which this module finds by timing the candidates
 once per layer shape (like cuDNN's autotuner); the clipped sum then comes either from the
 materialised per-sample gradients or from one batched weight gradient weighted by the clip factors.
@@ -24,9 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpnas.layers import WSConv2d
-from dpnas.per_sample_layers import CONV_METHODS, LayerNorms, estimated_cost, ghost_memory_bounded, layer_norms, methods_for
-from dpnas.per_sample_layers import clipped_sum as layer_clipped_sum
+from dpnas.arch.layers import WSConv2d
+from dpnas.dp.per_sample_layers import (
+    CONV_METHODS,
+    LayerNorms,
+    estimated_cost,
+    ghost_memory_bounded,
+    layer_norms,
+    methods_for,
+)
+from dpnas.dp.per_sample_layers import clipped_sum as layer_clipped_sum
 
 METHODS = ("auto", *CONV_METHODS)
 # the fastest method per layer shape and device, found once per process (see PerSampleClipper._method)
@@ -73,7 +80,7 @@ class PerSampleClipper:
     """Hooks on a model that turn one backward pass into clipped, summed per-sample gradients.
 
     ``method`` is ``"auto"`` (per layer, the fastest of the exact methods, timed on first use) or one
-    convolution method of :data:`dpnas.per_sample_layers.CONV_METHODS` for every convolution, which
+    convolution method of :data:`dpnas.dp.per_sample_layers.CONV_METHODS` for every convolution, which
     benchmarks use to measure each one.
     """
 

@@ -7,7 +7,7 @@ batched weight gradient with per-row weights (book-keeping, Bu et al. 2023).  Ro
 ``k`` augmentations of one sample; a sample's gradient is the mean over its group (De et al. 2022).
 
 Convolution methods, all exact (they differ only in speed, which depends on the layer's shape and
-the hardware; :class:`dpnas.per_sample.PerSampleClipper` times them and keeps the fastest):
+the hardware; :class:`dpnas.dp.per_sample.PerSampleClipper` times them and keeps the fastest):
 
 * ``unfold``: per-sample gradients as ``unfold(a)`` times ``g``, one matrix product per sample;
 * ``grouped``: per-sample gradients as the weight gradient of one grouped convolution with the batch as
@@ -17,7 +17,7 @@ the hardware; :class:`dpnas.per_sample.PerSampleClipper` times them and keeps th
   summed along the kernel's offsets, which costs C_in instead of C_in * k * k per pair of positions.
   Cheap when the feature map is small and the channels many.
 
-Weight-standardised convolutions (:class:`dpnas.layers.WSConv2d`) go through the chain rule of the
+Weight-standardised convolutions (:class:`dpnas.arch.layers.WSConv2d`) go through the chain rule of the
 standardisation: per sample for the materialising methods; for ``ghost`` in closed form, since that
 Jacobian is a scaled projection (see :func:`_standardised_ghost_correction`).
 """
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpnas.layers import WSConv2d
+from dpnas.arch.layers import WSConv2d
 
 CONV_METHODS = ("unfold", "grouped", "ghost")
 LINEAR_METHODS = ("ghost",)  # a flat Linear layer's ghost norm is ||a||^2 ||g||^2: always the cheapest

@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from dpnas.config import PrivacyConfig, TrainConfig
-from dpnas.space import ArchConfig, ConfigError, parse_assignment
+from dpnas.arch.space import ArchConfig, ConfigError, parse_assignment
+from dpnas.dp.config import PrivacyConfig, TrainConfig
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """Train one architecture with DP-SGD at a fixed (ε, δ) and report what it cost.
 
-A thin orchestrator: the model comes from :mod:`dpnas.models`, the data from
-:mod:`dpnas.data`, the noise and accounting from :mod:`dpnas.privacy`, the step from
-:mod:`dpnas.engine`.  Selection signals (validation accuracy per epoch) come from the
+A thin orchestrator: the model comes from :mod:`dpnas.arch.models`, the data from
+:mod:`dpnas.data.datasets`, the noise and accounting from :mod:`dpnas.dp.privacy`, the step from
+:mod:`dpnas.dp.engine`.  Selection signals (validation accuracy per epoch) come from the
 validation split held out of the training set; the test set is evaluated once, at the end.
 """
 
@@ -19,13 +19,13 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
-from dpnas.augment import random_crop_flip
-from dpnas.config import PrivacyConfig, TrainConfig
-from dpnas.data import DatasetSplits, ImageData, normalise
-from dpnas.engine import DPSGDEngine
-from dpnas.models import build_model, count_parameters
-from dpnas.privacy import PrivacyPlan, epsilon_spent, make_accountant, plan_privacy, poisson_sample, steps_per_epoch
-from dpnas.space import ArchConfig, ConfigError
+from dpnas.arch.models import build_model, count_parameters
+from dpnas.arch.space import ArchConfig, ConfigError
+from dpnas.data.augment import random_crop_flip
+from dpnas.data.datasets import DatasetSplits, ImageData, normalise
+from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.engine import DPSGDEngine
+from dpnas.dp.privacy import PrivacyPlan, epsilon_spent, make_accountant, plan_privacy, poisson_sample, steps_per_epoch
 
 EpochCallback = Callable[[dict[str, Any]], None]
 

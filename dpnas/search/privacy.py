@@ -21,7 +21,7 @@ the final RDP→(ε, δ) step is Opacus's ``get_privacy_spent``, so a single run
 same here as in the training logs.
 
 Orders: Opacus's ``RDPAccountant.DEFAULT_ALPHAS`` (1.1 … 10.9 by 0.1, 12 … 63) extended
-with a coarse tail up to 512 (:data:`EXTRA_ORDERS`). The random-K bounds add terms like
+with a coarse tail up to 512 (:data:`dpnas.dp.privacy.EXTRA_ORDERS`). The random-K bounds add terms like
 log(E[K])/(λ − 1), which favour larger λ than a single run does, and the truncated
 negative binomial bound optimises a second order λ̂ that for small per-run RDP lands
 well above 63; without the tail the bounds would be needlessly loose.
@@ -35,14 +35,12 @@ import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+
+from dpnas.dp.privacy import ORDERS
 
 MODES = ("fixed", "poisson", "truncated_negative_binomial")
 
-EXTRA_ORDERS = (64, 72, 80, 96, 112, 128, 160, 192, 224, 256, 320, 384, 448, 512)
-ORDERS = np.array(sorted(set(float(a) for a in RDPAccountant.DEFAULT_ALPHAS) | set(map(float, EXTRA_ORDERS))))
-"""The RDP orders λ used everywhere in this module."""
 
 # Stop summing a distribution's pmf once the mass left in the tail is below this: drawing
 # a k out there has probability < 1e-15, far below anything else in the guarantee.

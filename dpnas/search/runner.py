@@ -1,8 +1,8 @@
 """`dpnas search`: an Optuna study whose every trial trains a sampled architecture with DP-SGD.
 
-The flow: a :class:`~dpnas.study_file.StudySpec` -> a persistent Optuna study -> one or more
+The flow: a :class:`~dpnas.search.study_file.StudySpec` -> a persistent Optuna study -> one or more
 worker processes, each taking trials until the study's trial budget is used.  Budgets are
-exact across workers: taking a trial happens under :func:`dpnas.storage.trial_slot_lock`.
+exact across workers: taking a trial happens under :func:`dpnas.search.storage.trial_slot_lock`.
 
 Every trial records what it cost (``epsilon_spent``, ``noise_multiplier`` ...) and what it
 scored on the *validation* split; the test accuracy is stored for the report only and
@@ -12,6 +12,7 @@ its reason and the study goes on; a diverging one is pruned with its reason.
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import multiprocessing
 import os
@@ -28,14 +29,14 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm.auto import tqdm
 
-from dpnas.config import PrivacyConfig, TrainConfig
-from dpnas.data import DatasetSplits, load_dataset
-from dpnas.privacy import PrivacyPlan
-from dpnas.search_privacy import RunPrivacy, SearchPrivacy, draw_trial_count, search_privacy
-from dpnas.space import ArchConfig, ConfigError
-from dpnas.storage import open_storage, trial_slot_lock
-from dpnas.study_file import StudySpec, load_study_file
-from dpnas.train import DivergedError, train
+from dpnas.arch.space import ArchConfig, ConfigError
+from dpnas.data.datasets import DatasetSplits, load_dataset
+from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.privacy import PrivacyPlan
+from dpnas.dp.train import DivergedError, train
+from dpnas.search.privacy import RunPrivacy, SearchPrivacy, draw_trial_count, search_privacy
+from dpnas.search.storage import open_storage, trial_slot_lock
+from dpnas.search.study_file import StudySpec, load_study_file
 
 # Study attributes dpnas keeps in the storage (system attributes: not shown as results).
 _TARGET = "dpnas:n_trials"
@@ -172,9 +173,8 @@ def _initialise(study: optuna.Study, spec: StudySpec, n_trials: int | None) -> N
 
 
 def _version() -> str:
-    from dpnas import __version__
-
-    return __version__
+    # From the installed package's metadata: importing the top-level dpnas package here would point upward.
+    return importlib.metadata.version("dpnas")
 
 
 def trial_budget(study: optuna.Study) -> tuple[int, int, int, int]:

@@ -21,7 +21,7 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 
-from dpnas.space import ConfigError
+from dpnas.arch.space import ConfigError
 
 JOURNAL_SUFFIXES = (".journal", ".log")
 RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")

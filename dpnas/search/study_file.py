@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpnas.config import PrivacyConfig, TrainConfig
-from dpnas.data import DATASETS, DEFAULT_SYNTHETIC_SIZE
-from dpnas.recipes import DEFAULT_RECIPE, RECIPES
-from dpnas.registry import MODELS
-from dpnas.space import ArchConfig, ConfigError
+from dpnas.arch.registry import MODELS
+from dpnas.arch.space import ArchConfig, ConfigError
+from dpnas.data.datasets import DATASETS, DEFAULT_SYNTHETIC_SIZE
+from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.recipes import DEFAULT_RECIPE, RECIPES
 
 OBJECTIVES = {"val_accuracy": "maximize", "params": "minimize", "epoch_seconds": "minimize"}
 SAMPLERS = ("tpe", "random", "grid", "nsga2", "ablation")

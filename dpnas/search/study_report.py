@@ -9,11 +9,11 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from dpnas.search import best_trials, study_privacy
-from dpnas.search_privacy import SearchPrivacy
-from dpnas.space import ArchConfig, ConfigError
-from dpnas.storage import dashboard_command, list_study_names, open_storage
-from dpnas.study_file import load_study_file
+from dpnas.arch.space import ArchConfig, ConfigError
+from dpnas.search.privacy import SearchPrivacy
+from dpnas.search.runner import best_trials, study_privacy
+from dpnas.search.storage import dashboard_command, list_study_names, open_storage
+from dpnas.search.study_file import load_study_file
 
 
 def resolve_study(study_or_storage: str, study_name: str | None = None) -> tuple[optuna.Study, str]:
