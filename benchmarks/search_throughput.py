@@ -131,7 +131,7 @@ def derive_study(args: argparse.Namespace, directory: Path) -> Path:
 
 
 def to_toml(document: dict) -> str:
-    # JSON scalars and arrays are valid TOML values (as in dpnas.search.study_report.arch_to_toml)
+    # JSON scalars and arrays are valid TOML values (as in dpnas.dp.recipe_file.toml_value)
     lines = []
     for section, table in document.items():
         lines.append(f"[{section}]")

@@ -113,9 +113,11 @@ class Train(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from dpnas.dp.recipes import DEFAULT_RECIPE, RECIPES
 
-        parser.add_argument("arch", metavar="ARCH", help="a name from `dpnas models`, or a .json/.toml ArchConfig")
-        parser.add_argument("--recipe", default=DEFAULT_RECIPE, help=f"one of: {', '.join(RECIPES)} (default {DEFAULT_RECIPE})")
-        parser.add_argument("--dataset", default="digits", help=f"one of: {', '.join(DATASETS)} (default digits)")
+        parser.add_argument("arch", metavar="ARCH_OR_RECIPE",
+                            help="a name from `dpnas models`, a .json/.toml ArchConfig, or a recipe file from `dpnas best`")
+        parser.add_argument("--recipe", help=f"one of: {', '.join(RECIPES)} (default: the recipe file's own settings, "
+                                             f"else {DEFAULT_RECIPE})")
+        parser.add_argument("--dataset", help=f"one of: {', '.join(DATASETS)} (default: the recipe file's, else digits)")
         parser.add_argument("--data-dir", metavar="DIR", help="where the dataset is (or is downloaded to)")
         parser.add_argument("--image-size", type=int, metavar="S", help="resize images to S x S")
         parser.add_argument("--epsilon", type=float, metavar="E", help="privacy budget; inf trains without DP")
@@ -133,15 +135,26 @@ class Train(Command):
                             help="override any ArchConfig/TrainConfig/PrivacyConfig field (repeatable)")
         parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
         parser.add_argument("--out", metavar="FILE", help="result JSON (default runs/train-ARCH-DATASET-TIME.json)")
+        parser.add_argument("--weights", metavar="FILE", help="also save the trained model as a dpnas checkpoint "
+                                                              "(`dpnas evaluate` scores it)")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.data.datasets import load_dataset
-        from dpnas.dp.recipes import get_recipe, split_overrides
+        from dpnas.dp.checkpoint import checkpoint_dict, save_checkpoint
+        from dpnas.dp.recipe_file import DataSettings, load_recipe_file
+        from dpnas.dp.recipes import DEFAULT_RECIPE, get_recipe, split_overrides
         from dpnas.dp.train import DivergedError, train
         from dpnas.results import default_result_path, write_json
 
-        recipe = get_recipe(args.recipe)
+        recipe_file = None
+        if args.arch not in MODELS and Path(args.arch).suffix in (".json", ".toml"):
+            recipe_file = load_recipe_file(args.arch)
+        recipe = get_recipe(args.recipe or DEFAULT_RECIPE)
+        base_train, base_privacy = recipe.train, recipe.privacy
+        if recipe_file is not None and recipe_file.complete and args.recipe is None:
+            base_train, base_privacy = recipe_file.train, recipe_file.privacy
+        settings = recipe_file.data if recipe_file is not None and recipe_file.data is not None else None
         arch_changes, train_changes, privacy_changes = split_overrides(args.assignments)
         flags = {"epochs": args.epochs, "batch_size": args.batch_size, "physical_batch_size": args.physical_batch_size,
                  "lr": args.lr, "seed": args.seed, "val_fraction": args.val_fraction}
@@ -149,18 +162,42 @@ class Train(Command):
         flags = {"epsilon": math.inf if args.no_dp else args.epsilon, "delta": args.delta,
                  "max_grad_norm": args.max_grad_norm, "accountant": args.accountant}
         privacy_changes.update({k: v for k, v in flags.items() if v is not None})
-        arch = load_arch(args.arch, arch_changes)
-        train_cfg = recipe.train.replace(**train_changes)
-        privacy = recipe.privacy.replace(**privacy_changes)
-        data = load_dataset(args.dataset, data_dir=args.data_dir, val_fraction=train_cfg.val_fraction,
-                            seed=train_cfg.seed, image_size=args.image_size)
-        out = Path(args.out) if args.out else default_result_path("train", Path(args.arch).stem, args.dataset)
+        arch = recipe_file.arch.replace(**arch_changes) if recipe_file is not None else load_arch(args.arch, arch_changes)
+        train_cfg = base_train.replace(**train_changes)
+        privacy = base_privacy.replace(**privacy_changes)
+        dataset = args.dataset or (settings.dataset if settings else "digits")
+        same_data = settings is not None and dataset == settings.dataset
+        # A recipe from a search keeps the study's split (its seed and validation fraction) unless told otherwise,
+        # so the retrained model is scored on the same validation and test records as the trial was.
+        split_seed = settings.split_seed if same_data and args.seed is None else train_cfg.seed
+        if same_data and args.val_fraction is None and "val_fraction" not in train_changes:
+            train_cfg = train_cfg.replace(val_fraction=settings.val_fraction)
+        data_settings = DataSettings(
+            dataset=dataset, val_fraction=train_cfg.val_fraction, split_seed=split_seed,
+            image_size=args.image_size or (settings.image_size if same_data else None),
+            synthetic_size=settings.synthetic_size if same_data else DataSettings.synthetic_size,
+            data_dir=args.data_dir or (settings.data_dir if same_data else None))
+        data = load_dataset(dataset, data_dir=data_settings.data_dir, val_fraction=train_cfg.val_fraction,
+                            seed=split_seed, image_size=data_settings.image_size,
+                            synthetic_size=data_settings.synthetic_size)
+        out = Path(args.out) if args.out else default_result_path("train", Path(args.arch).stem, dataset)
+        weights = Path(args.weights) if args.weights else None
+        trained = []
         try:
-            result = train(arch, data, train_cfg=train_cfg, privacy=privacy, device=args.device, progress=not args.quiet)
+            result = train(arch, data, train_cfg=train_cfg, privacy=privacy, device=args.device, progress=not args.quiet,
+                           on_trained=trained.append)
         except DivergedError as err:
             raise UsageError(f"{err}; try a smaller --lr or --max-grad-norm") from err
-        result["recipe"] = recipe.name
+        result["recipe"] = args.arch if recipe_file is not None and recipe_file.complete and args.recipe is None \
+            else recipe.name
+        result["data"] = data_settings.to_dict()
         write_json(out, result)
+        if weights is not None:
+            scores = {k: result[k] for k in ("val_accuracy", "test_accuracy", "epsilon_spent", "delta", "params")}
+            save_checkpoint(checkpoint_dict(trained[0], arch=arch, train_cfg=train_cfg, privacy=privacy, data=data,
+                                            data_settings=data_settings, results=scores,
+                                            provenance={"trained_by": "dpnas train", "source": args.arch}), weights)
+            print(f"weights written to {weights}")
         eps = "non-private" if not result["private"] else f"epsilon spent {result['epsilon_spent']:.3f} of {privacy.epsilon:g} (delta {privacy.delta:g})"
         status = "interrupted after" if result["interrupted"] else "finished"
         print(f"{status} {result['steps']} steps: val accuracy {result['val_accuracy']:.4f}, "
@@ -233,13 +270,17 @@ class Search(Command):
         parser.add_argument("--timeout", type=float, metavar="S", help="stop taking new trials after S seconds")
         parser.add_argument("--workers", type=int, default=1, metavar="K", help="trials run in parallel on this machine")
         parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available; one GPU per worker where there are several)")
+        parser.add_argument("--artifacts", metavar="DIR_OR_S3",
+                            help="where trained weights are kept (default: STORAGE.artifacts beside a journal or SQLite "
+                                 "file; needed for a server storage: a directory every worker reaches, or s3://BUCKET)")
         parser.add_argument("--quiet", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dpnas.search.runner import search, trial_budget
+        from dpnas.search.runner import exhausted_message, search, trial_budget
         from dpnas.search.storage import dashboard_command
         from dpnas.search.study_file import load_study_file
         from dpnas.search.study_report import save_study_note
+        from dpnas.search.weights import study_location
 
         spec = load_study_file(args.study)
         if args.n_trials is not None and args.n_trials < 1:
@@ -249,7 +290,7 @@ class Search(Command):
         try:
             study = search(spec, storage_url=url, study_name=args.study_name, n_trials=args.n_trials,
                            timeout=args.timeout or spec.timeout, workers=args.workers, device=args.device,
-                           progress=not args.quiet)
+                           progress=not args.quiet, artifacts=args.artifacts)
         except KeyboardInterrupt:
             interrupted = True
             from dpnas.search.study_report import resolve_study
@@ -260,7 +301,11 @@ class Search(Command):
         target, _, waiting, _ = trial_budget(study)
         save_study_note(study, url)
         finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
-        print(f"study {study.study_name!r}: {finished} trials finished of a budget of {target} ({waiting} waiting)")
+        repeats = sum(1 for t in study.get_trials(deepcopy=False) if "duplicate_of" in t.user_attrs)
+        print(f"study {study.study_name!r}: {finished - repeats} trials finished of a budget of {target} ({waiting} waiting"
+              + (f"; {repeats} repeated proposals skipped, untrained" if repeats else "") + ")")
+        if exhausted_message(study):
+            print(exhausted_message(study))
         for trial in best_trials(study):
             print(f"best: trial {trial.number}, {dict(zip(study.metric_names or ['value'], trial.values))}, {trial.params}")
         report = study_privacy(study)
@@ -269,13 +314,18 @@ class Search(Command):
               f"({report.mode}; {report.runs} runs; `dpnas privacy {where}` explains)")
         if interrupted:
             print("interrupted: run the same command again to continue the study")
-        print(f"export the best architecture: dpnas best {where}" + (f" --study-name {study.study_name}" if args.study_name else ""))
-        print(f"open it with: {dashboard_command(url)}")
+        name_flag = f" --study-name {study.study_name}" if args.study_name else ""
+        print(f"export the best recipe and its weights: dpnas best {where}{name_flag} --out best.toml --weights best.pt")
+        print(f"open it with: {dashboard_command(url, study_location(study, url, args.artifacts))}")
         return 130 if interrupted else 0
 
 
 class Best(Command):
-    """Write the best architecture of a study (or its Pareto set) as a file `dpnas train` and `dpnas describe` take."""
+    """Write the best trial's recipe (architecture, training, privacy and data settings, with provenance) as a
+    file `dpnas train` and `dpnas describe` take, and with --weights fetch its trained model.
+
+    For a Pareto set, one file per trial (FILE-trialN).
+    """
 
     name = "best"
 
@@ -283,14 +333,50 @@ class Best(Command):
         parser.add_argument("study", metavar="STUDY_OR_STORAGE", help="a study file, or a storage URL")
         parser.add_argument("--study-name", metavar="NAME")
         parser.add_argument("--out", metavar="FILE", help="a .toml or .json file (default runs/best-STUDY.toml)")
+        parser.add_argument("--weights", metavar="FILE", help="also fetch the best trial's trained weights (a dpnas "
+                                                              "checkpoint that `dpnas evaluate` takes)")
+        parser.add_argument("--artifacts", metavar="DIR_OR_S3", help="where the weights are, if not where the study says")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dpnas.search.study_report import export_best, resolve_study
+        from dpnas.search.study_report import export_best, export_best_weights, resolve_study
 
-        study, _ = resolve_study(args.study, args.study_name)
+        study, url = resolve_study(args.study, args.study_name)
         out = Path(args.out) if args.out else Path("runs") / f"best-{study.study_name}.toml"
         for path in export_best(study, out):
             print(f"wrote {path}")
+        if args.weights:
+            for path in export_best_weights(study, url, Path(args.weights), artifacts=args.artifacts):
+                print(f"wrote {path} (the trained weights; `dpnas evaluate {path}` scores them on the test split)")
+        return 0
+
+
+class Evaluate(Command):
+    """Score a dpnas checkpoint (from `dpnas best --weights` or `dpnas train --weights`) on a test split.
+
+    The data is split as it was when the model was trained, so the test records are the same ones.
+    """
+
+    name = "evaluate"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("weights", metavar="WEIGHTS", help="a dpnas checkpoint file")
+        parser.add_argument("--dataset", help=f"one of: {', '.join(DATASETS)} (default: the one it was trained on)")
+        parser.add_argument("--data-dir", metavar="DIR")
+        parser.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dpnas.dp.checkpoint import evaluate_checkpoint
+
+        if args.dataset is not None and args.dataset not in DATASETS:
+            raise UsageError(f"--dataset: unknown dataset {args.dataset!r}; expected one of: {', '.join(DATASETS)}")
+        report = evaluate_checkpoint(args.weights, dataset=args.dataset, data_dir=args.data_dir, device=args.device)
+        if args.json:
+            print(json.dumps(json_safe(report), indent=2))
+        else:
+            print(f"{args.weights}: test accuracy {report['test_accuracy']:.4f} on {report['test_size']} "
+                  f"{report['dataset']} test images, {report['params']:,} params, epsilon spent "
+                  f"{report['epsilon_spent']}")
         return 0
 
 
@@ -334,17 +420,21 @@ class Dashboard(Command):
         parser.add_argument("storage", metavar="STUDY_OR_STORAGE")
         parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
         parser.add_argument("--port", type=int, default=8080)
+        parser.add_argument("--artifacts", metavar="DIR_OR_S3", help="where the study's weights are (default: beside it)")
 
     def run(self, args: argparse.Namespace) -> int:
         from optuna_dashboard import run_server
 
         from dpnas.search.storage import open_storage
         from dpnas.search.study_file import load_study_file
+        from dpnas.search.weights import default_location, open_store
 
         url = load_study_file(args.storage).default_storage() if args.storage.endswith(".toml") else args.storage
         storage = open_storage(url, must_exist=True)
+        location = args.artifacts or default_location(url)
+        store = open_store(location) if location and (location.startswith("s3://") or Path(location).is_dir()) else None
         print(f"optuna-dashboard on http://{args.host}:{args.port}/ for {url} (Ctrl-C to stop)")
-        run_server(storage, host=args.host, port=args.port)
+        run_server(storage, host=args.host, port=args.port, artifact_store=store)
         return 0
 
 
@@ -431,7 +521,7 @@ class Reproduce(Command):
 
 
 COMMANDS: list[Command] = [
-    Describe(), Models(), Train(), Bench(), Search(), Best(), Privacy(), Dashboard(), Plot(), Reproduce(),
+    Describe(), Models(), Train(), Bench(), Search(), Best(), Evaluate(), Privacy(), Dashboard(), Plot(), Reproduce(),
 ]
 
 

@@ -29,6 +29,11 @@ def load(spec):
     return optuna.load_study(study_name=spec.name, storage=open_storage(spec.default_storage()))
 
 
+def trained(study):
+    """The trials that trained: a proposal repeating one of them is recorded untrained, as duplicate_of."""
+    return [t for t in study.get_trials() if "duplicate_of" not in t.user_attrs]
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
     """One 3-trial study run through the command line, shared by the read-only tests below."""
@@ -95,22 +100,27 @@ def test_more_trials_extend_the_study_exactly(tmp_path):
     spec = load_study_file(path)
     search(spec, progress=False)
     search(spec, n_trials=3, progress=False)
-    trials = load(spec).get_trials()
+    trials = trained(load(spec))
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
 
 
 def test_two_worker_processes_share_one_journal_and_finish_exactly(tmp_path):
     spec = load_study_file(write_study(tmp_path, n_trials=4))
     search(spec, workers=2, progress=False)
-    trials = load(spec).get_trials()
+    trials = trained(load(spec))
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
 
 
-def test_grid_workers_share_one_grid_order(tmp_path):
-    # a trial's grid id indexes the sampler's shuffled grid: with per-worker orders, workers repeat and skip points
+def test_grid_points_are_enqueued_once_for_every_worker(tmp_path):
+    # the grid's points are enqueued when the study is created, so workers share one list: none repeats or skips
     spec = load_study_file(write_study(tmp_path, sampler="grid"))
-    assert search_module.make_sampler(spec, 0)._all_grids == search_module.make_sampler(spec, 1)._all_grids
+    study = search_module.open_study(spec, spec.default_storage())
+    search_module.open_study(spec, spec.default_storage(), worker_index=1)  # a second worker joins
+    waiting = [t.params for t in study.get_trials() if t.state == TrialState.WAITING]
+    fixed = [t.system_attrs["fixed_params"] for t in study.get_trials()]
+    assert len(fixed) == 6 == trial_budget(study)[0] and not waiting
+    assert len({tuple(sorted(f.items())) for f in fixed}) == 6
 
 
 def test_interrupted_trial_is_retried_with_the_same_parameters(tmp_path, monkeypatch):
@@ -132,7 +142,7 @@ def test_interrupted_trial_is_retried_with_the_same_parameters(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         search(spec, progress=False)
     study = load(spec)
-    states = [t.state for t in study.get_trials()]
+    states = [t.state for t in trained(study)]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
     failed = study.get_trials()[1]
     assert "interrupted" in failed.user_attrs["failure_reason"]
@@ -168,16 +178,33 @@ def test_failures_are_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
     assert "nan" in trials[1].user_attrs["failure_reason"]
 
 
-def test_invalid_combinations_are_pruned_before_touching_data(tmp_path):
-    path = write_study(tmp_path, n_trials=2)
-    text = path.read_text().replace('activation = ["selu", "relu", "mish"]', 'skip = ["none"]\nscalenorm = ["after_add"]')
-    path.write_text(text)
-    spec = load_study_file(path)
+def test_invalid_combinations_are_pruned_before_touching_data(tmp_path, monkeypatch):
+    # The conditional space proposes only valid points; this is the safety net for a combination no rule covers.
+    spec = load_study_file(write_study(tmp_path, n_trials=2))
+
+    def refuse(trial, spec):
+        trial.suggest_categorical("activation", ["selu", "relu", "mish"])
+        raise ConfigError("stages: an invalid combination no rule covers")
+
+    monkeypatch.setattr(search_module, "suggest", refuse)
     search(spec, progress=False)
     study = load(spec)
     assert all(t.state == TrialState.PRUNED and "invalid combination" in t.user_attrs["failure_reason"]
                and "privacy_plan" not in t.user_attrs for t in study.get_trials())
     assert study_privacy(study).epsilon == 0.0
+
+
+def test_a_scalenorm_without_a_merge_is_not_an_invalid_trial(tmp_path):
+    # skip = none makes scalenorm irrelevant: it is neutralised to "none" instead of refused
+    path = write_study(tmp_path, n_trials=1)
+    text = path.read_text().replace('activation = ["selu", "relu", "mish"]', 'skip = ["none"]\nscalenorm = ["after_add"]')
+    path.write_text(text)
+    spec = load_study_file(path)
+    from dpnas.search.sampling import suggest
+
+    study = optuna.create_study()
+    arch, _, _ = suggest(study.ask(), spec)
+    assert arch.skip == "none" and arch.scalenorm == "none"
 
 
 def test_multi_objective_study_reports_the_pareto_set(tmp_path):

@@ -9,6 +9,7 @@ import optuna
 import pandas as pd
 
 from dpnas.arch.space import ArchConfig
+from dpnas.search.sampling import field_of
 
 # The components whose effect the component figures show, in the papers' order.
 COMPONENTS = ("norm", "groups", "scalenorm", "activation", "pool", "skip")
@@ -41,6 +42,7 @@ def trials_frame(study: optuna.Study, *, states: tuple[str, ...] | None = None) 
         row: dict[str, Any] = {"number": t.number, "state": t.state.name}
         row.update(t.user_attrs.get("config") or {})
         for name, value in t.params.items():
+            name = field_of(name)  # a context-restricted parameter such as scalenorm[none,after_add]
             row[name] = value
             if name not in searched:
                 searched.append(name)

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from dpnas.arch.conditions import When
 from dpnas.arch.space import ConfigError, check_choice, check_field_types
 
 OPTIMIZERS = ("sgd", "nadam", "adam")
@@ -132,3 +133,18 @@ class TrainConfig(_FromDict):
             raise ConfigError(f"val_fraction: must be in [0, 1), got {self.val_fraction}")
         if self.aug_multiplicity > 1 and not self.augment:
             raise ConfigError("aug_multiplicity: averaging over K > 1 augmentations needs augment=true")
+
+
+# When a training or privacy field matters (see dpnas.arch.conditions for the rules' form).
+DP_RELEVANCE: dict[str, When] = {
+    "momentum": When(("optimizer",), lambda v: v["optimizer"] == "sgd", "optimizer = 'sgd'"),
+    "step_size": When(("schedule",), lambda v: v["schedule"] == "step", "schedule = 'step'"),
+    "gamma": When(("schedule",), lambda v: v["schedule"] == "step", "schedule = 'step'"),
+    "plateau_factor": When(("schedule",), lambda v: v["schedule"] == "plateau", "schedule = 'plateau'"),
+    "plateau_patience": When(("schedule",), lambda v: v["schedule"] == "plateau", "schedule = 'plateau'"),
+    "aug_multiplicity": When(("augment",), lambda v: v["augment"], "augment = true", neutral=1),
+    # A non-private run (epsilon = inf) neither clips nor adds noise, nor accounts.
+    "max_grad_norm": When(("epsilon",), lambda v: math.isfinite(v["epsilon"]), "a finite epsilon"),
+    "delta": When(("epsilon",), lambda v: math.isfinite(v["epsilon"]), "a finite epsilon"),
+    "accountant": When(("epsilon",), lambda v: math.isfinite(v["epsilon"]), "a finite epsilon"),
+}

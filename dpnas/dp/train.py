@@ -101,13 +101,15 @@ def train(
     on_epoch: EpochCallback | None = None,
     on_plan: Callable[[PrivacyPlan], None] | None = None,
     catch_interrupt: bool = True,
+    on_trained: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, Any]:
     """Train `arch` on `data` with DP-SGD; return the result record (see README for its fields).
 
     `on_epoch` receives each epoch's record (a search uses it to report and prune); an
     exception it raises stops training and propagates.  `on_plan` receives the privacy plan
     (noise, sample rate, steps) before the first step touches the data.  Ctrl-C stops after the current
-    step and still returns the record of what was finished (``interrupted: true``).
+    step and still returns the record of what was finished (``interrupted: true``).  `on_trained` receives the
+    model that was evaluated (the EMA copy where there is one), to keep its weights.
     """
     device = torch.device(device) if device is not None else default_device()
     data = data.to(device)
@@ -196,6 +198,8 @@ def train(
         bar.close()
 
     test_accuracy, test_loss = evaluate(eval_model, data.test, data, batch_size=eval_batch)
+    if on_trained is not None:
+        on_trained(eval_model)
     last = state.history[-1] if state.history else {}
     return {
         "config": arch.to_dict(),

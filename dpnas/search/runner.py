@@ -8,6 +8,11 @@ Every trial records what it cost (``epsilon_spent``, ``noise_multiplier`` ...) a
 scored on the *validation* split; the test accuracy is stored for the report only and
 never used to select.  A failed trial (an exception, CUDA out of memory) is marked FAIL with
 its reason and the study goes on; a diverging one is pruned with its reason.
+
+No configuration is trained twice: a proposal whose effective configs (:func:`dpnas.search.sampling.config_key`)
+match a trial already trained or training is recorded as a FAIL marked ``duplicate_of`` before it touches any
+data, takes no slot of the budget and costs no ε, and the sampler proposes again. A finite space that has been
+covered, or a sampler that keeps repeating itself, ends the study with a line saying so.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import importlib.metadata
 import math
 import multiprocessing
 import os
+import random
 import socket
 import time
 import warnings
@@ -29,18 +35,26 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm.auto import tqdm
 
-from dpnas.arch.space import ArchConfig, ConfigError
+from dpnas.arch.space import ConfigError
 from dpnas.data.datasets import DatasetSplits, load_dataset
-from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.checkpoint import checkpoint_dict
 from dpnas.dp.privacy import PrivacyPlan
+from dpnas.dp.recipe_file import DataSettings
 from dpnas.dp.train import DivergedError, train
 from dpnas.search.privacy import RunPrivacy, SearchPrivacy, draw_trial_count, search_privacy
+from dpnas.search.sampling import ablation_points, config_key, grid_points, space_size, suggest
 from dpnas.search.storage import open_storage, trial_slot_lock
 from dpnas.search.study_file import StudySpec, load_study_file
+from dpnas.search.weights import default_location, keep_trial_weights, open_store, record_location, study_location
 
 # Study attributes dpnas keeps in the storage (system attributes: not shown as results).
 _TARGET = "dpnas:n_trials"
 _INITIALISED = "dpnas:initialised"
+_GRID_ENQUEUED = "dpnas:grid_enqueued"
+_EXHAUSTED = "dpnas:exhausted"
+# After this many proposals in a row that repeat trained configurations, a worker stops: the sampler has
+# (nearly) run out of new points.
+MAX_CONSECUTIVE_DUPLICATES = 50
 _USED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 
 
@@ -55,28 +69,21 @@ def _set_system_attr(study: optuna.Study, key: str, value: Any) -> None:
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
-class _GridSampler(optuna.samplers.GridSampler):
-    """Optuna's grid sampler without its `study.stop()` when the grid is done.
-
-    That call only works inside `study.optimize`; dpnas's workers stop on the study's exact trial budget.
-    """
-
-    def after_trial(self, study, trial, state, values) -> None:  # noqa: ANN001
-        pass
+def sampler_seed(spec: StudySpec, worker_index: int, trials_so_far: int) -> int:
+    """Workers must not share a seed, or every worker would propose the same first trials; and a resumed study
+    (or a worker that joins later) must not replay the proposals of the first session, so the number of trials
+    already in the study enters the seed too. A new study with one worker is still reproducible from its seed."""
+    return random.Random(f"{spec.seed}:{worker_index}:{trials_so_far}").randrange(2**31)
 
 
-def make_sampler(spec: StudySpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:
-    # Workers must not share a seed, or every worker would propose the same first trials.
-    seed = spec.seed + 1000 * worker_index
+def make_sampler(spec: StudySpec, worker_index: int = 0, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
+    seed = sampler_seed(spec, worker_index, trials_so_far)
     if spec.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constant_liar=True)
+        # group=True: TPE models each define-by-run branch of the conditional space on its own
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
     if spec.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    if spec.sampler == "grid":
-        # The opposite for the grid: Optuna shuffles it with the seed and a trial's grid id indexes that
-        # shuffled list, so every worker needs the same order or they would repeat some points and skip others.
-        return _GridSampler({a.name: a.grid_values() for a in spec.axes}, seed=spec.seed)
-    # random, and ablation (whose trials are all enqueued with fixed parameters)
+    # random; and grid and ablation, whose points are all enqueued with fixed parameters
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -86,28 +93,6 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if spec.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.train.epochs)
     return optuna.pruners.NopPruner()
-
-
-def suggest(trial: Trial, spec: StudySpec) -> tuple[ArchConfig, TrainConfig, PrivacyConfig]:
-    """Every ``suggest_*`` call of a study: parameter names are the config field names.
-
-    Raises ConfigError when the sampled point is an invalid combination (the trial is then
-    pruned before it touches any data).
-    """
-    changes: dict[str, dict[str, Any]] = {"arch": {}, "train": {}, "privacy": {}}
-    for axis in spec.axes:
-        if axis.categorical:
-            value = trial.suggest_categorical(axis.name, list(axis.choices))
-        elif axis.integer:
-            value = trial.suggest_int(axis.name, int(axis.low), int(axis.high), step=int(axis.step or 1), log=axis.log)
-        else:
-            value = trial.suggest_float(axis.name, axis.low, axis.high, step=axis.step, log=axis.log)
-        changes[axis.target][axis.name] = value
-    return (
-        spec.arch.replace(**changes["arch"]),
-        spec.train.replace(**changes["train"]),
-        spec.privacy.replace(**changes["privacy"]),
-    )
 
 
 # --- the study ------------------------------------------------------------------------------------
@@ -121,14 +106,17 @@ def open_study(spec: StudySpec, storage_url: str, *, study_name: str | None = No
     with trial_slot_lock(storage, storage_url):
         study = optuna.create_study(
             storage=storage, study_name=name, directions=spec.directions, load_if_exists=True,
-            sampler=make_sampler(spec, worker_index), pruner=make_pruner(spec),
+            pruner=make_pruner(spec),
         )
+        study.sampler = make_sampler(spec, worker_index, len(study.get_trials(deepcopy=False)))
         if not _system_attrs(study).get(_INITIALISED):
             _initialise(study, spec, n_trials)
         elif n_trials is not None:
             if spec.trial_count != "fixed":
                 raise ConfigError(f"--n-trials: study {name!r} draws its number of trials at random ({spec.trial_count})")
             _set_system_attr(study, _TARGET, n_trials)
+            if spec.sampler == "grid":
+                _enqueue_grid(study, spec, n_trials)
     return study
 
 
@@ -144,12 +132,13 @@ def _initialise(study: optuna.Study, spec: StudySpec, n_trials: int | None) -> N
         # K must be random and secret for the Papernot-Steinke guarantee: drawn once, from the OS's CSPRNG.
         target = draw_trial_count(mode=spec.trial_count, mu=spec.mean_trials, eta=spec.eta, gamma=spec.gamma)
     elif spec.sampler == "ablation":
-        points = spec.ablation_points()
+        points = ablation_points(spec)
         for params in points:
             study.enqueue_trial(params)
         target = len(points)
-    elif spec.sampler == "grid" and spec.n_trials is None and n_trials is None:
-        target = math.prod(len(a.grid_values()) for a in spec.axes)
+    elif spec.sampler == "grid":
+        requested = n_trials if n_trials is not None else spec.n_trials
+        target = _enqueue_grid(study, spec, requested)
     else:
         target = n_trials if n_trials is not None else spec.n_trials
     _set_system_attr(study, _TARGET, int(target))
@@ -172,6 +161,17 @@ def _initialise(study: optuna.Study, spec: StudySpec, n_trials: int | None) -> N
     _set_system_attr(study, _INITIALISED, True)
 
 
+def _enqueue_grid(study: optuna.Study, spec: StudySpec, requested: int | None) -> int:
+    """Enqueue the grid's valid, distinct points up to `requested` (all of them by default); returns the target."""
+    points = grid_points(spec)
+    target = len(points) if requested is None else min(requested, len(points))
+    done = int(_system_attrs(study).get(_GRID_ENQUEUED, 0))
+    for params in points[done:target]:
+        study.enqueue_trial(params)
+    _set_system_attr(study, _GRID_ENQUEUED, max(done, target))
+    return target
+
+
 def _version() -> str:
     # From the installed package's metadata: importing the top-level dpnas package here would point upward.
     return importlib.metadata.version("dpnas")
@@ -181,7 +181,8 @@ def trial_budget(study: optuna.Study) -> tuple[int, int, int, int]:
     """(target, used, waiting, running): a FAIL trial that was retried gives its slot to its retry."""
     trials = study.get_trials(deepcopy=False)
     replaced = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    used = sum(1 for t in trials if t.state in _USED_STATES or (t.state == TrialState.FAIL and t.number not in replaced))
+    used = sum(1 for t in trials if t.state in _USED_STATES or (t.state == TrialState.FAIL and t.number not in replaced
+                                                                and "duplicate_of" not in t.user_attrs))
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     return int(_system_attrs(study).get(_TARGET, 0)), used, waiting, running
@@ -223,19 +224,78 @@ def _process_alive(pid: int) -> bool:
 class WorkerReport:
     trials: int = 0
     interrupted: bool = False
+    exhausted: str | None = None
+
+
+def data_settings(spec: StudySpec) -> DataSettings:
+    """How every trial of the study sees the data (one split for the whole study)."""
+    return DataSettings(dataset=spec.dataset, val_fraction=spec.val_fraction, split_seed=spec.train.seed,
+                        image_size=spec.image_size, synthetic_size=spec.synthetic_size, data_dir=spec.data_dir)
+
+
+def _trained_keys(study: optuna.Study) -> dict[str, int]:
+    """config key -> trial number, for every trial that trained (or is training) its configuration."""
+    keys = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)):
+        key = t.user_attrs.get("config_key")
+        if key is not None:
+            keys.setdefault(key, t.number)
+    return keys
+
+
+def _propose(study: optuna.Study, spec: StudySpec, trial: Trial) -> tuple[Any, str | None]:
+    """Sample the trial's configs (under the slot lock, so two workers never take the same new point).
+
+    Returns (configs or the ConfigError, the number of the trial it repeats or None).
+    """
+    try:
+        configs = suggest(trial, spec)
+    except ConfigError as err:
+        return err, None
+    key = config_key(configs)
+    repeated = _trained_keys(study).get(key)
+    trial.set_user_attr("config_key", key)
+    return configs, repeated
+
+
+class _SpaceSize:
+    """The finite space's number of distinct points, computed once per worker, when a repeat first suggests it."""
+
+    def __init__(self, spec: StudySpec) -> None:
+        self.spec, self.value, self.known = spec, None, False
+
+    def get(self) -> int | None:
+        if not self.known:
+            self.value, self.known = space_size(self.spec), True
+        return self.value
+
+
+def _exhausted(study: optuna.Study, size: _SpaceSize, consecutive: int) -> str | None:
+    distinct = len(_trained_keys(study))
+    total = size.get()
+    if total is not None and distinct >= total:
+        return f"search space exhausted: all {total} distinct configurations have been trained"
+    if consecutive >= MAX_CONSECUTIVE_DUPLICATES:
+        return (f"search space exhausted: the last {consecutive} proposals all repeated trained configurations "
+                f"({distinct} distinct ones trained)")
+    return None
 
 
 def run_worker(
     spec: StudySpec, storage_url: str, *, study_name: str | None = None, worker_index: int = 0,
     device: str | None = None, timeout: float | None = None, progress: bool = True,
+    artifacts: str | None = None,
 ) -> WorkerReport:
     """Take trials of the study until its budget is used (or `timeout` seconds have passed)."""
     study = open_study(spec, storage_url, study_name=study_name, worker_index=worker_index)
+    store = _weights_store(study, spec, storage_url, artifacts)
     data = load_dataset(spec.dataset, data_dir=spec.data_dir, val_fraction=spec.val_fraction,
                         seed=spec.train.seed, image_size=spec.image_size, synthetic_size=spec.synthetic_size,
                         progress=progress)
     storage = study._storage
     report = WorkerReport()
+    size = _SpaceSize(spec)
+    consecutive_repeats = 0
     started = time.monotonic()
     prefix = f"[worker {worker_index}] " if worker_index else ""
     try:
@@ -244,10 +304,23 @@ def run_worker(
                 _recover_orphans(study, spec)
                 fail_stale_trials(study)
                 target, used, waiting, running = trial_budget(study)
-                trial = None
+                trial, configs, repeated = None, None, None
                 if waiting or used < target:
                     trial = study.ask()
                     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+                    configs, repeated = _propose(study, spec, trial)
+                    if repeated is not None:
+                        trial.set_user_attr("duplicate_of", repeated)
+                        trial.set_user_attr("failure_reason", f"repeats trial {repeated}: not trained, no privacy "
+                                                              "budget spent, takes no slot")
+                        study.tell(trial, state=TrialState.FAIL)
+                        consecutive_repeats += 1
+                        report.exhausted = _exhausted(study, size, consecutive_repeats)
+                        if report.exhausted:
+                            _set_system_attr(study, _EXHAUSTED, report.exhausted)
+                            break
+                        continue
+                    consecutive_repeats = 0
             if trial is None:
                 if running and is_heartbeat_enabled(storage):
                     # a trial elsewhere may be stale: wait for its heartbeat to lapse, then retry it here
@@ -255,7 +328,8 @@ def run_worker(
                     continue
                 break
             with get_heartbeat_thread(trial._trial_id, storage):
-                line = run_trial(study, trial, spec, data, device=device)
+                line = run_trial(study, trial, spec, data, configs, device=device, store=store,
+                                 storage_url=storage_url)
             report.trials += 1
             if progress:
                 tqdm.write(f"{prefix}{line}")
@@ -264,15 +338,31 @@ def run_worker(
     return report
 
 
-def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetSplits, *, device: str | None) -> str:
-    """Sample, train, and record one trial; returns a one-line summary."""
-    try:
-        arch, train_cfg, privacy = suggest(trial, spec)
-    except ConfigError as err:
-        trial.set_user_attr("failure_reason", f"invalid combination: {err}")
+def _weights_store(study: optuna.Study, spec: StudySpec, storage_url: str, artifacts: str | None):
+    if spec.keep_weights == "none":
+        return None
+    location = study_location(study, storage_url, artifacts)
+    if location is None:
+        warnings.warn(f"{spec.name}: trained weights are not kept: a server storage needs --artifacts DIR "
+                      "(a directory every worker can reach) or s3://BUCKET", stacklevel=2)
+        return None
+    if artifacts or default_location(storage_url) != location:
+        record_location(study, location)
+    return open_store(location)
+
+
+def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetSplits, configs: Any, *,
+              device: str | None, storage_url: str, store: Any = None) -> str:
+    """Train and record one trial (its configs already proposed); returns a one-line summary."""
+    if isinstance(configs, ConfigError):
+        trial.set_user_attr("failure_reason", f"invalid combination: {configs}")
         study.tell(trial, state=TrialState.PRUNED)
-        return f"trial {trial.number} pruned (invalid combination): {err}"
+        return f"trial {trial.number} pruned (invalid combination): {configs}"
+    arch, train_cfg, privacy = configs
     trial.set_user_attr("config", arch.to_dict())
+    trial.set_user_attr("train_config", train_cfg.to_dict())
+    trial.set_user_attr("privacy_config", privacy.to_dict())
+    trial.set_user_attr("data", data_settings(spec).to_dict())
     trial.set_user_attr("epsilon_target", privacy.epsilon if privacy.private else "inf (non-private)")
 
     def record_plan(plan: PrivacyPlan) -> None:
@@ -288,9 +378,10 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
             raise optuna.TrialPruned(f"pruned by the {spec.pruner} pruner after epoch {record['epoch']} "
                                      f"(val accuracy {record['val_accuracy']:.4f})")
 
+    trained: list[torch.nn.Module] = []
     try:
         result = train(arch, data, train_cfg=train_cfg, privacy=privacy, device=device, progress=False,
-                       on_epoch=report, on_plan=record_plan, catch_interrupt=False)
+                       on_epoch=report, on_plan=record_plan, catch_interrupt=False, on_trained=trained.append)
     except (optuna.TrialPruned, DivergedError) as err:
         trial.set_user_attr("failure_reason" if isinstance(err, DivergedError) else "pruned_reason", str(err))
         study.tell(trial, state=TrialState.PRUNED)
@@ -328,7 +419,14 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
         trial.set_user_attr("failure_reason", f"objective not finite: {values}")
         study.tell(trial, state=TrialState.FAIL)
         return f"trial {trial.number} failed: objective not finite"
-    study.tell(trial, values=values)
+    with trial_slot_lock(study._storage, storage_url):
+        if store is not None and trained:
+            checkpoint = checkpoint_dict(
+                trained[0], arch=arch, train_cfg=train_cfg, privacy=privacy, data=data,
+                data_settings=data_settings(spec), results={k: v for k, v in attrs.items() if k != "device"},
+                provenance={"study": study.study_name, "trial": trial.number, "dpnas_version": _version()})
+            keep_trial_weights(study, trial, checkpoint, values=values, keep=spec.keep_weights, store=store)
+        study.tell(trial, values=values)
     changed = ", ".join(f"{k}={v}" for k, v in trial.params.items())
     return (f"trial {trial.number} done: val accuracy {result['val_accuracy']:.4f}, "
             f"eps {result['epsilon_spent']:.2f}, {result['params']:,} params ({changed})")
@@ -338,10 +436,11 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
 
 
 def _worker_process(spec_path: str, storage_url: str, study_name: str, worker_index: int,
-                    device: str | None, timeout: float | None, threads: int) -> None:
+                    device: str | None, timeout: float | None, threads: int, artifacts: str | None) -> None:
     spec = load_study_file(spec_path)
     torch.set_num_threads(threads)  # workers share the cores instead of each claiming all of them
-    run_worker(spec, storage_url, study_name=study_name, worker_index=worker_index, device=device, timeout=timeout)
+    run_worker(spec, storage_url, study_name=study_name, worker_index=worker_index, device=device, timeout=timeout,
+               artifacts=artifacts)
 
 
 def worker_devices(workers: int, device: str | None) -> list[str | None]:
@@ -354,6 +453,7 @@ def worker_devices(workers: int, device: str | None) -> list[str | None]:
 def search(
     spec: StudySpec, *, storage_url: str | None = None, study_name: str | None = None, n_trials: int | None = None,
     timeout: float | None = None, workers: int = 1, device: str | None = None, progress: bool = True,
+    artifacts: str | None = None,
 ) -> optuna.Study:
     """Run (or continue) the study with `workers` processes; returns the study when all have stopped."""
     if workers < 1:
@@ -362,14 +462,16 @@ def search(
     name = study_name or spec.name
     study = open_study(spec, url, study_name=name, n_trials=n_trials)
     if workers == 1:
-        report = run_worker(spec, url, study_name=name, device=device, timeout=timeout, progress=progress)
+        report = run_worker(spec, url, study_name=name, device=device, timeout=timeout, progress=progress,
+                            artifacts=artifacts)
         if report.interrupted:
             raise KeyboardInterrupt
         return study
     context = multiprocessing.get_context("spawn")
     threads = max(1, (os.cpu_count() or 1) // workers)
     processes = [
-        context.Process(target=_worker_process, args=(str(spec.path), url, name, i, dev, timeout, threads), daemon=False)
+        context.Process(target=_worker_process, args=(str(spec.path), url, name, i, dev, timeout, threads, artifacts),
+                          daemon=False)
         for i, dev in enumerate(worker_devices(workers, device))
     ]
     for p in processes:
@@ -401,3 +503,8 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
     if not completed:
         return []
     return list(study.best_trials) if len(study.directions) > 1 else [study.best_trial]
+
+
+def exhausted_message(study: optuna.Study) -> str | None:
+    """The line a worker left when the study's space ran out of new configurations, if one did."""
+    return _system_attrs(study).get(_EXHAUSTED)

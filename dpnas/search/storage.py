@@ -102,8 +102,12 @@ def trial_slot_lock(storage: BaseStorage, url: str) -> Iterator[None]:
     yield
 
 
-def dashboard_command(url: str) -> str:
-    return f"optuna-dashboard {url}"
+def dashboard_command(url: str, artifact_dir: str | None = None) -> str:
+    """The stock optuna-dashboard command line for a storage (with its artifact directory, so it lists weights)."""
+    command = f"optuna-dashboard {url}"
+    if artifact_dir and not artifact_dir.startswith("s3://") and Path(artifact_dir).is_dir():
+        command += f" --artifact-dir {artifact_dir}"
+    return command
 
 
 def list_study_names(storage: BaseStorage) -> list[str]:

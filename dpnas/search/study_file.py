@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dpnas.arch.conditions import ARCH_RELEVANCE, ARCH_VALUE_RULES
 from dpnas.arch.registry import MODELS
 from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.data.datasets import DATASETS, DEFAULT_SYNTHETIC_SIZE
-from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.config import DP_RELEVANCE, PrivacyConfig, TrainConfig
 from dpnas.dp.recipes import DEFAULT_RECIPE, RECIPES
 
 OBJECTIVES = {"val_accuracy": "maximize", "params": "minimize", "epoch_seconds": "minimize"}
@@ -35,7 +36,9 @@ _STUDY_KEYS = {
     "name": str, "objectives": list, "n_trials": int, "timeout": (int, float), "seed": int, "sampler": str,
     "pruner": str, "trial_count": str, "mean_trials": (int, float), "eta": (int, float), "gamma": (int, float),
     "max_retries": int, "heartbeat_interval": int, "grace_period": int, "description": str,
+    "keep_weights": (str, int),
 }
+KEEP_WEIGHTS = ("all", "best", "none")
 _DATA_KEYS = {"dataset": str, "data_dir": str, "val_fraction": (int, float), "image_size": int, "synthetic_size": int}
 _CONFIG_FIELDS = {
     "arch": {f.name for f in dataclasses.fields(ArchConfig)},
@@ -105,6 +108,8 @@ class StudySpec:
     privacy: PrivacyConfig
     axes: tuple[Axis, ...] = field(default_factory=tuple)
     synthetic_size: int = DEFAULT_SYNTHETIC_SIZE
+    keep_weights: str | int = "best"
+    """Whose trained weights the artifact store keeps: all | best | none | K (the top K)."""
 
     @property
     def directions(self) -> list[str]:
@@ -122,21 +127,6 @@ class StudySpec:
     def default_storage(self) -> str:
         """An Optuna journal file next to the study file: safe for several processes on one host."""
         return str(self.path.with_suffix(".journal"))
-
-    def ablation_points(self) -> list[dict[str, Any]]:
-        """The base point, then every axis moved to each of its other values, one at a time."""
-        base = {a.name: _current_value(self, a) for a in self.axes}
-        points = [dict(base)]
-        for axis in self.axes:
-            for value in axis.grid_values():
-                if value != base[axis.name]:
-                    points.append({**base, axis.name: value})
-        return points
-
-
-def _current_value(spec: StudySpec, axis: Axis) -> Any:
-    config = {"arch": spec.arch, "train": spec.train, "privacy": spec.privacy}[axis.target]
-    return getattr(config, axis.name)
 
 
 def _fail(path: Path, key: str, message: str) -> StudyFileError:
@@ -212,6 +202,12 @@ def load_study_file(path: str | Path) -> StudySpec:
                 raise _fail(path, "study.eta", "truncated_negative_binomial needs eta > -1 (eta = 1: geometric)")
             if gamma is None or not 0 < gamma < 1:
                 raise _fail(path, "study.gamma", "truncated_negative_binomial needs 0 < gamma < 1")
+    keep_weights = study.get("keep_weights", "best")
+    if isinstance(keep_weights, str) and keep_weights not in KEEP_WEIGHTS:
+        raise _fail(path, "study.keep_weights", f"unknown value {keep_weights!r}; expected one of: "
+                                                f"{', '.join(KEEP_WEIGHTS)}, or a number K >= 1 (the top K)")
+    if isinstance(keep_weights, int) and keep_weights < 1:
+        raise _fail(path, "study.keep_weights", f"K must be >= 1, got {keep_weights}")
     timeout = study.get("timeout")
     if timeout is not None and timeout <= 0:
         raise _fail(path, "study.timeout", f"must be > 0 seconds, got {timeout}")
@@ -240,7 +236,8 @@ def load_study_file(path: str | Path) -> StudySpec:
     train = _build(path, "train", recipe.train, train_table)
     privacy = _build(path, "privacy", recipe.privacy, document.get("privacy", {}))
 
-    axes = tuple(_axis(path, name, value, {"arch": arch, "train": train, "privacy": privacy})
+    searched = set(document.get("search", {}))
+    axes = tuple(_axis(path, name, value, {"arch": arch, "train": train, "privacy": privacy}, searched)
                  for name, value in document.get("search", {}).items())
     if not axes:
         raise _fail(path, "search", "name at least one searched field, e.g. activation = [\"selu\", \"relu\"]")
@@ -287,6 +284,7 @@ def load_study_file(path: str | Path) -> StudySpec:
         privacy=privacy,
         axes=axes,
         synthetic_size=synthetic_size,
+        keep_weights=keep_weights,
     )
 
 
@@ -300,8 +298,31 @@ def _build(path: Path, section: str, base: Any, table: dict) -> Any:
         raise StudyFileError(f"{path}: [{section}] {err}") from None
 
 
-def _axis(path: Path, name: str, spec: Any, configs: dict[str, Any]) -> Axis:
+def _depends_on_searched(name: str, value: Any, searched: set[str]) -> bool:
+    """Whether a value's validity hangs on another searched field (then each trial's context decides)."""
+    rules = [ARCH_RELEVANCE.get(name), DP_RELEVANCE.get(name)]
+    try:
+        rules.append(ARCH_VALUE_RULES.get((name, value)))
+    except TypeError:
+        pass
+    parents = {p for rule in rules if rule is not None for p in rule.parents}
+    # a value refused with the base's fixed fields may be fine once a searched field moves (before_act
+    # next to a dense base, but with skip = "residual" searched too)
+    return bool(parents & (searched - {name})) or any(other in searched for other in _CONSTRAINED_BY.get(name, ()))
+
+
+# Fields whose combination checks in ArchConfig read the field in the key (so a searched key field can make a
+# value valid that the base refuses).
+_CONSTRAINED_BY = {"skip": ("scalenorm", "transition", "shortcut"), "norm": ("scalenorm",),
+                   "preact": ("scalenorm",), "transition": ("skip", "downsample"), "downsample": ("transition",),
+                   "width": ("shortcut",)}
+
+
+def _axis(path: Path, name: str, spec: Any, configs: dict[str, Any], searched: set[str] = frozenset()) -> Axis:
     key = f"search.{name}"
+    if name == "val_fraction":
+        raise _fail(path, key, "the validation split is fixed for a whole study (every trial is scored on the same "
+                               "records); set [data] val_fraction instead")
     target = next((t for t, fields in _CONFIG_FIELDS.items() if name in fields), None)
     if target is None:
         known = sorted(set().union(*_CONFIG_FIELDS.values()))
@@ -313,6 +334,8 @@ def _axis(path: Path, name: str, spec: Any, configs: dict[str, Any]) -> Axis:
         try:
             base.replace(**{name: value})
         except ConfigError as err:
+            if _depends_on_searched(name, value, searched):
+                return
             raise _fail(path, key, f"value {value!r} is outside the space: {err}") from None
 
     if isinstance(spec, list):

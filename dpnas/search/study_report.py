@@ -1,8 +1,7 @@
-"""After a search: find the study, export the best architecture, describe the study for the dashboard."""
+"""After a search: find the study, export the best recipe (and weights), describe the study for the dashboard."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +9,13 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dpnas.arch.space import ArchConfig, ConfigError
+from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.recipe_file import DataSettings, RecipeFile, recipe_to_toml, write_recipe
 from dpnas.search.privacy import SearchPrivacy
 from dpnas.search.runner import best_trials, study_privacy
 from dpnas.search.storage import dashboard_command, list_study_names, open_storage
 from dpnas.search.study_file import load_study_file
+from dpnas.search.weights import fetch_weights, open_store, study_location, weights_available
 
 
 def resolve_study(study_or_storage: str, study_name: str | None = None) -> tuple[optuna.Study, str]:
@@ -34,43 +36,67 @@ def resolve_study(study_or_storage: str, study_name: str | None = None) -> tuple
     return optuna.load_study(study_name=name, storage=storage), url
 
 
-def arch_to_toml(arch: ArchConfig, *, header: str = "") -> str:
-    # JSON scalars and arrays are valid TOML values for every ArchConfig field type
-    lines = [f"# {line}" for line in header.splitlines()]
-    lines += [f"{key} = {json.dumps(value)}" for key, value in arch.to_dict().items()]
-    return "\n".join(lines) + "\n"
-
-
-def write_arch(arch: ArchConfig, path: Path, *, header: str = "") -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".json":
-        path.write_text(json.dumps({"config": arch.to_dict(), "note": header}, indent=2) + "\n")
-    elif path.suffix == ".toml":
-        path.write_text(arch_to_toml(arch, header=header))
-    else:
-        raise ConfigError(f"--out {path}: expected a .toml or .json file")
-    return path
-
-
 def trial_arch(trial: FrozenTrial) -> ArchConfig:
     if "config" not in trial.user_attrs:
         raise ConfigError(f"trial {trial.number} has no recorded architecture (was it written by dpnas?)")
     return ArchConfig.from_dict(trial.user_attrs["config"])
 
 
+def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> RecipeFile:
+    """Everything the trial trained with: its architecture, training and privacy configs and data split.
+
+    Trials recorded before dpnas kept the whole recipe give their architecture alone.
+    """
+    attrs = trial.user_attrs
+    objectives = dict(zip(study.metric_names or ["value"], trial.values or []))
+    provenance = {"study": study.study_name, "trial": trial.number, "objectives": objectives,
+                  "epsilon_spent": attrs.get("epsilon_spent"), "delta": (attrs.get("privacy_config") or {}).get("delta"),
+                  "dpnas_version": study.user_attrs.get("dpnas_version")}
+    return RecipeFile(
+        arch=trial_arch(trial),
+        train=TrainConfig.from_dict(attrs["train_config"]) if "train_config" in attrs else None,
+        privacy=PrivacyConfig.from_dict(attrs["privacy_config"]) if "privacy_config" in attrs else None,
+        data=DataSettings(**attrs["data"]) if "data" in attrs else None,
+        provenance={k: v for k, v in provenance.items() if v is not None},
+    )
+
+
+def _numbered(out: Path, trial: FrozenTrial, several: bool) -> Path:
+    return out.with_name(f"{out.stem}-trial{trial.number}{out.suffix}") if several else out
+
+
 def export_best(study: optuna.Study, out: Path) -> list[Path]:
-    """The best architecture (or each Pareto-optimal one) as files `dpnas train` and `describe` take."""
+    """The best trial's recipe (or each Pareto-optimal one's) as files `dpnas train` and `describe` take."""
     trials = best_trials(study)
     if not trials:
         raise ConfigError(f"study {study.study_name!r} has no completed trial yet")
     paths = []
     for trial in trials:
-        path = out if len(trials) == 1 else out.with_name(f"{out.stem}-trial{trial.number}{out.suffix}")
-        header = (f"dpnas: best architecture of study {study.study_name!r}, trial {trial.number}\n"
-                  f"validation objectives {dict(zip(study.metric_names or ['value'], trial.values))}, "
-                  f"epsilon spent {trial.user_attrs.get('epsilon_spent')}")
-        paths.append(write_arch(trial_arch(trial), path, header=header))
+        recipe = trial_recipe(study, trial)
+        what = "recipe" if recipe.complete else "architecture"
+        header = (f"dpnas: best {what} of study {study.study_name!r}, trial {trial.number}\n"
+                  f"validation objectives {recipe.provenance.get('objectives')}, "
+                  f"epsilon spent {trial.user_attrs.get('epsilon_spent')}, "
+                  f"written by dpnas {recipe.provenance.get('dpnas_version', '?')}\n"
+                  "`dpnas train FILE` trains it again (a new private run: it spends its own epsilon).")
+        paths.append(write_recipe(recipe, _numbered(out, trial, len(trials) > 1), header=header))
     return paths
+
+
+def export_best_weights(study: optuna.Study, storage_url: str, out: Path, *, artifacts: str | None = None) -> list[Path]:
+    """Fetch the best trial's (or each Pareto-optimal trial's) stored weights from the artifact store."""
+    trials = best_trials(study)
+    if not trials:
+        raise ConfigError(f"study {study.study_name!r} has no completed trial yet")
+    location = study_location(study, storage_url, artifacts)
+    missing = [t.number for t in trials if not weights_available(study, t)]
+    if location is None or missing:
+        raise ConfigError(f"study {study.study_name!r}: no stored weights for trial(s) "
+                          f"{', '.join(map(str, missing or [t.number for t in trials]))} "
+                          f"(kept where: {location or 'nowhere: a server storage needs --artifacts DIR'}; "
+                          "keep_weights in [study] says which trials keep theirs)")
+    store = open_store(location)
+    return [fetch_weights(study, t, store, _numbered(out, t, len(trials) > 1)) for t in trials]
 
 
 def study_note(study: optuna.Study, privacy: SearchPrivacy, storage_url: str) -> str:
@@ -100,8 +126,8 @@ def study_note(study: optuna.Study, privacy: SearchPrivacy, storage_url: str) ->
         for t in best:
             lines.append(f"- trial {t.number}: values {t.values}, params {t.user_attrs.get('params')}, "
                          f"searched {t.params}")
-        lines += ["", "```toml", arch_to_toml(trial_arch(best[0])).rstrip(), "```"]
-    lines += ["", f"Open with: `{dashboard_command(storage_url)}`"]
+        lines += ["", "```toml", recipe_to_toml(trial_recipe(study, best[0])).rstrip(), "```"]
+    lines += ["", f"Open with: `{dashboard_command(storage_url, study_location(study, storage_url))}`"]
     return "\n".join(lines)
 
 

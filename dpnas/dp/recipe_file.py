@@ -1,0 +1,183 @@
+"""Recipe files: everything needed to train one architecture again, in one TOML file.
+
+    # provenance comments (study, trial, objective values, epsilon spent, dpnas version)
+    [arch]        every ArchConfig field
+    [train]       every TrainConfig field
+    [privacy]     every PrivacyConfig field
+    [data]        dataset, val_fraction, split_seed, image_size, synthetic_size, data_dir
+    [provenance]  the same facts as the header, machine-readable (ignored when training)
+
+``dpnas best`` writes one per best trial; ``dpnas train RECIPE`` and ``dpnas describe RECIPE`` read it. A file
+with only ArchConfig fields (or only ``[arch]``) is an architecture alone, as before: the named recipe fills in
+the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpnas.arch.space import ArchConfig, ConfigError
+from dpnas.data.datasets import DATASETS, DEFAULT_SYNTHETIC_SIZE
+from dpnas.dp.config import PrivacyConfig, TrainConfig
+
+DATA_KEYS = {"dataset": str, "val_fraction": (int, float), "split_seed": int, "image_size": int,
+             "synthetic_size": int, "data_dir": str}
+SECTIONS = ("arch", "train", "privacy", "data", "provenance")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """How the data of a run was loaded and split (so that a retrain sees the same validation and test split)."""
+
+    dataset: str = "digits"
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    image_size: int | None = None
+    synthetic_size: int = DEFAULT_SYNTHETIC_SIZE
+    data_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class RecipeFile:
+    arch: ArchConfig
+    train: TrainConfig | None = None
+    privacy: PrivacyConfig | None = None
+    data: DataSettings | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.train is not None and self.privacy is not None
+
+
+def toml_value(value: Any) -> str:
+    """One TOML value for a config field (bool, number, string, or a list of them)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, (int, str)):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _table(name: str, values: dict[str, Any]) -> list[str]:
+    return [f"[{name}]"] + [f"{key} = {toml_value(value)}" for key, value in values.items() if value is not None] + [""]
+
+
+def recipe_to_toml(recipe: RecipeFile, *, header: str = "") -> str:
+    lines = [f"# {line}" for line in header.splitlines()]
+    if lines:
+        lines.append("")
+    lines += _table("arch", recipe.arch.to_dict())
+    if recipe.train is not None:
+        lines += _table("train", recipe.train.to_dict())
+    if recipe.privacy is not None:
+        lines += _table("privacy", recipe.privacy.to_dict())
+    if recipe.data is not None:
+        lines += _table("data", recipe.data.to_dict())
+    if recipe.provenance:
+        lines += _table("provenance", recipe.provenance)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_recipe(recipe: RecipeFile, path: Path, *, header: str = "") -> Path:
+    """Write a .toml (or .json) recipe atomically."""
+    path = Path(path)
+    if path.suffix == ".toml":
+        text = recipe_to_toml(recipe, header=header)
+    elif path.suffix == ".json":
+        document = {"note": header, "arch": recipe.arch.to_dict()}
+        for name in ("train", "privacy", "data"):
+            part = getattr(recipe, name)
+            if part is not None:
+                document[name] = part.to_dict()
+        if recipe.provenance:
+            document["provenance"] = recipe.provenance
+        text = json.dumps(document, indent=2, default=str) + "\n"
+    else:
+        raise ConfigError(f"--out {path}: expected a .toml or .json file")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+    return path
+
+
+def _read_document(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read file ({err.strerror or err})") from err
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {err}") from err
+    raise ConfigError(f"{path}: unknown file type {path.suffix!r}; expected .json or .toml")
+
+
+def _section(path: Path, name: str, cls: Any, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table")
+    try:
+        return cls.from_dict(table, source=f"{path} [{name}]")
+    except ConfigError as err:
+        message = str(err)
+        raise ConfigError(message if message.startswith(str(path)) else f"{path} [{name}]: {message}") from None
+
+
+def _data_settings(path: Path, table: Any) -> DataSettings:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [data] must be a table")
+    for key, value in table.items():
+        if key not in DATA_KEYS:
+            raise ConfigError(f"{path}: data.{key}: unknown key; allowed: {', '.join(DATA_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, DATA_KEYS[key]):
+            raise ConfigError(f"{path}: data.{key}: unexpected value {value!r}")
+    if table.get("dataset", "digits") not in DATASETS:
+        raise ConfigError(f"{path}: data.dataset: unknown dataset {table['dataset']!r}; expected one of: "
+                          f"{', '.join(DATASETS)}")
+    return DataSettings(**{**table, "val_fraction": float(table.get("val_fraction", 0.2))})
+
+
+def load_recipe_file(path: str | Path) -> RecipeFile:
+    """A recipe file, or an architecture-only file (flat ArchConfig fields, ``[arch]`` or ``config``)."""
+    path = Path(path)
+    document = _read_document(path)
+    if not isinstance(document, dict):
+        raise ConfigError(f"{path}: expected a table of ArchConfig fields, got {type(document).__name__}")
+    if isinstance(document.get("arch"), dict):
+        extra = sorted(k for k in document if k not in SECTIONS and k != "note")
+        if extra:
+            raise ConfigError(f"{path}: unknown section(s) {', '.join(extra)}; a recipe file has: {', '.join(SECTIONS)}")
+        return RecipeFile(
+            arch=_section(path, "arch", ArchConfig, document["arch"]),
+            train=_section(path, "train", TrainConfig, document["train"]) if "train" in document else None,
+            privacy=_section(path, "privacy", PrivacyConfig, document["privacy"]) if "privacy" in document else None,
+            data=_data_settings(path, document["data"]) if "data" in document else None,
+            provenance=dict(document.get("provenance") or {}),
+        )
+    if isinstance(document.get("config"), dict):  # `dpnas describe --json` and training results
+        document = document["config"]
+    return RecipeFile(arch=_section(path, "arch", ArchConfig, document))

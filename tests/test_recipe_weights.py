@@ -1,0 +1,125 @@
+"""The search's output, whole: the best trial's recipe file, its stored weights, and scoring them again."""
+
+import json
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+from search_helpers import write_study
+
+from dpnas.cli import main
+from dpnas.dp.checkpoint import load_checkpoint
+from dpnas.dp.recipe_file import load_recipe_file
+from dpnas.search.runner import best_trials
+from dpnas.search.storage import open_storage
+from dpnas.search.study_file import load_study_file
+from dpnas.search.weights import weights_available
+
+
+def _load(spec):
+    return optuna.load_study(study_name=spec.name, storage=open_storage(spec.default_storage()))
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """A 2-trial study that also searches the learning rate and clip norm, with the top 1 weights kept."""
+    directory = tmp_path_factory.mktemp("recipe")
+    path = write_study(directory, n_trials=2, epochs=2, sampler="random", extra="keep_weights = 1")
+    text = path.read_text().replace("width = { low = 0.5, high = 1.0, step = 0.5 }",
+                                    "width = [0.5]\nlr = { low = 1e-3, high = 1e-2, log = true }\n"
+                                    "max_grad_norm = { low = 0.5, high = 3.0, log = true }")
+    path.write_text(text)
+    assert main(["search", str(path), "--quiet"]) == 0
+    spec = load_study_file(path)
+    return directory, path, spec, _load(spec)
+
+
+def test_best_writes_a_complete_recipe_with_provenance(searched):
+    directory, path, spec, study = searched
+    out = directory / "best.toml"
+    assert main(["best", str(path), "--out", str(out)]) == 0
+    best = best_trials(study)[0]
+    recipe = load_recipe_file(out)
+    assert recipe.complete and recipe.data is not None
+    # the searched DP hyperparameters are in the recipe, not the recipe's defaults
+    assert recipe.train.lr == best.params["lr"] and recipe.privacy.max_grad_norm == best.params["max_grad_norm"]
+    assert recipe.arch.to_dict() == best.user_attrs["config"]
+    assert recipe.data.dataset == "digits" and recipe.data.val_fraction == spec.val_fraction
+    assert recipe.provenance["trial"] == best.number and recipe.provenance["study"] == spec.name
+    assert recipe.provenance["epsilon_spent"] == pytest.approx(best.user_attrs["epsilon_spent"])
+    header = out.read_text().splitlines()[:3]
+    assert header[0].startswith("# dpnas: best recipe of study") and "epsilon spent" in header[1]
+    assert main(["describe", str(out), "--json"]) == 0  # describe takes it too
+
+
+def test_training_the_exported_recipe_reproduces_the_trial(searched, capsys):
+    directory, path, spec, study = searched
+    out = directory / "best-repro.toml"
+    assert main(["best", str(path), "--out", str(out)]) == 0
+    result_path = directory / "retrained.json"
+    assert main(["train", str(out), "--out", str(result_path), "--quiet"]) == 0
+    result = json.loads(result_path.read_text())
+    best = best_trials(study)[0]
+    assert result["train_config"] == best.user_attrs["train_config"]
+    assert result["max_grad_norm"] == best.params["max_grad_norm"]
+    # Same seed, same device, same split: the same run. The per-layer method tuner may pick another exact
+    # per-sample method (they agree to 1e-4), which can move a borderline prediction: bounded by one record.
+    assert abs(result["val_accuracy"] - best.values[0]) <= 1 / result["val_size"] + 1e-12
+    assert abs(result["test_accuracy"] - best.user_attrs["test_accuracy"]) <= 1 / result["test_size"] + 1e-12
+    # flags still override the file
+    assert main(["train", str(out), "--epochs", "1", "--out", str(directory / "one.json"), "--quiet"]) == 0
+    assert json.loads((directory / "one.json").read_text())["train_config"]["epochs"] == 1
+
+
+def test_weights_round_trip_through_the_artifact_store(searched, capsys):
+    directory, path, spec, study = searched
+    weights = directory / "best.pt"
+    assert main(["best", str(path), "--out", str(directory / "b.toml"), "--weights", str(weights)]) == 0
+    best = best_trials(study)[0]
+    checkpoint = load_checkpoint(weights)
+    assert checkpoint["provenance"]["trial"] == best.number
+    assert checkpoint["config"] == best.user_attrs["config"]
+    # linked to the trial through Optuna's artifact API, so optuna-dashboard lists it
+    metas = optuna.artifacts.get_all_artifact_meta(_load(spec).trials[best.number], storage=_load(spec)._storage)
+    assert [m.filename for m in metas] == ["weights.pt"]
+    capsys.readouterr()
+    assert main(["evaluate", str(weights), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert {"test_accuracy", "params", "config"} <= set(report)
+    assert report["test_accuracy"] == pytest.approx(best.user_attrs["test_accuracy"], abs=1e-12)
+    assert report["params"] == best.user_attrs["params"]
+
+
+def test_keep_weights_bounds_what_is_stored(searched):
+    _, _, spec, study = searched
+    done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    kept = [t.number for t in done if weights_available(study, t)]
+    assert kept == [best_trials(study)[0].number]  # keep_weights = 1: only the best keeps its file
+    store_dir = Path(spec.default_storage() + ".artifacts")
+    assert len([p for p in store_dir.iterdir() if p.is_file()]) == 1
+
+
+@pytest.mark.parametrize("content", ["garbage", "torch-dict", "pickled-module", "missing"])
+def test_a_file_that_is_not_a_dpnas_checkpoint_is_refused_in_one_line(tmp_path, capsys, content):
+    path = tmp_path / "weights.pt"
+    if content == "garbage":
+        path.write_bytes(b"not a checkpoint at all")
+    elif content == "torch-dict":
+        torch.save({"state_dict": {}}, path)
+    elif content == "pickled-module":
+        torch.save(torch.nn.Linear(2, 2), path)  # code, which weights_only=True must never unpickle
+    assert main(["evaluate", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err
+    assert "weights_only=False" not in err  # never advise the unsafe load
+
+
+def test_old_architecture_only_files_still_load(tmp_path):
+    arch_file = tmp_path / "arch.json"
+    arch_file.write_text(json.dumps({"config": {"width": 0.5, "depth": 1.0, "head_hidden": [32]}}))
+    flat = tmp_path / "arch.toml"
+    flat.write_text('width = 0.5\nactivation = "relu"\n')
+    assert not load_recipe_file(arch_file).complete and load_recipe_file(arch_file).arch.width == 0.5
+    assert load_recipe_file(flat).arch.activation == "relu" and load_recipe_file(flat).train is None
