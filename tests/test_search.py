@@ -117,10 +117,13 @@ def test_grid_points_are_enqueued_once_for_every_worker(tmp_path):
     spec = load_study_file(write_study(tmp_path, sampler="grid"))
     study = search_module.open_study(spec, spec.default_storage())
     search_module.open_study(spec, spec.default_storage(), worker_index=1)  # a second worker joins
-    waiting = [t.params for t in study.get_trials() if t.state == TrialState.WAITING]
     fixed = [t.system_attrs["fixed_params"] for t in study.get_trials()]
-    assert len(fixed) == 6 == trial_budget(study)[0] and not waiting
-    assert len({tuple(sorted(f.items())) for f in fixed}) == 6
+    # n_trials = 3 of the 6 grid points: exactly those are enqueued, once, whichever worker opened the study
+    assert len(fixed) == 3 == trial_budget(study)[0]
+    assert len({tuple(sorted(f.items())) for f in fixed}) == 3
+    search_module.open_study(spec, spec.default_storage(), n_trials=6)  # a larger budget enqueues the rest
+    fixed = [t.system_attrs["fixed_params"] for t in study.get_trials()]
+    assert len(fixed) == 6 == len({tuple(sorted(f.items())) for f in fixed}) == trial_budget(study)[0]
 
 
 def test_interrupted_trial_is_retried_with_the_same_parameters(tmp_path, monkeypatch):
@@ -144,11 +147,11 @@ def test_interrupted_trial_is_retried_with_the_same_parameters(tmp_path, monkeyp
     study = load(spec)
     states = [t.state for t in trained(study)]
     assert states == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
-    failed = study.get_trials()[1]
+    failed = trained(study)[1]
     assert "interrupted" in failed.user_attrs["failure_reason"]
     monkeypatch.setattr(search_module, "train", real_train)
     search(spec, progress=False)  # resume
-    trials = load(spec).get_trials()
+    trials = trained(load(spec))
     done = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(done) == 3 and trial_budget(load(spec))[:2] == (3, 3)
     retried = trials[2]

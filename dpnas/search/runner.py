@@ -233,12 +233,14 @@ def data_settings(spec: StudySpec) -> DataSettings:
                         image_size=spec.image_size, synthetic_size=spec.synthetic_size, data_dir=spec.data_dir)
 
 
-def _trained_keys(study: optuna.Study) -> dict[str, int]:
+def _trained_keys(study: optuna.Study, *, exclude: int | None = None) -> dict[str, int]:
     """config key -> trial number, for every trial that trained (or is training) its configuration."""
     keys = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)):
         key = t.user_attrs.get("config_key")
-        if key is not None:
+        # A retry (Optuna's stale-trial callback) arrives with its failed original's user attributes, config_key
+        # included: it must not count as a repeat of itself.
+        if key is not None and t.number != exclude:
             keys.setdefault(key, t.number)
     return keys
 
@@ -253,7 +255,7 @@ def _propose(study: optuna.Study, spec: StudySpec, trial: Trial) -> tuple[Any, s
     except ConfigError as err:
         return err, None
     key = config_key(configs)
-    repeated = _trained_keys(study).get(key)
+    repeated = _trained_keys(study, exclude=trial.number).get(key)
     trial.set_user_attr("config_key", key)
     return configs, repeated
 
