@@ -203,6 +203,9 @@ class Train(Command):
         print(f"{status} {result['steps']} steps: val accuracy {result['val_accuracy']:.4f}, "
               f"test accuracy {result['test_accuracy']:.4f}, {eps}")
         print(f"result written to {out}")
+        if result["private"] and result["reproducible"]:
+            print("note: reproducible = true: whoever has the seed can regenerate this run's batches and noise; "
+                  "retrain without it before releasing the model")
         return 130 if result["interrupted"] else 0
 
 
@@ -397,17 +400,21 @@ class Privacy(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.search.runner import study_privacy
-        from dpnas.search.study_report import resolve_study
+        from dpnas.search.study_report import reproducible_trials, resolve_study
 
         study, _ = resolve_study(args.study, args.study_name)
         report = study_privacy(study)
         if args.json:
-            print(json.dumps(json_safe(report.to_dict()), indent=2))
+            print(json.dumps(json_safe({**report.to_dict(), "reproducible_trials": reproducible_trials(study)}), indent=2))
             return 0
         print(f"study {study.study_name!r}: mode {report.mode}, {report.runs} runs touched the training data")
         print(f"releasing the best trial: epsilon = {report.epsilon:.4f}, delta = {report.delta:g} "
               f"(one run alone: epsilon = {report.per_run_epsilon:.4f})")
         print(report.explanation)
+        seeded = reproducible_trials(study)
+        if seeded:
+            print(f"{len(seeded)} trial(s) ran with reproducible = true: whoever has the seed can regenerate their "
+                  "batches and noise; retrain without it before releasing a model")
         return 0
 
 

@@ -27,7 +27,8 @@ def searched(tmp_path_factory):
     """A 2-trial study that also searches the learning rate and clip norm, with the top 1 weights kept."""
     directory = tmp_path_factory.mktemp("recipe")
     path = write_study(directory, n_trials=2, epochs=2, sampler="random", extra="keep_weights = 1")
-    text = path.read_text().replace("width = { low = 0.5, high = 1.0, step = 0.5 }",
+    # reproducible = true: the retrain test regenerates the trial's batches and noise from its seed
+    text = path.read_text().replace("delta = 1e-5", "delta = 1e-5\nreproducible = true").replace("width = { low = 0.5, high = 1.0, step = 0.5 }",
                                     "width = [0.5]\nlr = { low = 1e-3, high = 1e-2, log = true }\n"
                                     "max_grad_norm = { low = 0.5, high = 3.0, log = true }")
     path.write_text(text)
@@ -64,7 +65,8 @@ def test_training_the_exported_recipe_reproduces_the_trial(searched, capsys):
     best = best_trials(study)[0]
     assert result["train_config"] == best.user_attrs["train_config"]
     assert result["max_grad_norm"] == best.params["max_grad_norm"]
-    # Same seed, same device, same split: the same run. The per-layer method tuner may pick another exact
+    assert result["reproducible"] is True
+    # Same seed, same device, same split, reproducible mode: the same run. The per-layer method tuner may pick another exact
     # per-sample method (they agree to 1e-4), which can move a borderline prediction: bounded by one record.
     assert abs(result["val_accuracy"] - best.values[0]) <= 1 / result["val_size"] + 1e-12
     assert abs(result["test_accuracy"] - best.user_attrs["test_accuracy"]) <= 1 / result["test_size"] + 1e-12
@@ -114,6 +116,20 @@ def test_a_file_that_is_not_a_dpnas_checkpoint_is_refused_in_one_line(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(path) in err
     assert "weights_only=False" not in err  # never advise the unsafe load
+
+
+def test_a_default_private_trial_is_not_regenerated_by_its_recipe(tmp_path):
+    # Without reproducible = true, retraining the exported recipe (same seed, same split) is a new private run:
+    # its batches and noise come from fresh secret seeds, so its weights differ from the released trial's.
+    path = write_study(tmp_path, n_trials=1, epochs=1, sampler="random")
+    assert main(["search", str(path), "--quiet"]) == 0
+    out, released, retrained = tmp_path / "best.toml", tmp_path / "best.pt", tmp_path / "again.pt"
+    assert main(["best", str(path), "--out", str(out), "--weights", str(released)]) == 0
+    assert load_recipe_file(out).privacy.reproducible is False
+    assert main(["train", str(out), "--out", str(tmp_path / "r.json"), "--weights", str(retrained), "--quiet"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["reproducible"] is False
+    a, b = load_checkpoint(released)["state_dict"], load_checkpoint(retrained)["state_dict"]
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_old_architecture_only_files_still_load(tmp_path):

@@ -15,6 +15,7 @@ from dpnas.data.datasets import load_dataset
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.recipes import RECIPES, split_overrides
 from dpnas.dp.train import DivergedError, train
+from dpnas.results import json_safe
 
 TINY = MODELS["tiny"].arch
 REQUIRED = {"config", "dataset", "epsilon_target", "epsilon_spent", "delta", "noise_multiplier", "sample_rate", "steps",
@@ -49,13 +50,49 @@ def test_private_training_meets_the_budget_and_reports_it(digits):
     assert result["per_sample"] == "dpnas" and sum(result["per_sample_methods"].values()) == len(trainable)
 
 
-def test_training_is_reproducible_for_a_seed(digits):
-    a = train(TINY, digits, train_cfg=quick(epochs=1), privacy=PrivacyConfig(), progress=False)
-    b = train(TINY, digits, train_cfg=quick(epochs=1), privacy=PrivacyConfig(), progress=False)
-    c = train(TINY, digits, train_cfg=quick(epochs=1, seed=1), privacy=PrivacyConfig(), progress=False)
+def test_training_is_reproducible_for_a_seed_when_asked(digits):
+    privacy = PrivacyConfig(reproducible=True)
+    a = train(TINY, digits, train_cfg=quick(epochs=1), privacy=privacy, progress=False)
+    b = train(TINY, digits, train_cfg=quick(epochs=1), privacy=privacy, progress=False)
+    c = train(TINY, digits, train_cfg=quick(epochs=1, seed=1), privacy=privacy, progress=False)
     assert a["history"][0]["train_loss"] == b["history"][0]["train_loss"]
     assert a["test_accuracy"] == b["test_accuracy"]
     assert a["history"][0]["train_loss"] != c["history"][0]["train_loss"]
+    assert a["reproducible"] is True
+
+
+def test_default_private_runs_draw_secret_batches_and_noise(digits, monkeypatch):
+    # Two private runs with the same seed: same initialisation, but different Poisson batches and noise, from
+    # seeds that nothing recorded holds (DP-SGD's guarantee assumes the adversary knows neither).
+    drawn, batches, weights = [], [], []
+    real_seeds, real_sample = train_module.release_seeds, train_module.poisson_sample
+
+    def spy_seeds(seed, privacy):
+        drawn.append(real_seeds(seed, privacy))
+        return drawn[-1]
+
+    def spy_sample(*args, **kwargs):
+        idx = real_sample(*args, **kwargs)
+        batches.append(idx.tolist())
+        return idx
+
+    monkeypatch.setattr(train_module, "release_seeds", spy_seeds)
+    monkeypatch.setattr(train_module, "poisson_sample", spy_sample)
+    results = []
+    for _ in range(2):
+        batches.clear()
+        results.append(train(TINY, digits, train_cfg=quick(epochs=1), privacy=PrivacyConfig(), progress=False,
+                             on_trained=lambda m: weights.append([p.detach().clone() for p in m.parameters()])))
+        results[-1]["batches"] = list(batches)
+    assert drawn[0] != drawn[1] and all(s not in (1, 3) for pair in drawn for s in pair)  # not seed + 1 / + 3
+    assert results[0]["batches"] != results[1]["batches"]  # different Poisson draws
+    assert any(not torch.equal(a, b) for a, b in zip(*weights))  # different noise (and batches)
+    for result, seeds in zip(results, drawn):
+        assert result["reproducible"] is False
+        recorded = json.dumps(json_safe({k: v for k, v in result.items() if k != "batches"}))
+        assert all(str(s) not in recorded for s in seeds)
+    # a non-private run has nothing to protect and stays seeded
+    assert real_seeds(5, PrivacyConfig(epsilon=float("inf"))) == (6, 8)
 
 
 def test_test_set_is_evaluated_once_after_training(digits, monkeypatch):

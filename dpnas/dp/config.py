@@ -55,6 +55,11 @@ class PrivacyConfig(_FromDict):
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     """rdp (Opacus's RDP accountant, the papers' choice) | prv (tighter numerical accountant)."""
+    reproducible: bool = False
+    """false (default): a private run's Poisson batches and noise come from generators seeded by the OS's secure
+    random source, and that seed is never stored, so nothing recorded regenerates them (DP-SGD's guarantee assumes
+    the adversary knows neither). true: seeded from the run's `seed`, for research and tests; whoever has the seed
+    can regenerate the noise, so such a model must be retrained without it before release."""
 
     def __post_init__(self) -> None:
         check_field_types(self)

@@ -9,6 +9,7 @@ validation split held out of the training set; the test set is evaluated once, a
 from __future__ import annotations
 
 import math
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,6 +33,17 @@ EpochCallback = Callable[[dict[str, Any]], None]
 
 class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+def release_seeds(seed: int, privacy: PrivacyConfig) -> tuple[int, int]:
+    """Seeds of the Poisson-sampling and noise generators: secret for a private run unless it asks to be reproducible.
+
+    The secret ones come from the OS's CSPRNG (`secrets`) and live only in this call's caller; a non-private run has
+    nothing to protect and stays seeded.
+    """
+    if privacy.private and not privacy.reproducible:
+        return secrets.randbits(63), secrets.randbits(63)
+    return seed + 1, seed + 3
 
 
 def default_device() -> torch.device:
@@ -124,9 +136,11 @@ def train(
     optimizer = make_optimizer(model, train_cfg)
     scheduler = make_scheduler(optimizer, train_cfg)
     accountant = make_accountant(privacy)
-    sampling_generator = torch.Generator(device).manual_seed(train_cfg.seed + 1)
-    augment_generator = torch.Generator(device).manual_seed(train_cfg.seed + 2)
-    noise_generator = torch.Generator(device).manual_seed(train_cfg.seed + 3)
+    sampling_seed, noise_seed = release_seeds(train_cfg.seed, privacy)
+    sampling_generator = torch.Generator(device).manual_seed(sampling_seed)
+    augment_generator = torch.Generator(device).manual_seed(train_cfg.seed + 2)  # may stay seeded: not the mechanism
+    noise_generator = torch.Generator(device).manual_seed(noise_seed)
+    del sampling_seed, noise_seed  # never stored, returned or logged
     engine = DPSGDEngine(
         model,
         optimizer,
@@ -214,6 +228,8 @@ def train(
         "epsilon_spent": epsilon_spent(accountant, privacy.delta) if privacy.private else math.inf,
         "delta": privacy.delta,
         "accountant": privacy.accountant,
+        # false: the batches and noise came from secret seeds; true: `seed` regenerates them (retrain before release)
+        "reproducible": privacy.reproducible or not privacy.private,
         "noise_multiplier": plan.noise_multiplier,
         "sample_rate": plan.sample_rate,
         "expected_batch_size": plan.expected_batch_size,
