@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 
 from dpnas import __version__ as dpnas_version
 from dpnas.data.datasets import DEFAULT_SYNTHETIC_SIZE, load_dataset
+from dpnas.dp.recipe_file import toml_value
 from dpnas.search.runner import search
 from dpnas.search.study_file import load_study_file
 
@@ -131,14 +132,13 @@ def derive_study(args: argparse.Namespace, directory: Path) -> Path:
 
 
 def to_toml(document: dict) -> str:
-    # JSON scalars and arrays are valid TOML values (as in dpnas.dp.recipe_file.toml_value)
     lines = []
     for section, table in document.items():
         lines.append(f"[{section}]")
         for key, value in table.items():
             if isinstance(value, dict):
                 raise ValueError(f"[{section}] {key}: tables are not written here")
-            lines.append(f"{key} = {json.dumps(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 

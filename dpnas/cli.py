@@ -142,7 +142,7 @@ class Train(Command):
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.data.datasets import load_dataset
         from dpnas.dp.checkpoint import checkpoint_dict, save_checkpoint
-        from dpnas.dp.recipe_file import DataSettings, load_recipe_file
+        from dpnas.dp.recipe_file import load_recipe_file, retrain_data_settings
         from dpnas.dp.recipes import DEFAULT_RECIPE, get_recipe, split_overrides
         from dpnas.dp.train import DivergedError, train
         from dpnas.results import default_result_path, write_json
@@ -154,7 +154,7 @@ class Train(Command):
         base_train, base_privacy = recipe.train, recipe.privacy
         if recipe_file is not None and recipe_file.complete and args.recipe is None:
             base_train, base_privacy = recipe_file.train, recipe_file.privacy
-        settings = recipe_file.data if recipe_file is not None and recipe_file.data is not None else None
+        settings = recipe_file.data if recipe_file is not None else None
         arch_changes, train_changes, privacy_changes = split_overrides(args.assignments)
         flags = {"epochs": args.epochs, "batch_size": args.batch_size, "physical_batch_size": args.physical_batch_size,
                  "lr": args.lr, "seed": args.seed, "val_fraction": args.val_fraction}
@@ -165,22 +165,16 @@ class Train(Command):
         arch = recipe_file.arch.replace(**arch_changes) if recipe_file is not None else load_arch(args.arch, arch_changes)
         train_cfg = base_train.replace(**train_changes)
         privacy = base_privacy.replace(**privacy_changes)
-        dataset = args.dataset or (settings.dataset if settings else "digits")
-        same_data = settings is not None and dataset == settings.dataset
-        # A recipe from a search keeps the study's split (its seed and validation fraction) unless told otherwise,
-        # so the retrained model is scored on the same validation and test records as the trial was.
-        split_seed = settings.split_seed if same_data and args.seed is None else train_cfg.seed
-        if same_data and args.val_fraction is None and "val_fraction" not in train_changes:
-            train_cfg = train_cfg.replace(val_fraction=settings.val_fraction)
-        data_settings = DataSettings(
-            dataset=dataset, val_fraction=train_cfg.val_fraction, split_seed=split_seed,
-            image_size=args.image_size or (settings.image_size if same_data else None),
-            synthetic_size=settings.synthetic_size if same_data else DataSettings.synthetic_size,
-            data_dir=args.data_dir or (settings.data_dir if same_data else None))
-        data = load_dataset(dataset, data_dir=data_settings.data_dir, val_fraction=train_cfg.val_fraction,
-                            seed=split_seed, image_size=data_settings.image_size,
-                            synthetic_size=data_settings.synthetic_size)
-        out = Path(args.out) if args.out else default_result_path("train", Path(args.arch).stem, dataset)
+        data_settings = retrain_data_settings(
+            settings, dataset=args.dataset, train_seed=train_cfg.seed, val_fraction=train_cfg.val_fraction,
+            keep_split_seed=args.seed is None,
+            keep_val_fraction=args.val_fraction is None and "val_fraction" not in train_changes,
+            image_size=args.image_size, data_dir=args.data_dir)
+        train_cfg = train_cfg.replace(val_fraction=data_settings.val_fraction)
+        data = load_dataset(data_settings.dataset, data_dir=data_settings.data_dir,
+                            val_fraction=data_settings.val_fraction, seed=data_settings.split_seed,
+                            image_size=data_settings.image_size, synthetic_size=data_settings.synthetic_size)
+        out = Path(args.out) if args.out else default_result_path("train", Path(args.arch).stem, data_settings.dataset)
         weights = Path(args.weights) if args.weights else None
         trained = []
         try:

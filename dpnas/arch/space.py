@@ -332,6 +332,24 @@ class ArchConfig:
         return json.dumps(self.to_dict(), indent=2)
 
 
+def read_config_document(path: Path) -> Any:
+    """A .json or .toml config file's contents; every way it can fail is a ConfigError naming the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file (not UTF-8)") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read file ({err.strerror or err})") from err
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {err}") from err
+    raise ConfigError(f"{path}: unknown file type {path.suffix!r}; expected .json or .toml")
+
+
 def load_arch_file(path: str | Path) -> ArchConfig:
     """Load an ArchConfig from a .json or .toml file.
 
@@ -339,19 +357,7 @@ def load_arch_file(path: str | Path) -> ArchConfig:
     (as ``dpnas describe --json`` and training results write it).
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read file ({err.strerror or err})") from err
-    try:
-        if path.suffix == ".toml":
-            data = tomllib.loads(text)
-        elif path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise ConfigError(f"{path}: unknown file type {path.suffix!r}; expected .json or .toml")
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {err}") from err
+    data = read_config_document(path)
     for key in ("config", "arch"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]

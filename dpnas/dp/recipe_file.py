@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpnas.arch.space import ArchConfig, ConfigError
+from dpnas.arch.space import ArchConfig, ConfigError, read_config_document
 from dpnas.data.datasets import DATASETS, DEFAULT_SYNTHETIC_SIZE
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 
@@ -43,6 +42,27 @@ class DataSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+def retrain_data_settings(recorded: DataSettings | None, *, dataset: str | None, train_seed: int, val_fraction: float,
+                          keep_split_seed: bool, keep_val_fraction: bool, image_size: int | None,
+                          data_dir: str | None) -> DataSettings:
+    """The data a new run of a recipe sees: the recorded split on the recorded dataset, unless told otherwise.
+
+    Keeping the study's split (its seed and validation fraction) scores the retrained model on the same
+    validation and test records as the trial was. Without a recorded split (or on another dataset), the run's
+    own seed and validation fraction split the data, as for any `dpnas train`.
+    """
+    name = dataset or (recorded.dataset if recorded else "digits")
+    same = recorded is not None and name == recorded.dataset
+    return DataSettings(
+        dataset=name,
+        val_fraction=recorded.val_fraction if same and keep_val_fraction else val_fraction,
+        split_seed=recorded.split_seed if same and keep_split_seed else train_seed,
+        image_size=image_size or (recorded.image_size if same else None),
+        synthetic_size=recorded.synthetic_size if same else DEFAULT_SYNTHETIC_SIZE,
+        data_dir=data_dir or (recorded.data_dir if same else None),
+    )
 
 
 @dataclass(frozen=True)
@@ -120,23 +140,6 @@ def write_recipe(recipe: RecipeFile, path: Path, *, header: str = "") -> Path:
     return path
 
 
-def _read_document(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not a text file (not UTF-8)") from err
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read file ({err.strerror or err})") from err
-    try:
-        if path.suffix == ".toml":
-            return tomllib.loads(text)
-        if path.suffix == ".json":
-            return json.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {err}") from err
-    raise ConfigError(f"{path}: unknown file type {path.suffix!r}; expected .json or .toml")
-
-
 def _section(path: Path, name: str, cls: Any, table: Any) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [{name}] must be a table")
@@ -164,7 +167,7 @@ def _data_settings(path: Path, table: Any) -> DataSettings:
 def load_recipe_file(path: str | Path) -> RecipeFile:
     """A recipe file, or an architecture-only file (flat ArchConfig fields, ``[arch]`` or ``config``)."""
     path = Path(path)
-    document = _read_document(path)
+    document = read_config_document(path)
     if not isinstance(document, dict):
         raise ConfigError(f"{path}: expected a table of ArchConfig fields, got {type(document).__name__}")
     if isinstance(document.get("arch"), dict):

@@ -17,6 +17,7 @@ covered, or a sampler that keeps repeating itself, ends the study with a line sa
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import math
 import multiprocessing
@@ -26,7 +27,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 import torch
@@ -42,7 +43,7 @@ from dpnas.dp.privacy import PrivacyPlan
 from dpnas.dp.recipe_file import DataSettings
 from dpnas.dp.train import DivergedError, train
 from dpnas.search.privacy import RunPrivacy, SearchPrivacy, draw_trial_count, search_privacy
-from dpnas.search.sampling import ablation_points, config_key, grid_points, space_size, suggest
+from dpnas.search.sampling import Configs, ablation_points, config_key, grid_points, space_size, suggest
 from dpnas.search.storage import open_storage, trial_slot_lock
 from dpnas.search.study_file import StudySpec, load_study_file
 from dpnas.search.weights import default_location, keep_trial_weights, open_store, record_location, study_location
@@ -245,36 +246,27 @@ def _trained_keys(study: optuna.Study, *, exclude: int | None = None) -> dict[st
     return keys
 
 
-def _propose(study: optuna.Study, spec: StudySpec, trial: Trial) -> tuple[Any, str | None]:
+def _propose(study: optuna.Study, spec: StudySpec, trial: Trial) -> tuple[Any, int | None]:
     """Sample the trial's configs (under the slot lock, so two workers never take the same new point).
 
-    Returns (configs or the ConfigError, the number of the trial it repeats or None).
+    Returns (configs, the number of the trial it repeats or None); raises ConfigError for an invalid point.
     """
-    try:
-        configs = suggest(trial, spec)
-    except ConfigError as err:
-        return err, None
+    configs = suggest(trial, spec)
     key = config_key(configs)
     repeated = _trained_keys(study, exclude=trial.number).get(key)
     trial.set_user_attr("config_key", key)
     return configs, repeated
 
 
-class _SpaceSize:
-    """The finite space's number of distinct points, computed once per worker, when a repeat first suggests it."""
-
-    def __init__(self, spec: StudySpec) -> None:
-        self.spec, self.value, self.known = spec, None, False
-
-    def get(self) -> int | None:
-        if not self.known:
-            self.value, self.known = space_size(self.spec), True
-        return self.value
+def _prune_invalid(study: optuna.Study, trial: Trial, err: ConfigError) -> str:
+    trial.set_user_attr("failure_reason", f"invalid combination: {err}")
+    study.tell(trial, state=TrialState.PRUNED)
+    return f"trial {trial.number} pruned (invalid combination): {err}"
 
 
-def _exhausted(study: optuna.Study, size: _SpaceSize, consecutive: int) -> str | None:
+def _exhausted(study: optuna.Study, size: Callable[[], int | None], consecutive: int) -> str | None:
     distinct = len(_trained_keys(study))
-    total = size.get()
+    total = size()
     if total is not None and distinct >= total:
         return f"search space exhausted: all {total} distinct configurations have been trained"
     if consecutive >= MAX_CONSECUTIVE_DUPLICATES:
@@ -296,7 +288,7 @@ def run_worker(
                         progress=progress)
     storage = study._storage
     report = WorkerReport()
-    size = _SpaceSize(spec)
+    size = functools.cache(lambda: space_size(spec))  # computed once, when a repeat first suggests it
     consecutive_repeats = 0
     started = time.monotonic()
     prefix = f"[worker {worker_index}] " if worker_index else ""
@@ -306,11 +298,14 @@ def run_worker(
                 _recover_orphans(study, spec)
                 fail_stale_trials(study)
                 target, used, waiting, running = trial_budget(study)
-                trial, configs, repeated = None, None, None
+                trial, configs, repeated, line = None, None, None, None
                 if waiting or used < target:
                     trial = study.ask()
                     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-                    configs, repeated = _propose(study, spec, trial)
+                    try:
+                        configs, repeated = _propose(study, spec, trial)
+                    except ConfigError as err:  # a combination no rule covers: pruned before it touches data
+                        line = _prune_invalid(study, trial, err)
                     if repeated is not None:
                         trial.set_user_attr("duplicate_of", repeated)
                         trial.set_user_attr("failure_reason", f"repeats trial {repeated}: not trained, no privacy "
@@ -329,9 +324,10 @@ def run_worker(
                     time.sleep(spec.heartbeat_interval)
                     continue
                 break
-            with get_heartbeat_thread(trial._trial_id, storage):
-                line = run_trial(study, trial, spec, data, configs, device=device, store=store,
-                                 storage_url=storage_url)
+            if line is None:
+                with get_heartbeat_thread(trial._trial_id, storage):
+                    line = run_trial(study, trial, spec, data, configs, device=device, store=store,
+                                     storage_url=storage_url)
             report.trials += 1
             if progress:
                 tqdm.write(f"{prefix}{line}")
@@ -353,18 +349,15 @@ def _weights_store(study: optuna.Study, spec: StudySpec, storage_url: str, artif
     return open_store(location)
 
 
-def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetSplits, configs: Any, *,
+def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetSplits, configs: Configs, *,
               device: str | None, storage_url: str, store: Any = None) -> str:
     """Train and record one trial (its configs already proposed); returns a one-line summary."""
-    if isinstance(configs, ConfigError):
-        trial.set_user_attr("failure_reason", f"invalid combination: {configs}")
-        study.tell(trial, state=TrialState.PRUNED)
-        return f"trial {trial.number} pruned (invalid combination): {configs}"
     arch, train_cfg, privacy = configs
+    settings = data_settings(spec)
     trial.set_user_attr("config", arch.to_dict())
     trial.set_user_attr("train_config", train_cfg.to_dict())
     trial.set_user_attr("privacy_config", privacy.to_dict())
-    trial.set_user_attr("data", data_settings(spec).to_dict())
+    trial.set_user_attr("data", settings.to_dict())
     trial.set_user_attr("epsilon_target", privacy.epsilon if privacy.private else "inf (non-private)")
 
     def record_plan(plan: PrivacyPlan) -> None:
@@ -425,7 +418,7 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
         if store is not None and trained:
             checkpoint = checkpoint_dict(
                 trained[0], arch=arch, train_cfg=train_cfg, privacy=privacy, data=data,
-                data_settings=data_settings(spec), results={k: v for k, v in attrs.items() if k != "device"},
+                data_settings=settings, results={k: v for k, v in attrs.items() if k != "device"},
                 provenance={"study": study.study_name, "trial": trial.number, "dpnas_version": _version()})
             keep_trial_weights(study, trial, checkpoint, values=values, keep=spec.keep_weights, store=store)
         study.tell(trial, values=values)

@@ -298,24 +298,29 @@ def _build(path: Path, section: str, base: Any, table: dict) -> Any:
         raise StudyFileError(f"{path}: [{section}] {err}") from None
 
 
+# Every rule of the conditional space, as (the field it governs, the rule).
+_RULES = [*ARCH_RELEVANCE.items(), *DP_RELEVANCE.items(), *((f, rule) for (f, _), rule in ARCH_VALUE_RULES.items())]
+
+
 def _depends_on_searched(name: str, value: Any, searched: set[str]) -> bool:
-    """Whether a value's validity hangs on another searched field (then each trial's context decides)."""
-    rules = [ARCH_RELEVANCE.get(name), DP_RELEVANCE.get(name)]
+    """Whether a value the base refuses can still be valid in some trial's context (which then decides).
+
+    Either its own rule reads another searched field (``before_act`` next to a dense base, with ``skip``
+    searched too), or another field's rule reads this one and that field is searched or has a neutral value
+    that the sampler sets (``skip = "none"`` next to a ScaleNorm base: scalenorm becomes "none").
+    """
+    own = [r for r in (ARCH_RELEVANCE.get(name), DP_RELEVANCE.get(name), _value_rule(name, value)) if r is not None]
+    if any(set(rule.parents) & (searched - {name}) for rule in own):
+        return True
+    return any(name in rule.parents and (field_name in searched or rule.has_neutral)
+               for field_name, rule in _RULES if field_name != name)
+
+
+def _value_rule(name: str, value: Any):
     try:
-        rules.append(ARCH_VALUE_RULES.get((name, value)))
-    except TypeError:
-        pass
-    parents = {p for rule in rules if rule is not None for p in rule.parents}
-    # a value refused with the base's fixed fields may be fine once a searched field moves (before_act
-    # next to a dense base, but with skip = "residual" searched too)
-    return bool(parents & (searched - {name})) or any(other in searched for other in _CONSTRAINED_BY.get(name, ()))
-
-
-# Fields whose combination checks in ArchConfig read the field in the key (so a searched key field can make a
-# value valid that the base refuses).
-_CONSTRAINED_BY = {"skip": ("scalenorm", "transition", "shortcut"), "norm": ("scalenorm",),
-                   "preact": ("scalenorm",), "transition": ("skip", "downsample"), "downsample": ("transition",),
-                   "width": ("shortcut",)}
+        return ARCH_VALUE_RULES.get((name, value))
+    except TypeError:  # an unhashable value (a list) has no rule
+        return None
 
 
 def _axis(path: Path, name: str, spec: Any, configs: dict[str, Any], searched: set[str] = frozenset()) -> Axis:
