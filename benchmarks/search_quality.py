@@ -25,8 +25,9 @@ from optuna.trial import TrialState
 
 from dpnas.dp.checkpoint import evaluate_checkpoint
 from dpnas.results import write_json
-from dpnas.search.runner import best_trials, search, study_privacy
+from dpnas.search.runner import best_trials, search
 from dpnas.search.study_file import load_study_file
+from dpnas.search.study_privacy import study_privacy
 from dpnas.search.study_report import export_best_weights
 
 STUDY = """

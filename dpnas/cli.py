@@ -194,7 +194,9 @@ class Train(Command):
             print(f"weights written to {weights}")
         eps = "non-private" if not result["private"] else f"epsilon spent {result['epsilon_spent']:.3f} of {privacy.epsilon:g} (delta {privacy.delta:g})"
         status = "interrupted after" if result["interrupted"] else "finished"
-        print(f"{status} {result['steps']} steps: val accuracy {result['val_accuracy']:.4f}, "
+        val = (f"noisy: std {result['val_noise']:.3g} on the correct count" if result["val_noise"] else
+               "exact: the validation records are not protected" if result["private"] else "exact")
+        print(f"{status} {result['steps']} steps: val accuracy {result['val_accuracy']:.4f} ({val}), "
               f"test accuracy {result['test_accuracy']:.4f}, {eps}")
         print(f"result written to {out}")
         if result["private"] and result["reproducible"]:
@@ -293,7 +295,8 @@ class Search(Command):
             from dpnas.search.study_report import resolve_study
 
             study, _ = resolve_study(url, args.study_name or spec.name)
-        from dpnas.search.runner import best_trials, study_privacy
+        from dpnas.search.runner import best_trials
+        from dpnas.search.study_privacy import study_privacy
 
         target, _, waiting, _ = trial_budget(study)
         save_study_note(study, url)
@@ -307,8 +310,11 @@ class Search(Command):
             print(f"best: trial {trial.number}, {dict(zip(study.metric_names or ['value'], trial.values))}, {trial.params}")
         report = study_privacy(study)
         where = args.storage or args.study
-        print(f"privacy of releasing the best trial: epsilon {report.epsilon:.3f}, delta {report.delta:g} "
-              f"({report.mode}; {report.runs} runs; `dpnas privacy {where}` explains)")
+        print(f"privacy of releasing the best trial: epsilon {report.epsilon:.3f} for the whole dataset (training "
+              f"records {report.training_epsilon:.3f}, validation records {report.validation_epsilon:.3f}), delta "
+              f"{report.delta:g} ({report.mode}; {report.runs} runs; `dpnas privacy {where}` explains)")
+        for line in report.not_covered:
+            print(f"not covered: {line}")
         if interrupted:
             print("interrupted: run the same command again to continue the study")
         name_flag = f" --study-name {study.study_name}" if args.study_name else ""
@@ -378,7 +384,8 @@ class Evaluate(Command):
 
 
 class Privacy(Command):
-    """Report what a whole search cost in privacy: the guarantee for releasing its best trial.
+    """Report what a whole search cost in privacy: the guarantee for releasing its best trial, record by record
+    (training, validation, the whole dataset), how the budget was split, and what is not covered.
 
     Per-trial epsilon is not the cost of a search.  With a random number of trials (Poisson or truncated
     negative binomial) and random search, Papernot & Steinke (ICLR 2022) bound releasing the best run;
@@ -393,7 +400,7 @@ class Privacy(Command):
         parser.add_argument("--json", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dpnas.search.runner import study_privacy
+        from dpnas.search.study_privacy import study_privacy
         from dpnas.search.study_report import reproducible_trials, resolve_study
 
         study, _ = resolve_study(args.study, args.study_name)
@@ -401,10 +408,22 @@ class Privacy(Command):
         if args.json:
             print(json.dumps(json_safe({**report.to_dict(), "reproducible_trials": reproducible_trials(study)}), indent=2))
             return 0
-        print(f"study {study.study_name!r}: mode {report.mode}, {report.runs} runs touched the training data")
-        print(f"releasing the best trial: epsilon = {report.epsilon:.4f}, delta = {report.delta:g} "
-              f"(one run alone: epsilon = {report.per_run_epsilon:.4f})")
+        print(f"study {study.study_name!r}: mode {report.mode}, {report.runs} runs touched the data")
+        print(f"releasing the best trial: epsilon = {report.epsilon:.4f}, delta = {report.delta:g} for the whole "
+              f"dataset (one run alone: epsilon = {report.per_run_epsilon:.4f})")
+        for part in report.covers:
+            count = part["count"] if part["count"] is not None else "?"
+            print(f"  {part['records']}: {count} records at epsilon = {part['epsilon']:.4f}")
+        budget = report.budget
+        print(f"budget: {budget['runs']} runs, noise multipliers {budget['noise_multipliers']}, validation noise "
+              f"{budget['val_noise']} on the correct count, {budget['val_releases']} validation releases, trial "
+              f"count {budget['trial_count']}" + (f", total_epsilon {budget['total_epsilon']:g}"
+                                                  if budget["total_epsilon"] else ""))
+        for line in report.not_covered:
+            print(f"not covered: {line}")
         print(report.explanation)
+        for line in report.notes:
+            print(line)
         seeded = reproducible_trials(study)
         if seeded:
             print(f"{len(seeded)} trial(s) ran with reproducible = true: whoever has the seed can regenerate their "

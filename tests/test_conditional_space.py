@@ -17,6 +17,7 @@ from dpnas.search.runner import exhausted_message, search, trial_budget
 from dpnas.search.sampling import ablation_points, config_key, grid_points, space_size, suggest
 from dpnas.search.storage import open_storage
 from dpnas.search.study_file import load_study_file
+from dpnas.search.study_privacy import study_privacy
 
 STUDIES = Path(__file__).parent.parent / "studies"
 
@@ -139,12 +140,13 @@ def _quick_train(calls):
         calls.append((arch, train_cfg, privacy))
         if on_plan is not None:
             on_plan(PrivacyPlan(noise_multiplier=1.0, sample_rate=0.1, steps=10, expected_batch_size=100,
-                                dataset_size=len(data.train)))
+                                dataset_size=len(data.train), val_noise=2.0, val_releases=1))
         model = build_model(arch, num_classes=data.num_classes, in_channels=data.in_channels)
         if on_trained is not None:
             on_trained(model)
         score = 0.5 + 0.1 * arch.width + 0.01 * len(calls)
-        return {"private": True, "epsilon_spent": privacy.epsilon, "noise_multiplier": 1.0, "sample_rate": 0.1,
+        return {"private": True, "epsilon_spent": privacy.epsilon, "noise_multiplier": 1.0, "val_noise": 2.0,
+                "sample_rate": 0.1,
                 "steps": 10, "params": 1, "samples_per_second": 1.0, "wall_seconds": 1.0, "val_accuracy": score,
                 "test_accuracy": score, "device": "cpu", "history": [{}]}
 
@@ -188,7 +190,7 @@ def test_repeats_take_no_slot_spend_nothing_and_an_exhausted_space_ends_the_stud
     assert trial_budget(study)[1] == 6  # repeats used no slot of the budget
     assert "exhausted" in exhausted_message(study) and "6 distinct" in exhausted_message(study)
     # the search's privacy cost counts the six trained runs, not the repeated proposals
-    assert runner.study_privacy(study).runs == 6
+    assert study_privacy(study).runs == 6
 
 
 def test_searching_batch_size_recalibrates_the_noise_per_trial(tmp_path):

@@ -12,7 +12,16 @@ import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10
 
-from dpnas.data.datasets import DATASETS, DataError, DatasetSplits, ImageData, load_dataset, normalise, stratified_split
+from dpnas.data.datasets import (
+    DATASETS,
+    DataError,
+    DatasetSplits,
+    ImageData,
+    hash_split,
+    load_dataset,
+    normalise,
+    stratified_split,
+)
 
 
 def row_set(data: ImageData) -> set[bytes]:
@@ -82,7 +91,7 @@ def test_cifar10_round_trips_pixels_and_labels(cifar_dir):
 
     train_images = np.concatenate([written[f"data_batch_{i}"][0] for i in range(1, 6)])
     train_labels = sum((written[f"data_batch_{i}"][1] for i in range(1, 6)), [])
-    assert len(data.train) == 15 and len(data.val) == 5
+    assert len(data.train) + len(data.val) == 20 and len(data.val) >= 1
     expected = row_set(ImageData(torch.from_numpy(train_images), torch.tensor(train_labels)))
     assert row_set(data.train) | row_set(data.val) == expected
     assert not row_set(data.train) & row_set(data.val)
@@ -162,8 +171,7 @@ def test_imagenette_folder_layout(tmp_path, use_parent):
         "imagenette", data_dir=tmp_path if use_parent else release, image_size=24, val_fraction=1 / 3, progress=False
     )
     assert (data.num_classes, data.in_channels, data.image_size) == (3, 3, 24)
-    assert len(data.train) == 6 and len(data.val) == 3 and len(data.test) == 6  # release "val" is the test split
-    assert sorted(data.val.labels.tolist()) == [0, 1, 2]  # stratified: one per class
+    assert len(data.train) + len(data.val) == 9 and len(data.val) >= 1 and len(data.test) == 6  # release "val" = test
     for split in (data.train, data.val, data.test):
         assert split.images.shape[1:] == (3, 24, 24) and split.images.dtype == torch.uint8
         for image, label in zip(split.images, split.labels.tolist()):
@@ -219,7 +227,10 @@ def test_digits_shapes_and_sizes():
         assert split.images.dtype == torch.uint8 and split.images.shape[1:] == (1, 32, 32)
         assert split.labels.dtype == torch.int64
     assert len(data.train) + len(data.val) + len(data.test) == 1797
-    assert len(data.test) == round(0.2 * 1797) and len(data.val) == round(0.2 * (1797 - len(data.test)))
+    # Each record lands in a part by its own hash: the sizes are Binomial, within 4 standard deviations of the mean.
+    assert abs(len(data.test) - 0.2 * 1797) < 4 * (1797 * 0.2 * 0.8) ** 0.5
+    pool = 1797 - len(data.test)
+    assert abs(len(data.val) - 0.2 * pool) < 4 * (pool * 0.2 * 0.8) ** 0.5
     assert set(data.test.labels.tolist()) == set(range(10)) and set(data.val.labels.tolist()) == set(range(10))
     assert int(data.train.images.max()) == 255  # 0..16 scaled to the full uint8 range
     assert len(data.mean) == len(data.std) == 1 and 0 < data.mean[0] < 1 and data.std[0] > 0
@@ -280,6 +291,47 @@ def test_stratified_split_is_a_seeded_partition():
     assert torch.equal(held, stratified_split(labels, 0.1, seed=5)[1])
     assert not torch.equal(held, stratified_split(labels, 0.1, seed=6)[1])
     assert len(stratified_split(labels, 0.001, seed=0)[1]) == 1  # at least one when fraction > 0
+
+
+def test_hash_split_assigns_each_record_on_its_own():
+    """Parallel composition needs each record's part to depend on that record only: removing or adding records
+    leaves every other record where it was, the key (seed) moves them, and the held-out share is the fraction."""
+    ids = torch.arange(20000)
+    kept, held = hash_split(ids, 0.25, key="val:3")
+    assert not set(kept.tolist()) & set(held.tolist()) and len(kept) + len(held) == len(ids)
+    assert abs(len(held) - 5000) < 4 * (20000 * 0.25 * 0.75) ** 0.5
+    held_ids = set(held.tolist())
+    # Remove every third record and add 500 new ids: the survivors keep their part.
+    others = torch.cat([ids[ids % 3 != 0], torch.arange(10**6, 10**6 + 500)])
+    _, held_others = hash_split(others, 0.25, key="val:3")
+    survivors_held = {int(others[i]) for i in held_others if int(others[i]) < 20000}
+    assert survivors_held == {i for i in held_ids if i % 3 != 0}
+    # A different key gives a different (but equally sized) split; the same key the same one.
+    assert set(hash_split(ids, 0.25, key="val:4")[1].tolist()) != held_ids
+    assert torch.equal(hash_split(ids, 0.25, key="val:3")[1], held)
+    # Neighbouring ids are not correlated: the held-out share among even and odd ids is the same.
+    assert abs(sum(i % 2 == 0 for i in held_ids) - len(held_ids) / 2) < 4 * (len(held_ids) / 4) ** 0.5
+
+
+def test_digits_split_uses_source_indices():
+    """The validation hash reads each record's index in the full digits set, not its position after the test
+    split was taken out, so a record's part never depends on where other records went."""
+    from dpnas.data.datasets import DIGITS_TEST_FRACTION, DIGITS_TEST_KEY, hash_unit
+
+    data = load_dataset("digits", seed=7, image_size=8)
+    u_test = hash_unit(torch.arange(1797), key=DIGITS_TEST_KEY)
+    pool_ids = torch.nonzero(u_test >= DIGITS_TEST_FRACTION).flatten()
+    expected_val = pool_ids[hash_unit(pool_ids, key="val:7") < 0.2]
+    assert len(data.val) == len(expected_val)
+    from sklearn.datasets import load_digits
+
+    labels = torch.from_numpy(load_digits().target)
+    assert torch.equal(data.val.labels, labels[expected_val])
+
+
+def test_too_small_a_validation_split_is_refused():
+    with pytest.raises(DataError, match="validation split"):
+        load_dataset("synthetic", synthetic_size=2, val_fraction=0.01, seed=0)
 
 
 def test_synthetic_is_flagged_and_seeded():

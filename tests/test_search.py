@@ -17,9 +17,10 @@ import dpnas.search.runner as search_module
 from dpnas.arch.space import ConfigError
 from dpnas.cli import main
 from dpnas.dp.train import DivergedError
-from dpnas.search.runner import best_trials, search, study_privacy, trial_budget
+from dpnas.search.runner import best_trials, search, trial_budget
 from dpnas.search.storage import open_storage, storage_kind
 from dpnas.search.study_file import load_study_file
+from dpnas.search.study_privacy import study_privacy
 
 ATTRS = {"epsilon_spent", "noise_multiplier", "params", "samples_per_second", "wall_seconds", "test_accuracy",
          "privacy_plan", "config", "val_accuracy"}
@@ -86,7 +87,8 @@ def test_privacy_report_composes_a_fixed_number_of_trials(finished, capsys):
     assert report.epsilon > report.per_run_epsilon  # three runs cost more than one
     assert main(["privacy", str(spec.path)]) == 0
     out = capsys.readouterr().out
-    assert "3 runs touched the training data" in out and "releasing the best trial" in out
+    assert "3 runs touched the data" in out and "releasing the best trial" in out
+    assert "validation records" in out and "test records: every trial" in out
 
 
 def test_running_again_continues_without_redoing_trials(finished):

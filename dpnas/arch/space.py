@@ -95,7 +95,9 @@ def check_field_types(config: Any) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         default = f.default
-        if isinstance(default, bool):
+        if "types" in f.metadata:  # a field that takes more than one type ("auto" or a number)
+            check_type(f.name, value, f.metadata["types"], f.metadata["what"])
+        elif isinstance(default, bool):
             check_type(f.name, value, bool, "true or false")
         elif isinstance(default, int):
             check_type(f.name, value, int, "an integer")

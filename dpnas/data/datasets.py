@@ -8,16 +8,22 @@ whatever device the batch lives on.
 Three splits per dataset:
 
 * ``train``: the official training set minus the validation images;
-* ``val``: a seeded (and stratified) fraction of the *official training set*, used for every
-  selection decision (hyper-parameters, architectures, early stopping), so the test set never
-  influences a choice;
+* ``val``: a seeded fraction of the *official training set*, used for every selection decision
+  (hyper-parameters, architectures, early stopping), so the test set never influences a choice;
 * ``test``: the official test split, evaluated once for the final report.
+
+Each record's part is decided by a keyed hash of its index in the source dataset (:func:`hash_split`),
+never by the other records, so the parts compose in parallel for differential privacy: a record in
+the training part is covered by the training runs' ε, one in the validation part by the ε of the
+noisy validation scores (see :mod:`dpnas.search.privacy`). The sizes of the parts are treated as
+public, as Opacus treats the dataset size n in the sample rate B / n.
 
 Files are looked for under ``data_dir``; by default ``~/.cache/dpnas/data`` (see ``DEFAULT_DATA_DIR``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import operator
 import pickle
@@ -42,8 +48,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 DIGITS_MEAN, DIGITS_STD = (0.306,), (0.324,)
 DEFAULT_IMAGE_SIZE = {"cifar10": 32, "imagenette": 160, "digits": 32, "synthetic": 32}
 # The digits test split must not move when --seed changes, or results under different seeds
-# would be scored on different test images.
-DIGITS_TEST_FRACTION, DIGITS_TEST_SEED = 0.2, 0
+# would be scored on different test images: its hash key is fixed, and differs from every validation key.
+DIGITS_TEST_FRACTION, DIGITS_TEST_KEY = 0.2, "digits-test"
 
 
 class DataError(ValueError):
@@ -117,8 +123,8 @@ def load_dataset(
 ) -> DatasetSplits:
     """Load ``name`` (one of ``DATASETS``) into CPU memory; call ``.to(device)`` on the result to move it.
 
-    ``val_fraction`` of the official training set is held out as ``val`` (stratified, seeded by
-    ``seed``); the rest is ``train``.  ``image_size`` defaults to 32 (160 for imagenette); images
+    Each record of the official training set lands in ``val`` with probability ``val_fraction``,
+    by a hash keyed with ``seed`` (:func:`hash_split`); the rest is ``train``.  ``image_size`` defaults to 32 (160 for imagenette); images
     are resized once here, never per batch.  ``download`` only matters for cifar10.  ``progress``
     shows a progress bar while decoding imagenette's JPEGs.
     """
@@ -130,6 +136,7 @@ def load_dataset(
     size = DEFAULT_IMAGE_SIZE[key] if image_size is None else _positive_int("image_size", image_size, minimum=1)
     root = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser()
 
+    pool_ids = None  # each pool record's index in the source dataset (default: its position)
     if key == "cifar10":
         pool, test, num_classes = _load_cifar10(root, download=download, size=size)
         mean, std = CIFAR10_MEAN, CIFAR10_STD
@@ -137,13 +144,19 @@ def load_dataset(
         pool, test, num_classes = _load_imagenette(root, size=size, progress=progress)
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     elif key == "digits":
-        pool, test, num_classes = _load_digits(size=size)
+        pool, test, num_classes, pool_ids = _load_digits(size=size)
         mean, std = DIGITS_MEAN, DIGITS_STD
     else:
         pool, test, num_classes = _make_synthetic(synthetic_size, size=size, seed=seed)
         mean, std = (0.5,) * 3, (0.2898,) * 3  # uniform 0..255: std = sqrt((256^2 - 1) / 12) / 255
 
-    train_idx, val_idx = stratified_split(pool.labels, val_fraction, seed=seed)
+    ids = torch.arange(len(pool)) if pool_ids is None else pool_ids
+    train_idx, val_idx = hash_split(ids, val_fraction, key=f"val:{seed}")
+    if val_fraction > 0 and len(val_idx) == 0:
+        raise DataError(f"no record of the {len(pool)} landed in the validation split (val_fraction "
+                        f"{val_fraction:g}, seed {seed}); use a larger val_fraction or more data")
+    if len(train_idx) == 0:
+        raise DataError(f"holding out {val_fraction:.0%} of {len(pool)} samples left none to train on")
     return DatasetSplits(
         name=key,
         train=pool.subset(train_idx),
@@ -156,6 +169,34 @@ def load_dataset(
         std=tuple(std),
         synthetic=key == "synthetic",
     )
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def hash_unit(ids: torch.Tensor, *, key: str) -> torch.Tensor:
+    """A number in [0, 1) for each record id, from a hash keyed by ``key``: the same id and key always give the
+    same number, and each record's number depends on nothing else (SplitMix64's finaliser over id + key)."""
+    salt = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+    x = (ids.cpu().numpy().astype(np.uint64) + np.uint64(salt)) & np.uint64(_MASK64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return torch.from_numpy((x >> np.uint64(11)).astype(np.float64) / float(1 << 53))
+
+
+def hash_split(ids: torch.Tensor, fraction: float, *, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of ``ids`` split into (kept, held out): record i is held out iff ``hash_unit(i, key) < fraction``.
+
+    Each record's part is a function of its own id and the key only, so the parts are disjoint and a record's
+    part does not depend on which other records exist: what parallel composition needs (a stratified
+    permutation would not do: adding one record reshuffles the others). The held-out count is
+    Binomial(n, fraction) rather than exactly round(fraction n).
+    """
+    held = hash_unit(ids, key=key) < fraction
+    return torch.nonzero(~held).flatten(), torch.nonzero(held).flatten()
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,14 +332,14 @@ def _decode(samples: list[tuple[str, int]], size: int, *, progress: bool, split:
     return ImageData(images, torch.tensor([label for _, label in samples], dtype=torch.int64))
 
 
-def _load_digits(*, size: int) -> tuple[ImageData, ImageData, int]:
+def _load_digits(*, size: int) -> tuple[ImageData, ImageData, int, torch.Tensor]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()  # bundled with scikit-learn: works offline
     raw = torch.from_numpy(digits.images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
     everything = ImageData(_resize(raw, size), torch.from_numpy(digits.target).to(torch.int64))
-    pool_idx, test_idx = stratified_split(everything.labels, DIGITS_TEST_FRACTION, seed=DIGITS_TEST_SEED)
-    return everything.subset(pool_idx), everything.subset(test_idx), 10
+    pool_idx, test_idx = hash_split(torch.arange(len(everything)), DIGITS_TEST_FRACTION, key=DIGITS_TEST_KEY)
+    return everything.subset(pool_idx), everything.subset(test_idx), 10, pool_idx
 
 
 def _make_synthetic(n: int, *, size: int, seed: int) -> tuple[ImageData, ImageData, int]:

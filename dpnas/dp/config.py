@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from dpnas.arch.conditions import When
@@ -55,6 +55,16 @@ class PrivacyConfig(_FromDict):
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     """rdp (Opacus's RDP accountant, the papers' choice) | prv (tighter numerical accountant)."""
+    val_noise: str | float = field(default="auto", metadata={"types": (str, int, float),
+                                                            "what": '"auto" or a number >= 0'})
+    """Std s of the Gaussian noise added to each validation score's correct-prediction count (sensitivity 1 under
+    add/remove of one record) before the score leaves the run. "auto" (default): for a private run, the smallest s
+    at which the run's validation releases (one per epoch) cost at most `epsilon` at `delta`, so validation records
+    get the same per-run guarantee as training records; 0 for a non-private run. 0: exact scores, and the report
+    says the validation records are not protected."""
+    noise_multiplier: float = 0.0
+    """0 (default): calibrated from `epsilon`. > 0: DP-SGD uses exactly this sigma (a study at a total epsilon sets
+    it) and `epsilon` is the ceiling the run is checked against before it starts."""
     reproducible: bool = False
     """false (default): a private run's Poisson batches and noise come from generators seeded by the OS's secure
     random source, and that seed is never stored, so nothing recorded regenerates them (DP-SGD's guarantee assumes
@@ -72,6 +82,13 @@ class PrivacyConfig(_FromDict):
         if not 0 < self.delta < 1:
             raise ConfigError(f"delta: must be in (0, 1), got {self.delta!r}")
         _positive("max_grad_norm", self.max_grad_norm)
+        if isinstance(self.val_noise, str):
+            if self.val_noise != "auto":
+                raise ConfigError(f'val_noise: expected "auto" or a number >= 0, got {self.val_noise!r}')
+        elif not (self.val_noise >= 0 and math.isfinite(self.val_noise)):
+            raise ConfigError(f"val_noise: must be a finite number >= 0 (0 = exact scores), got {self.val_noise!r}")
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise ConfigError(f"noise_multiplier: must be >= 0 (0 = calibrated from epsilon), got {self.noise_multiplier!r}")
 
     @property
     def private(self) -> bool:
@@ -152,4 +169,5 @@ DP_RELEVANCE: dict[str, When] = {
     "max_grad_norm": When(("epsilon",), lambda v: math.isfinite(v["epsilon"]), "a finite epsilon"),
     "delta": When(("epsilon",), lambda v: math.isfinite(v["epsilon"]), "a finite epsilon"),
     "accountant": When(("epsilon",), lambda v: math.isfinite(v["epsilon"]), "a finite epsilon"),
+    "noise_multiplier": When(("epsilon",), lambda v: math.isfinite(v["epsilon"]), "a finite epsilon"),
 }

@@ -8,12 +8,14 @@ here keeps to exactly that.
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from opacus.accountants import IAccountant, RDPAccountant, create_accountant
+from opacus.accountants.analysis.rdp import get_privacy_spent
 from opacus.accountants.utils import get_noise_multiplier
 
 from dpnas.arch.space import ConfigError
@@ -36,6 +38,10 @@ class PrivacyPlan:
     """0 for non-private training."""
     expected_batch_size: float
     dataset_size: int
+    val_noise: float = 0.0
+    """Std of the Gaussian noise on each validation score's correct count; 0 = exact scores."""
+    val_releases: int = 0
+    """How many validation scores the run may release (one per epoch): each is charged, finished or not."""
 
 
 def check_budget(privacy: PrivacyConfig, *, dataset_size: int) -> None:
@@ -70,7 +76,13 @@ def plan_privacy(
     sample_rate = batch_size / dataset_size
     steps = epochs * max(1, round(1 / sample_rate))
     noise_multiplier = 0.0
-    if privacy.private:
+    if privacy.private and privacy.noise_multiplier > 0:
+        noise_multiplier = privacy.noise_multiplier
+        spent = _epsilon_of_history(privacy.accountant, ((noise_multiplier, sample_rate, steps),), privacy.delta)
+        if spent > privacy.epsilon * (1 + 1e-9):
+            raise ConfigError(f"noise_multiplier: {noise_multiplier:g} over {steps} steps at sample rate "
+                              f"{sample_rate:.3g} spends epsilon {spent:.4g} > epsilon = {privacy.epsilon:g}")
+    elif privacy.private:
         noise_multiplier = _calibrate(privacy, sample_rate=sample_rate, steps=steps)
     return PrivacyPlan(
         sample_rate=sample_rate,
@@ -78,7 +90,69 @@ def plan_privacy(
         noise_multiplier=noise_multiplier,
         expected_batch_size=sample_rate * dataset_size,
         dataset_size=dataset_size,
+        val_noise=validation_noise(privacy, releases=epochs),
+        val_releases=epochs,
     )
+
+
+# --------------------------------------------------------------- validation scores: the Gaussian mechanism on a count
+#
+# Neighbouring datasets differ by adding or removing one record (Opacus's relation). A record in the validation part
+# changes a correct-prediction count by at most 1, so releasing count + N(0, s^2) is (λ, λ / (2 s^2))-RDP at every
+# order λ, and r such releases on the same records compose to r λ / (2 s^2) (Mironov 2017, Prop. 7 and Prop. 1).
+
+
+def count_rdp(noise: float, releases: int, orders=None) -> np.ndarray:
+    """RDP curve of `releases` Gaussian releases (std `noise`) of a sensitivity-1 count: inf if noise is 0."""
+    orders = ORDERS if orders is None else np.asarray(orders, dtype=float)
+    if releases == 0:
+        return np.zeros_like(orders)
+    if noise == 0:
+        return np.full_like(orders, np.inf)
+    return releases * orders / (2 * noise**2)
+
+
+def rdp_to_epsilon(rdp, delta: float, orders=None) -> float:
+    """An RDP curve at :data:`ORDERS` → ε at δ with Opacus's conversion (0 for a zero curve, inf if all infinite)."""
+    orders = ORDERS if orders is None else np.asarray(orders, dtype=float)
+    rdp = np.asarray(rdp, dtype=float)
+    if np.all(rdp == 0):
+        return 0.0
+    if not np.isfinite(rdp).any():
+        return math.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the optimum at the end of the grid: valid, and the grid reaches 512
+        eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return max(0.0, float(eps))
+
+
+def count_noise_for(epsilon: float, delta: float, releases: int) -> float:
+    """The smallest std s (to 0.1 %) at which `releases` noisy counts cost at most `epsilon` at `delta`."""
+    if releases == 0:
+        return 0.0
+    low, high = 1e-3, 1.0
+    while rdp_to_epsilon(count_rdp(high, releases), delta) > epsilon:
+        low, high = high, high * 2
+    while high / low > 1.001:  # ε falls as s grows: keep ε(high) <= epsilon
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if rdp_to_epsilon(count_rdp(mid, releases), delta) > epsilon else (low, mid)
+    return high
+
+
+def validation_noise(privacy: PrivacyConfig, *, releases: int) -> float:
+    """The count noise a run uses: the configured number, or "auto" (see PrivacyConfig.val_noise)."""
+    if privacy.val_noise != "auto":
+        return float(privacy.val_noise)
+    return count_noise_for(privacy.epsilon, privacy.delta, releases) if privacy.private else 0.0
+
+
+def noisy_accuracy(correct: torch.Tensor, total: int, noise: float, *, generator: torch.Generator) -> float:
+    """Release a correct-prediction count through the Gaussian mechanism, as an accuracy clipped to [0, 1]
+    (clipping is post-processing). With noise 0 the exact accuracy comes back."""
+    if total == 0:
+        return math.nan
+    z = torch.randn((), generator=generator, device=generator.device, dtype=torch.float64) if noise else 0.0
+    return min(1.0, max(0.0, float(correct.double() + noise * z) / total))
 
 
 def _calibrate(privacy: PrivacyConfig, *, sample_rate: float, steps: int) -> float:

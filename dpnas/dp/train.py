@@ -3,7 +3,8 @@
 A thin orchestrator: the model comes from :mod:`dpnas.arch.models`, the data from
 :mod:`dpnas.data.datasets`, the noise and accounting from :mod:`dpnas.dp.privacy`, the step from
 :mod:`dpnas.dp.engine`.  Selection signals (validation accuracy per epoch) come from the
-validation split held out of the training set; the test set is evaluated once, at the end.
+validation split held out of the training set, released through the Gaussian mechanism on the correct count
+(``[privacy] val_noise``); the test set is evaluated once, at the end.
 """
 
 from __future__ import annotations
@@ -26,7 +27,15 @@ from dpnas.data.augment import random_crop_flip
 from dpnas.data.datasets import DatasetSplits, ImageData, normalise
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.engine import DPSGDEngine
-from dpnas.dp.privacy import PrivacyPlan, epsilon_spent, make_accountant, plan_privacy, poisson_sample, steps_per_epoch
+from dpnas.dp.privacy import (
+    PrivacyPlan,
+    epsilon_spent,
+    make_accountant,
+    noisy_accuracy,
+    plan_privacy,
+    poisson_sample,
+    steps_per_epoch,
+)
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -35,15 +44,16 @@ class DivergedError(RuntimeError):
     """The training loss became NaN or infinite."""
 
 
-def release_seeds(seed: int, privacy: PrivacyConfig) -> tuple[int, int]:
-    """Seeds of the Poisson-sampling and noise generators: secret for a private run unless it asks to be reproducible.
+def release_seeds(seed: int, privacy: PrivacyConfig) -> tuple[int, int, int]:
+    """Seeds of the Poisson-sampling, gradient-noise and validation-noise generators: secret for a private run
+    unless it asks to be reproducible.
 
     The secret ones come from the OS's CSPRNG (`secrets`) and live only in this call's caller; a non-private run has
     nothing to protect and stays seeded.
     """
     if privacy.private and not privacy.reproducible:
-        return secrets.randbits(63), secrets.randbits(63)
-    return seed + 1, seed + 3
+        return secrets.randbits(63), secrets.randbits(63), secrets.randbits(63)
+    return seed + 1, seed + 3, seed + 4
 
 
 def default_device() -> torch.device:
@@ -72,11 +82,19 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return None
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, split: ImageData, data: DatasetSplits, *, batch_size: int) -> tuple[float, float]:
-    """(accuracy, mean loss) on a split; NaN for an empty split."""
+    """Exact (accuracy, mean loss) on a split; NaN for an empty split. Never for a score that leaves a private run:
+    validation scores go through :func:`dpnas.dp.privacy.noisy_accuracy`."""
     if len(split) == 0:
         return math.nan, math.nan
+    correct, loss = count_correct(model, split, data, batch_size=batch_size)
+    return float(correct) / len(split), float(loss) / len(split)
+
+
+@torch.no_grad()
+def count_correct(model: nn.Module, split: ImageData, data: DatasetSplits, *,
+                  batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct predictions, summed loss) on a split, as tensors on its device (no host sync)."""
     was_training = model.training
     model.eval()
     correct = torch.zeros((), device=split.labels.device)
@@ -88,7 +106,7 @@ def evaluate(model: nn.Module, split: ImageData, data: DatasetSplits, *, batch_s
         loss += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     model.train(was_training)
-    return float(correct) / len(split), float(loss) / len(split)
+    return correct, loss
 
 
 @dataclass
@@ -136,11 +154,12 @@ def train(
     optimizer = make_optimizer(model, train_cfg)
     scheduler = make_scheduler(optimizer, train_cfg)
     accountant = make_accountant(privacy)
-    sampling_seed, noise_seed = release_seeds(train_cfg.seed, privacy)
+    sampling_seed, noise_seed, val_noise_seed = release_seeds(train_cfg.seed, privacy)
     sampling_generator = torch.Generator(device).manual_seed(sampling_seed)
     augment_generator = torch.Generator(device).manual_seed(train_cfg.seed + 2)  # may stay seeded: not the mechanism
     noise_generator = torch.Generator(device).manual_seed(noise_seed)
-    del sampling_seed, noise_seed  # never stored, returned or logged
+    val_noise_generator = torch.Generator(device).manual_seed(val_noise_seed)
+    del sampling_seed, noise_seed, val_noise_seed  # never stored, returned or logged
     engine = DPSGDEngine(
         model,
         optimizer,
@@ -184,7 +203,12 @@ def train(
             train_loss = float(loss_sum) / max(n_samples, 1)
             if not math.isfinite(train_loss):
                 raise DivergedError(f"training loss became {train_loss} in epoch {epoch}")
-            val_accuracy, val_loss = evaluate(eval_model, data.val, data, batch_size=eval_batch)
+            # The validation score is released (history, pruner, plateau schedule, the objective): only its noisy
+            # version exists outside this block; the exact loss is kept only when the scores are exact anyway.
+            correct, val_loss_sum = count_correct(eval_model, data.val, data, batch_size=eval_batch)
+            val_accuracy = noisy_accuracy(correct, len(data.val), plan.val_noise, generator=val_noise_generator)
+            val_loss = float(val_loss_sum) / len(data.val) if plan.val_noise == 0 and len(data.val) else math.nan
+            del correct, val_loss_sum
             record = {
                 "epoch": epoch,
                 "steps": state.steps,
@@ -231,6 +255,8 @@ def train(
         # false: the batches and noise came from secret seeds; true: `seed` regenerates them (retrain before release)
         "reproducible": privacy.reproducible or not privacy.private,
         "noise_multiplier": plan.noise_multiplier,
+        "val_noise": plan.val_noise,
+        "val_releases": plan.val_releases,
         "sample_rate": plan.sample_rate,
         "expected_batch_size": plan.expected_batch_size,
         "steps": state.steps,

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-from dpnas.dp.privacy import ORDERS
+from dpnas.dp.privacy import ORDERS, count_rdp
 
 MODES = ("fixed", "poisson", "truncated_negative_binomial")
 
@@ -49,11 +49,14 @@ _TAIL_MASS = 1e-15
 
 @dataclass(frozen=True)
 class RunPrivacy:
-    """One trial that touched the training data: DP-SGD with Poisson sampling."""
+    """One trial that touched the data: DP-SGD with Poisson sampling on the training part, and noisy validation
+    scores (the Gaussian mechanism on the correct count, std ``val_noise``) released ``val_releases`` times."""
 
     noise_multiplier: float
     sample_rate: float
     steps: int
+    val_noise: float = 0.0
+    val_releases: int = 0
 
     def __post_init__(self):
         if not self.noise_multiplier >= 0:
@@ -62,6 +65,10 @@ class RunPrivacy:
             raise ValueError(f"sample_rate: {self.sample_rate!r}; must be in [0, 1]")
         if int(self.steps) != self.steps or self.steps < 0:
             raise ValueError(f"steps: {self.steps!r}; must be a whole number >= 0")
+        if not self.val_noise >= 0:
+            raise ValueError(f"val_noise: {self.val_noise!r}; must be >= 0 (0 = exact scores)")
+        if int(self.val_releases) != self.val_releases or self.val_releases < 0:
+            raise ValueError(f"val_releases: {self.val_releases!r}; must be a whole number >= 0")
 
     @property
     def non_private(self) -> bool:
@@ -102,6 +109,33 @@ def rdp_curve(run: RunPrivacy, orders=ORDERS) -> np.ndarray:
         compute_rdp(q=run.sample_rate, noise_multiplier=run.noise_multiplier, steps=int(run.steps), orders=orders),
         dtype=float,
     )
+
+
+def validation_curve(run: RunPrivacy, orders=ORDERS) -> np.ndarray:
+    """ε(λ) of one run's validation releases for a validation record: r λ / (2 s²); inf if exact, 0 if none."""
+    return count_rdp(run.val_noise, run.val_releases, orders)
+
+
+def part_curve(curves, *, mode: str, mu: float | None = None, eta: float | None = None,
+               gamma: float | None = None) -> np.ndarray:
+    """The RDP curve of a whole search for the records of one part (training or validation), from the runs'
+    per-run curves for that part (one row each): composed (``fixed``) or the best of a random number of runs.
+
+    A part no run released anything about costs 0 (no log E[K] term: nothing about its records left a run);
+    a part any run released without noise costs ∞.
+    """
+    curves = np.asarray(curves, dtype=float).reshape(-1, len(ORDERS))
+    if len(curves) == 0 or np.all(curves == 0):
+        return np.zeros(len(ORDERS))
+    if not np.isfinite(curves).all():
+        return np.full(len(ORDERS), np.inf)
+    if mode == "fixed":
+        return curves.sum(axis=0)
+    if mode == "poisson":
+        return _poisson_curve(ORDERS, curves, mu=mu)
+    if mode == "truncated_negative_binomial":
+        return _tnb_curve(ORDERS, curves.max(axis=0), eta=eta, gamma=gamma)[0]
+    raise ValueError(f"mode: {mode!r}; must be one of {', '.join(MODES)}")
 
 
 def _epsilon(orders, rdp, delta: float) -> tuple[float, float]:

@@ -42,10 +42,12 @@ from dpnas.dp.checkpoint import checkpoint_dict
 from dpnas.dp.privacy import PrivacyPlan
 from dpnas.dp.recipe_file import DataSettings
 from dpnas.dp.train import DivergedError, train
-from dpnas.search.privacy import RunPrivacy, SearchPrivacy, draw_trial_count, search_privacy
+from dpnas.search.calibration import Calibration, calibrate, run_shapes
+from dpnas.search.privacy import draw_trial_count
 from dpnas.search.sampling import Configs, ablation_points, config_key, grid_points, space_size, suggest
 from dpnas.search.storage import open_storage, trial_slot_lock
 from dpnas.search.study_file import StudySpec, load_study_file
+from dpnas.search.study_privacy import CALIBRATION_ATTR
 from dpnas.search.weights import default_location, keep_trial_weights, open_store, record_location, study_location
 
 # Study attributes dpnas keeps in the storage (system attributes: not shown as results).
@@ -53,6 +55,7 @@ _TARGET = "dpnas:n_trials"
 _INITIALISED = "dpnas:initialised"
 _GRID_ENQUEUED = "dpnas:grid_enqueued"
 _EXHAUSTED = "dpnas:exhausted"
+_BUDGET = "dpnas:budget"
 # After this many proposals in a row that repeat trained configurations, a worker stops: the sampler has
 # (nearly) run out of new points.
 MAX_CONSECUTIVE_DUPLICATES = 50
@@ -112,13 +115,40 @@ def open_study(spec: StudySpec, storage_url: str, *, study_name: str | None = No
         study.sampler = make_sampler(spec, worker_index, len(study.get_trials(deepcopy=False)))
         if not _system_attrs(study).get(_INITIALISED):
             _initialise(study, spec, n_trials)
-        elif n_trials is not None:
+            return study
+        _check_budget(study, spec)
+        if n_trials is not None:
             if spec.trial_count != "fixed":
                 raise ConfigError(f"--n-trials: study {name!r} draws its number of trials at random ({spec.trial_count})")
+            if spec.total_epsilon is not None and n_trials != trial_budget(study)[0] and runs_charged(study):
+                raise ConfigError(f"--n-trials: study {name!r} split its total_epsilon = {spec.total_epsilon:g} "
+                                  f"over {trial_budget(study)[0]} trials when it was created; more trials would "
+                                  "spend more than that total. Start a new study (--study-name) for more trials")
             _set_system_attr(study, _TARGET, n_trials)
             if spec.sampler == "grid":
                 _enqueue_grid(study, spec, n_trials)
     return study
+
+
+def _check_budget(study: optuna.Study, spec: StudySpec) -> None:
+    """Refuse a study file whose budget differs from the one the study was created with (no silent mixing).
+
+    Before any trial has touched the data nothing is spent, and the new budget simply replaces the old one.
+    """
+    stored = _system_attrs(study).get(_BUDGET)
+    if stored is None:  # a study created before budgets were recorded: nothing to compare against
+        return
+    asked = spec.budget()
+    changed = sorted(k for k in set(stored) | set(asked) if stored.get(k) != asked.get(k))
+    if changed and not runs_charged(study):
+        _record_budget(study, spec)
+        _set_system_attr(study, CALIBRATION_ATTR, None)  # derived again from the new budget
+    elif changed:
+        was = ", ".join(f"{k} = {stored.get(k)!r}" for k in changed)
+        now = ", ".join(f"{k} = {asked.get(k)!r}" for k in changed)
+        raise ConfigError(f"study {study.study_name!r} was created with {was}; this study file asks for {now}. "
+                          "Changing the privacy budget of an existing study would mix budgets in one guarantee: "
+                          "restore the file's budget, or start a new study (--study-name NAME or a new storage)")
 
 
 def _storage(spec: StudySpec, url: str) -> BaseStorage:
@@ -146,8 +176,6 @@ def _initialise(study: optuna.Study, spec: StudySpec, n_trials: int | None) -> N
     study.set_metric_names(list(spec.objectives))
     for key, value in {
         "dataset": spec.dataset,
-        "epsilon": spec.privacy.epsilon if spec.privacy.private else "inf (non-private)",
-        "delta": spec.privacy.delta,
         "trial_count": spec.trial_count,
         "mean_trials": spec.mean_trials,
         "eta": spec.eta,
@@ -159,7 +187,20 @@ def _initialise(study: optuna.Study, spec: StudySpec, n_trials: int | None) -> N
         "dpnas_version": _version(),
     }.items():
         study.set_user_attr(key, value)
+    _record_budget(study, spec)
     _set_system_attr(study, _INITIALISED, True)
+
+
+def _record_budget(study: optuna.Study, spec: StudySpec) -> None:
+    for key, value in {
+        "epsilon": ("derived from total_epsilon" if spec.total_epsilon else
+                    spec.privacy.epsilon if spec.privacy.private else "inf (non-private)"),
+        "total_epsilon": spec.total_epsilon,
+        "val_noise": spec.privacy.val_noise,
+        "delta": spec.privacy.delta,
+    }.items():
+        study.set_user_attr(key, value)
+    _set_system_attr(study, _BUDGET, spec.budget())
 
 
 def _enqueue_grid(study: optuna.Study, spec: StudySpec, requested: int | None) -> int:
@@ -187,6 +228,33 @@ def trial_budget(study: optuna.Study) -> tuple[int, int, int, int]:
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     return int(_system_attrs(study).get(_TARGET, 0)), used, waiting, running
+
+
+def runs_charged(study: optuna.Study) -> int:
+    """Trials that recorded a privacy plan, i.e. touched (or were about to touch) the data, whatever became of them."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if "privacy_plan" in t.user_attrs)
+
+
+def study_calibration(study: optuna.Study, spec: StudySpec, train_size: int) -> Calibration | None:
+    """A total-epsilon study's noise, derived once (by the first worker, before any trial) and then read back.
+
+    Call under the slot lock. Refuses data whose training split differs from the one the study was calibrated on.
+    """
+    if spec.total_epsilon is None:
+        return None
+    stored = _system_attrs(study).get(CALIBRATION_ATTR)
+    if stored is not None:
+        calibration = Calibration.from_dict(stored)
+        if calibration.train_size != train_size:
+            raise ConfigError(f"study {study.study_name!r} was calibrated for {calibration.train_size} training "
+                              f"records; this worker's data has {train_size}. Every worker must see the same data")
+        return calibration
+    runs = trial_budget(study)[0] if spec.trial_count == "fixed" else None
+    calibration = calibrate(spec.total_epsilon, spec.privacy.delta, mode=spec.trial_count, runs=runs,
+                            mu=spec.mean_trials, eta=spec.eta, gamma=spec.gamma, shapes=run_shapes(spec),
+                            train_size=train_size, validation_noise=spec.privacy.val_noise != 0)
+    _set_system_attr(study, CALIBRATION_ATTR, calibration.to_dict())
+    return calibration
 
 
 def _recover_orphans(study: optuna.Study, spec: StudySpec) -> None:
@@ -287,6 +355,8 @@ def run_worker(
                         seed=spec.train.seed, image_size=spec.image_size, synthetic_size=spec.synthetic_size,
                         progress=progress)
     storage = study._storage
+    with trial_slot_lock(storage, storage_url):
+        calibration = study_calibration(study, spec, len(data.train))  # before any trial: an impossible total stops here
     report = WorkerReport()
     size = functools.cache(lambda: space_size(spec))  # computed once, when a repeat first suggests it
     consecutive_repeats = 0
@@ -299,6 +369,12 @@ def run_worker(
                 fail_stale_trials(study)
                 target, used, waiting, running = trial_budget(study)
                 trial, configs, repeated, line = None, None, None, None
+                if calibration is not None and runs_charged(study) >= target:
+                    # The total was split over `target` runs; a retried failure would be one run too many.
+                    report.exhausted = (f"total_epsilon = {spec.total_epsilon:g} is spent: {runs_charged(study)} runs "
+                                        f"have touched the data, the {target} the budget was split over")
+                    _set_system_attr(study, _EXHAUSTED, report.exhausted)
+                    break
                 if waiting or used < target:
                     trial = study.ask()
                     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
@@ -327,7 +403,7 @@ def run_worker(
             if line is None:
                 with get_heartbeat_thread(trial._trial_id, storage):
                     line = run_trial(study, trial, spec, data, configs, device=device, store=store,
-                                     storage_url=storage_url)
+                                     storage_url=storage_url, calibration=calibration)
             report.trials += 1
             if progress:
                 tqdm.write(f"{prefix}{line}")
@@ -350,9 +426,15 @@ def _weights_store(study: optuna.Study, spec: StudySpec, storage_url: str, artif
 
 
 def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetSplits, configs: Configs, *,
-              device: str | None, storage_url: str, store: Any = None) -> str:
-    """Train and record one trial (its configs already proposed); returns a one-line summary."""
+              device: str | None, storage_url: str, store: Any = None, calibration: Calibration | None = None) -> str:
+    """Train and record one trial (its configs already proposed); returns a one-line summary.
+
+    Every score that leaves the trial (intermediate values for the pruner and the dashboard, the objective, the
+    user attributes, the printed line) is the run's noisy validation release; the exact one never exists here.
+    """
     arch, train_cfg, privacy = configs
+    if calibration is not None:
+        privacy = calibration.privacy_for(privacy, train_cfg)
     settings = data_settings(spec)
     trial.set_user_attr("config", arch.to_dict())
     trial.set_user_attr("train_config", train_cfg.to_dict())
@@ -363,7 +445,10 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
     def record_plan(plan: PrivacyPlan) -> None:
         # Written before any step touches the data: the search-level accounting counts this run.
         trial.set_user_attr("privacy_plan", {"noise_multiplier": plan.noise_multiplier,
-                                             "sample_rate": plan.sample_rate, "steps": plan.steps})
+                                             "sample_rate": plan.sample_rate, "steps": plan.steps,
+                                             "val_noise": plan.val_noise, "val_releases": plan.val_releases})
+        for part in ("train", "val", "test"):
+            trial.set_user_attr(f"{part}_size", len(getattr(data, part)))
 
     def report(record: dict[str, Any]) -> None:
         if spec.multi_objective:  # Optuna cannot prune multi-objective trials
@@ -397,13 +482,14 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
     attrs = {
         "epsilon_spent": result["epsilon_spent"] if result["private"] else "inf (non-private)",
         "noise_multiplier": result["noise_multiplier"],
+        "val_noise": result["val_noise"],
         "sample_rate": result["sample_rate"],
         "steps": result["steps"],
         "params": result["params"],
         "samples_per_second": result["samples_per_second"],
         "wall_seconds": result["wall_seconds"],
         "epoch_seconds": result["wall_seconds"] / epochs,
-        "val_accuracy": result["val_accuracy"],
+        "val_accuracy": result["val_accuracy"],  # the noisy release (exact only where val_noise = 0)
         "test_accuracy": result["test_accuracy"],  # recorded for the report; never used to select
         "device": result["device"],
     }
@@ -479,17 +565,6 @@ def search(
             p.join()
         raise
     return study
-
-
-def study_privacy(study: optuna.Study) -> SearchPrivacy:
-    """The study-level guarantee for releasing its best trial (Papernot & Steinke where it applies)."""
-    runs = [RunPrivacy(**t.user_attrs["privacy_plan"]) for t in study.get_trials(deepcopy=False)
-            if "privacy_plan" in t.user_attrs]
-    attrs = study.user_attrs
-    random_search = attrs.get("sampler") == "random" and attrs.get("pruner") == "none"
-    return search_privacy(runs, mode=attrs.get("trial_count", "fixed"), delta=float(attrs.get("delta", 1e-5)),
-                          random_search=random_search, mu=attrs.get("mean_trials"), eta=attrs.get("eta"),
-                          gamma=attrs.get("gamma"))
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:

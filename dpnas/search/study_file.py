@@ -2,7 +2,8 @@
 
     [study]    name, objectives, n_trials, sampler, pruner, seed, trial_count (fixed | poisson | ...)
     [data]     dataset, data_dir, val_fraction, image_size, synthetic_size (samples of dataset = "synthetic")
-    [privacy]  PrivacyConfig fields: the fixed (ε, δ) every trial trains at, clip norm, accountant
+    [privacy]  PrivacyConfig fields: the fixed (ε, δ) every trial trains at, clip norm, accountant, val_noise;
+               or total_epsilon = E: the whole search at most E (dpnas.search.calibration)
     [train]    recipe = NAME, then TrainConfig fields overriding it
     [arch]     base = NAME (a registered architecture), then ArchConfig fields: the fixed part of the space
     [search]   the searched axes: FIELD = [choices] or FIELD = {low, high, step?, log?}
@@ -110,6 +111,19 @@ class StudySpec:
     synthetic_size: int = DEFAULT_SYNTHETIC_SIZE
     keep_weights: str | int = "best"
     """Whose trained weights the artifact store keeps: all | best | none | K (the top K)."""
+    total_epsilon: float | None = None
+    """[privacy] total_epsilon: the whole search's ε (None: every run at [privacy] epsilon)."""
+
+    def budget(self) -> dict[str, Any]:
+        """Everything that fixes what the study may spend; an existing study refuses a file that changes it."""
+        p = self.privacy
+        searched = {a.name: repr(a.choices if a.categorical else (a.low, a.high, a.step, a.log))
+                    for a in self.axes if a.target == "privacy" and a.name in ("epsilon", "delta", "val_noise",
+                                                                                "noise_multiplier", "accountant")}
+        return {"total_epsilon": self.total_epsilon, "epsilon": None if self.total_epsilon else p.epsilon,
+                "delta": p.delta, "val_noise": p.val_noise, "noise_multiplier": p.noise_multiplier,
+                "accountant": p.accountant, "trial_count": self.trial_count, "mean_trials": self.mean_trials,
+                "eta": self.eta, "gamma": self.gamma, "searched": searched}
 
     @property
     def directions(self) -> list[str]:
@@ -234,7 +248,13 @@ def load_study_file(path: str | Path) -> StudySpec:
         train_table.setdefault("val_fraction", data["val_fraction"])
     arch = _build(path, "arch", base_arch, arch_table)
     train = _build(path, "train", recipe.train, train_table)
-    privacy = _build(path, "privacy", recipe.privacy, document.get("privacy", {}))
+    privacy_table = dict(document.get("privacy", {}))
+    total_epsilon = privacy_table.pop("total_epsilon", None)
+    if total_epsilon is not None:
+        _check_total(path, total_epsilon, privacy_table, document.get("search", {}), trial_count, sampler, pruner)
+        # every run's epsilon and noise come from the calibration; this placeholder is never trained at
+        privacy_table["epsilon"] = float(total_epsilon)
+    privacy = _build(path, "privacy", recipe.privacy, privacy_table)
 
     searched = set(document.get("search", {}))
     axes = tuple(_axis(path, name, value, {"arch": arch, "train": train, "privacy": privacy}, searched)
@@ -285,7 +305,39 @@ def load_study_file(path: str | Path) -> StudySpec:
         axes=axes,
         synthetic_size=synthetic_size,
         keep_weights=keep_weights,
+        total_epsilon=float(total_epsilon) if total_epsilon is not None else None,
     )
+
+
+# What a total-epsilon study derives itself, so a file may not set or search it.
+_DERIVED_BY_TOTAL = ("epsilon", "noise_multiplier")
+_FIXED_FOR_TOTAL = ("delta", "val_noise", "accountant", "noise_multiplier", "epsilon")
+
+
+def _check_total(path: Path, total: Any, privacy: dict, search: dict, trial_count: str, sampler: str,
+                 pruner: str) -> None:
+    if isinstance(total, bool) or not isinstance(total, (int, float)) or not 0 < total < math.inf:
+        raise _fail(path, "privacy.total_epsilon", f"must be a positive finite number, got {total!r}")
+    for name in _DERIVED_BY_TOTAL:
+        if name in privacy:
+            raise _fail(path, f"privacy.{name}", "with total_epsilon, each run's epsilon and noise are derived from "
+                                                 "the total; remove this key (or total_epsilon for a per-run budget)")
+    for name in _FIXED_FOR_TOTAL:
+        if name in search:
+            raise _fail(path, f"search.{name}", "with total_epsilon the budget is one for the whole study; "
+                                                "this field cannot be searched")
+    if privacy.get("accountant", "rdp") != "rdp":
+        raise _fail(path, "privacy.accountant", "total_epsilon is accounted in Rényi DP (the study's bounds); "
+                                                "use accountant = \"rdp\"")
+    val_noise = privacy.get("val_noise", "auto")
+    if val_noise not in ("auto", 0):
+        raise _fail(path, "privacy.val_noise", "with total_epsilon the validation noise is derived from the total: "
+                                               "use \"auto\" (default), or 0 for exact scores (validation records "
+                                               "then unprotected)")
+    if trial_count != "fixed" and not (sampler == "random" and pruner == "none"):
+        raise _fail(path, "study.sampler", f"trial_count = {trial_count!r} at a total epsilon uses Papernot & "
+                                           "Steinke's bound, which holds for random search only: use sampler = "
+                                           "\"random\" and pruner = \"none\" (or trial_count = \"fixed\", any sampler)")
 
 
 def _build(path: Path, section: str, base: Any, table: dict) -> Any:

@@ -11,10 +11,10 @@ from optuna.trial import FrozenTrial, TrialState
 from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.recipe_file import DataSettings, RecipeFile, recipe_to_toml, write_recipe
-from dpnas.search.privacy import SearchPrivacy
-from dpnas.search.runner import best_trials, study_privacy
+from dpnas.search.runner import best_trials
 from dpnas.search.storage import dashboard_command, list_study_names, open_storage
 from dpnas.search.study_file import load_study_file
+from dpnas.search.study_privacy import StudyPrivacy, study_privacy
 from dpnas.search.weights import fetch_weights, open_store, study_location, weights_available
 
 
@@ -99,7 +99,7 @@ def export_best_weights(study: optuna.Study, storage_url: str, out: Path, *, art
     return [fetch_weights(study, t, store, _numbered(out, t, len(trials) > 1)) for t in trials]
 
 
-def study_note(study: optuna.Study, privacy: SearchPrivacy, storage_url: str) -> str:
+def study_note(study: optuna.Study, privacy: StudyPrivacy, storage_url: str) -> str:
     """A markdown note for optuna-dashboard: budget, the search's privacy cost, the best architecture."""
     attrs = study.user_attrs
     states = {s.name: 0 for s in TrialState}
@@ -109,15 +109,21 @@ def study_note(study: optuna.Study, privacy: SearchPrivacy, storage_url: str) ->
         f"# dpnas study `{study.study_name}`",
         "",
         f"- **Data**: {attrs.get('dataset')} (selection on the validation split; test accuracy recorded, never used to select).",
-        f"- **Per-trial budget**: every trial trains with DP-SGD at ε = {attrs.get('epsilon')}, δ = {attrs.get('delta')}.",
+        (f"- **Budget**: total ε = {attrs.get('total_epsilon')} for the whole search, δ = {attrs.get('delta')}."
+         if attrs.get("total_epsilon") else
+         f"- **Per-trial budget**: every trial trains with DP-SGD at ε = {attrs.get('epsilon')}, δ = {attrs.get('delta')}."),
         f"- **Trials**: {', '.join(f'{k.lower()} {v}' for k, v in states.items() if v)}; sampler {attrs.get('sampler')}, "
         f"pruner {attrs.get('pruner')}, trial count {attrs.get('trial_count')}.",
         "",
         "## Privacy cost of the search",
-        f"Releasing the best trial: **ε = {privacy.epsilon:.3f}, δ = {privacy.delta:g}** "
+        f"Releasing the best trial: **ε = {privacy.epsilon:.3f}, δ = {privacy.delta:g}** for the whole dataset "
         f"({privacy.runs} runs touched the data; one run alone: ε = {privacy.per_run_epsilon:.3f}).",
         "",
+        *(f"- {c['records']} records ({c['count']}): ε = {c['epsilon']:.3f}" for c in privacy.covers),
+        *(f"- **Not covered**: {line}" for line in privacy.not_covered),
+        "",
         privacy.explanation,
+        *privacy.notes,
         "",
     ]
     seeded = reproducible_trials(study)

@@ -1,0 +1,186 @@
+"""What a study's releases cost, record by record: the report behind `dpnas privacy`, the dashboard note and the
+line a search ends with.
+
+Neighbouring datasets differ by adding or removing one record (Opacus's relation, used throughout). Each record
+of the user's data lies in exactly one part, by a hash of its own index (:func:`dpnas.data.datasets.hash_split`):
+
+* a **training** record is seen only by DP-SGD: the study's bound for it composes (or selects among) the runs'
+  DP-SGD curves;
+* a **validation** record is seen only through the noisy validation scores (the Gaussian mechanism on the
+  correct count): its bound composes (or selects among) the runs' count-release curves;
+* a **test** record is seen by every trial's exact test accuracy, stored for the report (it steers nothing):
+  not covered, and the report says so.
+
+A neighbouring pair differs in one record of one part, so the dataset (training + validation) is covered at the
+larger of the two parts' ε (parallel composition).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+
+from dpnas.dp.privacy import rdp_to_epsilon
+from dpnas.search.privacy import (
+    ORDERS,
+    RunPrivacy,
+    _check_delta,
+    expected_trials_tnb,
+    part_curve,
+    rdp_curve,
+    validation_curve,
+)
+
+CALIBRATION_ATTR = "dpnas:calibration"
+
+
+@dataclass(frozen=True)
+class StudyPrivacy:
+    """The study-level (ε, δ) of releasing its best trial (model, recipe, noisy score), part by part."""
+
+    epsilon: float
+    """The whole dataset (training + validation records): the larger of the two parts' ε."""
+    delta: float
+    mode: str
+    """The accounting used: fixed | poisson | truncated_negative_binomial."""
+    runs: int
+    per_run_epsilon: float
+    """The largest single run's ε (training or validation part), for comparison."""
+    training_epsilon: float
+    validation_epsilon: float
+    covers: list[dict[str, Any]]
+    """One entry per part: records, count, epsilon, delta."""
+    not_covered: list[str]
+    budget: dict[str, Any]
+    explanation: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_privacy(plan: dict[str, Any]) -> RunPrivacy:
+    """A trial's recorded privacy plan. Plans written before validation scores were noisy have no ``val_*``
+    fields: their scores were exact, which this reads as one noiseless release (validation ε = ∞)."""
+    return RunPrivacy(noise_multiplier=plan["noise_multiplier"], sample_rate=plan["sample_rate"], steps=plan["steps"],
+                      val_noise=plan.get("val_noise", 0.0), val_releases=plan.get("val_releases", 1))
+
+
+def account(runs: list[RunPrivacy], *, mode: str, delta: float, mu=None, eta=None, gamma=None,
+            random_search: bool = True) -> tuple[str, float, float, float, list[str]]:
+    """(mode used, training ε, validation ε, per-run ε, notes) for these runs."""
+    _check_delta(delta)
+    notes = []
+    if mode != "fixed" and not random_search:
+        notes.append(f"The {mode.replace('_', ' ')} accounting (Papernot & Steinke) holds only for a random search "
+                     "with independent trials; this search was adaptive (a sampler or pruner used other trials' "
+                     "results), so its runs are composed instead.")
+        mode = "fixed"
+    options = dict(mode=mode, mu=mu, eta=eta, gamma=gamma)
+    train_curves = np.array([rdp_curve(r) for r in runs]).reshape(len(runs), len(ORDERS))
+    val_curves = np.array([validation_curve(r) for r in runs]).reshape(len(runs), len(ORDERS))
+    training = rdp_to_epsilon(part_curve(train_curves, **options), delta)
+    validation = rdp_to_epsilon(part_curve(val_curves, **options), delta)
+    per_run = max((max(rdp_to_epsilon(t, delta), rdp_to_epsilon(v, delta)) for t, v in zip(train_curves, val_curves)),
+                  default=0.0)
+    return mode, training, validation, per_run, notes
+
+
+def _sizes(trials) -> dict[str, int | None]:
+    for t in trials:
+        if "train_size" in t.user_attrs:
+            return {k: t.user_attrs.get(k) for k in ("train_size", "val_size", "test_size")}
+    return {"train_size": None, "val_size": None, "test_size": None}
+
+
+def _count(n: int | None) -> str:
+    return f"{n}" if n is not None else "all"
+
+
+def study_privacy(study: optuna.Study) -> StudyPrivacy:
+    """The study's guarantee, from the privacy plans its trials recorded before touching the data."""
+    trials = study.get_trials(deepcopy=False)
+    runs = [run_privacy(t.user_attrs["privacy_plan"]) for t in trials if "privacy_plan" in t.user_attrs]
+    attrs = study.user_attrs
+    delta = float(attrs.get("delta", 1e-5))
+    asked = attrs.get("trial_count", "fixed")
+    random_search = attrs.get("sampler") == "random" and attrs.get("pruner") == "none"
+    mode, training, validation, per_run, notes = account(
+        runs, mode=asked, delta=delta, mu=attrs.get("mean_trials"), eta=attrs.get("eta"), gamma=attrs.get("gamma"),
+        random_search=random_search)
+    sizes = _sizes(trials)
+    whole = max(training, validation)
+    covers = [
+        {"records": "training", "count": sizes["train_size"], "epsilon": training, "delta": delta},
+        {"records": "validation", "count": sizes["val_size"], "epsilon": validation, "delta": delta},
+        {"records": "dataset (training + validation)",
+         "count": None if sizes["train_size"] is None else sizes["train_size"] + (sizes["val_size"] or 0),
+         "epsilon": whole, "delta": delta},
+    ]
+    not_covered = []
+    if runs and math.isinf(training):
+        n = sum(r.noise_multiplier == 0 for r in runs)
+        not_covered.append(f"the {_count(sizes['train_size'])} training records are not protected: {n} of the "
+                           f"{len(runs)} trials trained without noise (non-private)")
+    if runs and math.isinf(validation):
+        n = sum(r.val_noise == 0 and r.val_releases > 0 for r in runs)
+        not_covered.append(f"the {_count(sizes['val_size'])} validation records are not protected: {n} of the "
+                           f"{len(runs)} trials released exact validation scores (val_noise = 0)")
+    if runs:
+        not_covered.append(f"the {_count(sizes['test_size'])} test records: every trial's exact "
+                           "test accuracy is stored for the report (it steers nothing)")
+    calibration = study._storage.get_study_system_attrs(study._study_id).get(CALIBRATION_ATTR)
+    budget = _budget(runs, mode, attrs, calibration)
+    if calibration is not None and whole > calibration["total_epsilon"] * (1 + 1e-9):
+        notes.append(f"ε = {whole:.4g} exceeds the study's total_epsilon = {calibration['total_epsilon']:g}")
+    explanation = _explain(mode, runs, delta, training, validation, whole, budget, attrs)
+    return StudyPrivacy(epsilon=whole, delta=delta, mode=mode, runs=len(runs), per_run_epsilon=per_run,
+                        training_epsilon=training, validation_epsilon=validation, covers=covers,
+                        not_covered=not_covered, budget=budget, explanation=explanation, notes=notes)
+
+
+def _budget(runs, mode, attrs, calibration) -> dict[str, Any]:
+    budget: dict[str, Any] = {
+        "runs": len(runs),
+        "noise_multipliers": sorted({round(r.noise_multiplier, 6) for r in runs}),
+        "val_noise": sorted({round(r.val_noise, 6) for r in runs}),
+        "val_releases": sum(r.val_releases for r in runs),
+        "total_epsilon": calibration["total_epsilon"] if calibration else None,
+    }
+    if mode == "poisson":
+        budget["trial_count"] = {"distribution": "poisson", "mean": attrs.get("mean_trials")}
+    elif mode == "truncated_negative_binomial":
+        eta, gamma = attrs.get("eta"), attrs.get("gamma")
+        budget["trial_count"] = {"distribution": "truncated_negative_binomial", "eta": eta, "gamma": gamma,
+                                 "mean": expected_trials_tnb(eta, gamma)}
+    else:
+        budget["trial_count"] = {"distribution": "fixed", "runs": calibration["runs"] if calibration else len(runs)}
+    if calibration:
+        budget["calibration"] = calibration
+    return budget
+
+
+def _explain(mode, runs, delta, training, validation, whole, budget, attrs) -> str:
+    if not runs:
+        return "No trial has touched the data yet, so the search has spent no privacy (ε = 0)."
+    if mode == "fixed":
+        how = (f"all {len(runs)} runs that touched the data composed (RDP); it holds however the trials were chosen, "
+               "adaptive samplers and pruners included, and even if every trial's model and noisy scores are published")
+    else:
+        k = budget["trial_count"]
+        how = (f"releasing only the best trial of a random search whose number of trials was drawn in secret from a "
+               f"{k['distribution'].replace('_', ' ')} distribution (mean {k['mean']:.3g}; this study ran {len(runs)}); "
+               "it assumes every trial's settings were drawn independently from the same distribution and that "
+               "nothing but the best trial (model, recipe and noisy score) is published (Papernot & Steinke, "
+               "ICLR 2022)")
+    total = budget.get("total_epsilon")
+    within = f" The study's total_epsilon is {total:g}." if total else ""
+    return (f"ε = {whole:.4g} at δ = {delta:g} for every record of the dataset the search trained and scored on "
+            f"(training records ε = {training:.4g}, validation records ε = {validation:.4g}: disjoint parts assigned "
+            f"record by record, so each is covered at its own part's ε), for {how}. Each run is charged its planned "
+            f"steps and one noisy validation release per planned epoch, finished or not ({budget['val_releases']} "
+            f"releases in all).{within}")
