@@ -272,10 +272,13 @@ class Search(Command):
         parser.add_argument("--artifacts", metavar="DIR_OR_S3",
                             help="where trained weights are kept (default: STORAGE.artifacts beside a journal or SQLite "
                                  "file; needed for a server storage: a directory every worker reaches, or s3://BUCKET)")
+        parser.add_argument("--check", action="store_true",
+                            help="only check the study (device, budget against the real split, stored study, one "
+                                 "DP-SGD step on random data) and exit: nothing trained, no epsilon spent")
         parser.add_argument("--quiet", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dpnas.search.runner import exhausted_message, search, trial_budget
+        from dpnas.search.runner import WorkersFailed, check_search, exhausted_message, search, trial_budget
         from dpnas.search.storage import dashboard_command
         from dpnas.search.study_file import load_study_file
         from dpnas.search.study_report import save_study_note
@@ -285,11 +288,24 @@ class Search(Command):
         if args.n_trials is not None and args.n_trials < 1:
             raise UsageError(f"--n-trials: must be >= 1, got {args.n_trials}")
         url = args.storage or spec.default_storage()
-        interrupted = False
+        timeout = args.timeout if args.timeout is not None else spec.timeout
+        if args.check:
+            report = check_search(spec, url, study_name=args.study_name, n_trials=args.n_trials, timeout=timeout,
+                                  workers=args.workers, device=args.device, progress=not args.quiet)
+            for line in report.lines:
+                print(line)
+            print(f"{args.study}: ready to search (nothing trained, no epsilon spent)")
+            return 0
+        interrupted, failed = False, None
         try:
             study = search(spec, storage_url=url, study_name=args.study_name, n_trials=args.n_trials,
-                           timeout=args.timeout or spec.timeout, workers=args.workers, device=args.device,
+                           timeout=timeout, workers=args.workers, device=args.device,
                            progress=not args.quiet, artifacts=args.artifacts)
+        except WorkersFailed as err:
+            failed = err
+            from dpnas.search.study_report import resolve_study
+
+            study, _ = resolve_study(url, args.study_name or spec.name)
         except KeyboardInterrupt:
             interrupted = True
             from dpnas.search.study_report import resolve_study
@@ -317,10 +333,12 @@ class Search(Command):
             print(f"not covered: {line}")
         if interrupted:
             print("interrupted: run the same command again to continue the study")
+        if failed is not None:
+            print(f"dpnas search: error: {failed}", file=sys.stderr)
         name_flag = f" --study-name {study.study_name}" if args.study_name else ""
         print(f"export the best recipe and its weights: dpnas best {where}{name_flag} --out best.toml --weights best.pt")
         print(f"open it with: {dashboard_command(url, study_location(study, url, args.artifacts))}")
-        return 130 if interrupted else 0
+        return 130 if interrupted else 1 if failed is not None else 0
 
 
 class Best(Command):

@@ -27,6 +27,7 @@ import socket
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import optuna
@@ -39,13 +40,22 @@ from tqdm.auto import tqdm
 from dpnas.arch.space import ConfigError
 from dpnas.data.datasets import DatasetSplits, load_dataset
 from dpnas.dp.checkpoint import checkpoint_dict
+from dpnas.dp.preflight import parse_device
 from dpnas.dp.privacy import PrivacyPlan
-from dpnas.dp.recipe_file import DataSettings
 from dpnas.dp.train import DivergedError, train
 from dpnas.search.calibration import Calibration, calibrate, run_shapes
+from dpnas.search.checks import (
+    BUDGET_ATTR,
+    DATA_ATTR,
+    check_study,
+    objective_mismatch,
+    refuse_mismatch,
+    stored_data,
+    stored_mismatches,
+)
 from dpnas.search.privacy import draw_trial_count
 from dpnas.search.sampling import Configs, ablation_points, config_key, grid_points, space_size, suggest
-from dpnas.search.storage import open_storage, trial_slot_lock
+from dpnas.search.storage import open_storage, storage_kind, trial_slot_lock
 from dpnas.search.study_file import StudySpec, load_study_file
 from dpnas.search.study_privacy import CALIBRATION_ATTR
 from dpnas.search.weights import default_location, keep_trial_weights, open_store, record_location, study_location
@@ -55,7 +65,6 @@ _TARGET = "dpnas:n_trials"
 _INITIALISED = "dpnas:initialised"
 _GRID_ENQUEUED = "dpnas:grid_enqueued"
 _EXHAUSTED = "dpnas:exhausted"
-_BUDGET = "dpnas:budget"
 # After this many proposals in a row that repeat trained configurations, a worker stops: the sampler has
 # (nearly) run out of new points.
 MAX_CONSECUTIVE_DUPLICATES = 50
@@ -116,7 +125,7 @@ def open_study(spec: StudySpec, storage_url: str, *, study_name: str | None = No
         if not _system_attrs(study).get(_INITIALISED):
             _initialise(study, spec, n_trials)
             return study
-        _check_budget(study, spec)
+        _check_stored(study, spec)
         if n_trials is not None:
             if spec.trial_count != "fixed":
                 raise ConfigError(f"--n-trials: study {name!r} draws its number of trials at random ({spec.trial_count})")
@@ -130,25 +139,18 @@ def open_study(spec: StudySpec, storage_url: str, *, study_name: str | None = No
     return study
 
 
-def _check_budget(study: optuna.Study, spec: StudySpec) -> None:
-    """Refuse a study file whose budget differs from the one the study was created with (no silent mixing).
+def _check_stored(study: optuna.Study, spec: StudySpec) -> None:
+    """Refuse a study file whose budget, data or objectives differ from the stored study's (no silent mixing).
 
-    Before any trial has touched the data nothing is spent, and the new budget simply replaces the old one.
+    Before any trial has touched the data nothing is spent, and the new budget and data simply replace the old.
     """
-    stored = _system_attrs(study).get(_BUDGET)
-    if stored is None:  # a study created before budgets were recorded: nothing to compare against
+    problems = stored_mismatches(study, spec)
+    if not problems:
         return
-    asked = spec.budget()
-    changed = sorted(k for k in set(stored) | set(asked) if stored.get(k) != asked.get(k))
-    if changed and not runs_charged(study):
-        _record_budget(study, spec)
-        _set_system_attr(study, CALIBRATION_ATTR, None)  # derived again from the new budget
-    elif changed:
-        was = ", ".join(f"{k} = {stored.get(k)!r}" for k in changed)
-        now = ", ".join(f"{k} = {asked.get(k)!r}" for k in changed)
-        raise ConfigError(f"study {study.study_name!r} was created with {was}; this study file asks for {now}. "
-                          "Changing the privacy budget of an existing study would mix budgets in one guarantee: "
-                          "restore the file's budget, or start a new study (--study-name NAME or a new storage)")
+    if runs_charged(study) or objective_mismatch(study, spec):
+        refuse_mismatch(study, problems)
+    _record_budget(study, spec)
+    _set_system_attr(study, CALIBRATION_ATTR, None)  # derived again from the new budget
 
 
 def _storage(spec: StudySpec, url: str) -> BaseStorage:
@@ -200,7 +202,8 @@ def _record_budget(study: optuna.Study, spec: StudySpec) -> None:
         "delta": spec.privacy.delta,
     }.items():
         study.set_user_attr(key, value)
-    _set_system_attr(study, _BUDGET, spec.budget())
+    _set_system_attr(study, BUDGET_ATTR, spec.budget())
+    _set_system_attr(study, DATA_ATTR, stored_data(spec))
 
 
 def _enqueue_grid(study: optuna.Study, spec: StudySpec, requested: int | None) -> int:
@@ -296,12 +299,6 @@ class WorkerReport:
     exhausted: str | None = None
 
 
-def data_settings(spec: StudySpec) -> DataSettings:
-    """How every trial of the study sees the data (one split for the whole study)."""
-    return DataSettings(dataset=spec.dataset, val_fraction=spec.val_fraction, split_seed=spec.train.seed,
-                        image_size=spec.image_size, synthetic_size=spec.synthetic_size, data_dir=spec.data_dir)
-
-
 def _trained_keys(study: optuna.Study, *, exclude: int | None = None) -> dict[str, int]:
     """config key -> trial number, for every trial that trained (or is training) its configuration."""
     keys = {}
@@ -346,14 +343,15 @@ def _exhausted(study: optuna.Study, size: Callable[[], int | None], consecutive:
 def run_worker(
     spec: StudySpec, storage_url: str, *, study_name: str | None = None, worker_index: int = 0,
     device: str | None = None, timeout: float | None = None, progress: bool = True,
-    artifacts: str | None = None,
+    artifacts: str | None = None, data: DatasetSplits | None = None,
 ) -> WorkerReport:
     """Take trials of the study until its budget is used (or `timeout` seconds have passed)."""
     study = open_study(spec, storage_url, study_name=study_name, worker_index=worker_index)
     store = _weights_store(study, spec, storage_url, artifacts)
-    data = load_dataset(spec.dataset, data_dir=spec.data_dir, val_fraction=spec.val_fraction,
-                        seed=spec.train.seed, image_size=spec.image_size, synthetic_size=spec.synthetic_size,
-                        progress=progress)
+    if data is None:
+        data = load_dataset(spec.dataset, data_dir=spec.data_dir, val_fraction=spec.val_fraction,
+                            seed=spec.train.seed, image_size=spec.image_size, synthetic_size=spec.synthetic_size,
+                            progress=progress)
     storage = study._storage
     with trial_slot_lock(storage, storage_url):
         calibration = study_calibration(study, spec, len(data.train))  # before any trial: an impossible total stops here
@@ -435,7 +433,7 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
     arch, train_cfg, privacy = configs
     if calibration is not None:
         privacy = calibration.privacy_for(privacy, train_cfg)
-    settings = data_settings(spec)
+    settings = spec.data_settings()
     trial.set_user_attr("config", arch.to_dict())
     trial.set_user_attr("train_config", train_cfg.to_dict())
     trial.set_user_attr("privacy_config", privacy.to_dict())
@@ -537,14 +535,14 @@ def search(
     artifacts: str | None = None,
 ) -> optuna.Study:
     """Run (or continue) the study with `workers` processes; returns the study when all have stopped."""
-    if workers < 1:
-        raise ConfigError(f"--workers: must be >= 1, got {workers}")
     url = storage_url or spec.default_storage()
     name = study_name or spec.name
+    checked = check_search(spec, url, study_name=name, n_trials=n_trials, timeout=timeout, workers=workers,
+                           device=device, progress=progress)
     study = open_study(spec, url, study_name=name, n_trials=n_trials)
     if workers == 1:
         report = run_worker(spec, url, study_name=name, device=device, timeout=timeout, progress=progress,
-                            artifacts=artifacts)
+                            artifacts=artifacts, data=checked.data)
         if report.interrupted:
             raise KeyboardInterrupt
         return study
@@ -557,6 +555,12 @@ def search(
     ]
     for p in processes:
         p.start()
+    join_workers(processes)
+    return study
+
+
+def join_workers(processes) -> None:
+    """Wait for every worker; a worker that died (any non-zero exit status) is reported, not ignored."""
     try:
         for p in processes:
             p.join()
@@ -564,7 +568,45 @@ def search(
         for p in processes:  # they got the same Ctrl-C: let them finish their bookkeeping
             p.join()
         raise
-    return study
+    died = [f"worker {i} exited with status {p.exitcode}" for i, p in enumerate(processes) if p.exitcode != 0]
+    if died:
+        raise WorkersFailed(f"{'; '.join(died)}: a trial it was running is retried when the study resumes "
+                            "(its output above says why it stopped)")
+
+
+class WorkersFailed(RuntimeError):
+    """A worker process of `--workers K` died; the others finished."""
+
+
+def check_search(spec: StudySpec, url: str, *, study_name: str | None = None, n_trials: int | None = None,
+                 timeout: float | None = None, workers: int = 1, device: str | None = None, progress: bool = False):
+    """Everything that would fail every trial, checked before the study is created or joined (see checks.py)."""
+    if workers < 1:
+        raise ConfigError(f"--workers: must be >= 1, got {workers}")
+    if timeout is not None and not (timeout > 0 and math.isfinite(timeout)):
+        raise ConfigError(f"--timeout: must be a positive number of seconds, got {timeout}")
+    if n_trials is not None and n_trials < 1:
+        raise ConfigError(f"--n-trials: must be >= 1, got {n_trials}")
+    devices = worker_devices(workers, device)
+    if workers > (os.cpu_count() or 1) and all(d is None or str(d).startswith("cpu") for d in devices) \
+            and not torch.cuda.is_available():
+        warnings.warn(f"--workers {workers} on {os.cpu_count()} CPU cores: the workers will share cores and each "
+                      "trial will run slower", stacklevel=2)
+    for d in sorted(set(map(str, devices)) - {"None"}):
+        parse_device(d)
+    return check_study(spec, device=devices[0], n_trials=n_trials, stored=existing_study(spec, url, study_name),
+                       progress=progress)
+
+
+def existing_study(spec: StudySpec, url: str, study_name: str | None = None) -> optuna.Study | None:
+    """The stored study, without creating a storage or a study that does not exist yet."""
+    kind = storage_kind(url)
+    if kind in ("journal", "sqlite") and not Path(url.split("sqlite:///", 1)[-1]).exists():
+        return None
+    try:
+        return optuna.load_study(study_name=study_name or spec.name, storage=_storage(spec, url))
+    except KeyError:
+        return None
 
 
 def best_trials(study: optuna.Study) -> list[FrozenTrial]:

@@ -25,6 +25,7 @@ from dpnas.arch.registry import MODELS
 from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.data.datasets import DATASETS, DEFAULT_SYNTHETIC_SIZE
 from dpnas.dp.config import DP_RELEVANCE, PrivacyConfig, TrainConfig
+from dpnas.dp.recipe_file import DataSettings
 from dpnas.dp.recipes import DEFAULT_RECIPE, RECIPES
 
 OBJECTIVES = {"val_accuracy": "maximize", "params": "minimize", "epoch_seconds": "minimize"}
@@ -113,6 +114,11 @@ class StudySpec:
     """Whose trained weights the artifact store keeps: all | best | none | K (the top K)."""
     total_epsilon: float | None = None
     """[privacy] total_epsilon: the whole search's ε (None: every run at [privacy] epsilon)."""
+
+    def data_settings(self) -> DataSettings:
+        """How every trial of the study sees the data (one split for the whole study)."""
+        return DataSettings(dataset=self.dataset, val_fraction=self.val_fraction, split_seed=self.train.seed,
+                            image_size=self.image_size, synthetic_size=self.synthetic_size, data_dir=self.data_dir)
 
     def budget(self) -> dict[str, Any]:
         """Everything that fixes what the study may spend; an existing study refuses a file that changes it."""

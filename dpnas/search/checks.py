@@ -1,0 +1,143 @@
+"""Refuse before spending: everything that would fail every trial of a study is checked before the first one.
+
+A study holds a privacy budget that cannot be refunded. An unusable device, a δ that the real training split
+makes meaningless, an objective with no validation split to read, an engine flag the model cannot take, or a
+study file whose budget, data or objectives differ from the stored study's would each fail (or silently mix)
+every trial, some after training fully. :func:`check_study` finds all of them first, in seconds, with one line,
+before a trial takes a slot or touches data; ``dpnas search STUDY --check`` runs only these checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from dpnas.arch.space import ConfigError
+from dpnas.data.datasets import DatasetSplits, load_dataset
+from dpnas.dp.preflight import parse_device, preflight
+from dpnas.dp.privacy import check_budget
+from dpnas.search.calibration import calibrate, run_shapes
+from dpnas.search.sampling import ablation_points, grid_points, suggest
+from dpnas.search.study_file import StudySpec
+
+BUDGET_ATTR = "dpnas:budget"
+DATA_ATTR = "dpnas:data"
+
+
+@dataclass
+class CheckReport:
+    data: DatasetSplits
+    lines: list[str]
+
+
+def stored_mismatches(study: optuna.Study, spec: StudySpec) -> list[str]:
+    """What the study file asks for that differs from what the stored study was created with."""
+    system = study._storage.get_study_system_attrs(study._study_id)
+    problems = objective_mismatch(study, spec)
+    for attr, asked, what in ((BUDGET_ATTR, spec.budget(), "privacy budget"),
+                              (DATA_ATTR, stored_data(spec), "data")):
+        stored = system.get(attr)
+        if stored is None:  # a study created before these were recorded: nothing to compare against
+            continue
+        changed = sorted(k for k in set(stored) | set(asked) if stored.get(k) != asked.get(k))
+        if changed:
+            was = ", ".join(f"{k} = {stored.get(k)!r}" for k in changed)
+            now = ", ".join(f"{k} = {asked.get(k)!r}" for k in changed)
+            problems.append(f"{what}: {was} became {now}")
+    return problems
+
+
+def objective_mismatch(study: optuna.Study, spec: StudySpec) -> list[str]:
+    """An Optuna study's objectives are fixed when it is created: a file that names others cannot join it."""
+    stored = study.user_attrs.get("objectives")
+    directions = [d.name.lower() for d in study.directions]
+    if (stored is not None and list(stored) != list(spec.objectives)) or directions != list(spec.directions):
+        return [f"objectives {list(stored) if stored is not None else directions} became {list(spec.objectives)}"]
+    return []
+
+
+def stored_data(spec: StudySpec) -> dict[str, Any]:
+    """The data settings a study keeps to itself; where the files live (data_dir) may change."""
+    return {k: v for k, v in spec.data_settings().to_dict().items() if k != "data_dir"}
+
+
+def refuse_mismatch(study: optuna.Study, problems: list[str]) -> None:
+    raise ConfigError(f"study {study.study_name!r} was created with other settings ({'; '.join(problems)}); "
+                      "changing them in an existing study would mix budgets or data in one result. Restore the "
+                      "study file, or start a new study (--study-name NAME or a new storage)")
+
+
+def _trial_count(spec: StudySpec, n_trials: int | None) -> int | None:
+    if spec.trial_count != "fixed":
+        return None
+    if n_trials is not None:
+        return n_trials
+    if spec.sampler == "ablation":
+        return len(ablation_points(spec))
+    if spec.sampler == "grid":
+        return min(spec.n_trials or math.inf, len(grid_points(spec)))
+    return spec.n_trials
+
+
+def _privacy_settings(spec: StudySpec) -> list[Any]:
+    """Every (ε, δ) a trial can train at: the base, and each searched value."""
+    settings = [spec.privacy]
+    for axis in spec.axes:
+        if axis.name in ("epsilon", "delta") and axis.categorical:
+            settings += [spec.privacy.replace(**{axis.name: v}) for v in axis.choices]
+        elif axis.name in ("epsilon", "delta"):
+            settings += [spec.privacy.replace(**{axis.name: v}) for v in (axis.low, axis.high)]
+    return settings
+
+
+def first_point(spec: StudySpec):
+    """The first valid point a sampler would propose, drawn in a throwaway in-memory study."""
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.seed),
+                                  directions=spec.directions)
+    last: ConfigError | None = None
+    for _ in range(20):
+        try:
+            return suggest(scratch.ask(), spec)
+        except ConfigError as err:
+            last = err
+    raise ConfigError(f"the search space proposed 20 invalid points in a row (last: {last})")
+
+
+def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | None = None,
+                stored: optuna.Study | None = None, data: DatasetSplits | None = None,
+                progress: bool = False) -> CheckReport:
+    """Every check that would otherwise fail every trial; raises ConfigError (one line) at the first problem."""
+    lines = []
+    parsed = parse_device(device)
+    if stored is not None and (problems := stored_mismatches(stored, spec)):
+        refuse_mismatch(stored, problems)
+    if spec.val_fraction == 0:
+        raise ConfigError(f"{spec.path}: data.val_fraction: the objective val_accuracy is read on the validation "
+                          "split; set val_fraction > 0 (0.2 is customary)")
+    if data is None:
+        data = load_dataset(spec.dataset, data_dir=spec.data_dir, val_fraction=spec.val_fraction,
+                            seed=spec.train.seed, image_size=spec.image_size, synthetic_size=spec.synthetic_size,
+                            progress=progress)
+    lines.append(f"data: {spec.dataset}, {len(data.train)} training, {len(data.val)} validation and "
+                 f"{len(data.test)} test records")
+    for privacy in _privacy_settings(spec):
+        check_budget(privacy, dataset_size=len(data.train))
+    for batch_size, _ in run_shapes(spec) if spec.total_epsilon else []:
+        if batch_size >= len(data.train):
+            raise ConfigError(f"batch_size: {batch_size} is not below the {len(data.train)} training records")
+    if spec.total_epsilon is not None:
+        calibration = calibrate(spec.total_epsilon, spec.privacy.delta, mode=spec.trial_count,
+                                runs=_trial_count(spec, n_trials), mu=spec.mean_trials, eta=spec.eta,
+                                gamma=spec.gamma, shapes=run_shapes(spec), train_size=len(data.train),
+                                validation_noise=spec.privacy.val_noise != 0)
+        lines.append(f"budget: total epsilon {spec.total_epsilon:g} → noise multipliers "
+                     f"{sorted(set(round(s, 4) for s in calibration.noise_multipliers.values()))}, validation "
+                     f"noise {calibration.val_noise:.3g}")
+    arch, train_cfg, privacy = first_point(spec)
+    preflight(arch, train_cfg, privacy, num_classes=data.num_classes, in_channels=data.in_channels,
+              image_size=data.image_size, device=parsed)
+    lines.append(f"preflight: one DP-SGD step of the first sampled point on {parsed} passed (random data, no epsilon)")
+    return CheckReport(data=data, lines=lines)

@@ -1,0 +1,138 @@
+"""Refuse before spending (issue 16): what would fail every trial is refused before a trial takes a slot.
+
+Each case runs the real CLI and checks three things: exit status 2, one line on stderr naming the problem, and
+nothing spent: no study storage created (or, for an existing study, no new trial).
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+
+import optuna
+import pytest
+from search_helpers import write_study
+
+import dpnas.search.runner as runner
+from dpnas.arch.registry import MODELS
+from dpnas.arch.space import ConfigError
+from dpnas.cli import main
+from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.preflight import parse_device, preflight
+from dpnas.search.runner import WorkersFailed, check_search, join_workers, search
+from dpnas.search.study_file import load_study_file
+
+
+def _refused(capsys, argv, match):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err and match in err, err
+    return err
+
+
+def _edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new))
+    return path
+
+
+def test_check_runs_the_checks_and_spends_nothing(tmp_path, capsys):
+    path = write_study(tmp_path, n_trials=1)
+    assert main(["search", str(path), "--check", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "preflight" in out and "ready to search" in out and "1152 training" in out
+    assert not path.with_suffix(".journal").exists()  # no study created, nothing trained
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--device", "cudaa"], "is not a device"),
+    (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "cuda:99"], "--device"),
+    (["--timeout", "0"], "--timeout"),
+    (["--timeout", "nan"], "--timeout"),
+    (["--timeout", "-5"], "--timeout"),
+    (["--n-trials", "0"], "--n-trials"),
+    (["--workers", "0"], "--workers"),
+])
+def test_bad_flags_are_refused_before_a_study_exists(tmp_path, capsys, argv, match):
+    path = write_study(tmp_path, n_trials=1)
+    _refused(capsys, ["search", str(path), "--quiet", *argv], match)
+    assert not path.with_suffix(".journal").exists()
+
+
+@pytest.mark.parametrize("old,new,match", [
+    ("delta = 1e-5", "delta = 0.001", "delta: 0.001 >= 1/n"),  # δ against the real training split (1152 records)
+    ("val_fraction = 0.2", "val_fraction = 0.0", "val_fraction"),  # the objective needs a validation split
+    ("physical_batch_size = 256", "physical_batch_size = 256\namp = true\nper_sample = \"opacus\"", "preflight"),
+    ("physical_batch_size = 256", "physical_batch_size = 256\nchannels_last = true\nper_sample = \"opacus\"",
+     "preflight"),
+])
+def test_what_would_fail_every_trial_is_refused_before_any(tmp_path, capsys, old, new, match):
+    path = _edit(write_study(tmp_path, n_trials=2), old, new)
+    _refused(capsys, ["search", str(path), "--quiet"], match)
+    assert not path.with_suffix(".journal").exists()
+
+
+def test_editing_data_or_objectives_of_a_study_is_refused(tmp_path, capsys):
+    path = write_study(tmp_path, n_trials=1)
+    assert main(["search", str(path), "--quiet"]) == 0
+    _edit(path, "val_fraction = 0.2", "val_fraction = 0.3")
+    _refused(capsys, ["search", str(path), "--quiet", "--n-trials", "2"], "val_fraction = 0.2 became val_fraction = 0.3")
+    _edit(path, "val_fraction = 0.3", "val_fraction = 0.2")
+    _edit(path, "seed = 0", 'seed = 0\nobjectives = ["val_accuracy", "params"]\n')
+    _edit(path, 'pruner = "none"', 'pruner = "none"')
+    _refused(capsys, ["search", str(path), "--quiet", "--n-trials", "2"], "objectives")
+    study = optuna.load_study(study_name="tiny", storage=str(path.with_suffix(".journal")) and
+                              runner._storage(load_study_file(write_study(tmp_path, name="other.toml")),
+                                              str(path.with_suffix(".journal"))))
+    assert len(study.get_trials()) == 1  # nothing new was trained
+
+
+def test_the_preflight_needs_no_data_and_catches_engine_combinations():
+    arch = MODELS["tiny"].arch
+    preflight(arch, TrainConfig(physical_batch_size=4), PrivacyConfig(), num_classes=10, in_channels=1, image_size=16,
+              device="cpu")
+    with pytest.raises(ConfigError, match="preflight.*amp"):
+        preflight(arch, TrainConfig(physical_batch_size=4, amp=True, per_sample="opacus"), PrivacyConfig(),
+                  num_classes=10, in_channels=1, image_size=16, device="cpu")
+    with pytest.raises(ConfigError, match="preflight"):  # a shape the model cannot take
+        preflight(arch, TrainConfig(physical_batch_size=4), PrivacyConfig(), num_classes=10, in_channels=1,
+                  image_size=1, device="cpu")
+
+
+def test_parse_device():
+    assert parse_device("cpu").type == "cpu"
+    for bad in ("cudaa", "tpu", "mps"):
+        with pytest.raises(ConfigError, match="--device"):
+            parse_device(bad)
+
+
+def test_a_dead_worker_is_reported():
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=os._exit, args=(code,)) for code in (0, 3)]
+    for p in processes:
+        p.start()
+    with pytest.raises(WorkersFailed, match="worker 1 exited with status 3"):
+        join_workers(processes)
+
+
+def test_the_search_command_exits_non_zero_when_a_worker_died(tmp_path, capsys, monkeypatch):
+    path = write_study(tmp_path, n_trials=1)
+
+    def one_worker_died(spec, **kwargs):
+        search(spec, progress=False, storage_url=kwargs["storage_url"])
+        raise WorkersFailed("worker 1 exited with status -9")
+
+    monkeypatch.setattr(runner, "search", one_worker_died)
+    assert main(["search", str(path), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "worker 1 exited with status -9" in captured.err and "trials finished" in captured.out
+
+
+def test_more_cpu_workers_than_cores_warns(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    spec = load_study_file(write_study(tmp_path, n_trials=1))
+    with pytest.warns(UserWarning, match="--workers 3 on 2 CPU cores"):
+        check_search(spec, str(tmp_path / "x.journal"), workers=3, device="cpu")
+    assert math.isfinite(1.0)
