@@ -279,7 +279,7 @@ class Search(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.search.runner import WorkersFailed, check_search, exhausted_message, search, trial_budget
-        from dpnas.search.storage import dashboard_command
+        from dpnas.search.storage import command_url, dashboard_command
         from dpnas.search.study_file import load_study_file
         from dpnas.search.study_report import save_study_note
         from dpnas.search.weights import study_location
@@ -325,7 +325,7 @@ class Search(Command):
         for trial in best_trials(study):
             print(f"best: trial {trial.number}, {dict(zip(study.metric_names or ['value'], trial.values))}, {trial.params}")
         report = study_privacy(study)
-        where = args.storage or args.study
+        where = command_url(args.storage) if args.storage else args.study
         print(f"privacy of releasing the best trial: epsilon {report.epsilon:.3f} for the whole dataset (training "
               f"records {report.training_epsilon:.3f}, validation records {report.validation_epsilon:.3f}), delta "
               f"{report.delta:g} ({report.mode}; {report.runs} runs; `dpnas privacy {where}` explains)")
@@ -463,7 +463,7 @@ class Dashboard(Command):
     def run(self, args: argparse.Namespace) -> int:
         from optuna_dashboard import run_server
 
-        from dpnas.search.storage import open_storage
+        from dpnas.search.storage import display_url, open_storage
         from dpnas.search.study_file import load_study_file
         from dpnas.search.weights import default_location, open_store
 
@@ -471,7 +471,7 @@ class Dashboard(Command):
         storage = open_storage(url, must_exist=True)
         location = args.artifacts or default_location(url)
         store = open_store(location) if location and (location.startswith("s3://") or Path(location).is_dir()) else None
-        print(f"optuna-dashboard on http://{args.host}:{args.port}/ for {url} (Ctrl-C to stop)")
+        print(f"optuna-dashboard on http://{args.host}:{args.port}/ for {display_url(url)} (Ctrl-C to stop)")
         run_server(storage, host=args.host, port=args.port, artifact_store=store)
         return 0
 

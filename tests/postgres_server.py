@@ -277,15 +277,7 @@ class PostgresServer:
             # binds it; try a few ports.
             for attempt in range(3):
                 self.port = _free_port()
-                self._log_file = open(self.log_path, "ab")
-                self._proc = subprocess.Popen(
-                    self._user_switch() + self._server_argv(self.port),
-                    cwd=self.base_dir,
-                    stdin=subprocess.DEVNULL,
-                    stdout=self._log_file,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,  # keep Ctrl-C in the terminal from reaching it
-                )
+                self._launch()
                 try:
                     self._wait_ready(time.monotonic() + self.START_TIMEOUT_S)
                     break
@@ -299,6 +291,28 @@ class PostgresServer:
             self.stop()
             raise
         self.startup_seconds = time.monotonic() - t0
+
+    def _launch(self) -> None:
+        """Start the postmaster on the existing data directory and self.port."""
+        self._log_file = open(self.log_path, "ab")
+        self._proc = subprocess.Popen(
+            self._user_switch() + self._server_argv(self.port),
+            cwd=self.base_dir,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # keep Ctrl-C in the terminal from reaching it
+        )
+
+    def restart(self, down_s: float = 0.0) -> None:
+        """Stop the server (fast shutdown: every session is closed) and start it again on the same data
+        directory and port, after `down_s` seconds down: what clients see when a server restarts."""
+        if self._proc is None:
+            raise RuntimeError("server not running")
+        self._reap()
+        time.sleep(down_s)
+        self._launch()
+        self._wait_ready(time.monotonic() + self.START_TIMEOUT_S)
 
     def _reap(self) -> None:
         """Stop the postmaster (fast, then immediate, then kill) and wait for it."""
@@ -363,6 +377,38 @@ class PostgresServer:
         if self._proc is None:
             raise RuntimeError("server not running")
         return psycopg2.connect(host="127.0.0.1", port=self.port, user="postgres", dbname=dbname)
+
+    def create_password_role(self, name: str, password: str, dbname: str) -> None:
+        """A login role that owns `dbname` and must give its password (SCRAM) over TCP: every other role is
+        still trusted."""
+        for ident in (name, dbname):
+            if not _DB_NAME_RE.match(ident):
+                raise ValueError(f"invalid name {ident!r}")
+        conn = self.connect()
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(f"CREATE ROLE \"{name}\" LOGIN PASSWORD %s", (password,))
+                cur.execute(f'ALTER DATABASE "{dbname}" OWNER TO "{name}"')
+                hba = self.data_dir / "pg_hba.conf"  # the first matching line wins
+                hba.write_text(f"host all {name} 127.0.0.1/32 scram-sha-256\n" + hba.read_text())
+                cur.execute("SELECT pg_reload_conf()")
+        finally:
+            conn.close()
+        self._wait_password_required(name, dbname)
+
+    def _wait_password_required(self, name: str, dbname: str) -> None:
+        # the reload is asynchronous: wait until a connection without the password is refused
+        import psycopg2
+
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                psycopg2.connect(host="127.0.0.1", port=self.port, user=name, dbname=dbname, password="").close()
+            except psycopg2.OperationalError:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"the server still lets {name!r} in without a password")
 
     def create_database(self, name: str) -> str:
         """Create an empty database and return its SQLAlchemy URL."""

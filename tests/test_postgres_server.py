@@ -172,3 +172,28 @@ def test_stop_is_idempotent_and_cleans_up():
     assert server.pid is None
     assert not base_dir.exists()
     assert not Path(f"/proc/{pid}").exists()
+
+
+def test_restart_keeps_port_and_data_and_closes_every_session(postgres_server: PostgresServer, postgres_url: str):
+    import psycopg2
+
+    dbname = postgres_url.rsplit("/", 1)[1]
+    conn = postgres_server.connect(dbname)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute("CREATE TABLE kept (x int)")
+        cur.execute("INSERT INTO kept VALUES (7)")
+    pid, port = postgres_server.pid, postgres_server.port
+    postgres_server.restart()
+    assert postgres_server.pid != pid and postgres_server.port == port
+    assert not Path(f"/proc/{pid}").exists()
+    with pytest.raises(psycopg2.OperationalError):  # the old session is gone
+        conn.cursor().execute("SELECT 1")
+    conn.close()
+    again = postgres_server.connect(dbname)
+    try:
+        with again.cursor() as cur:
+            cur.execute("SELECT x FROM kept")
+            assert cur.fetchall() == [(7,)]
+    finally:
+        again.close()

@@ -1,5 +1,7 @@
-"""A study on a real PostgreSQL server: a worker killed mid-trial, its trial found by heartbeat and retried."""
+"""A study on a real PostgreSQL server: a worker killed mid-trial, its trial found by heartbeat and retried; the
+server restarted mid-trial; a password in the storage URL that shows up nowhere."""
 
+import datetime
 import os
 import signal
 import subprocess
@@ -7,12 +9,56 @@ import sys
 import time
 
 import optuna
+import optuna_dashboard
 from optuna.trial import TrialState
 from search_helpers import write_study
 
+from dpnas.cli import main
 from dpnas.search.runner import search, trial_budget
 from dpnas.search.storage import open_storage
 from dpnas.search.study_file import load_study_file
+
+SECRET = "sekret-xyz"
+
+
+def bare(url: str) -> str:
+    """The README's form: postgresql:// without a driver."""
+    return url.replace("postgresql+psycopg2://", "postgresql://")
+
+
+def wait_for_training_trial(worker: subprocess.Popen, storage, study_name: str, timeout: float = 240):
+    """The first RUNNING trial that has recorded its privacy plan: it is training on the data now."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert worker.poll() is None, f"worker ended early: {worker.stderr.read()[-2000:]}"
+        try:
+            study = optuna.load_study(study_name=study_name, storage=storage)
+        except KeyError:
+            time.sleep(0.2)
+            continue
+        running = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if "privacy_plan" in t.user_attrs]
+        if running:
+            return running[0]
+        time.sleep(0.1)
+    raise AssertionError("the worker never started a trial")
+
+
+def wait_until_idle(server, dbname: str, timeout: float = 10) -> None:
+    """Until no session on `dbname` is running a statement, so the restart closes idle connections only (a
+    statement cut off mid-flight fails, whatever the client does)."""
+    deadline = time.monotonic() + timeout
+    conn = server.connect()
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            while time.monotonic() < deadline:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
+                            "AND state <> 'idle'", (dbname,))
+                if cur.fetchone()[0] == 0:
+                    return
+                time.sleep(0.005)
+    finally:
+        conn.close()
 
 
 def test_killed_worker_trial_is_retried_once_and_none_is_lost(tmp_path, postgres_url):
@@ -57,3 +103,104 @@ def test_killed_worker_trial_is_retried_once_and_none_is_lost(tmp_path, postgres
     assert retries[0].state == TrialState.COMPLETE and retries[0].params == victim.params
     assert sum(t.state == TrialState.COMPLETE for t in trials) == 3  # the budget, exactly: nothing lost or doubled
     assert trial_budget(study)[:2] == (3, 3)
+
+
+def test_server_restart_mid_trial_loses_and_doubles_nothing(tmp_path, postgres_server, postgres_url):
+    url, dbname = bare(postgres_url), postgres_url.rsplit("/", 1)[1]
+    extra = "heartbeat_interval = 1\ngrace_period = 10\nmax_retries = 2"
+    path = write_study(tmp_path, n_trials=2, epochs=2, extra=extra)
+    spec = load_study_file(path)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "dpnas", "search", str(path), "--storage", url, "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        victim = wait_for_training_trial(worker, open_storage(url), spec.name)
+        postmaster = postgres_server.pid
+        wait_until_idle(postgres_server, dbname)
+        postgres_server.restart(down_s=1.0)  # every connection of the worker is closed; heartbeats meet no server
+        back_at = datetime.datetime.now()
+        assert postgres_server.pid != postmaster
+        out, err = worker.communicate(timeout=300)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    assert worker.returncode == 0, err[-3000:]
+    assert "Traceback" not in err and "Exception" not in err, err[-3000:]  # the heartbeat thread too rode it out
+
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+    trials = study.get_trials()
+    survivor = next(t for t in trials if t.number == victim.number)
+    # the trial trained through the restart and was finished, every epoch's value kept
+    assert survivor.state == TrialState.COMPLETE and survivor.datetime_complete > back_at
+    assert sorted(survivor.intermediate_values) == [1, 2]
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2  # nothing failed, retried or doubled
+    assert trial_budget(study)[:2] == (2, 2)
+
+
+def every_row(server, dbname: str) -> str:
+    """Every value of every table in the database, as one string."""
+    conn = server.connect(dbname)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'")
+            tables = [row[0] for row in cur.fetchall()]
+            rows = []
+            for table in tables:
+                cur.execute(f'SELECT * FROM "{table}"')
+                rows += cur.fetchall()
+    finally:
+        conn.close()
+    assert tables and rows
+    return repr(rows)
+
+
+def test_a_password_in_the_storage_url_shows_up_nowhere(tmp_path, postgres_server, postgres_url, capfd, monkeypatch):
+    dbname, port = postgres_url.rsplit("/", 1)[1], postgres_server.port
+    role = "pw_" + dbname[-10:]
+    postgres_server.create_password_role(role, SECRET, dbname)  # the server checks it (SCRAM), it trusts no one else
+    url = f"postgresql://{role}:{SECRET}@127.0.0.1:{port}/{dbname}"
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    run = subprocess.run([sys.executable, "-m", "dpnas", "search", str(path), "--storage", url, "--quiet"],
+                         capture_output=True, text=True, timeout=400)
+    assert run.returncode == 0, run.stderr[-3000:].replace(SECRET, "<SECRET>")
+    printed = [run.stdout, run.stderr]
+    # the commands it prints run as they are where PGPASSWORD or ~/.pgpass gives the password
+    assert f"open it with: optuna-dashboard postgresql+psycopg2://{role}@127.0.0.1:{port}/{dbname}\n" in run.stdout
+    assert f"dpnas best postgresql://{role}@127.0.0.1:{port}/{dbname} " in run.stdout
+
+    for argv in (["best", url, "--out", str(tmp_path / "best.toml")], ["privacy", url], ["privacy", url, "--json"]):
+        assert main(argv) == 0
+        printed += capfd.readouterr()
+    for argv in (["privacy", url.replace(dbname, "no_such_db")],  # the server refuses
+                 ["privacy", url.replace("postgresql://", "postgres://")],  # dpnas refuses the scheme
+                 ["best", url, "--study-name", "no_such_study"]):  # the storage opens; the study is not there
+        assert main(argv) == 2
+        out, err = capfd.readouterr()
+        printed += [out, err]
+        assert err.count("\n") == 1 and f"{role}:***@" in err, err.replace(SECRET, "<SECRET>")
+    leaks = [text for text in printed if SECRET in text]
+    assert not leaks, [text.replace(SECRET, "<SECRET>") for text in leaks]
+
+    study = optuna.load_study(study_name="tiny", storage=open_storage(url))
+    note = optuna_dashboard.get_note(study)
+    assert "Open with:" in note and SECRET not in note
+    attrs = [study.user_attrs, study._storage.get_study_system_attrs(study._study_id)]
+    attrs += [(t.user_attrs, t.system_attrs) for t in study.get_trials()]
+    assert SECRET not in repr(attrs)
+    assert SECRET not in every_row(postgres_server, dbname)
+
+    # the password kept off the command line: libpq reads PGPASSWORD or ~/.pgpass (here PGPASSFILE) for psycopg2
+    without = f"postgresql://{role}@127.0.0.1:{port}/{dbname}"
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "no.pgpass"))
+    assert main(["privacy", without]) == 2  # it is checked
+    assert "no password supplied" in capfd.readouterr().err
+    monkeypatch.setenv("PGPASSWORD", SECRET)
+    assert main(["privacy", without]) == 0
+    monkeypatch.delenv("PGPASSWORD")
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{port}:{dbname}:{role}:{SECRET}\n")
+    pgpass.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    assert main(["privacy", without]) == 0

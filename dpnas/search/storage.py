@@ -4,7 +4,7 @@
   file); many processes on one host can share it without "database is locked" failures;
 * ``sqlite:///path.db``: an SQLite database (one host, few processes);
 * ``postgresql://...`` (or ``mysql://...``): a server that workers on several machines join; trials of
-  crashed workers are found by heartbeat and retried.
+  crashed workers are found by heartbeat and retried, and a server that restarts is waited for.
 
 Anything else is refused, so a mistyped path never silently becomes another backend.
 
@@ -13,6 +13,9 @@ beside it and cut off before the next record is appended (:mod:`dpnas.search.jou
 does it at once, opening an existing study to read (``must_exist``: ``dpnas best``, ``privacy``, ...) leaves the
 file as it is, says what is damaged, and reads the whole records before the damage. A damaged SQLite file is
 refused in one line, untouched: dpnas cannot tell which of its pages to trust.
+
+A server URL may hold a password: dpnas prints and stores it only through :func:`display_url` (password masked)
+or :func:`command_url` (password left out, for commands to copy), never as given.
 """
 
 from __future__ import annotations
@@ -20,30 +23,74 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import re
 import sqlite3
+import time
 from pathlib import Path
 from typing import Iterator
 
 import optuna
+import sqlalchemy
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from sqlalchemy.engine import make_url
 
 from dpnas.arch.space import ConfigError
 from dpnas.search.journal_repair import WholeJournalFileBackend, report_damage
 
 JOURNAL_SUFFIXES = (".journal", ".log")
 RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")
+# SQLAlchemy 2.1 reads a bare postgresql:// as psycopg 3, which dpnas does not install; psycopg2 is its driver.
+_DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg2"}
+# How long a worker waits for a server that went away (a restart, a fail-over) before its trial fails.
+SERVER_PATIENCE_S = 60.0
+# The key of the PostgreSQL advisory lock behind trial_slot_lock. Advisory locks are local to a database, so one
+# constant serves every study, and workers share the lock however their URLs spell the database (driver, host
+# name or address, user, password).
+_SLOT_LOCK_KEY = int.from_bytes(hashlib.sha1(b"dpnas:trial-slot").digest()[:7], "big")
+
+
+def display_url(url: str) -> str:
+    """`url` fit to print or store: a server URL with its password as ***; a journal path as it is."""
+    if "://" not in url:
+        return url
+    try:
+        parsed = make_url(url)
+    except Exception:  # unparsable (a port that is no number...): mask whatever stands between "user:" and "@"
+        return re.sub(r"(://[^/@:]*):[^/@]*@", r"\1:***@", url)
+    if "password" in parsed.query:  # libpq also takes the password as a query parameter
+        parsed = parsed.update_query_dict({"password": "***"})
+    return parsed.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
+
+
+def command_url(url: str) -> str:
+    """`url` for a printed command line: the password left out, so that the command runs where PGPASSWORD or
+    ~/.pgpass supplies it (and shows it nowhere)."""
+    if "://" not in url:
+        return url
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return display_url(url)
+    return parsed._replace(password=None).difference_update_query(["password"]).render_as_string(hide_password=False)
+
+
+def rdb_url(url: str) -> str:
+    """The URL SQLAlchemy is given: a bare postgresql:// gets the psycopg2 driver dpnas installs."""
+    scheme, separator, rest = url.partition("://")
+    return _DEFAULT_DRIVERS.get(scheme, scheme) + separator + rest
 
 
 def storage_kind(url: str) -> str:
     if "://" in url:
         scheme = url.split("://", 1)[0]
         if scheme not in RDB_SCHEMES:
-            raise ConfigError(f"storage {url!r}: unknown scheme {scheme!r}; expected one of: {', '.join(RDB_SCHEMES)} or a .journal file")
+            raise ConfigError(f"storage {display_url(url)!r}: unknown scheme {scheme!r}; expected one of: "
+                              f"{', '.join(RDB_SCHEMES)} or a .journal file")
         return "sqlite" if scheme == "sqlite" else "server"
     if Path(url).suffix in JOURNAL_SUFFIXES:
         return "journal"
     raise ConfigError(
-        f"storage {url!r}: not a storage URL; use a journal file (*.journal), sqlite:///FILE.db or postgresql://..."
+        f"storage {display_url(url)!r}: not a storage URL; use a journal file (*.journal), sqlite:///FILE.db or postgresql://..."
     )
 
 
@@ -74,10 +121,46 @@ def open_storage(
     if kind == "sqlite":
         # wait for the lock instead of failing at once when several processes write
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    else:
+        # a pooled connection a server restart has closed is replaced before use, not failed on
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
     try:
-        return RDBStorage(url, **kwargs)
+        storage = RDBStorage(rdb_url(url), **kwargs)
     except Exception as err:  # sqlalchemy raises many kinds; all mean "cannot open this storage"
-        raise ConfigError(f"storage {url!r}: cannot open it ({type(err).__name__}: {str(err).splitlines()[0]})") from err
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        password = _password(url)
+        if password:  # no driver is known to quote it, but an error line is no place to find out
+            reason = reason.replace(password, "***")
+        raise ConfigError(f"storage {display_url(url)!r}: cannot open it ({reason})") from err
+    if kind == "server":
+        _wait_for_server(storage.engine, SERVER_PATIENCE_S)
+    return storage
+
+
+def _password(url: str) -> str | None:
+    try:
+        parsed = make_url(url)
+    except Exception:
+        return None
+    return parsed.password or parsed.query.get("password") or None
+
+
+def _wait_for_server(engine: sqlalchemy.engine.Engine, patience_s: float) -> None:
+    """Retry new connections for up to `patience_s` seconds, so that a server restart in the middle of a trial
+    stalls its writes (intermediate values, heartbeats) instead of failing them. Added after the storage opened,
+    so a wrong database name or password still fails at once."""
+    refused = engine.dialect.loaded_dbapi.OperationalError
+
+    @sqlalchemy.event.listens_for(engine, "do_connect")
+    def connect_patiently(dialect, connection_record, cargs, cparams):
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                return dialect.connect(*cargs, **cparams)
+            except refused:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
 
 
 def _whole_journal(url: str, path: Path, *, repair: bool) -> WholeJournalFileBackend:
@@ -141,20 +224,22 @@ def trial_slot_lock(storage: BaseStorage, url: str) -> Iterator[None]:
             yield
         return
     if isinstance(storage, RDBStorage) and storage.engine.dialect.name == "postgresql":
-        key = int.from_bytes(hashlib.sha1(url.encode()).digest()[:7], "big")
         with storage.engine.connect() as connection:
-            connection.exec_driver_sql(f"SELECT pg_advisory_lock({key})")
+            connection.exec_driver_sql(f"SELECT pg_advisory_lock({_SLOT_LOCK_KEY})")
             try:
                 yield
             finally:
-                connection.exec_driver_sql(f"SELECT pg_advisory_unlock({key})")
+                connection.exec_driver_sql(f"SELECT pg_advisory_unlock({_SLOT_LOCK_KEY})")
         return
     yield
 
 
 def dashboard_command(url: str, artifact_dir: str | None = None) -> str:
-    """The stock optuna-dashboard command line for a storage (with its artifact directory, so it lists weights)."""
-    command = f"optuna-dashboard {url}"
+    """The stock optuna-dashboard command line for a storage (with its artifact directory, so it lists weights).
+
+    The URL names the psycopg2 driver (optuna-dashboard's SQLAlchemy would look for psycopg 3) and no password.
+    """
+    command = f"optuna-dashboard {command_url(rdb_url(url))}"
     if artifact_dir and not artifact_dir.startswith("s3://") and Path(artifact_dir).is_dir():
         command += f" --artifact-dir {artifact_dir}"
     return command

@@ -12,7 +12,7 @@ from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.recipe_file import DataSettings, RecipeFile, recipe_to_toml, write_recipe
 from dpnas.search.runner import best_trials
-from dpnas.search.storage import dashboard_command, list_study_names, open_storage
+from dpnas.search.storage import dashboard_command, display_url, list_study_names, open_storage
 from dpnas.search.study_file import load_study_file
 from dpnas.search.study_privacy import StudyPrivacy, study_privacy
 from dpnas.search.weights import fetch_weights, open_store, study_location, weights_available
@@ -29,10 +29,10 @@ def resolve_study(study_or_storage: str, study_name: str | None = None) -> tuple
     names = list_study_names(storage)
     if name is None:
         if len(names) != 1:
-            raise ConfigError(f"{url}: holds {len(names)} studies ({', '.join(names) or 'none'}); choose one with --study-name")
+            raise ConfigError(f"{display_url(url)}: holds {len(names)} studies ({', '.join(names) or 'none'}); choose one with --study-name")
         name = names[0]
     if name not in names:
-        raise ConfigError(f"{url}: no study named {name!r}; it holds: {', '.join(names) or 'none'}")
+        raise ConfigError(f"{display_url(url)}: no study named {name!r}; it holds: {', '.join(names) or 'none'}")
     return optuna.load_study(study_name=name, storage=storage), url
 
 
