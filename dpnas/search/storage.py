@@ -104,8 +104,11 @@ def open_storage(
         path = Path(url)
         if must_exist and not path.exists():
             raise ConfigError(f"storage {url!r}: no such journal file")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(_whole_journal(url, path, repair=not must_exist))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(_whole_journal(url, path, repair=not must_exist))
+        except OSError as err:  # a folder that cannot be created or written: one line, before any trial
+            raise ConfigError(f"storage {url!r}: cannot write there ({err.strerror or err})") from err
     if kind == "sqlite":
         db = Path(url.split("sqlite:///", 1)[-1])
         if must_exist and not db.exists():
