@@ -18,6 +18,7 @@ from dpnas.search.sampling import ablation_points, config_key, grid_points, spac
 from dpnas.search.storage import open_storage
 from dpnas.search.study_file import load_study_file
 from dpnas.search.study_privacy import study_privacy
+from dpnas.search.study_state import sampler_seed
 
 STUDIES = Path(__file__).parent.parent / "studies"
 
@@ -168,7 +169,7 @@ def test_a_resumed_study_proposes_nothing_it_already_trained(tmp_path, monkeypat
     search(spec, progress=False)
     first = {config_key(c) for c in calls}
     # the same seed would replay the first session's proposals; the resumed sampler continues instead
-    assert runner.sampler_seed(spec, 0, 0) != runner.sampler_seed(spec, 0, 3)
+    assert sampler_seed(spec, 0, 0) != sampler_seed(spec, 0, 3)
     search(spec, n_trials=6, progress=False)
     keys = [config_key(c) for c in calls]
     assert len(keys) == 6 and len(set(keys)) == 6

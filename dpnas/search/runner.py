@@ -18,11 +18,9 @@ covered, or a sampler that keeps repeating itself, ends the study with a line sa
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import math
 import multiprocessing
 import os
-import random
 import socket
 import time
 import warnings
@@ -32,7 +30,7 @@ from typing import Any, Callable
 
 import optuna
 import torch
-from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
 from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm.auto import tqdm
@@ -43,251 +41,24 @@ from dpnas.dp.checkpoint import checkpoint_dict
 from dpnas.dp.preflight import parse_device
 from dpnas.dp.privacy import PrivacyPlan
 from dpnas.dp.train import DivergedError, train
-from dpnas.search.calibration import Calibration, calibrate, run_shapes
-from dpnas.search.checks import (
-    BUDGET_ATTR,
-    DATA_ATTR,
-    check_study,
-    objective_mismatch,
-    refuse_mismatch,
-    stored_data,
-    stored_mismatches,
-)
-from dpnas.search.privacy import draw_trial_count
-from dpnas.search.sampling import Configs, ablation_points, config_key, grid_points, space_size, suggest
-from dpnas.search.storage import open_storage, storage_kind, trial_slot_lock
+from dpnas.search.calibration import Calibration
+from dpnas.search.checks import check_study
+from dpnas.search.sampling import Configs, config_key, space_size, suggest
+from dpnas.search.storage import storage_kind, trial_slot_lock
 from dpnas.search.study_file import StudySpec, load_study_file
-from dpnas.search.study_privacy import CALIBRATION_ATTR
+from dpnas.search.study_state import (
+    _EXHAUSTED,
+    _recover_orphans,
+    _set_system_attr,
+    _storage,
+    _system_attrs,
+    _version,
+    open_study,
+    runs_charged,
+    study_calibration,
+    trial_budget,
+)
 from dpnas.search.weights import default_location, keep_trial_weights, open_store, record_location, study_location
-
-# Study attributes dpnas keeps in the storage (system attributes: not shown as results).
-_TARGET = "dpnas:n_trials"
-_INITIALISED = "dpnas:initialised"
-_GRID_ENQUEUED = "dpnas:grid_enqueued"
-_EXHAUSTED = "dpnas:exhausted"
-# After this many proposals in a row that repeat trained configurations, a worker stops: the sampler has
-# (nearly) run out of new points.
-MAX_CONSECUTIVE_DUPLICATES = 50
-_USED_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-
-
-def _system_attrs(study: optuna.Study) -> dict[str, Any]:
-    return study._storage.get_study_system_attrs(study._study_id)
-
-
-def _set_system_attr(study: optuna.Study, key: str, value: Any) -> None:
-    # Optuna 5 keeps study system attributes in the storage API only
-    study._storage.set_study_system_attr(study._study_id, key, value)
-
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-
-def sampler_seed(spec: StudySpec, worker_index: int, trials_so_far: int) -> int:
-    """Workers must not share a seed, or every worker would propose the same first trials; and a resumed study
-    (or a worker that joins later) must not replay the proposals of the first session, so the number of trials
-    already in the study enters the seed too. A new study with one worker is still reproducible from its seed."""
-    return random.Random(f"{spec.seed}:{worker_index}:{trials_so_far}").randrange(2**31)
-
-
-def make_sampler(spec: StudySpec, worker_index: int = 0, trials_so_far: int = 0) -> optuna.samplers.BaseSampler:
-    seed = sampler_seed(spec, worker_index, trials_so_far)
-    if spec.sampler == "tpe":
-        # group=True: TPE models each define-by-run branch of the conditional space on its own
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, constant_liar=True)
-    if spec.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    # random; and grid and ablation, whose points are all enqueued with fixed parameters
-    return optuna.samplers.RandomSampler(seed=seed)
-
-
-def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    if spec.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    if spec.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.train.epochs)
-    return optuna.pruners.NopPruner()
-
-
-# --- the study ------------------------------------------------------------------------------------
-
-
-def open_study(spec: StudySpec, storage_url: str, *, study_name: str | None = None,
-               n_trials: int | None = None, worker_index: int = 0) -> optuna.Study:
-    """Create the study on first use (and fix its trial budget), or join it; safe to race."""
-    storage = _storage(spec, storage_url)
-    name = study_name or spec.name
-    with trial_slot_lock(storage, storage_url):
-        study = optuna.create_study(
-            storage=storage, study_name=name, directions=spec.directions, load_if_exists=True,
-            pruner=make_pruner(spec),
-        )
-        study.sampler = make_sampler(spec, worker_index, len(study.get_trials(deepcopy=False)))
-        if not _system_attrs(study).get(_INITIALISED):
-            _initialise(study, spec, n_trials)
-            return study
-        _check_stored(study, spec)
-        if n_trials is not None:
-            if spec.trial_count != "fixed":
-                raise ConfigError(f"--n-trials: study {name!r} draws its number of trials at random ({spec.trial_count})")
-            if spec.total_epsilon is not None and n_trials != trial_budget(study)[0] and runs_charged(study):
-                raise ConfigError(f"--n-trials: study {name!r} split its total_epsilon = {spec.total_epsilon:g} "
-                                  f"over {trial_budget(study)[0]} trials when it was created; more trials would "
-                                  "spend more than that total. Start a new study (--study-name) for more trials")
-            _set_system_attr(study, _TARGET, n_trials)
-            if spec.sampler == "grid":
-                _enqueue_grid(study, spec, n_trials)
-    return study
-
-
-def _check_stored(study: optuna.Study, spec: StudySpec) -> None:
-    """Refuse a study file whose budget, data or objectives differ from the stored study's (no silent mixing).
-
-    Before any trial has touched the data nothing is spent, and the new budget and data simply replace the old.
-    """
-    problems = stored_mismatches(study, spec)
-    if not problems:
-        return
-    if runs_charged(study) or objective_mismatch(study, spec):
-        refuse_mismatch(study, problems)
-    _record_budget(study, spec)
-    _set_system_attr(study, CALIBRATION_ATTR, None)  # derived again from the new budget
-
-
-def _storage(spec: StudySpec, url: str) -> BaseStorage:
-    return open_storage(url, heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
-                        max_retries=spec.max_retries)
-
-
-def _initialise(study: optuna.Study, spec: StudySpec, n_trials: int | None) -> None:
-    if spec.trial_count != "fixed":
-        if n_trials is not None:
-            raise ConfigError(f"--n-trials: this study draws its number of trials at random ({spec.trial_count})")
-        # K must be random and secret for the Papernot-Steinke guarantee: drawn once, from the OS's CSPRNG.
-        target = draw_trial_count(mode=spec.trial_count, mu=spec.mean_trials, eta=spec.eta, gamma=spec.gamma)
-    elif spec.sampler == "ablation":
-        points = ablation_points(spec)
-        for params in points:
-            study.enqueue_trial(params)
-        target = len(points)
-    elif spec.sampler == "grid":
-        requested = n_trials if n_trials is not None else spec.n_trials
-        target = _enqueue_grid(study, spec, requested)
-    else:
-        target = n_trials if n_trials is not None else spec.n_trials
-    _set_system_attr(study, _TARGET, int(target))
-    study.set_metric_names(list(spec.objectives))
-    for key, value in {
-        "dataset": spec.dataset,
-        "trial_count": spec.trial_count,
-        "mean_trials": spec.mean_trials,
-        "eta": spec.eta,
-        "gamma": spec.gamma,
-        "sampler": spec.sampler,
-        "pruner": spec.pruner,
-        "objectives": list(spec.objectives),
-        "study_file": spec.path.read_text(),
-        "dpnas_version": _version(),
-    }.items():
-        study.set_user_attr(key, value)
-    _record_budget(study, spec)
-    _set_system_attr(study, _INITIALISED, True)
-
-
-def _record_budget(study: optuna.Study, spec: StudySpec) -> None:
-    for key, value in {
-        "epsilon": ("derived from total_epsilon" if spec.total_epsilon else
-                    spec.privacy.epsilon if spec.privacy.private else "inf (non-private)"),
-        "total_epsilon": spec.total_epsilon,
-        "val_noise": spec.privacy.val_noise,
-        "delta": spec.privacy.delta,
-    }.items():
-        study.set_user_attr(key, value)
-    _set_system_attr(study, BUDGET_ATTR, spec.budget())
-    _set_system_attr(study, DATA_ATTR, stored_data(spec))
-
-
-def _enqueue_grid(study: optuna.Study, spec: StudySpec, requested: int | None) -> int:
-    """Enqueue the grid's valid, distinct points up to `requested` (all of them by default); returns the target."""
-    points = grid_points(spec)
-    target = len(points) if requested is None else min(requested, len(points))
-    done = int(_system_attrs(study).get(_GRID_ENQUEUED, 0))
-    for params in points[done:target]:
-        study.enqueue_trial(params)
-    _set_system_attr(study, _GRID_ENQUEUED, max(done, target))
-    return target
-
-
-def _version() -> str:
-    # From the installed package's metadata: importing the top-level dpnas package here would point upward.
-    return importlib.metadata.version("dpnas")
-
-
-def trial_budget(study: optuna.Study) -> tuple[int, int, int, int]:
-    """(target, used, waiting, running): a FAIL trial that was retried gives its slot to its retry."""
-    trials = study.get_trials(deepcopy=False)
-    replaced = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    used = sum(1 for t in trials if t.state in _USED_STATES or (t.state == TrialState.FAIL and t.number not in replaced
-                                                                and "duplicate_of" not in t.user_attrs))
-    waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
-    running = sum(1 for t in trials if t.state == TrialState.RUNNING)
-    return int(_system_attrs(study).get(_TARGET, 0)), used, waiting, running
-
-
-def runs_charged(study: optuna.Study) -> int:
-    """Trials that recorded a privacy plan, i.e. touched (or were about to touch) the data, whatever became of them."""
-    return sum(1 for t in study.get_trials(deepcopy=False) if "privacy_plan" in t.user_attrs)
-
-
-def study_calibration(study: optuna.Study, spec: StudySpec, train_size: int) -> Calibration | None:
-    """A total-epsilon study's noise, derived once (by the first worker, before any trial) and then read back.
-
-    Call under the slot lock. Refuses data whose training split differs from the one the study was calibrated on.
-    """
-    if spec.total_epsilon is None:
-        return None
-    stored = _system_attrs(study).get(CALIBRATION_ATTR)
-    if stored is not None:
-        calibration = Calibration.from_dict(stored)
-        if calibration.train_size != train_size:
-            raise ConfigError(f"study {study.study_name!r} was calibrated for {calibration.train_size} training "
-                              f"records; this worker's data has {train_size}. Every worker must see the same data")
-        return calibration
-    runs = trial_budget(study)[0] if spec.trial_count == "fixed" else None
-    calibration = calibrate(spec.total_epsilon, spec.privacy.delta, mode=spec.trial_count, runs=runs,
-                            mu=spec.mean_trials, eta=spec.eta, gamma=spec.gamma, shapes=run_shapes(spec),
-                            train_size=train_size, validation_noise=spec.privacy.val_noise != 0)
-    _set_system_attr(study, CALIBRATION_ATTR, calibration.to_dict())
-    return calibration
-
-
-def _recover_orphans(study: optuna.Study, spec: StudySpec) -> None:
-    """RUNNING trials of a worker process on this host that no longer exists: fail them and retry them.
-
-    (Server storages find such trials by heartbeat instead; this covers the journal file.)
-    """
-    host = socket.gethostname()
-    retry = RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker", "")
-        worker_host, _, pid = worker.rpartition(":")
-        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
-            try:
-                study._storage.set_trial_user_attr(t._trial_id, "failure_reason", f"worker process {pid} died")
-                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
-            retry(study, study._storage.get_trial(t._trial_id))
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
 
 # --- one worker ----------------------------------------------------------------------------------
 
@@ -297,6 +68,11 @@ class WorkerReport:
     trials: int = 0
     interrupted: bool = False
     exhausted: str | None = None
+
+
+# After this many proposals in a row that repeat trained configurations, a worker stops: the sampler has
+# (nearly) run out of new points.
+MAX_CONSECUTIVE_DUPLICATES = 50
 
 
 def _trained_keys(study: optuna.Study, *, exclude: int | None = None) -> dict[str, int]:
