@@ -18,7 +18,7 @@ from dpnas.arch.models import build_model, count_parameters
 from dpnas.arch.registry import MODELS, get_arch
 from dpnas.arch.space import ArchConfig, ConfigError, load_arch_file, parse_assignment
 from dpnas.data.datasets import DATASETS, DataError
-from dpnas.results import json_safe
+from dpnas.results import OutputError, json_safe
 
 
 class UsageError(Exception):
@@ -142,11 +142,16 @@ class Train(Command):
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.data.datasets import load_dataset
         from dpnas.dp.checkpoint import checkpoint_dict, save_checkpoint
+        from dpnas.dp.memory import check_training_fits
         from dpnas.dp.recipe_file import load_recipe_file, retrain_data_settings
         from dpnas.dp.recipes import DEFAULT_RECIPE, get_recipe, split_overrides
-        from dpnas.dp.train import DivergedError, train
-        from dpnas.results import default_result_path, write_json
+        from dpnas.dp.train import DivergedError, check_device, train
+        from dpnas.results import check_writable, default_result_path, write_json
 
+        # Everything that can be refused is, before the data is loaded: a run refused after training has spent ε
+        device = check_device(args.device)
+        if args.image_size is not None and args.image_size < 1:
+            raise UsageError(f"--image-size: must be >= 1 (pixels), got {args.image_size}")
         recipe_file = None
         if args.arch not in MODELS and Path(args.arch).suffix in (".json", ".toml"):
             recipe_file = load_recipe_file(args.arch)
@@ -171,14 +176,17 @@ class Train(Command):
             keep_val_fraction=args.val_fraction is None and "val_fraction" not in train_changes,
             image_size=args.image_size, data_dir=args.data_dir)
         train_cfg = train_cfg.replace(val_fraction=data_settings.val_fraction)
+        out = Path(args.out) if args.out else default_result_path("train", Path(args.arch).stem, data_settings.dataset)
+        check_training_fits(arch, train_cfg, dataset=data_settings.dataset, image_size=data_settings.image_size,
+                            device=device, synthetic_size=data_settings.synthetic_size)
+        check_writable(out, what="--out")
+        weights = check_writable(args.weights, what="--weights") if args.weights else None
         data = load_dataset(data_settings.dataset, data_dir=data_settings.data_dir,
                             val_fraction=data_settings.val_fraction, seed=data_settings.split_seed,
                             image_size=data_settings.image_size, synthetic_size=data_settings.synthetic_size)
-        out = Path(args.out) if args.out else default_result_path("train", Path(args.arch).stem, data_settings.dataset)
-        weights = Path(args.weights) if args.weights else None
         trained = []
         try:
-            result = train(arch, data, train_cfg=train_cfg, privacy=privacy, device=args.device, progress=not args.quiet,
+            result = train(arch, data, train_cfg=train_cfg, privacy=privacy, device=device, progress=not args.quiet,
                            on_trained=trained.append)
         except DivergedError as err:
             raise UsageError(f"{err}; try a smaller --lr or --max-grad-norm") from err
@@ -388,7 +396,9 @@ class Evaluate(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.dp.checkpoint import evaluate_checkpoint
+        from dpnas.dp.train import check_device
 
+        check_device(args.device)  # before the checkpoint and its data are read
         if args.dataset is not None and args.dataset not in DATASETS:
             raise UsageError(f"--dataset: unknown dataset {args.dataset!r}; expected one of: {', '.join(DATASETS)}")
         report = evaluate_checkpoint(args.weights, dataset=args.dataset, data_dir=args.data_dir, device=args.device)
@@ -586,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # dpnas prints its own one line per trial
     try:
         return args.handler.run(args)
-    except (ConfigError, UsageError, DataError) as err:
+    except (ConfigError, UsageError, DataError, OutputError) as err:
         print(f"dpnas {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,34 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     return value
+
+
+class OutputError(ValueError):
+    """A file the user asked for cannot be written there; found before anything is run, so nothing is lost."""
+
+
+def check_writable(path: str | Path, *, what: str = "--out") -> Path:
+    """Make sure `path` can be written later (its folder is created), by writing a scratch file beside it.
+
+    A run that trains first and only then finds its result file unwritable loses the result and the ε it spent.
+    The scratch file is where the atomic writes put theirs, beside the target, and is removed at once.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(f"{what} {path}: is a directory; give a file name")
+    if path.exists() and not path.is_file():  # the atomic write would replace a device or a pipe by a file
+        raise OutputError(f"{what} {path}: is not a regular file; give a file name")
+    folder = next((p for p in path.parents if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise OutputError(f"{what} {path}: {folder} is a file, not a folder; choose another path")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".check", dir=path.parent)
+        os.close(handle)
+        os.unlink(scratch)
+    except OSError as err:
+        raise OutputError(f"{what} {path}: cannot write there ({err.strerror or err}); choose another path") from None
+    return path
 
 
 def write_json(path: str | Path, record: Any) -> Path:

@@ -1,27 +1,29 @@
-"""What a config builds into: parameters, output shape, Opacus compatibility."""
+"""What a config builds into: parameters, output shape, activations, Opacus compatibility.
+
+Everything is read from the meta-device model (:mod:`dpnas.arch.footprint`), so describing a config allocates
+nothing: a 100000 px input or a very wide network is described, not run out of memory on.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 from dpnas.arch.compat import dp_problems
-from dpnas.arch.models import build_model, count_parameters
+from dpnas.arch.footprint import footprint, meta_model
 from dpnas.arch.space import ArchConfig
 
 
 def describe(arch: ArchConfig, *, num_classes: int = 10, in_channels: int = 3, image_size: int = 32) -> dict[str, Any]:
-    model = build_model(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
-    with torch.no_grad():
-        output = model(torch.zeros(2, in_channels, image_size, image_size))
+    model = meta_model(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    size = footprint(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     problems = dp_problems(model)
     return {
         "config": arch.to_dict(),
-        "params": count_parameters(model),
+        "params": size.params,
         "num_classes": num_classes,
         "input_shape": [in_channels, image_size, image_size],
-        "output_shape": list(output.shape[1:]),
+        "output_shape": list(size.output_shape),
+        "activations_per_sample": size.activations,
         "stage_widths": list(arch.stage_widths),
         "stage_depths": list(arch.stage_depths),
         "dp_compatible": not problems,
@@ -38,6 +40,7 @@ def format_description(info: dict[str, Any], *, name: str | None = None) -> str:
         f"stage widths: {info['stage_widths']}, blocks per stage: {info['stage_depths']}",
         f"parameters: {info['params']:,} ({info['num_classes']} classes)",
         f"input {tuple(info['input_shape'])} -> output {tuple(info['output_shape'])}",
+        f"activations: {info['activations_per_sample']:,} floats per sample in a forward pass",
         "opacus: " + ("compatible" if info["dp_compatible"] else "NOT compatible"),
     ]
     lines += [f"  - {problem}" for problem in info["dp_problems"]]

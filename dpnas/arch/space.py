@@ -54,6 +54,13 @@ HEADS = ("mlp", "linear")
 HEAD_POOLS = ("avg", "max")
 INITS = ("selu_xavier", "xavier", "kaiming", "default")
 
+# Bounds on the structure, checked before anything is built: the builder loops over stages and blocks in Python,
+# so `depth = 1e6` would otherwise spend hours making modules before any memory check could refuse it.
+# Every stage after the first halves the resolution, so 16 stages already need 32768 px inputs; 2000 convolutions
+# is more than the deepest CIFAR ResNet (ResNet-1202, 1200).
+MAX_STAGES = 16
+MAX_CONVS = 2000
+
 # Fields a study may search over; the structural fields below them are usually fixed.
 SEARCH_AXES = (
     "norm",
@@ -211,6 +218,9 @@ class ArchConfig:
         for name, value in positive.items():
             if not value > 0 or not math.isfinite(value):
                 raise ConfigError(f"{name}: must be a positive finite number, got {value!r}")
+        if self.stages > MAX_STAGES:
+            raise ConfigError(f"stages: at most {MAX_STAGES} (each stage after the first halves the resolution), "
+                              f"got {self.stages}")
         if self.stem_channels < 0:
             raise ConfigError(f"stem_channels: must be >= 0 (0 = no stem), got {self.stem_channels}")
         for name in ("width_bases", "depth_bases"):
@@ -234,6 +244,12 @@ class ArchConfig:
             raise ConfigError(
                 f"depth: every stage would have 0 blocks "
                 f"(int(base * {self.depth})); use a larger depth"
+            )
+        convs = sum(self.stage_depths) * self.block_convs
+        if convs > MAX_CONVS:
+            raise ConfigError(
+                f"depth: {convs:,} convolutions in the blocks (blocks per stage {list(self.stage_depths)} x "
+                f"block_convs {self.block_convs}); dpnas builds at most {MAX_CONVS:,}: use a smaller depth"
             )
 
     def _check_combinations(self) -> None:

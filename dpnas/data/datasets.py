@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
+import os
 import pickle
 import tarfile
 from dataclasses import dataclass, replace
@@ -47,6 +48,11 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # computed from the training data at run time would be a release that no accountant covers.
 DIGITS_MEAN, DIGITS_STD = (0.306,), (0.324,)
 DEFAULT_IMAGE_SIZE = {"cifar10": 32, "imagenette": 160, "digits": 32, "synthetic": 32}
+# Images (training and test together) and channels of each dataset as loaded, known before loading it, so a size
+# that cannot fit in memory is refused before a download or a decode starts. ImageNette's count is its v2 release's.
+DATASET_RECORDS = {"cifar10": 60_000, "imagenette": 13_394, "digits": 1_797}
+DATASET_CHANNELS = {"cifar10": 3, "imagenette": 3, "digits": 1, "synthetic": 3}
+NUM_CLASSES = 10  # every dataset here has ten classes
 # The digits test split must not move when --seed changes, or results under different seeds
 # would be scored on different test images: its hash key is fixed, and differs from every validation key.
 DIGITS_TEST_FRACTION, DIGITS_TEST_KEY = 0.2, "digits-test"
@@ -110,6 +116,48 @@ def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
     return (images.float().div_(255) - mean_t) / std_t
 
 
+def dataset_key(name: str) -> str:
+    """The DATASETS entry `name` means (case and spaces aside), or a DataError listing them."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return key
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory: more than this can never be held, swap or not."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def dataset_records(name: str, *, synthetic_size: int = DEFAULT_SYNTHETIC_SIZE) -> int:
+    """How many images (training and test) `name` holds once loaded."""
+    return synthetic_size + max(1, synthetic_size // 4) if name == "synthetic" else DATASET_RECORDS[name]
+
+
+def dataset_bytes(name: str, *, image_size: int, synthetic_size: int = DEFAULT_SYNTHETIC_SIZE) -> int:
+    """Bytes of `name`'s uint8 images at `image_size` (all splits): what loading it holds in memory."""
+    return dataset_records(name, synthetic_size=synthetic_size) * DATASET_CHANNELS[name] * image_size**2
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def check_fits(name: str, size: int, synthetic_size: int = DEFAULT_SYNTHETIC_SIZE) -> None:
+    """Refuse (DataError) an image size at which `name` cannot be held in this machine's memory."""
+    need, have = dataset_bytes(name, image_size=size, synthetic_size=synthetic_size), host_memory_bytes()
+    if need > have:
+        raise DataError(
+            f"image_size {size}: {name} at {size}x{size} px takes {format_bytes(need)} in memory "
+            f"({dataset_records(name, synthetic_size=synthetic_size):,} images x {DATASET_CHANNELS[name]} channels "
+            f"x {size} x {size} bytes), more than this machine's {format_bytes(have)}; use a smaller image_size "
+            f"(default {DEFAULT_IMAGE_SIZE[name]})")
+
+
 def load_dataset(
     name: str,
     *,
@@ -128,17 +176,18 @@ def load_dataset(
     are resized once here, never per batch.  ``download`` only matters for cifar10.  ``progress``
     shows a progress bar while decoding imagenette's JPEGs.
     """
-    key = name.strip().lower()
-    if key not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    key = dataset_key(name)
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     size = DEFAULT_IMAGE_SIZE[key] if image_size is None else _positive_int("image_size", image_size, minimum=1)
+    if key == "synthetic":
+        synthetic_size = _positive_int("synthetic_size", synthetic_size, minimum=2)
+    check_fits(key, size, synthetic_size)
     root = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser()
 
     pool_ids = None  # each pool record's index in the source dataset (default: its position)
     if key == "cifar10":
-        pool, test, num_classes = _load_cifar10(root, download=download, size=size)
+        pool, test, num_classes = _load_cifar10(root, download=download, size=size, given=data_dir is not None)
         mean, std = CIFAR10_MEAN, CIFAR10_STD
     elif key == "imagenette":
         pool, test, num_classes = _load_imagenette(root, size=size, progress=progress)
@@ -238,10 +287,13 @@ def _positive_int(field: str, value: object, *, minimum: int) -> int:
     return number
 
 
-def _resize(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+def _resize(images: torch.Tensor, size: int, chunk_bytes: int = 256 * 2**20) -> torch.Tensor:
     """Bilinear, antialiased resize of uint8 (N, C, H, W) to (N, C, size, size), in chunks to bound memory."""
     if images.shape[-2:] == (size, size):
         return images
+    # each chunk goes through float32 at the larger of the two sizes: keep that near chunk_bytes
+    pixels = images.shape[1] * max(size, images.shape[-2]) * max(size, images.shape[-1])
+    chunk = max(1, min(1024, chunk_bytes // (4 * pixels)))
     out = torch.empty((len(images), images.shape[1], size, size), dtype=torch.uint8)
     for start in range(0, len(images), chunk):
         block = images[start : start + chunk].float()
@@ -250,12 +302,17 @@ def _resize(images: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
     return out
 
 
-def _load_cifar10(root: Path, *, download: bool, size: int) -> tuple[ImageData, ImageData, int]:
+def _load_cifar10(root: Path, *, download: bool, size: int, given: bool = False) -> tuple[ImageData, ImageData, int]:
     from torchvision.datasets import CIFAR10
 
     folder = root / CIFAR10.base_folder
     layout = "data_batch_1..5, test_batch and batches.meta, as extracted from cifar-10-python.tar.gz"
     hint = f"point --data-dir at a directory that contains an existing {CIFAR10.base_folder} folder"
+    if given and not root.is_dir():
+        # torchvision would create a mistyped directory and download 170 MB into it; only the default cache is made
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise DataError(f"data_dir {root} {what}; {hint} ({layout}), create the directory to download CIFAR-10 "
+                        f"into it, or leave --data-dir out to use {DEFAULT_DATA_DIR}")
     splits = []
     for train in (True, False):
         try:

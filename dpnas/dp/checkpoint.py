@@ -21,7 +21,7 @@ from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.data.datasets import DatasetSplits, load_dataset
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.recipe_file import DataSettings
-from dpnas.dp.train import default_device, evaluate  # the training loop's own evaluation, so the numbers agree
+from dpnas.dp.train import check_device, evaluate  # the training loop's own evaluation, so the numbers agree
 
 FORMAT = "dpnas-checkpoint"
 FORMAT_VERSION = 1
@@ -98,6 +98,7 @@ def model_from_checkpoint(checkpoint: dict[str, Any], *, source: str = "checkpoi
 def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, data_dir: str | None = None,
                         device: str | None = None) -> dict[str, Any]:
     """Score a checkpoint on the test split of its dataset (split as it was during training)."""
+    device = check_device(device)  # before the data is loaded
     checkpoint = load_checkpoint(path)
     model = model_from_checkpoint(checkpoint, source=str(path))
     settings = DataSettings(**checkpoint["data"])
@@ -109,7 +110,6 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, data_di
         raise CheckpointError(f"{path}: the model takes {checkpoint['in_channels']}-channel images in "
                               f"{checkpoint['num_classes']} classes, but {name} has {data.in_channels} channels and "
                               f"{data.num_classes} classes")
-    device = torch.device(device) if device is not None else default_device()
     data = data.to(device)
     model.to(device)
     accuracy, loss = evaluate(model, data.test, data, batch_size=256)

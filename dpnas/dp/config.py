@@ -21,6 +21,17 @@ ACCOUNTANTS = ("rdp", "prv")
 PER_SAMPLE_MODES = ("auto", "dpnas", "opacus")
 
 
+# Seeds are integers in [0, 2**63): Optuna's and NumPy's generators refuse negative seeds, and torch maps a negative
+# one to 2**64 + seed without a word; 2**63 - 1 is TOML's largest integer, and the training loop adds up to 4 to the
+# seed for its other generators, which torch's 64-bit seeds still hold.
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(name: str, value: int) -> None:
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{name}: must be an integer from 0 to 2**63 - 1, got {value}")
+
+
 def _positive(name: str, value: float) -> None:
     if not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"{name}: must be a positive finite number, got {value!r}")
@@ -137,6 +148,7 @@ class TrainConfig(_FromDict):
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("per_sample", self.per_sample, PER_SAMPLE_MODES)
+        check_seed("seed", self.seed)
         for name in ("epochs", "batch_size", "physical_batch_size", "step_size", "aug_multiplicity"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")

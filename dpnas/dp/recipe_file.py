@@ -22,7 +22,7 @@ from typing import Any
 
 from dpnas.arch.space import ArchConfig, ConfigError, read_config_document
 from dpnas.data.datasets import DATASETS, DEFAULT_SYNTHETIC_SIZE
-from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.config import PrivacyConfig, TrainConfig, check_seed
 
 DATA_KEYS = {"dataset": str, "val_fraction": (int, float), "split_seed": int, "image_size": int,
              "synthetic_size": int, "data_dir": str}
@@ -161,7 +161,17 @@ def _data_settings(path: Path, table: Any) -> DataSettings:
     if table.get("dataset", "digits") not in DATASETS:
         raise ConfigError(f"{path}: data.dataset: unknown dataset {table['dataset']!r}; expected one of: "
                           f"{', '.join(DATASETS)}")
+    try:
+        check_seed("split_seed", table.get("split_seed", 0))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: data.{err}") from None
     return DataSettings(**{**table, "val_fraction": float(table.get("val_fraction", 0.2))})
+
+
+def _provenance(path: Path, table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [provenance] must be a table")
+    return dict(table)
 
 
 def load_recipe_file(path: str | Path) -> RecipeFile:
@@ -179,7 +189,7 @@ def load_recipe_file(path: str | Path) -> RecipeFile:
             train=_section(path, "train", TrainConfig, document["train"]) if "train" in document else None,
             privacy=_section(path, "privacy", PrivacyConfig, document["privacy"]) if "privacy" in document else None,
             data=_data_settings(path, document["data"]) if "data" in document else None,
-            provenance=dict(document.get("provenance") or {}),
+            provenance=_provenance(path, document.get("provenance", {})),
         )
     if isinstance(document.get("config"), dict):  # `dpnas describe --json` and training results
         document = document["config"]

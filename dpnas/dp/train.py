@@ -60,6 +60,31 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device(name: torch.device | str | None, *, what: str = "--device") -> torch.device:
+    """The device `name` means, if this machine has it (None: :func:`default_device`); else a ConfigError.
+
+    Checked before data is loaded or a model built: torch only notices a mistyped name, a missing driver or a GPU
+    index past the last one when the first tensor moves there, with a traceback, after the dataset is loaded.
+    """
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"{what} {name!r}: not a device; expected cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ConfigError(f"{what} {name!r}: dpnas trains on cpu or cuda (cuda:N), not {device.type}")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{what} {name!r}: CUDA is not available here (no NVIDIA GPU or driver, or a torch "
+                          f"{torch.__version__} built without CUDA); use --device cpu")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(f"{what} {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -141,7 +166,7 @@ def train(
     step and still returns the record of what was finished (``interrupted: true``).  `on_trained` receives the
     model that was evaluated (the EMA copy where there is one), to keep its weights.
     """
-    device = torch.device(device) if device is not None else default_device()
+    device = check_device(device, what="device")
     data = data.to(device)
     plan = plan_privacy(privacy, dataset_size=len(data.train), batch_size=train_cfg.batch_size, epochs=train_cfg.epochs)
     if on_plan is not None:

@@ -23,8 +23,8 @@ from typing import Any
 from dpnas.arch.conditions import ARCH_RELEVANCE, ARCH_VALUE_RULES
 from dpnas.arch.registry import MODELS
 from dpnas.arch.space import ArchConfig, ConfigError
-from dpnas.data.datasets import DATASETS, DEFAULT_SYNTHETIC_SIZE
-from dpnas.dp.config import DP_RELEVANCE, PrivacyConfig, TrainConfig
+from dpnas.data.datasets import DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_SYNTHETIC_SIZE, DataError, check_fits
+from dpnas.dp.config import DP_RELEVANCE, PrivacyConfig, TrainConfig, check_seed
 from dpnas.dp.recipe_file import DataSettings
 from dpnas.dp.recipes import DEFAULT_RECIPE, RECIPES
 
@@ -163,7 +163,9 @@ def _check_keys(path: Path, section: str, table: dict, allowed: dict) -> None:
             raise _fail(path, f"{section}.{key}", f"expected {names}, got {value!r}")
 
 
-def _choice(path: Path, key: str, value: str, allowed: tuple[str, ...]) -> None:
+def _choice(path: Path, key: str, value: Any, allowed: tuple[str, ...] | dict) -> None:
+    if not isinstance(value, str):  # a list here would fail `in` with a TypeError, or match nothing silently
+        raise _fail(path, key, f"expected a name (a string), got {value!r}; one of: {', '.join(allowed)}")
     if value not in allowed:
         raise _fail(path, key, f"unknown value {value!r}; expected one of: {', '.join(allowed)}")
 
@@ -171,7 +173,10 @@ def _choice(path: Path, key: str, value: str, allowed: tuple[str, ...]) -> None:
 def load_study_file(path: str | Path) -> StudySpec:
     path = Path(path)
     try:
-        document = tomllib.loads(path.read_text())
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise StudyFileError(f"{path}: not a text file (not UTF-8: byte {err.start} cannot be decoded); a study "
+                             "file is TOML, which is UTF-8") from err
     except OSError as err:
         raise StudyFileError(f"{path}: cannot read study file ({err.strerror or err})") from err
     except tomllib.TOMLDecodeError as err:
@@ -187,12 +192,16 @@ def load_study_file(path: str | Path) -> StudySpec:
     data = document.get("data", {})
     _check_keys(path, "data", data, _DATA_KEYS)
 
+    name = study.get("name", path.stem)
+    if not name.strip():
+        raise _fail(path, "study.name", "must not be empty; leave it out to name the study after the file "
+                                        f"({path.stem!r})")
     objectives = tuple(study.get("objectives", ["val_accuracy"]))
+    for objective in objectives:
+        if not isinstance(objective, str) or objective not in OBJECTIVES:
+            raise _fail(path, "study.objectives", f"unknown objective {objective!r}; expected one of: {', '.join(OBJECTIVES)}")
     if not objectives or len(set(objectives)) != len(objectives):
         raise _fail(path, "study.objectives", "give one or more distinct objectives")
-    for objective in objectives:
-        if objective not in OBJECTIVES:
-            raise _fail(path, "study.objectives", f"unknown objective {objective!r}; expected one of: {', '.join(OBJECTIVES)}")
     if objectives[0] != "val_accuracy":
         raise _fail(path, "study.objectives", "the first objective must be val_accuracy (the others are traded off against it)")
     sampler = study.get("sampler", "nsga2" if len(objectives) > 1 else "tpe")
@@ -205,6 +214,14 @@ def load_study_file(path: str | Path) -> StudySpec:
     _choice(path, "study.trial_count", trial_count, TRIAL_COUNTS)
     n_trials = study.get("n_trials")
     mean_trials, eta, gamma = study.get("mean_trials"), study.get("eta"), study.get("gamma")
+    for key, value, mode in (("mean_trials", mean_trials, "poisson"), ("eta", eta, "truncated_negative_binomial"),
+                             ("gamma", gamma, "truncated_negative_binomial")):
+        if value is None:
+            continue
+        if trial_count != mode:  # it would be ignored: the study would not be what the file says
+            raise _fail(path, f"study.{key}", f"only for trial_count = \"{mode}\" (this file's is {trial_count!r})")
+        if not math.isfinite(value):
+            raise _fail(path, f"study.{key}", f"must be a finite number, got {value!r}")
     if trial_count == "fixed":
         if sampler not in ("ablation", "grid") and n_trials is None:
             raise _fail(path, "study.n_trials", "required when trial_count = \"fixed\"")
@@ -229,8 +246,19 @@ def load_study_file(path: str | Path) -> StudySpec:
     if isinstance(keep_weights, int) and keep_weights < 1:
         raise _fail(path, "study.keep_weights", f"K must be >= 1, got {keep_weights}")
     timeout = study.get("timeout")
-    if timeout is not None and timeout <= 0:
-        raise _fail(path, "study.timeout", f"must be > 0 seconds, got {timeout}")
+    if timeout is not None and not (0 < timeout < math.inf):  # NaN fails both comparisons
+        raise _fail(path, "study.timeout", f"must be a finite number of seconds > 0, got {timeout} (leave it out "
+                                           "for no time limit)")
+    seed = study.get("seed", 0)
+    try:
+        check_seed("seed", seed)
+    except ConfigError as err:
+        raise _fail(path, "study.seed", str(err).removeprefix("seed: ")) from None
+    # Storage settings: the storage would refuse a negative value only when it opens, with Optuna's wording.
+    for key, minimum, meaning in (("heartbeat_interval", 0, " (0: no heartbeat)"), ("grace_period", 1, ""),
+                                  ("max_retries", 0, " (0: a crashed trial is not retried)")):
+        if key in study and study[key] < minimum:
+            raise _fail(path, f"study.{key}", f"must be >= {minimum}{meaning}, got {study[key]}")
 
     dataset = data.get("dataset", "digits")
     _choice(path, "data.dataset", dataset, DATASETS)
@@ -240,14 +268,27 @@ def load_study_file(path: str | Path) -> StudySpec:
     if synthetic_size < 2:
         raise _fail(path, "data.synthetic_size", f"must be >= 2, got {synthetic_size}")
 
+    image_size = data.get("image_size")
+    if image_size is not None and image_size < 1:
+        raise _fail(path, "data.image_size", f"must be >= 1 (pixels), got {image_size}")
+    try:
+        check_fits(dataset, image_size or DEFAULT_IMAGE_SIZE[dataset], synthetic_size)
+    except DataError as err:
+        raise _fail(path, "data.image_size", str(err).removeprefix(f"image_size {image_size}: ")) from None
+    data_dir = data.get("data_dir")
+    if data_dir is not None and dataset in ("cifar10", "imagenette") and not Path(data_dir).expanduser().is_dir():
+        raise _fail(path, "data.data_dir", f"{data_dir!r} is not a directory; create it (to download CIFAR-10 into "
+                                           "it) or point it at the dataset's folder, or leave it out for the "
+                                           "default cache")
+
     train_table = dict(document.get("train", {}))
     recipe_name = train_table.pop("recipe", DEFAULT_RECIPE)
-    if recipe_name not in RECIPES:
+    if not isinstance(recipe_name, str) or recipe_name not in RECIPES:
         raise _fail(path, "train.recipe", f"unknown recipe {recipe_name!r}; expected one of: {', '.join(RECIPES)}")
     recipe = RECIPES[recipe_name]
     arch_table = dict(document.get("arch", {}))
     base_name = arch_table.pop("base", None)
-    if base_name is not None and base_name not in MODELS:
+    if base_name is not None and (not isinstance(base_name, str) or base_name not in MODELS):
         raise _fail(path, "arch.base", f"unknown architecture {base_name!r}; expected one of: {', '.join(MODELS)}")
     base_arch = MODELS[base_name].arch if base_name else ArchConfig()
     if "val_fraction" in data:
@@ -284,11 +325,11 @@ def load_study_file(path: str | Path) -> StudySpec:
 
     return StudySpec(
         path=path,
-        name=study.get("name", path.stem),
+        name=name,
         objectives=objectives,
         n_trials=n_trials,
         timeout=float(timeout) if timeout is not None else None,
-        seed=study.get("seed", 0),
+        seed=seed,
         sampler=sampler,
         pruner=pruner,
         trial_count=trial_count,
@@ -300,9 +341,9 @@ def load_study_file(path: str | Path) -> StudySpec:
         grace_period=study.get("grace_period", 180),
         description=study.get("description", ""),
         dataset=dataset,
-        data_dir=data.get("data_dir"),
+        data_dir=data_dir,
         val_fraction=train.val_fraction,
-        image_size=data.get("image_size"),
+        image_size=image_size,
         recipe=recipe_name,
         base_arch_name=base_name,
         arch=arch,
@@ -381,6 +422,11 @@ def _value_rule(name: str, value: Any):
         return None
 
 
+def _choice_key(value: Any) -> Any:
+    """What makes two choices the same: equal numbers are (1 and 1.0 build the same config), but true is not 1."""
+    return ("bool", value) if isinstance(value, bool) else value
+
+
 def _axis(path: Path, name: str, spec: Any, configs: dict[str, Any], searched: set[str] = frozenset()) -> Axis:
     key = f"search.{name}"
     if name == "val_fraction":
@@ -408,8 +454,8 @@ def _axis(path: Path, name: str, spec: Any, configs: dict[str, Any], searched: s
             if not isinstance(value, (str, int, float, bool)):
                 raise _fail(path, key, f"choices must be strings, numbers or booleans, got {value!r}")
             check(value)
-        if len(set(map(repr, spec))) != len(spec):
-            raise _fail(path, key, "choices must be distinct")
+        if len(set(map(_choice_key, spec))) != len(spec):
+            raise _fail(path, key, "choices must be distinct (1 and 1.0 are the same number)")
         return Axis(name=name, target=target, choices=tuple(spec))
     if isinstance(spec, dict):
         allowed = {"low", "high", "step", "log"}

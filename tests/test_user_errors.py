@@ -1,0 +1,295 @@
+"""Every user error is one line on stderr and exit status 2, found before anything is spent (issue 16).
+
+Each case runs the real command line (`dpnas.cli.main`) and checks: status 2, one stderr line naming the problem,
+no traceback; a study file refused creates no storage; a `dpnas train` refused loads no data (the loader is
+replaced by one that fails the test), so nothing was trained or lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+
+import pytest
+import torch
+
+import dpnas.data.datasets as datasets
+from dpnas.arch.footprint import footprint
+from dpnas.arch.models import DenseBlock, ResidualBlock, build_model, count_parameters
+from dpnas.arch.registry import MODELS, get_arch
+from dpnas.arch.space import ArchConfig, ConfigError
+from dpnas.cli import main
+from dpnas.dp.config import MAX_SEED, TrainConfig
+from dpnas.dp.memory import check_training_fits
+from dpnas.dp.recipes import RECIPES
+from dpnas.search.study_file import _choice_key, load_study_file
+
+VALID = """
+[study]
+n_trials = 2
+[data]
+dataset = "digits"
+[privacy]
+epsilon = 8.0
+[train]
+recipe = "quick"
+epochs = 1
+[arch]
+base = "tiny"
+[search]
+activation = ["selu", "relu"]
+"""
+
+
+def one_line_error(capsys, argv, needle):
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    assert err.count("\n") == 1 and err.startswith(f"dpnas {argv[0]}: error: "), err
+    assert "Traceback" not in err and needle in err, err
+    return err
+
+
+@pytest.fixture
+def no_data(monkeypatch):
+    """`dpnas train` must refuse before it loads anything."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was loaded before the run was refused")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+
+
+@contextlib.contextmanager
+def within(seconds: int):
+    """Fail (not hang) when a refusal that should be instant builds a huge model instead."""
+    def fail(*_):
+        raise TimeoutError(f"took more than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def refused_study(capsys, tmp_path, text, needle, *, raw: bytes | None = None):
+    path = tmp_path / "study.toml"
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        path.write_text(text)
+    err = one_line_error(capsys, ["search", str(path), "--quiet"], needle)
+    assert str(path) in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.toml"], "a refused study created storage"
+
+
+def edit(old, new):
+    text = VALID.replace(old, new, 1)
+    assert text != VALID
+    return text
+
+
+# --- 1. files that are not UTF-8 ---------------------------------------------------------------------------
+
+def test_a_study_file_that_is_not_utf8_is_refused(capsys, tmp_path):
+    refused_study(capsys, tmp_path, None, "not a text file (not UTF-8", raw=VALID.encode() + b"# \xff\xfe\n")
+
+
+@pytest.mark.parametrize("command", ["describe", "train"])
+def test_arch_and_recipe_files_that_are_not_utf8_are_refused(capsys, tmp_path, no_data, command):
+    path = tmp_path / "arch.toml"
+    path.write_bytes(b"width = 1.0\n# \xff\n")
+    one_line_error(capsys, [command, str(path)], f"{path}: not a text file (not UTF-8)")
+
+
+# --- 2. a list or another type where a name or a scalar is expected --------------------------------------
+
+@pytest.mark.parametrize("old, new, needle", [
+    ('base = "tiny"', 'base = ["tiny"]', "arch.base: unknown architecture ['tiny']"),
+    ('recipe = "quick"', 'recipe = ["quick"]', "train.recipe: unknown recipe ['quick']"),
+    ('recipe = "quick"', "recipe = 3", "train.recipe: unknown recipe 3"),
+    ('dataset = "digits"', 'dataset = ["digits"]', "data.dataset: expected str"),
+    ("n_trials = 2", 'n_trials = 2\nsampler = ["tpe"]', "study.sampler: expected str"),
+    ("n_trials = 2", 'n_trials = 2\npruner = ["none"]', "study.pruner: expected str"),
+    ("n_trials = 2", 'n_trials = 2\ntrial_count = ["fixed"]', "study.trial_count: expected str"),
+    ("n_trials = 2", 'n_trials = 2\nobjectives = [["val_accuracy"]]', "study.objectives: unknown objective"),
+    ("n_trials = 2", "n_trials = 2\nobjectives = [1]", "study.objectives: unknown objective 1"),
+    ('base = "tiny"', 'base = "tiny"\nwidth = [1.0]', "[arch] width: expected a number, got [1.0]"),
+    ('base = "tiny"', 'base = "tiny"\nactivation = ["relu"]', "[arch] activation: expected a string"),
+    ('base = "tiny"', 'base = "tiny"\nhead_hidden = [[8]]', "[arch] head_hidden: expected a list of numbers"),
+    ("epochs = 1", "epochs = [1]", "[train] epochs: expected an integer, got [1]"),
+    ("epochs = 1", 'epochs = 1\noptimizer = ["sgd"]', "[train] optimizer: expected a string"),
+    ("epsilon = 8.0", "epsilon = [8.0]", "[privacy] epsilon: expected a number"),
+])
+def test_wrong_types_in_a_study_file_are_refused(capsys, tmp_path, old, new, needle):
+    refused_study(capsys, tmp_path, edit(old, new), needle)
+
+
+# --- 3. seeds: integers from 0 to 2**63 - 1 --------------------------------------------------------------
+
+@pytest.mark.parametrize("old, new, needle", [
+    ("epochs = 1", "epochs = 1\nseed = -1", "[train] seed: must be an integer from 0 to 2**63 - 1, got -1"),
+    ("n_trials = 2", "n_trials = 2\nseed = -1", "study.seed: must be an integer from 0 to 2**63 - 1, got -1"),
+])
+def test_negative_seeds_in_a_study_file_are_refused(capsys, tmp_path, old, new, needle):
+    refused_study(capsys, tmp_path, edit(old, new), needle)
+
+
+@pytest.mark.parametrize("argv", [["--seed", "-1"], ["--set", "seed=-1"], ["--seed", str(2**64)]])
+def test_out_of_range_seeds_on_the_command_line_are_refused(capsys, no_data, argv):
+    one_line_error(capsys, ["train", "tiny", "--quiet", *argv], "seed: must be an integer from 0 to 2**63 - 1")
+
+
+def test_the_largest_seed_is_accepted_and_torch_takes_it_and_the_loop_s_offsets():
+    assert TrainConfig(seed=MAX_SEED).seed == MAX_SEED and TrainConfig(seed=0).seed == 0
+    torch.Generator().manual_seed(MAX_SEED + 4)  # train() seeds its other generators with seed + 1 .. seed + 4
+
+
+def test_a_negative_split_seed_in_a_recipe_file_is_refused(capsys, tmp_path, no_data):
+    path = tmp_path / "recipe.toml"
+    path.write_text('[arch]\nwidth = 1.0\nhead_hidden = [32]\n[data]\ndataset = "digits"\nsplit_seed = -3\n')
+    one_line_error(capsys, ["train", str(path)], "data.split_seed: must be an integer from 0 to 2**63 - 1, got -3")
+
+
+# --- 4. trial-count parameters and timeouts: finite, and only where they apply -----------------------------
+
+@pytest.mark.parametrize("new, needle", [
+    ('trial_count = "poisson"\nmean_trials = inf', "study.mean_trials: must be a finite number, got inf"),
+    ('trial_count = "poisson"\nmean_trials = nan', "study.mean_trials: must be a finite number, got nan"),
+    ('trial_count = "truncated_negative_binomial"\neta = inf\ngamma = 0.5', "study.eta: must be a finite number"),
+    ('trial_count = "truncated_negative_binomial"\neta = nan\ngamma = 0.5', "study.eta: must be a finite number"),
+    ('trial_count = "truncated_negative_binomial"\neta = 1\ngamma = nan', "study.gamma: must be a finite number"),
+    ("n_trials = 2\nmean_trials = 4.0", 'study.mean_trials: only for trial_count = "poisson"'),
+    ('trial_count = "poisson"\nmean_trials = 4.0\neta = 1', 'study.eta: only for trial_count = "truncated_negative'),
+    ("n_trials = 2\ntimeout = nan", "study.timeout: must be a finite number of seconds > 0, got nan"),
+    ("n_trials = 2\ntimeout = inf", "study.timeout: must be a finite number of seconds > 0, got inf"),
+])
+def test_trial_count_parameters_are_refused_at_load_time(capsys, tmp_path, new, needle):
+    refused_study(capsys, tmp_path, edit("n_trials = 2", new), needle)
+
+
+# --- 5. dpnas train: device and sizes refused before any data is loaded ------------------------------------
+
+@pytest.mark.parametrize("device, needle", [
+    ("cudaa", "--device 'cudaa': not a device; expected cpu, cuda or cuda:N"),
+    ("meta", "--device 'meta': dpnas trains on cpu or cuda"),
+    ("cuda:99", "--device 'cuda:99': "),
+])
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_bad_devices_are_refused_before_loading(capsys, no_data, tmp_path, command, device, needle):
+    target = "tiny" if command == "train" else str(tmp_path / "missing.pt")
+    one_line_error(capsys, [command, target, "--device", device], needle)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_refused_in_one_line(capsys, no_data):
+    one_line_error(capsys, ["train", "tiny", "--device", "cuda"], "CUDA is not available here")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--image-size", "100000"], "this run needs at least"),
+    (["--image-size", "0"], "--image-size: must be >= 1"),
+    (["--set", "width=1e6"], "parameters with their gradient and optimiser state"),
+    (["--set", "depth=1e6"], "depth: 2,000,000 convolutions in the blocks"),
+    (["--set", "stages=40"], "stages: at most 16"),
+])
+def test_sizes_that_cannot_be_allocated_are_refused_up_front(capsys, no_data, argv, needle):
+    with within(60):
+        one_line_error(capsys, ["train", "tiny", "--quiet", "--device", "cpu", *argv], needle)
+
+
+def test_a_depth_that_cannot_be_built_is_refused_by_describe_too(capsys):
+    with within(60):
+        one_line_error(capsys, ["describe", "tiny", "--set", "depth=1e6"], "dpnas builds at most 2,000")
+
+
+def test_describe_of_a_huge_input_allocates_nothing(capsys):
+    assert main(["describe", "tiny", "--image-size", "100000", "--json"]) == 0
+    assert '"activations_per_sample"' in capsys.readouterr().out
+
+
+def test_a_usual_run_is_not_refused():
+    estimate = check_training_fits(get_arch("smoothnet"), RECIPES["smoothnet"].train, dataset="cifar10",
+                                   image_size=None, device=torch.device("cpu"))
+    assert estimate.params == 3_391_853 and estimate.dataset_bytes == 60_000 * 3 * 32 * 32
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("in_channels, image_size", [(3, 32), (1, 37)])
+def test_the_footprint_matches_a_real_forward_pass(name, in_channels, image_size):
+    """The estimate behind the refusal: parameters, output shape and activations as a real model has them."""
+    arch = MODELS[name].arch
+    size = footprint(arch, num_classes=7, in_channels=in_channels, image_size=image_size)
+    model = build_model(arch, num_classes=7, in_channels=in_channels, image_size=image_size)
+    produced = [in_channels * image_size**2]
+    for module in model.modules():
+        leaf = not list(module.children()) and not isinstance(module, torch.nn.Identity)
+        if leaf or isinstance(module, (ResidualBlock, DenseBlock)):  # a merge makes a tensor of its own
+            module.register_forward_hook(lambda m, i, o: produced.append(o[0].numel()))
+    with torch.no_grad():
+        out = model(torch.zeros(2, in_channels, image_size, image_size))
+    assert size.params == count_parameters(model)
+    assert size.output_shape == tuple(out.shape[1:]) and size.activations == sum(produced)
+
+
+# --- 6. output paths checked before training ----------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["--out", "--weights"])
+@pytest.mark.parametrize("where", ["proc", "directory", "under_a_file"])
+def test_unwritable_output_paths_are_refused_before_training(capsys, no_data, tmp_path, flag, where):
+    (tmp_path / "a_file").write_text("x")
+    path = {"proc": "/proc/dpnas-test/x.json", "directory": str(tmp_path),
+            "under_a_file": str(tmp_path / "a_file" / "x.json")}[where]
+    one_line_error(capsys, ["train", "tiny", "--quiet", flag, path], f"{flag} {path}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+# --- 7. smaller gaps ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("old, new, needle", [
+    ('activation = ["selu", "relu"]', "width = [1, 1.0]", "search.width: choices must be distinct"),
+    ("n_trials = 2", 'n_trials = 2\nname = ""', "study.name: must not be empty"),
+    ("n_trials = 2", 'n_trials = 2\nname = "   "', "study.name: must not be empty"),
+    ("n_trials = 2", "n_trials = 2\nheartbeat_interval = -1", "study.heartbeat_interval: must be >= 0"),
+    ("n_trials = 2", "n_trials = 2\ngrace_period = -5", "study.grace_period: must be >= 1"),
+    ("n_trials = 2", "n_trials = 2\nmax_retries = -1", "study.max_retries: must be >= 0"),
+    ('dataset = "digits"', 'dataset = "digits"\nimage_size = 100000', "data.image_size: digits at 100000x100000"),
+    ('dataset = "digits"', 'dataset = "digits"\nimage_size = 0', "data.image_size: must be >= 1"),
+])
+def test_smaller_gaps_in_study_files_are_refused(capsys, tmp_path, old, new, needle):
+    refused_study(capsys, tmp_path, edit(old, new), needle)
+
+
+def test_a_missing_cifar10_data_dir_in_a_study_file_is_refused(capsys, tmp_path):
+    missing = tmp_path / "no-such-data"
+    text = edit('dataset = "digits"', f'dataset = "cifar10"\ndata_dir = "{missing}"')
+    refused_study(capsys, tmp_path, text, "data.data_dir: ")
+    assert not missing.exists()
+
+
+def test_a_missing_cifar10_data_dir_is_reported_not_created(capsys, tmp_path):
+    missing = tmp_path / "typo"
+    one_line_error(capsys, ["train", "tiny", "--quiet", "--dataset", "cifar10", "--data-dir", str(missing)],
+                   f"data_dir {missing} does not exist")
+    assert not missing.exists()
+
+
+def test_equal_numbers_are_one_choice_but_true_is_not_one():
+    assert _choice_key(1) == _choice_key(1.0) and _choice_key(True) != _choice_key(1)
+    assert _choice_key(False) != _choice_key(0) and _choice_key("1") != _choice_key(1)
+
+
+def test_a_valid_study_still_loads(tmp_path):
+    path = tmp_path / "study.toml"
+    path.write_text(edit("n_trials = 2", 'n_trials = 2\nheartbeat_interval = 0\nmax_retries = 0\nseed = 7'))
+    spec = load_study_file(path)
+    assert spec.seed == 7 and spec.heartbeat_interval == 0 and spec.max_retries == 0
+
+
+def test_structure_bounds_are_checked_by_the_config_itself():
+    with pytest.raises(ConfigError, match="stages: at most 16"):
+        ArchConfig(stages=17)
+    with pytest.raises(ConfigError, match="dpnas builds at most 2,000"):
+        ArchConfig(depth=5.0, block_convs=300)
