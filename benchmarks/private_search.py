@@ -19,6 +19,7 @@ is read only here, after the release. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 import time
@@ -39,7 +40,7 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "studies" / "quickstart.toml"
 
 
 def study_text(*, total: float, seed: int, mode: str, trials: int, mean_trials: float, epochs: int) -> str:
-    text = QUICKSTART.read_text().replace("epsilon = 8.0", f"total_epsilon = {total}")
+    text = re.sub(r"^(total_)?epsilon = [0-9.]+", f"total_epsilon = {total}", QUICKSTART.read_text(), flags=re.M)
     text = text.replace("epochs = 8", f"epochs = {epochs}")
     text = text.replace("seed = 0", f"seed = {seed}").replace('name = "quickstart"', f'name = "private-{mode}-{seed}"')
     if mode == "fixed":

@@ -18,7 +18,8 @@ from dpnas.arch.registry import MODELS
 from dpnas.arch.space import ConfigError
 from dpnas.cli import main
 from dpnas.dp.config import PrivacyConfig, TrainConfig
-from dpnas.dp.preflight import parse_device, preflight
+from dpnas.dp.preflight import preflight
+from dpnas.dp.train import check_device
 from dpnas.search.runner import WorkersFailed, check_search, join_workers, search
 from dpnas.search.storage import open_storage
 from dpnas.search.study_file import load_study_file
@@ -47,7 +48,8 @@ def test_check_runs_the_checks_and_spends_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv,match", [
-    (["--device", "cudaa"], "is not a device"),
+    (["--device", "cudaa"], "not a device"),
+    (["--study-name", " "], "--study-name"),
     (["--device", "cuda"] if not __import__("torch").cuda.is_available() else ["--device", "cuda:99"], "--device"),
     (["--timeout", "0"], "--timeout"),
     (["--timeout", "nan"], "--timeout"),
@@ -98,11 +100,11 @@ def test_the_preflight_needs_no_data_and_catches_engine_combinations():
                   image_size=1, device="cpu")
 
 
-def test_parse_device():
-    assert parse_device("cpu").type == "cpu"
+def test_check_device():
+    assert check_device("cpu").type == "cpu"
     for bad in ("cudaa", "tpu", "mps"):
         with pytest.raises(ConfigError, match="--device"):
-            parse_device(bad)
+            check_device(bad)
 
 
 def test_a_dead_worker_is_reported():
@@ -139,3 +141,12 @@ def test_an_unwritable_storage_is_one_line(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     _refused(capsys, ["search", str(path), "--quiet", "--storage", str(blocker / "s.journal")], "cannot write there")
+
+
+@pytest.mark.parametrize("extra,key", [('trial_count = "poisson"\nmean_trials = 1e9', "study.mean_trials"),
+                                       ('trial_count = "truncated_negative_binomial"\neta = 1.0\ngamma = 1e-9',
+                                        "study.gamma")])
+def test_a_random_trial_count_too_large_to_draw_is_refused(tmp_path, extra, key):
+    path = write_study(tmp_path, sampler="random", extra=extra)
+    with pytest.raises(ConfigError, match=key):
+        load_study_file(path)

@@ -18,30 +18,13 @@ from dpnas.data.datasets import normalise
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.engine import DPSGDEngine
 from dpnas.dp.privacy import PrivacyPlan, make_accountant
-
-
-def parse_device(device: str | torch.device | None) -> torch.device:
-    """The device a run will use, refused in one line when it does not exist here."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"--device: {device!r} is not a device (e.g. cpu, cuda, cuda:1)") from err
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device: {device!r} asked for, but CUDA is not available on this machine")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ConfigError(f"--device: {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif parsed.type != "cpu":
-        raise ConfigError(f"--device: {device!r}: dpnas runs on cpu or cuda")
-    return parsed
+from dpnas.dp.train import check_device
 
 
 def preflight(arch: ArchConfig, train_cfg: TrainConfig, privacy: PrivacyConfig, *, num_classes: int,
               in_channels: int, image_size: int, device: str | torch.device | None) -> None:
     """Raise ConfigError (one line) if this configuration cannot take a DP-SGD step on this device."""
-    target = parse_device(device)
+    target = check_device(device)
     batch = train_cfg.physical_batch_size
     try:
         model = build_model(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size).to(target)

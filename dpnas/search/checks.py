@@ -17,8 +17,10 @@ import optuna
 
 from dpnas.arch.space import ConfigError
 from dpnas.data.datasets import DatasetSplits, load_dataset
-from dpnas.dp.preflight import parse_device, preflight
+from dpnas.dp.memory import check_training_fits
+from dpnas.dp.preflight import preflight
 from dpnas.dp.privacy import check_budget
+from dpnas.dp.train import check_device
 from dpnas.search.calibration import calibrate, run_shapes
 from dpnas.search.sampling import ablation_points, grid_points, suggest
 from dpnas.search.study_file import StudySpec
@@ -111,7 +113,7 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
                 progress: bool = False) -> CheckReport:
     """Every check that would otherwise fail every trial; raises ConfigError (one line) at the first problem."""
     lines = []
-    parsed = parse_device(device)
+    parsed = check_device(device)
     if stored is not None and (problems := stored_mismatches(stored, spec)):
         refuse_mismatch(stored, problems)
     if spec.val_fraction == 0:
@@ -137,6 +139,8 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
                      f"{sorted(set(round(s, 4) for s in calibration.noise_multipliers.values()))}, validation "
                      f"noise {calibration.val_noise:.3g}")
     arch, train_cfg, privacy = first_point(spec)
+    check_training_fits(arch, train_cfg, dataset=spec.dataset, image_size=data.image_size, device=parsed,
+                        synthetic_size=spec.synthetic_size)
     preflight(arch, train_cfg, privacy, num_classes=data.num_classes, in_channels=data.in_channels,
               image_size=data.image_size, device=parsed)
     lines.append(f"preflight: one DP-SGD step of the first sampled point on {parsed} passed (random data, no epsilon)")

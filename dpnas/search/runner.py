@@ -38,9 +38,8 @@ from tqdm.auto import tqdm
 from dpnas.arch.space import ConfigError
 from dpnas.data.datasets import DatasetSplits, load_dataset
 from dpnas.dp.checkpoint import checkpoint_dict
-from dpnas.dp.preflight import parse_device
 from dpnas.dp.privacy import PrivacyPlan
-from dpnas.dp.train import DivergedError, train
+from dpnas.dp.train import DivergedError, check_device, train
 from dpnas.search.calibration import Calibration
 from dpnas.search.checks import check_study
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
@@ -363,13 +362,15 @@ def check_search(spec: StudySpec, url: str, *, study_name: str | None = None, n_
         raise ConfigError(f"--timeout: must be a positive number of seconds, got {timeout}")
     if n_trials is not None and n_trials < 1:
         raise ConfigError(f"--n-trials: must be >= 1, got {n_trials}")
+    if study_name is not None and not study_name.strip():
+        raise ConfigError("--study-name: must not be empty")
     devices = worker_devices(workers, device)
     if workers > (os.cpu_count() or 1) and all(d is None or str(d).startswith("cpu") for d in devices) \
             and not torch.cuda.is_available():
         warnings.warn(f"--workers {workers} on {os.cpu_count()} CPU cores: the workers will share cores and each "
                       "trial will run slower", stacklevel=2)
     for d in sorted(set(map(str, devices)) - {"None"}):
-        parse_device(d)
+        check_device(d)
     return check_study(spec, device=devices[0], n_trials=n_trials, stored=existing_study(spec, url, study_name),
                        progress=progress)
 

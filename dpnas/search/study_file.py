@@ -27,10 +27,12 @@ from dpnas.data.datasets import DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_SYNTHETIC_
 from dpnas.dp.config import DP_RELEVANCE, PrivacyConfig, TrainConfig, check_seed
 from dpnas.dp.recipe_file import DataSettings
 from dpnas.dp.recipes import DEFAULT_RECIPE, RECIPES
+from dpnas.search.privacy import expected_trials_tnb
 
 OBJECTIVES = {"val_accuracy": "maximize", "params": "minimize", "epoch_seconds": "minimize"}
 SAMPLERS = ("tpe", "random", "grid", "nsga2", "ablation")
 PRUNERS = ("median", "hyperband", "none")
+MAX_EXPECTED_TRIALS = 100_000
 TRIAL_COUNTS = ("fixed", "poisson", "truncated_negative_binomial")
 SECTIONS = ("study", "data", "privacy", "train", "arch", "search")
 
@@ -239,6 +241,11 @@ def load_study_file(path: str | Path) -> StudySpec:
                 raise _fail(path, "study.eta", "truncated_negative_binomial needs eta > -1 (eta = 1: geometric)")
             if gamma is None or not 0 < gamma < 1:
                 raise _fail(path, "study.gamma", "truncated_negative_binomial needs 0 < gamma < 1")
+        expected = mean_trials if trial_count == "poisson" else expected_trials_tnb(eta, gamma)
+        if expected > MAX_EXPECTED_TRIALS:  # drawing K would loop that long, and no study runs that many trials
+            key = "study.mean_trials" if trial_count == "poisson" else "study.gamma"
+            raise _fail(path, key, f"the expected number of trials is {expected:.3g}; at most {MAX_EXPECTED_TRIALS:,} "
+                                   "is supported")
     keep_weights = study.get("keep_weights", "best")
     if isinstance(keep_weights, str) and keep_weights not in KEEP_WEIGHTS:
         raise _fail(path, "study.keep_weights", f"unknown value {keep_weights!r}; expected one of: "
