@@ -300,10 +300,10 @@ def test_changing_the_budget_of_a_study_is_refused(tmp_path):
     path = _tiny(tmp_path, n_trials=1, epochs=1)
     search(load_study_file(path), progress=False)
     path.write_text(path.read_text().replace("epsilon = 4.0", "epsilon = 8.0"))
-    with pytest.raises(ConfigError, match="Changing the privacy budget"):
+    with pytest.raises(ConfigError, match="epsilon 4.0 → 8.0.*would mix budgets"):
         search(load_study_file(path), progress=False)
     path.write_text(path.read_text().replace("epsilon = 8.0", "total_epsilon = 8.0"))
-    with pytest.raises(ConfigError, match="Changing the privacy budget"):
+    with pytest.raises(ConfigError, match="total_epsilon None → 8.0.*would mix budgets"):
         search(load_study_file(path), progress=False)
 
 

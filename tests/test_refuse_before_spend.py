@@ -80,7 +80,7 @@ def test_editing_data_or_objectives_of_a_study_is_refused(tmp_path, capsys):
     path = write_study(tmp_path, n_trials=1)
     assert main(["search", str(path), "--quiet"]) == 0
     _edit(path, "val_fraction = 0.2", "val_fraction = 0.3")
-    _refused(capsys, ["search", str(path), "--quiet", "--n-trials", "2"], "val_fraction = 0.2 became val_fraction = 0.3")
+    _refused(capsys, ["search", str(path), "--quiet", "--n-trials", "2"], "val_fraction 0.2 → 0.3")
     _edit(path, "val_fraction = 0.3", "val_fraction = 0.2")
     _edit(path, "seed = 0", 'seed = 0\nobjectives = ["val_accuracy", "params"]\n')
     _refused(capsys, ["search", str(path), "--quiet", "--n-trials", "2"], "objectives")

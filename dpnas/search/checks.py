@@ -46,9 +46,7 @@ def stored_mismatches(study: optuna.Study, spec: StudySpec) -> list[str]:
             continue
         changed = sorted(k for k in set(stored) | set(asked) if stored.get(k) != asked.get(k))
         if changed:
-            was = ", ".join(f"{k} = {stored.get(k)!r}" for k in changed)
-            now = ", ".join(f"{k} = {asked.get(k)!r}" for k in changed)
-            problems.append(f"{what}: {was} became {now}")
+            problems.append(f"{what}: " + ", ".join(f"{k} {stored.get(k)!r} → {asked.get(k)!r}" for k in changed))
     return problems
 
 
