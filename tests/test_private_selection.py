@@ -309,9 +309,12 @@ def test_changing_the_budget_of_a_study_is_refused(tmp_path):
 
 def test_a_budget_may_change_while_nothing_is_spent(tmp_path):
     path = _tiny(tmp_path, privacy="total_epsilon = 0.001", n_trials=1, epochs=1)
-    with pytest.raises(ConfigError):  # no noise level reaches it: refused before any trial
+    with pytest.raises(ConfigError):  # no noise level reaches it: refused before the study is even created
         search(load_study_file(path), progress=False)
     spec = load_study_file(path)
+    assert not path.with_suffix(".journal").exists()
+    # created by a worker that calibrates later (as with several workers): still changeable while nothing is spent
+    runner.open_study(spec, spec.default_storage())
     assert not load(spec).get_trials()
     path.write_text(path.read_text().replace("total_epsilon = 0.001", "total_epsilon = 5.0"))
     search(load_study_file(path), progress=False)

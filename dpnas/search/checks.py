@@ -50,6 +50,11 @@ def stored_mismatches(study: optuna.Study, spec: StudySpec) -> list[str]:
     return problems
 
 
+def runs_charged(study: optuna.Study) -> int:
+    """Trials that recorded a privacy plan, i.e. touched (or were about to touch) the data, whatever became of them."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if "privacy_plan" in t.user_attrs)
+
+
 def objective_mismatch(study: optuna.Study, spec: StudySpec) -> list[str]:
     """An Optuna study's objectives are fixed when it is created: a file that names others cannot join it."""
     stored = study.user_attrs.get("objectives")
@@ -112,7 +117,9 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
     """Every check that would otherwise fail every trial; raises ConfigError (one line) at the first problem."""
     lines = []
     parsed = check_device(device)
-    if stored is not None and (problems := stored_mismatches(stored, spec)):
+    # Budget and data may still change while nothing is spent (the study adopts them); objectives never can.
+    if stored is not None and (problems := stored_mismatches(stored, spec)) and (
+            runs_charged(stored) or objective_mismatch(stored, spec)):
         refuse_mismatch(stored, problems)
     if spec.val_fraction == 0:
         raise ConfigError(f"{spec.path}: data.val_fraction: the objective val_accuracy is read on the validation "

@@ -25,6 +25,7 @@ from dpnas.search.checks import (
     DATA_ATTR,
     objective_mismatch,
     refuse_mismatch,
+    runs_charged,
     stored_data,
     stored_mismatches,
 )
@@ -202,11 +203,6 @@ def trial_budget(study: optuna.Study) -> tuple[int, int, int, int]:
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     return int(_system_attrs(study).get(_TARGET, 0)), used, waiting, running
-
-
-def runs_charged(study: optuna.Study) -> int:
-    """Trials that recorded a privacy plan, i.e. touched (or were about to touch) the data, whatever became of them."""
-    return sum(1 for t in study.get_trials(deepcopy=False) if "privacy_plan" in t.user_attrs)
 
 
 def study_calibration(study: optuna.Study, spec: StudySpec, train_size: int) -> Calibration | None:
