@@ -251,6 +251,7 @@ def test_a_total_epsilon_study_spends_at_most_its_total(tmp_path, capsys):
         assert key in report
     assert report["mode"] == "fixed" and report["runs"] == 2
     assert 0.97 * 6.0 <= report["epsilon"] <= 6.0 and report["validation_epsilon"] <= 6.0
+    assert runner.exhausted_message(study) is None  # a study that simply finished has nothing to explain
     assert [c["records"] for c in report["covers"]] == ["training", "validation", "dataset (training + validation)"]
     assert report["covers"][1]["count"] == study.get_trials()[0].user_attrs["val_size"]
     assert report["budget"]["total_epsilon"] == 6.0
@@ -266,22 +267,26 @@ def test_a_total_epsilon_study_spends_at_most_its_total(tmp_path, capsys):
 
 
 def test_a_total_epsilon_study_never_runs_past_its_total(tmp_path, monkeypatch):
-    """A run that touched the data and then failed is charged; its retry would be one run too many."""
+    """A run that touched the data and was then interrupted is charged; its retry is one of the K runs, so the
+    study ends one trial short instead of spending more than its total."""
     spec = load_study_file(_tiny(tmp_path, privacy="total_epsilon = 6.0", n_trials=2, epochs=1))
     real = runner.train
     calls = []
 
-    def fail_once(*args, on_plan=None, **kwargs):
+    def interrupted_once(*args, on_plan=None, **kwargs):
         calls.append(1)
         if len(calls) == 1:
             on_plan(plan_privacy(kwargs["privacy"], dataset_size=len(args[1].train), batch_size=256, epochs=1))
-            raise RuntimeError("CUDA out of memory")
+            raise KeyboardInterrupt
         return real(*args, on_plan=on_plan, **kwargs)
 
-    monkeypatch.setattr(runner, "train", fail_once)
-    search(spec, progress=False)
+    monkeypatch.setattr(runner, "train", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        search(spec, progress=False)
+    search(spec, progress=False)  # resume: the retry trains, then the budget is spent
     study = load(spec)
     assert runner.runs_charged(study) == 2 and "total_epsilon = 6 is spent" in runner.exhausted_message(study)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 1
     assert study_privacy(study).epsilon <= 6.0
 
 

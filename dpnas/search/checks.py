@@ -51,8 +51,13 @@ def stored_mismatches(study: optuna.Study, spec: StudySpec) -> list[str]:
 
 
 def runs_charged(study: optuna.Study) -> int:
-    """Trials that recorded a privacy plan, i.e. touched (or were about to touch) the data, whatever became of them."""
-    return sum(1 for t in study.get_trials(deepcopy=False) if "privacy_plan" in t.user_attrs)
+    """Trials that recorded a privacy plan, i.e. touched (or were about to touch) the data, whatever became of them.
+
+    A WAITING trial has not run: when it is Optuna's retry of a failed one, it carries a copy of the original's
+    user attributes, privacy plan included, and must not be charged twice.
+    """
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if "privacy_plan" in t.user_attrs and t.state != optuna.trial.TrialState.WAITING)
 
 
 def objective_mismatch(study: optuna.Study, spec: StudySpec) -> list[str]:

@@ -142,7 +142,7 @@ def run_worker(
                 fail_stale_trials(study)
                 target, used, waiting, running = trial_budget(study)
                 trial, configs, repeated, line = None, None, None, None
-                if calibration is not None and runs_charged(study) >= target:
+                if calibration is not None and runs_charged(study) >= target and (waiting or used < target):
                     # The total was split over `target` runs; a retried failure would be one run too many.
                     report.exhausted = (f"total_epsilon = {spec.total_epsilon:g} is spent: {runs_charged(study)} runs "
                                         f"have touched the data, the {target} the budget was split over")

@@ -104,7 +104,9 @@ def _count(n: int | None) -> str:
 def study_privacy(study: optuna.Study) -> StudyPrivacy:
     """The study's guarantee, from the privacy plans its trials recorded before touching the data."""
     trials = study.get_trials(deepcopy=False)
-    runs = [run_privacy(t.user_attrs["privacy_plan"]) for t in trials if "privacy_plan" in t.user_attrs]
+    # A WAITING retry carries its failed original's plan but has not run: the original is the one charged.
+    runs = [run_privacy(t.user_attrs["privacy_plan"]) for t in trials
+            if "privacy_plan" in t.user_attrs and t.state != optuna.trial.TrialState.WAITING]
     attrs = study.user_attrs
     delta = float(attrs.get("delta", 1e-5))
     asked = attrs.get("trial_count", "fixed")

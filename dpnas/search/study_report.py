@@ -146,6 +146,7 @@ def reproducible_trials(study: optuna.Study) -> list[int]:
     """Private trials whose batches and noise were seeded from the recorded seed (``reproducible = true``)."""
     return [t.number for t in study.get_trials(deepcopy=False)
             if (t.user_attrs.get("privacy_config") or {}).get("reproducible") and "privacy_plan" in t.user_attrs
+            and t.state != TrialState.WAITING  # a retry not yet run carries its original's attributes
             and t.user_attrs.get("epsilon_target") != "inf (non-private)"]
 
 
