@@ -112,18 +112,24 @@ def count_rdp(noise: float, releases: int, orders=None) -> np.ndarray:
     return releases * orders / (2 * noise**2)
 
 
-def rdp_to_epsilon(rdp, delta: float, orders=None) -> float:
-    """An RDP curve at :data:`ORDERS` → ε at δ with Opacus's conversion (0 for a zero curve, inf if all infinite)."""
+def rdp_to_epsilon_at(rdp, delta: float, orders=None) -> tuple[float, float]:
+    """An RDP curve at :data:`ORDERS` → (ε at δ, the order λ attaining it) with Opacus's conversion (Balle et al.
+    2020, Thm 21): ε 0 for a zero curve, inf if all infinite (λ nan for both)."""
     orders = ORDERS if orders is None else np.asarray(orders, dtype=float)
     rdp = np.asarray(rdp, dtype=float)
     if np.all(rdp == 0):
-        return 0.0
+        return 0.0, math.nan
     if not np.isfinite(rdp).any():
-        return math.inf
+        return math.inf, math.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the optimum at the end of the grid: valid, and the grid reaches 512
-        eps, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
-    return max(0.0, float(eps))
+        eps, order = get_privacy_spent(orders=orders, rdp=rdp, delta=delta)
+    return max(0.0, float(eps)), float(order)
+
+
+def rdp_to_epsilon(rdp, delta: float, orders=None) -> float:
+    """ε at δ of an RDP curve (see :func:`rdp_to_epsilon_at`)."""
+    return rdp_to_epsilon_at(rdp, delta, orders)[0]
 
 
 def count_noise_for(epsilon: float, delta: float, releases: int) -> float:

@@ -137,9 +137,6 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
                  f"{len(data.test)} test records")
     for privacy in _privacy_settings(spec):
         check_budget(privacy, dataset_size=len(data.train))
-    for batch_size, _ in run_shapes(spec) if spec.total_epsilon else []:
-        if batch_size >= len(data.train):
-            raise ConfigError(f"batch_size: {batch_size} is not below the {len(data.train)} training records")
     if spec.total_epsilon is not None:
         calibration = calibrate(spec.total_epsilon, spec.privacy.delta, mode=spec.trial_count,
                                 runs=_trial_count(spec, n_trials), mu=spec.mean_trials, eta=spec.eta,

@@ -31,13 +31,12 @@ from __future__ import annotations
 
 import math
 import random
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from opacus.accountants.analysis.rdp import compute_rdp
 
-from dpnas.dp.privacy import ORDERS, count_rdp
+from dpnas.dp.privacy import ORDERS, count_rdp, rdp_to_epsilon_at
 
 MODES = ("fixed", "poisson", "truncated_negative_binomial")
 
@@ -139,18 +138,8 @@ def part_curve(curves, *, mode: str, mu: float | None = None, eta: float | None 
 
 
 def _epsilon(orders, rdp, delta: float) -> tuple[float, float]:
-    """RDP curve → (ε, λ) at δ with Opacus's conversion (Balle et al. 2020, Thm 21)."""
-    rdp = np.asarray(rdp, dtype=float)
-    if np.all(rdp == 0):
-        return 0.0, math.nan
-    if not np.isfinite(rdp).any():
-        return math.inf, math.nan
-    with warnings.catch_warnings():
-        # Opacus warns when the optimum sits at the end of the grid; the grid is ours and
-        # already reaches 512, and the bound stays valid either way.
-        warnings.simplefilter("ignore")
-        eps, order = get_privacy_spent(orders=np.asarray(orders, dtype=float), rdp=rdp, delta=delta)
-    return max(0.0, float(eps)), float(order)
+    """RDP curve → (ε, λ) at δ with Opacus's conversion; one implementation with dpnas.dp.privacy."""
+    return rdp_to_epsilon_at(rdp, delta, orders)
 
 
 def _delta_at(orders, rdp, eps_hat):
