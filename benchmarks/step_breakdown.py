@@ -8,6 +8,10 @@ takes the same fixed batch. The optimizer step and the noise (the same for every
 12 ms for WRN-16-4 on the 2-core CPU) are left out.
 
     uv run python benchmarks/step_breakdown.py --models smoothnet,resnet9_scalenorm,wrn16_4 --batch-size 32 --steps 10
+    uv run python benchmarks/step_breakdown.py --models "" --points studies/quickstart.toml --n 5 --steps 5
+
+Models are what `dpnas bench --models` takes (names, ArchConfig or recipe files) and `--points STUDY --n K`
+seeded random points of a study's space, at the study's input shape and physical batch size.
 
 Prints a table and writes JSON (`--json`, default benchmarks/step_breakdown.json).
 """
@@ -25,21 +29,21 @@ import torch
 import torch.nn.functional as F
 
 from dpnas.arch.models import build_model
-from dpnas.arch.registry import get_arch
-from dpnas.arch.space import ConfigError
-from dpnas.bench import synchronize
+from dpnas.arch.space import ArchConfig
+from dpnas.bench import BenchModel, resolve_model, study_points, synchronize
 from dpnas.dp.per_sample import PerSampleClipper
 from dpnas.results import write_json
 
 
-def breakdown(model_name: str, *, batch_size: int, steps: int, device: str, warmup: int = 2) -> dict:
+def breakdown(model: BenchModel, *, batch_size: int, steps: int, device: str, warmup: int = 2) -> dict:
     """Median milliseconds of each part over `steps` alternating steps (after `warmup` untimed ones)."""
     dev = torch.device(device)
     torch.manual_seed(0)
-    arch = get_arch(model_name)
-    nonprivate = build_model(arch, num_classes=10, in_channels=3).to(dev)
-    private = build_model(arch, num_classes=10, in_channels=3).to(dev)
-    images = torch.randn(batch_size, 3, 32, 32, device=dev)
+    arch = ArchConfig.from_dict(model.arch)
+    batch_size = model.batch_size or batch_size
+    nonprivate = build_model(arch, num_classes=10, in_channels=model.in_channels).to(dev)
+    private = build_model(arch, num_classes=10, in_channels=model.in_channels).to(dev)
+    images = torch.randn(batch_size, model.in_channels, model.image_size, model.image_size, device=dev)
     labels = torch.randint(0, 10, (batch_size,), device=dev)
     clipper = PerSampleClipper(private)
 
@@ -63,7 +67,7 @@ def breakdown(model_name: str, *, batch_size: int, steps: int, device: str, warm
             for part, ms in zip(parts, times):
                 parts[part].append(ms)
     clipper.close()
-    row = {"model": model_name, "batch_size": batch_size, "device": str(dev), "steps": steps,
+    row = {"model": model.label, "arch": model.arch, "batch_size": batch_size, "device": str(dev), "steps": steps,
            **{f"{part}_ms": statistics.median(values) for part, values in parts.items()},
            "per_sample_methods": clipper.method_counts()}
     dpnas_ms = row["dpnas_forward_backward_ms"] + row["dpnas_norms_and_sums_ms"]
@@ -84,7 +88,9 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="smoothnet,resnet9_scalenorm,wrn16_4")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--points", metavar="STUDY_FILE", help="also --n seeded random points of this study's space")
+    parser.add_argument("--n", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=32, help="of named models; points use their study's")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -92,16 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 1:
         parser.error("--batch-size, --steps and --warmup must be >= 1 (the first step times the methods)")
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for name in models:
-        try:
-            get_arch(name)  # unknown names fail before any model runs
-        except ConfigError as err:
-            parser.error(str(err))
+    try:  # unknown names fail before any model runs
+        models = [resolve_model(m.strip()) for m in args.models.split(",") if m.strip()]
+        if args.points:
+            models += study_points(args.points, args.n)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
     rows = []
-    for name in models:
-        print(f"  {name} ...", file=sys.stderr, flush=True)
-        rows.append(breakdown(name, batch_size=args.batch_size, steps=args.steps, device=args.device,
+    for model in models:
+        print(f"  {model.label} ...", file=sys.stderr, flush=True)
+        rows.append(breakdown(model, batch_size=args.batch_size, steps=args.steps, device=args.device,
                               warmup=args.warmup))
     print(format_table(rows))
     write_json(args.json, {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),

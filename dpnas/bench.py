@@ -19,6 +19,10 @@ modes are Opacus's default pipeline, fp32 and NCHW, and run in the ``fp32`` vari
 also give wrong per-sample gradients on NHWC tensors and clip in bf16 under autocast; see
 :class:`dpnas.dp.engine.DPSGDEngine`).
 
+A *model* is a registered name, an ArchConfig file or a recipe file (``--models``), or one of K seeded random
+points of a study's space (``--points STUDY --n K``); a study's points train on its dataset's shape (digits: one
+channel) at its physical batch size, which is what the search itself runs.
+
 Each (model, mode, variant) runs in a fresh subprocess, so its peak memory is its own and one
 case cannot warm another's caches.  Ratios are only meaningful within one run.
 """
@@ -31,11 +35,14 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from dpnas.arch.registry import get_arch
+from dpnas.arch.registry import MODELS, get_arch
+from dpnas.arch.space import ArchConfig, ConfigError
 
 FIXED_METHOD_MODES = {"dpnas_unfold": "unfold", "dpnas_grouped": "grouped", "dpnas_ghost": "ghost"}
 MODES = ("nonprivate", "opacus", "dpnas", "dpnas_opacus_hooks", *FIXED_METHOD_MODES)
@@ -43,6 +50,76 @@ DEFAULT_MODES = ("nonprivate", "opacus", "dpnas")
 DEFAULT_MODELS = ("smoothnet", "resnet9_scalenorm", "tiny")
 VARIANT_OPTIONS = ("bf16", "channels_last", "cudnn_benchmark")
 OPACUS_MODES = ("opacus", "dpnas_opacus_hooks")  # fp32 variant only
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """One architecture to time, with the input shape and physical batch it trains at."""
+
+    label: str
+    arch: dict[str, Any]  # ArchConfig fields: a case process rebuilds the model from them
+    in_channels: int = 3
+    image_size: int = 32
+    batch_size: int | None = None  # None: the run's --batch-size
+
+
+def resolve_model(name_or_file: str) -> BenchModel:
+    """A registered name, an ArchConfig file or a recipe file (its physical batch size and data shape)."""
+    from dpnas.data.datasets import DATASET_CHANNELS, DEFAULT_IMAGE_SIZE
+    from dpnas.dp.recipe_file import load_recipe_file
+
+    if name_or_file in MODELS:
+        return BenchModel(name_or_file, MODELS[name_or_file].arch.to_dict())
+    if not Path(name_or_file).exists():
+        get_arch(name_or_file)  # raises with the list of known names
+    recipe = load_recipe_file(name_or_file)
+    label = Path(name_or_file).stem
+    if recipe.data is None:
+        return BenchModel(label, recipe.arch.to_dict(), batch_size=recipe.train.physical_batch_size
+                          if recipe.train else None)
+    dataset = recipe.data.dataset
+    return BenchModel(label, recipe.arch.to_dict(), in_channels=DATASET_CHANNELS[dataset],
+                      image_size=recipe.data.image_size or DEFAULT_IMAGE_SIZE[dataset],
+                      batch_size=min(recipe.train.physical_batch_size, recipe.train.batch_size) if recipe.train else None)
+
+
+def study_points(study_file: str | Path, n: int, *, seed: int = 0) -> list[BenchModel]:
+    """`n` distinct random points of a study's space (seeded), each at the study's data shape and physical batch."""
+    import optuna
+
+    from dpnas.data.datasets import DATASET_CHANNELS, DEFAULT_IMAGE_SIZE
+    from dpnas.search.sampling import config_key, suggest
+    from dpnas.search.study_file import load_study_file
+
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    spec = load_study_file(study_file)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    points: list[BenchModel] = []
+    seen: set[str] = set()
+    for _ in range(50 * n):  # a small space may hold fewer than n distinct points
+        if len(points) == n:
+            break
+        trial = study.ask()
+        try:
+            configs = suggest(trial, spec)
+        except ConfigError:
+            continue
+        finally:
+            study.tell(trial, 0.0)
+        key = config_key(configs)
+        if key in seen:
+            continue
+        seen.add(key)
+        arch, train, _ = configs
+        points.append(BenchModel(f"{spec.name}#{len(points)}", arch.to_dict(),
+                                 in_channels=DATASET_CHANNELS[spec.dataset],
+                                 image_size=spec.image_size or DEFAULT_IMAGE_SIZE[spec.dataset],
+                                 batch_size=min(train.physical_batch_size, train.batch_size)))
+    if not points:
+        raise ValueError(f"{study_file}: no valid point of its space found")
+    return points
 
 
 def parse_variant(variant: str) -> frozenset[str]:
@@ -62,9 +139,10 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup: int, device: str,
+def run_case(*, model: dict[str, Any], mode: str, batch_size: int, steps: int, warmup: int, device: str,
              variant: str = "fp32") -> dict[str, Any]:
-    """Time `steps` training steps of one model in one mode and variant (after `warmup` untimed ones)."""
+    """Time `steps` training steps of one model (a BenchModel's fields) in one mode and variant (after `warmup`
+    untimed ones)."""
     import contextlib
     import warnings
 
@@ -78,10 +156,12 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
     warnings.filterwarnings("ignore")
     dev = torch.device(device)
     torch.manual_seed(0)
+    spec = BenchModel(**model)
+    batch_size = spec.batch_size or batch_size
     n = batch_size * 16  # 16 expected batches per epoch: sample rate 1/16
-    images = torch.randn(n, 3, 32, 32)
+    images = torch.randn(n, spec.in_channels, spec.image_size, spec.image_size)
     labels = torch.randint(0, 10, (n,))
-    model = build_model(get_arch(model_name), num_classes=10, in_channels=3).to(dev)
+    model = build_model(ArchConfig.from_dict(spec.arch), num_classes=10, in_channels=spec.in_channels).to(dev)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     privacy = PrivacyConfig(epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
     options = parse_variant(variant)
@@ -170,7 +250,9 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
     else:  # ru_maxrss is in KiB on Linux: the whole process, torch itself included
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
-        "model": model_name,
+        "model": spec.label,
+        "arch": spec.arch,
+        "input_shape": [spec.in_channels, spec.image_size, spec.image_size],
         "mode": mode,
         "variant": variant,
         "batch_size": batch_size,
@@ -186,7 +268,7 @@ def run_case(*, model_name: str, mode: str, batch_size: int, steps: int, warmup:
 
 
 def run_benchmark(
-    *, models: list[str], modes: list[str], batch_size: int, steps: int, warmup: int = 1, device: str | None = None,
+    *, models: list[str | BenchModel], modes: list[str], batch_size: int, steps: int, warmup: int = 1, device: str | None = None,
     variants: list[str] = ("fp32",), repeats: int = 1, progress: bool = True,
 ) -> list[dict[str, Any]]:
     """One row per (model, variant, mode), each case in its own process.
@@ -198,22 +280,26 @@ def run_benchmark(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    for name in models:
-        get_arch(name)  # unknown names fail before any case runs
+    # unknown names and unreadable files fail before any case runs
+    models = [m if isinstance(m, BenchModel) else resolve_model(m) for m in models]
+    labels = [m.label for m in models]
+    if len(set(labels)) < len(labels):
+        raise ValueError(f"two models share a label: {', '.join(labels)}")
     for mode in modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
     for variant in variants:
         parse_variant(variant)
-    cases = [(name, variant, mode) for name in models for variant in variants for mode in modes
+    cases = [(m, variant, mode) for m in models for variant in variants for mode in modes
              if variant == "fp32" or mode not in OPACUS_MODES]  # Opacus's pipeline is fp32 NCHW
-    runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {case: [] for case in cases}
+    runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {(m.label, v, mode): [] for m, v, mode in cases}
     for repeat in range(repeats):
-        for name, variant, mode in cases:
+        for model, variant, mode in cases:
+            name = model.label
             if progress:
                 of = f" (repeat {repeat + 1}/{repeats})" if repeats > 1 else ""
                 print(f"  running {name} / {mode} / {variant}{of} ...", file=sys.stderr, flush=True)
-            args = dict(model_name=name, mode=mode, batch_size=batch_size, steps=steps, warmup=warmup, device=device,
+            args = dict(model=asdict(model), mode=mode, batch_size=batch_size, steps=steps, warmup=warmup, device=device,
                         variant=variant)
             result = subprocess.run(
                 [sys.executable, "-m", "dpnas.bench", json.dumps(args)], capture_output=True, text=True, check=False
@@ -221,7 +307,7 @@ def run_benchmark(
             if result.returncode != 0:
                 raise RuntimeError(f"benchmark case {name}/{mode}/{variant} failed:\n{result.stderr[-2000:]}")
             runs[(name, variant, mode)].append(json.loads(result.stdout.strip().splitlines()[-1]))
-    rows = [_median_of_repeats(runs[case]) for case in cases]
+    rows = [_median_of_repeats(repeated) for repeated in runs.values()]
     _add_ratios(rows)
     return rows
 

@@ -216,7 +216,8 @@ class Train(Command):
 class Bench(Command):
     """Measure time per training step, samples/s and peak memory: nonprivate vs Opacus's default vs dpnas.
 
-    Each case runs in its own process on synthetic CIFAR-shaped data; compare ratios within one run only.
+    Each case runs in its own process on synthetic data of the model's input shape (CIFAR's, or a study's or a
+    recipe's dataset); compare ratios within one run only.
     """
 
     name = "bench"
@@ -224,9 +225,16 @@ class Bench(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from dpnas.bench import DEFAULT_MODELS, DEFAULT_MODES, MODES
 
-        parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated names (default {','.join(DEFAULT_MODELS)})")
+        parser.add_argument("--models", help="comma-separated names from `dpnas models`, ArchConfig files or recipe "
+                                             f"files (default {','.join(DEFAULT_MODELS)}, or none with --points)")
+        parser.add_argument("--points", metavar="STUDY_FILE",
+                            help="also time --n seeded random points of this study's space, at its data shape and "
+                                 "physical batch size")
+        parser.add_argument("--n", type=int, default=5, metavar="K", help="points of --points (default 5)")
+        parser.add_argument("--points-seed", type=int, default=0, metavar="S", help="seed of --points (default 0)")
         parser.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"comma-separated subset of {','.join(MODES)} (default {','.join(DEFAULT_MODES)})")
-        parser.add_argument("--batch-size", type=int, default=32, metavar="B")
+        parser.add_argument("--batch-size", type=int, default=32, metavar="B",
+                            help="physical batch of named models (default 32); points and recipe files use their own")
         parser.add_argument("--steps", type=int, default=5, metavar="N", help="timed steps per case (median reported)")
         parser.add_argument("--warmup", type=int, default=1, metavar="N")
         parser.add_argument("--repeats", type=int, default=1, metavar="R",
@@ -239,12 +247,18 @@ class Bench(Command):
         parser.add_argument("--json", dest="json_file", metavar="FILE", help="also write the rows as JSON")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dpnas.bench import format_table, run_benchmark
+        from dpnas.bench import DEFAULT_MODELS, format_table, resolve_model, run_benchmark, study_points
         from dpnas.results import write_json
 
-        if args.batch_size < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0:
-            raise UsageError("--batch-size, --steps and --repeats must be >= 1 and --warmup >= 0")
-        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        if args.batch_size < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.n < 1:
+            raise UsageError("--batch-size, --steps, --repeats and --n must be >= 1 and --warmup >= 0")
+        names = args.models if args.models is not None else ("" if args.points else ",".join(DEFAULT_MODELS))
+        try:  # every name, file and point is resolved before the first case runs
+            models = [resolve_model(m.strip()) for m in names.split(",") if m.strip()]
+            if args.points:
+                models += study_points(args.points, args.n, seed=args.points_seed)
+        except (ValueError, OSError) as err:
+            raise UsageError(str(err)) from err
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         try:

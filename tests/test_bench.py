@@ -5,15 +5,31 @@ import json
 import pytest
 import torch
 
-from dpnas.bench import MODES, _add_ratios, _median_of_repeats, format_table, parse_variant, run_benchmark, run_case
+from dataclasses import asdict
+from pathlib import Path
+
+from dpnas.bench import (
+    MODES,
+    _add_ratios,
+    _median_of_repeats,
+    format_table,
+    parse_variant,
+    resolve_model,
+    run_benchmark,
+    run_case,
+    study_points,
+)
 from dpnas.cli import main
+
+TINY = asdict(resolve_model("tiny"))
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 FIELDS = {"model", "mode", "batch_size", "device", "step_seconds", "samples_per_second", "peak_memory_mb"}
 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_each_mode_times_real_steps(mode):
-    row = run_case(model_name="tiny", mode=mode, batch_size=8, steps=2, warmup=1, device="cpu")
+    row = run_case(model=TINY, mode=mode, batch_size=8, steps=2, warmup=1, device="cpu")
     assert FIELDS <= set(row)
     assert row["mode"] == mode and row["device"] == "cpu"
     assert row["step_seconds"] > 0 and row["samples_per_second"] > 0 and row["peak_memory_mb"] > 0
@@ -21,7 +37,7 @@ def test_each_mode_times_real_steps(mode):
 
 def test_nonprivate_baseline_times_the_same_poisson_batches_as_dpnas():
     # a fixed-size baseline against Poisson batches would bias the ratio by however the sizes fell
-    rows = [run_case(model_name="tiny", mode=mode, batch_size=8, steps=6, warmup=1, device="cpu")
+    rows = [run_case(model=TINY, mode=mode, batch_size=8, steps=6, warmup=1, device="cpu")
             for mode in ("nonprivate", "dpnas")]
     sizes = [r["timed_batch_sizes"] for r in rows]
     assert sizes[0] == sizes[1]
@@ -83,7 +99,7 @@ def test_variants_change_how_the_convolutions_run(mode, monkeypatch):
     try:
         for variant in ("fp32", "bf16+channels_last+cudnn_benchmark"):
             seen.clear()
-            row = run_case(model_name="tiny", mode=mode, batch_size=8, steps=1, warmup=0, device="cpu", variant=variant)
+            row = run_case(model=TINY, mode=mode, batch_size=8, steps=1, warmup=0, device="cpu", variant=variant)
             assert row["variant"] == variant
             assert set(seen) == ({(torch.float32, False)} if variant == "fp32" else {(torch.bfloat16, True)})
     finally:
@@ -98,7 +114,7 @@ def test_variant_names_are_checked():
         with pytest.raises(ValueError, match="unknown variant"):
             parse_variant(bad)
     with pytest.raises(ValueError, match="fp32 variant only"):
-        run_case(model_name="tiny", mode="opacus", batch_size=8, steps=1, warmup=0, device="cpu", variant="bf16")
+        run_case(model=TINY, mode="opacus", batch_size=8, steps=1, warmup=0, device="cpu", variant="bf16")
 
 
 def test_opacus_baseline_runs_once_in_fp32_whatever_the_variants():
@@ -124,4 +140,45 @@ def test_cli_bench_rejects_unknown_names(capsys):
     assert main(["bench", "--models", "tiny", "--variants", "fp16", "--steps", "1"]) == 2
     assert "unknown variant 'fp16'" in capsys.readouterr().err
     assert main(["bench", "--models", "tiny", "--repeats", "0"]) == 2
-    assert "--repeats must be >= 1" in capsys.readouterr().err
+    assert "--repeats and --n must be >= 1" in capsys.readouterr().err
+
+
+def test_models_are_names_arch_files_or_recipe_files(tmp_path):
+    assert resolve_model("tiny").arch["width"] == 1.0 and resolve_model("tiny").batch_size is None
+    arch_file = tmp_path / "narrow.toml"
+    arch_file.write_text('width = 0.5\npool = "avg_smooth"\n')
+    narrow = resolve_model(str(arch_file))
+    assert (narrow.label, narrow.arch["width"], narrow.arch["pool"]) == ("narrow", 0.5, "avg_smooth")
+    recipe = tmp_path / "best.toml"
+    recipe.write_text('[arch]\nwidth = 0.5\n[train]\nbatch_size = 128\nphysical_batch_size = 8\n'
+                      '[data]\ndataset = "digits"\nimage_size = 16\n')
+    point = resolve_model(str(recipe))
+    assert (point.in_channels, point.image_size, point.batch_size) == (1, 16, 8)
+    row = run_case(model=asdict(point), mode="dpnas", batch_size=999, steps=1, warmup=0, device="cpu")
+    assert row["input_shape"] == [1, 16, 16] and row["batch_size"] == 8  # the recipe's own shape and batch
+    with pytest.raises(ValueError, match="unknown"):
+        resolve_model("no_such_model")
+
+
+def test_study_points_are_distinct_seeded_and_at_the_studys_shape():
+    points = study_points(STUDIES / "quickstart.toml", 4, seed=3)
+    assert [p.label for p in points] == [f"quickstart#{i}" for i in range(4)]
+    assert len({json.dumps(p.arch, sort_keys=True) for p in points}) == 4
+    assert all((p.in_channels, p.image_size, p.batch_size) == (1, 32, 256) for p in points)
+    assert {p.arch["norm"] for p in points} <= {"group", "layer"}  # drawn from the study's own axes
+    assert study_points(STUDIES / "quickstart.toml", 4, seed=3) == points
+    assert study_points(STUDIES / "quickstart.toml", 4, seed=4) != points
+
+
+def test_cli_times_study_points(tmp_path, capsys):
+    out = tmp_path / "rows.json"
+    study = tmp_path / "small.toml"  # the quickstart at a physical batch of 8, to keep the test quick
+    study.write_text((STUDIES / "quickstart.toml").read_text().replace("physical_batch_size = 256",
+                                                                      "physical_batch_size = 8"))
+    assert main(["bench", "--points", str(study), "--n", "1", "--modes", "nonprivate",
+                 "--steps", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == ["quickstart#0"] and rows[0]["input_shape"] == [1, 32, 32]
+    assert rows[0]["batch_size"] == 8
+    assert main(["bench", "--points", str(tmp_path / "missing.toml"), "--device", "cpu"]) == 2
+    assert main(["bench", "--models", "tiny", "--points", str(STUDIES / "quickstart.toml"), "--n", "0"]) == 2

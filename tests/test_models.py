@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from dpnas import MODELS, ArchConfig, ConfigError, build_model, count_parameters
-from dpnas.arch.layers import TemperedSigmoid, WSConv2d
+from dpnas.arch.layers import SmoothingMaxPool, TemperedSigmoid, WSConv2d
 from dpnas.arch.models import DenseBlock, LastChannels, ResidualBlock
 
 
@@ -34,7 +34,7 @@ def test_smoothnet_layer_order_matches_the_paper():
     stage0 = model.features.stage0
     assert len(stage0) == 5 and all(isinstance(b, DenseBlock) for b in stage0)
     unit = stage0[0].body[0]
-    assert [type(m) for m in unit] == [nn.Conv2d, nn.MaxPool2d, nn.GroupNorm, nn.SELU]
+    assert [type(m) for m in unit] == [nn.Conv2d, SmoothingMaxPool, nn.GroupNorm, nn.SELU]
     conv, pool, norm = unit.conv, unit.pool, unit.norm
     assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.bias) == (3, 64, (3, 3), None)
     assert (pool.kernel_size, pool.stride, pool.padding) == (3, 1, 1)

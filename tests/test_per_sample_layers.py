@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from dpnas.arch.layers import WSConv2d
-from dpnas.dp.per_sample_layers import CONV_METHODS, clipped_sum, layer_norms
+from dpnas.dp.per_sample_layers import CONV_METHODS, clipped_sum, layer_norms, unfold
 
 CONVS = {
     "3x3": lambda: nn.Conv2d(5, 7, 3, padding=1, bias=False),
@@ -77,3 +77,17 @@ def test_linear_on_sequences_is_refused():
     layer = nn.Linear(4, 2)
     with pytest.raises(ValueError, match="flat inputs"):
         layer_norms(layer, "ghost", torch.randn(2, 3, 4), torch.randn(2, 3, 2), k=1)
+
+
+@pytest.mark.parametrize("geometry", [
+    dict(kernel_size=3, padding=1), dict(kernel_size=1), dict(kernel_size=1, padding=1), dict(kernel_size=3),
+    dict(kernel_size=(3, 5), padding=(1, 2)), dict(kernel_size=3, padding=2, dilation=2),
+    dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=1, stride=2),
+])
+def test_unfold_equals_torch_unfold(geometry):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, **geometry)
+    a = torch.randn(5, 3, 9, 8)
+    expected = torch.nn.functional.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
+                                          stride=conv.stride)
+    assert torch.equal(unfold(conv, a), expected)

@@ -1,0 +1,89 @@
+"""The channels-last smoothing max-pool is nn.MaxPool2d(3, 1, 1): same values, same gradients, same DP step."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_opacus_property import small_arch
+from test_per_sample import one_step
+from torch import nn
+
+from dpnas import MODELS, build_model
+from dpnas.arch.layers import SmoothingMaxPool
+
+REFERENCE = nn.MaxPool2d(3, stride=1, padding=1)
+
+
+def with_reference_pools(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose smoothing pools are PyTorch's own nn.MaxPool2d(3, 1, 1)."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, SmoothingMaxPool):
+                setattr(parent, name, nn.MaxPool2d(3, stride=1, padding=1))
+    return model
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(n=st.integers(1, 4), c=st.integers(1, 9), h=st.integers(1, 11), w=st.integers(1, 11),
+       ties=st.booleans(), channels_last=st.booleans())
+def test_values_gradients_and_layout_equal_nn_maxpool(n, c, h, w, ties, channels_last):
+    torch.manual_seed(n * 1000 + c * 100 + h * 10 + w)
+    x = torch.randn(n, c, h, w)
+    if ties:  # few distinct values: many windows hold their maximum more than once
+        x = torch.randint(-2, 3, x.shape).float()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ours, reference = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, expected = SmoothingMaxPool()(ours), REFERENCE(reference)
+    assert torch.equal(out, expected)
+    # the result keeps the layout it came in, so the next layer sees what it would have seen
+    assert out.is_contiguous() == expected.is_contiguous()
+    assert out.is_contiguous(memory_format=torch.channels_last) == expected.is_contiguous(
+        memory_format=torch.channels_last)
+    upstream = torch.randn_like(expected)
+    out.backward(upstream)
+    expected.backward(upstream)
+    assert torch.equal(ours.grad, reference.grad)  # ties included: the gradient goes to the same element
+
+
+def test_the_space_builds_it_and_it_is_still_a_maxpool():
+    model = build_model(MODELS["smoothnet"].arch, num_classes=10, in_channels=3)
+    pools = [m for m in model.modules() if isinstance(m, SmoothingMaxPool)]
+    assert pools and all(isinstance(m, nn.MaxPool2d) and (m.kernel_size, m.stride, m.padding) == (3, 1, 1)
+                         for m in pools)
+    assert not any(type(m) is nn.MaxPool2d and m.kernel_size == 3 for m in model.modules())
+
+
+def assert_same_as_reference_pools(model, *, sigma=0.0, C=1.0):
+    """dpnas's DP step on `model` equals Opacus's hooks on the same model with nn.MaxPool2d (1e-4)."""
+    torch.manual_seed(1)
+    x, y = torch.randn(5, 3, 32, 32), torch.randint(0, 4, (5,))
+    fast = one_step(model, "dpnas", x, y, sigma=sigma, C=C)
+    reference = one_step(with_reference_pools(model), "opacus", x, y, sigma=sigma, C=C)
+    error = (fast[0] - reference[0]).norm() / reference[0].norm()
+    assert error < 1e-4, f"relative difference {error:.2e}"
+    assert fast[1] == reference[1]
+    # Opacus's hooks accept the new pool too (it has no parameters of its own) and agree
+    hooks = one_step(model, "opacus", x, y, sigma=sigma, C=C)
+    assert (hooks[0] - reference[0]).norm() / reference[0].norm() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["tiny", "smoothnet_w80d10"])
+def test_dp_step_around_the_pool_equals_opacus_with_nn_maxpool(name):
+    torch.manual_seed(0)
+    arch = MODELS[name].arch.replace(pool="max_smooth")
+    model = build_model(arch, num_classes=4, in_channels=3)
+    assert any(isinstance(m, SmoothingMaxPool) for m in model.modules())
+    assert_same_as_reference_pools(model)
+    assert_same_as_reference_pools(model, sigma=1.1, C=1e-3)  # noise, and every sample clipped
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
+@given(arch=small_arch())
+def test_random_points_with_max_smoothing_equal_opacus_with_nn_maxpool(arch):
+    torch.manual_seed(0)
+    assert_same_as_reference_pools(build_model(arch.replace(pool="max_smooth"), num_classes=4, in_channels=3))
