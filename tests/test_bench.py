@@ -1,12 +1,11 @@
 """The benchmark's plumbing (no timing assertions: speed claims live in benchmarks/RESULTS.md)."""
 
 import json
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
-
-from dataclasses import asdict
-from pathlib import Path
 
 from dpnas.bench import (
     MODES,
