@@ -4,11 +4,20 @@ A short-budget version of studies/smoothnet_cifar10.toml (its privacy budget, re
 `--epochs` per trial; a grid of small SmoothNet points; no pruning) runs once per arm through dpnas's own
 `dpnas.search.runner.search(spec, workers=N, device=...)`: workers=1 takes the trials one after another, workers=N
 starts N processes that share the device. Every arm runs the same trials (the first `--trials` points of the
-same grid) in a fresh journal in a temp dir. Wall time is the whole search call, as a user waits for it:
-worker start-up and data loading included. Prints a table and writes JSON (compare the ratio, measured in
-the same run, not absolute numbers across machines).
+same grid) in a fresh journal in a temp dir, in a fresh Python process of its own (so no arm inherits another's
+caches: the tuned per-sample methods, the noise calibration). Wall time is the whole search call, as a user waits
+for it: worker start-up and data loading included. Axes of the source study outside the grid are fixed at the
+middle of their range (the geometric middle of a log range) or their first choice.
+
+`--baseline` adds the arm a user would write without dpnas: the same trials (the sequential arm's configs, each at
+the ε its dpnas trial was given) trained one after another by a plain loop: a torch DataLoader over host memory,
+Opacus's `make_private_with_epsilon` with Poisson sampling and hooks, fp32, exact validation accuracy each epoch.
+Both report the mean test accuracy of their trials, so that speed is compared at equal accuracy. Prints a table and
+writes JSON (compare the ratio, measured in the same run, not absolute numbers across machines).
 
     uv run python benchmarks/search_throughput.py --trials 6 --epochs 1 --workers 1,2
+    uv run python benchmarks/search_throughput.py --study studies/quickstart.toml --dataset digits --epochs 8 \
+        --trials 6 --workers 1,2 --baseline
     uv run python benchmarks/search_throughput.py --device cuda --synthetic-size 50000 --trials 16 --workers 1,2,4
     uv run python benchmarks/search_throughput.py --dataset cifar10 --data-dir ~/data --device cuda --workers 1,4
 """
@@ -23,6 +32,7 @@ import math
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -79,11 +89,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--widths", type=positive_list(float), default=[1.0, 2.0], help="grid of width multipliers")
     parser.add_argument("--depths", type=positive_list(float), default=[1.0, 2.0], help="grid of depth multipliers")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dataset", choices=("synthetic", "cifar10"), default="synthetic")
+    parser.add_argument("--dataset", choices=("synthetic", "cifar10", "digits"), default="synthetic")
     parser.add_argument("--data-dir", help="where cifar10 is (or is downloaded to)")
     parser.add_argument("--synthetic-size", type=positive_int,
                         help=f"samples of the synthetic CIFAR-shaped data (default {DEFAULT_SYNTHETIC_SIZE}; CIFAR-10 has 50000)")
     parser.add_argument("--image-size", type=positive_int, help="resize images (default: the dataset's 32)")
+    parser.add_argument("--baseline", action="store_true",
+                        help="add the arm a user would write: a plain Opacus loop over the sequential arm's trials")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/search_throughput.json"))
     args = parser.parse_args(argv)
     if args.data_dir and args.dataset != "cifar10":
@@ -124,11 +136,36 @@ def derive_study(args: argparse.Namespace, directory: Path) -> Path:
     if args.image_size:
         data["image_size"] = args.image_size
     document.setdefault("train", {})["epochs"] = args.epochs
-    document["search"] = {**GRID_COMPONENTS, "width": args.widths, "depth": args.depths}
+    grid = {**GRID_COMPONENTS, "width": args.widths, "depth": args.depths}
+    for name, axis in document.get("search", {}).items():
+        if name not in grid:  # the study's other axes, fixed: e.g. the quickstart's learning rate
+            document.setdefault(_section_of(name), {})[name] = fixed_value(axis)
+    document["search"] = grid
     path = directory / "study.toml"
     path.write_text(to_toml(document))
     load_study_file(path)  # checked here, with the file's own error messages, before any arm starts
     return path
+
+
+def fixed_value(axis):  # noqa: ANN001, ANN201
+    """One value for an axis left out of the grid: its first choice, or the middle of its range."""
+    if isinstance(axis, list):
+        return axis[0]
+    low, high = axis["low"], axis["high"]
+    middle = math.sqrt(low * high) if axis.get("log") else (low + high) / 2
+    if axis.get("step"):
+        middle = low + round((middle - low) / axis["step"]) * axis["step"]
+    return type(low)(middle) if isinstance(low, int) and isinstance(high, int) else float(f"{middle:.4g}")
+
+
+def _section_of(field: str) -> str:
+    from dpnas.arch.space import ArchConfig
+    from dpnas.dp.config import PrivacyConfig, TrainConfig
+
+    for section, cls in (("arch", ArchConfig), ("train", TrainConfig), ("privacy", PrivacyConfig)):
+        if field in cls.__dataclass_fields__:
+            return section
+    raise ValueError(f"search.{field}: not a field of any config")
 
 
 def to_toml(document: dict) -> str:
@@ -161,6 +198,103 @@ def stdout_to_stderr():
         os.close(saved)
 
 
+def in_fresh_process(arm: dict) -> dict:
+    """Run one arm (see arm_main) in a new Python process: nothing one arm cached can speed up another."""
+    result = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-arm", json.dumps(arm)],
+                            stdout=subprocess.PIPE, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"arm {arm} failed with exit status {result.returncode} (its output is above)")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def arm_main(arm: dict) -> dict:
+    """The body of one arm's process: a dpnas search with `workers`, or the user loop over `trials`."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if arm["kind"] == "user_loop":
+        return run_user_loop(Path(arm["study"]), arm["trials"], arm["device"])
+    return run_arm(Path(arm["study"]), arm["workers"], arm["device"])
+
+
+def run_user_loop(study_path: Path, trials: list[dict], device: str) -> dict:
+    """The same trials, trained by the loop a user would write with Opacus alone (see the module docstring)."""
+    from dpnas.arch.space import ArchConfig
+    from dpnas.dp.config import PrivacyConfig, TrainConfig
+
+    start = time.perf_counter()
+    spec = load_study_file(study_path)
+    data = load_dataset(spec.dataset, data_dir=spec.data_dir, val_fraction=spec.val_fraction, seed=spec.train.seed,
+                        image_size=spec.image_size, synthetic_size=spec.synthetic_size, progress=False)
+    results = []
+    for trial in trials:
+        configs = (ArchConfig.from_dict(trial["config"]), TrainConfig.from_dict(trial["train_config"]),
+                   PrivacyConfig.from_dict(trial["privacy_config"]))
+        with stdout_to_stderr():
+            results.append(user_loop_trial(configs, data, device))
+            print(f"user loop: trial {len(results) - 1} done: val accuracy {results[-1]['val_accuracy']:.4f}, "
+                  f"test accuracy {results[-1]['test_accuracy']:.4f}, eps {results[-1]['epsilon']:.2f}", flush=True)
+    wall = time.perf_counter() - start
+    return {"arm": "user loop (Opacus)", "workers": 1, "trials": len(results), "states": {"COMPLETE": len(results)},
+            "wall_s": wall, "trials_per_hour": len(results) / wall * 3600,
+            "mean_trial_s": sum(r["seconds"] for r in results) / len(results) if results else None,
+            "mean_test_accuracy": sum(r["test_accuracy"] for r in results) / len(results) if results else None,
+            "epsilon": [r["epsilon"] for r in results],
+            "configs": sorted(json.dumps(t["params"], sort_keys=True) for t in trials)}
+
+
+def user_loop_trial(configs, data, device: str) -> dict:  # noqa: ANN001
+    """One trial as a user writes it: DataLoader, make_private_with_epsilon, hooks, fp32, exact scores."""
+    import warnings
+
+    import torch.nn.functional as F
+    from opacus import PrivacyEngine
+    from opacus.utils.batch_memory_manager import BatchMemoryManager
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpnas.arch.models import build_model
+    from dpnas.data.datasets import normalise
+    from dpnas.dp.train import make_optimizer, make_scheduler
+
+    warnings.filterwarnings("ignore")  # Opacus's notes on secure_mode and the RNG
+    arch, train_cfg, privacy = configs
+    start = time.perf_counter()
+    torch.manual_seed(train_cfg.seed)
+    model = build_model(arch, num_classes=data.num_classes, in_channels=data.in_channels,
+                        image_size=data.image_size).to(device)
+    optimizer = make_optimizer(model, train_cfg)
+    train_set = TensorDataset(normalise(data.train.images, data.mean, data.std), data.train.labels)
+    loader = DataLoader(train_set, batch_size=train_cfg.batch_size)
+    engine = PrivacyEngine(accountant="rdp")
+    model, optimizer, loader = engine.make_private_with_epsilon(
+        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=privacy.epsilon,
+        target_delta=privacy.delta, epochs=train_cfg.epochs, max_grad_norm=privacy.max_grad_norm,
+        poisson_sampling=True, grad_sample_mode="hooks")
+    scheduler = make_scheduler(optimizer, train_cfg)
+
+    def accuracy(split) -> float:  # noqa: ANN001
+        model.eval()
+        with torch.no_grad():
+            x = normalise(split.images, data.mean, data.std).to(device)
+            correct = (model(x).argmax(1) == split.labels.to(device)).sum().item()
+        model.train()
+        return correct / len(split)
+
+    val = float("nan")
+    for _ in range(train_cfg.epochs):
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=train_cfg.physical_batch_size,
+                                optimizer=optimizer) as batches:
+            for x, y in batches:
+                optimizer.zero_grad()
+                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+                optimizer.step()
+        val = accuracy(data.val)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(val)
+        elif scheduler is not None:
+            scheduler.step()
+    return {"val_accuracy": val, "test_accuracy": accuracy(data.test), "epsilon": engine.get_epsilon(privacy.delta),
+            "seconds": time.perf_counter() - start}
+
+
 def run_arm(study_path: Path, workers: int, device: str) -> dict:
     spec = load_study_file(study_path)
     with tempfile.TemporaryDirectory(prefix=f"search-throughput-w{workers}-") as directory:
@@ -181,7 +315,11 @@ def run_arm(study_path: Path, workers: int, device: str) -> dict:
         "trials_per_hour": len(complete) / wall * 3600,
         # the busy time inside the trials, without start-up, data loading and waiting for the study lock
         "mean_trial_s": sum(t.user_attrs["wall_seconds"] for t in complete) / len(complete) if complete else None,
+        "mean_test_accuracy": sum(t.user_attrs["test_accuracy"] for t in complete) / len(complete) if complete else None,
         "configs": sorted(json.dumps(t.params, sort_keys=True) for t in trials),
+        # what the user loop needs to train the same trials at the same per-run epsilon
+        "trial_configs": [{key: t.user_attrs[key] for key in ("config", "train_config", "privacy_config")}
+                          | {"params": t.params} for t in sorted(complete, key=lambda t: t.number)],
     }
 
 
@@ -204,6 +342,10 @@ def cpu_name() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv_list = sys.argv[1:] if argv is None else argv
+    if argv_list[:1] == ["--run-arm"]:  # inside an arm's own process (see in_fresh_process)
+        print(json.dumps(arm_main(json.loads(argv_list[1]))))
+        return {}
     args = parse_args(argv)
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # dpnas prints one line per trial already
     if args.dataset == "cifar10":
@@ -217,20 +359,32 @@ def main(argv: list[str] | None = None) -> dict:
         for index, workers in enumerate(args.workers, 1):
             print(f"[{index}/{len(args.workers)}] {workers} worker(s) on {args.device}: {args.trials} trials of "
                   f"{args.epochs} epoch(s), {args.dataset} data", file=sys.stderr, flush=True)
-            row = run_arm(study_path, workers, args.device)
+            row = in_fresh_process({"kind": "dpnas", "study": str(study_path), "workers": workers,
+                                    "device": args.device})
             print(f"[{index}/{len(args.workers)}] {row['trials']} trials in {row['wall_s']:.1f} s",
                   file=sys.stderr, flush=True)
             rows.append(row)
+        if args.baseline:
+            print(f"[baseline] the user loop (Opacus) on {args.device}: the sequential arm's {rows[0]['trials']} "
+                  "trials", file=sys.stderr, flush=True)
+            rows.append(in_fresh_process({"kind": "user_loop", "study": str(study_path),
+                                          "trials": rows[0]["trial_configs"], "device": args.device}))
     sequential = rows[0]["trials_per_hour"]
     for row in rows:
         row["x_sequential"] = row["trials_per_hour"] / sequential if sequential else None
 
     print(f"{args.trials} trials x {args.epochs} epoch(s), {args.dataset} data, device {args.device}")
-    print(f"{'arm':<12} {'workers':>7} {'trials':>6} {'wall s':>8} {'trials/hour':>11} {'x sequential':>12}")
+    print(f"{'arm':<20} {'workers':>7} {'trials':>6} {'wall s':>8} {'trials/hour':>11} {'x sequential':>12} "
+          f"{'test acc':>8}")
     for row in rows:
         ratio = f"{row['x_sequential']:.2f}" if row["x_sequential"] is not None else "-"
-        print(f"{row['arm']:<12} {row['workers']:>7} {row['trials']:>6} {row['wall_s']:>8.1f} "
-              f"{row['trials_per_hour']:>11.1f} {ratio:>12}")
+        accuracy = f"{row['mean_test_accuracy']:.3f}" if row.get("mean_test_accuracy") is not None else "-"
+        print(f"{row['arm']:<20} {row['workers']:>7} {row['trials']:>6} {row['wall_s']:>8.1f} "
+              f"{row['trials_per_hour']:>11.1f} {ratio:>12} {accuracy:>8}")
+    if args.baseline and rows[-1]["trials_per_hour"]:
+        best = max(rows[:-1], key=lambda r: r["trials_per_hour"])
+        print(f"dpnas ({best['arm']}) / user loop: {best['trials_per_hour'] / rows[-1]['trials_per_hour']:.2f}x the "
+              f"trials per hour; sequential dpnas alone {rows[0]['trials_per_hour'] / rows[-1]['trials_per_hour']:.2f}x")
     for row in rows:
         if row["trials"] != args.trials:
             print(f"warning: arm {row['arm']!r} completed {row['trials']} of {args.trials} trials "
@@ -259,5 +413,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     outcome = main()
+    if not outcome:  # an arm's process: its row is printed
+        sys.exit(0)
     # a failed or missing trial makes the numbers incomparable: say so in the exit status too
     sys.exit(0 if all(row["trials"] == outcome["args"]["trials"] for row in outcome["rows"]) else 1)

@@ -22,10 +22,16 @@ def test_both_arms_complete_the_same_trials_and_report_consistent_rates(tmp_path
     # 512 synthetic 16x16 images: enough for the smoothnet recipe's batch of 256; one small grid axis each
     load_script().main(["--trials", "2", "--epochs", "1", "--workers", "1,2", "--device", "cpu",
                         "--synthetic-size", "512", "--image-size", "16", "--widths", "1", "--depths", "1",
-                        "--json", str(out)])
+                        "--baseline", "--json", str(out)])
     result = json.loads(out.read_text())
-    rows = result["rows"]
+    rows, baseline = result["rows"][:2], result["rows"][2]
     assert [r["workers"] for r in rows] == [1, 2]
+    # the user loop trained the sequential arm's trials, each within the epsilon its dpnas trial was given
+    assert baseline["arm"] == "user loop (Opacus)" and baseline["trials"] == 2
+    assert baseline["configs"] == rows[0]["configs"]
+    targets = [t["privacy_config"]["epsilon"] for t in rows[0]["trial_configs"]]
+    assert all(0 < eps <= target * 1.01 for eps, target in zip(baseline["epsilon"], targets))
+    assert all(0 <= r["mean_test_accuracy"] <= 1 for r in result["rows"])
     assert "synthetic" in result["study"] and 'sampler = "grid"' in result["study"] and result["torch"]
     for row in rows:
         assert row["trials"] == 2 and row["states"] == {"COMPLETE": 2}
@@ -44,3 +50,13 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         module.main(["--trials", "5", "--widths", "1", "--depths", "1"])
     assert "exceeds the grid of 4 points" in capsys.readouterr().err
+
+
+def test_axes_outside_the_grid_are_fixed_at_their_middle():
+    module = load_script()
+    assert module.fixed_value(["group", "layer"]) == "group"
+    assert module.fixed_value({"low": 5e-3, "high": 3e-2, "log": True}) == pytest.approx(0.01225, rel=1e-3)
+    assert module.fixed_value({"low": 0.5, "high": 2.5, "step": 0.5}) == 1.5
+    assert module.fixed_value({"low": 1, "high": 4}) in (2, 3)
+    assert module._section_of("lr") == "train" and module._section_of("max_grad_norm") == "privacy"
+    assert module._section_of("norm") == "arch"

@@ -39,3 +39,17 @@ def test_breakdown_rejects_unknown_models(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _load().main(["--models", "nonet", "--json", str(tmp_path / "x.json")])
     assert "unknown architecture 'nonet'" in capsys.readouterr().err
+
+
+def test_digits_resolution_sets_the_image_size_in_the_data_table():
+    spec = importlib.util.spec_from_file_location("digits_resolution", SCRIPT.parent / "digits_resolution.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    import tomllib
+
+    quickstart = (SCRIPT.parents[1] / "studies" / "quickstart.toml").read_text()
+    for size in (8, 16):
+        document = tomllib.loads(module.with_image_size(quickstart, size))
+        assert document["data"]["image_size"] == size and document["data"]["dataset"] == "digits"
+        assert tomllib.loads(module.with_image_size(module.with_image_size(quickstart, 32), size))["data"][
+            "image_size"] == size  # replaced, not added twice

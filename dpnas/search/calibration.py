@@ -23,6 +23,8 @@ The bound is the study's own accounting (:func:`dpnas.search.privacy.part_curve`
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -109,7 +111,20 @@ def _smallest(evaluate, target: float, *, start: float, tolerance: float) -> flo
 def calibrate(total_epsilon: float, delta: float, *, mode: str, runs: int | None, mu: float | None = None,
               eta: float | None = None, gamma: float | None = None, shapes: list[tuple[int, int]],
               train_size: int, validation_noise: bool = True) -> Calibration:
-    """σ per shape and the validation s so that both parts of the search cost at most `total_epsilon`."""
+    """σ per shape and the validation s so that both parts of the search cost at most `total_epsilon`.
+
+    A pure function of its arguments, remembered per process: the study checks, the first worker and every
+    forked worker ask for the same calibration, which takes seconds (12 s for the quickstart on a loaded 2-core
+    CPU, benchmarks/trial_overhead.py) and was computed twice per search before.
+    """
+    return copy.deepcopy(_calibrate(float(total_epsilon), float(delta), mode, runs, mu, eta, gamma,
+                                    tuple((int(b), int(e)) for b, e in shapes), int(train_size), bool(validation_noise)))
+
+
+@functools.lru_cache(maxsize=32)
+def _calibrate(total_epsilon: float, delta: float, mode: str, runs: int | None, mu: float | None,
+               eta: float | None, gamma: float | None, shapes: tuple[tuple[int, int], ...], train_size: int,
+               validation_noise: bool) -> Calibration:
     if not (0 < total_epsilon < math.inf):
         raise ConfigError(f"total_epsilon: must be a positive finite number, got {total_epsilon!r}")
     if mode == "fixed" and not (runs and runs >= 1):

@@ -297,6 +297,20 @@ def _worker_process(spec_path: str, storage_url: str, study_name: str, worker_in
                artifacts=artifacts)
 
 
+def _forked_worker(spec: StudySpec, storage_url: str, study_name: str, worker_index: int, device: str | None,
+                   timeout: float | None, threads: int, artifacts: str | None, data: DatasetSplits) -> None:
+    torch.set_num_threads(threads)
+    # every worker opens its own storage: connections inherited from the parent are never used here
+    run_worker(spec, storage_url, study_name=study_name, worker_index=worker_index, device=device, timeout=timeout,
+               artifacts=artifacts, data=data)
+
+
+def _can_fork(devices: list[str | None]) -> bool:
+    """Fork only on the CPU: CUDA cannot be used in a child forked from a process that has initialised it."""
+    on_cpu = all((d is None and not torch.cuda.is_available()) or str(d).startswith("cpu") for d in devices)
+    return on_cpu and "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
+
+
 def worker_devices(workers: int, device: str | None) -> list[str | None]:
     """One GPU per worker where there are several; otherwise every worker shares the one device."""
     if device is None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
@@ -321,13 +335,21 @@ def search(
         if report.interrupted:
             raise KeyboardInterrupt
         return study
-    context = multiprocessing.get_context("spawn")
+    devices = worker_devices(workers, device)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    processes = [
-        context.Process(target=_worker_process, args=(str(spec.path), url, name, i, dev, timeout, threads, artifacts),
-                          daemon=False)
-        for i, dev in enumerate(worker_devices(workers, device))
-    ]
+    if _can_fork(devices):
+        # A forked worker starts at once, with torch, Opacus and the data already in memory (shared copy-on-write):
+        # a spawned one imports them again and reloads the data, about 12 s on the 2-core CPU, which cost more
+        # than 2 workers gained there (benchmarks/RESULTS.md, search throughput).
+        context = multiprocessing.get_context("fork")
+        processes = [context.Process(target=_forked_worker, daemon=False,
+                                     args=(spec, url, name, i, dev, timeout, threads, artifacts, checked.data))
+                     for i, dev in enumerate(devices)]
+    else:
+        context = multiprocessing.get_context("spawn")
+        processes = [context.Process(target=_worker_process, daemon=False,
+                                     args=(str(spec.path), url, name, i, dev, timeout, threads, artifacts))
+                     for i, dev in enumerate(devices)]
     for p in processes:
         p.start()
     join_workers(processes)
