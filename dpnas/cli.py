@@ -429,33 +429,15 @@ class Privacy(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.search.study_privacy import study_privacy
-        from dpnas.search.study_report import reproducible_trials, resolve_study
+        from dpnas.search.study_report import privacy_statement, reproducible_trials, resolve_study
 
         study, _ = resolve_study(args.study, args.study_name)
         report = study_privacy(study)
         if args.json:
             print(json.dumps(json_safe({**report.to_dict(), "reproducible_trials": reproducible_trials(study)}), indent=2))
             return 0
-        print(f"study {study.study_name!r}: mode {report.mode}, {report.runs} runs touched the data")
-        print(f"releasing the best trial: epsilon = {report.epsilon:.4f}, delta = {report.delta:g} for the whole "
-              f"dataset (one run alone: epsilon = {report.per_run_epsilon:.4f})")
-        for part in report.covers:
-            count = part["count"] if part["count"] is not None else "?"
-            print(f"  {part['records']}: {count} records at epsilon = {part['epsilon']:.4f}")
-        budget = report.budget
-        print(f"budget: {budget['runs']} runs, noise multipliers {budget['noise_multipliers']}, validation noise "
-              f"{budget['val_noise']} on the correct count, {budget['val_releases']} validation releases, trial "
-              f"count {budget['trial_count']}" + (f", total_epsilon {budget['total_epsilon']:g}"
-                                                  if budget["total_epsilon"] else ""))
-        for line in report.not_covered:
-            print(f"not covered: {line}")
-        print(report.explanation)
-        for line in report.notes:
+        for line in privacy_statement(study, report):
             print(line)
-        seeded = reproducible_trials(study)
-        if seeded:
-            print(f"{len(seeded)} trial(s) ran with reproducible = true: whoever has the seed can regenerate their "
-                  "batches and noise; retrain without it before releasing a model")
         return 0
 
 
