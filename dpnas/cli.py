@@ -472,8 +472,9 @@ class Plot(Command):
     """Draw a study's figures: accuracy by component, width x depth, the DP gap, Pareto fronts, accuracy against
     epsilon, and Optuna's history, learning curves and parameter importances.
 
-    HTML always (self-contained, opens offline); PNG/SVG where a static exporter works.  The figures are also
-    attached to the study, so optuna-dashboard shows them.
+    HTML (opens offline; the files of one folder share one plotly.min.js beside them), and PNG/SVG with
+    --format through kaleido and a Chrome/Chromium.  The figures are also attached to the study, so
+    optuna-dashboard shows them.
     """
 
     name = "plot"
@@ -484,16 +485,30 @@ class Plot(Command):
         parser.add_argument("--companion", metavar="STUDY_OR_STORAGE", help="another study (e.g. non-private) whose trials join the DP-gap figure")
         parser.add_argument("--companion-name", metavar="NAME")
         parser.add_argument("--out", metavar="DIR", help="default runs/plots-STUDY")
-        parser.add_argument("--format", default="html", help="comma-separated: html,png,svg (default html)")
+        parser.add_argument("--format", default="html", help="comma-separated: html,png,svg (default html); PNG and "
+                                                             "SVG need a Chrome/Chromium (BROWSER_PATH, or on PATH)")
         parser.add_argument("--no-attach", action="store_true", help="do not save the figures into the study")
 
     def run(self, args: argparse.Namespace) -> int:
         import pandas as pd
 
-        from dpnas.analysis.figures import attach_to_dashboard, study_figures, write_figures
+        from dpnas.analysis.figures import (
+            attach_to_dashboard,
+            default_plot_dir,
+            parse_formats,
+            study_figures,
+            write_figures,
+        )
         from dpnas.analysis.frame import trials_frame
+        from dpnas.analysis.static import STATIC_FORMATS, StaticExportError, check_static_export
         from dpnas.search.study_report import resolve_study
 
+        try:  # refused before the study is read or anything is drawn
+            formats = parse_formats(args.format)
+            if any(f in STATIC_FORMATS for f in formats):
+                check_static_export()
+        except (ValueError, StaticExportError) as err:
+            raise UsageError(f"--format: {err}") from err
         study, _ = resolve_study(args.study, args.study_name)
         frame = trials_frame(study)
         if args.companion:
@@ -503,14 +518,11 @@ class Plot(Command):
             frame = pd.concat([frame, extra], ignore_index=True).assign()
             frame.attrs["searched"] = trials_frame(study).attrs["searched"]
         figures = study_figures(study, frame)
-        out = Path(args.out) if args.out else Path("runs") / f"plots-{study.study_name}"
-        formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+        out = Path(args.out) if args.out else default_plot_dir(study)
         try:
-            written, problems = write_figures(figures, out, formats=formats)
-        except ValueError as err:
-            raise UsageError(str(err)) from err
-        for problem in problems:
-            print(f"note: {problem}")
+            written = write_figures(figures, out, formats=formats)
+        except StaticExportError as err:
+            raise UsageError(f"--format: {err}") from err
         if not args.no_attach:
             attach_to_dashboard(study, figures)
         frame.to_csv(out / "trials.csv", index=False)
