@@ -530,6 +530,48 @@ class Plot(Command):
         return 0
 
 
+class Report(Command):
+    """Write one self-contained HTML page about a study: the question (data, search space, budget), the privacy
+    statement of `dpnas privacy`, the best recipe and where its weights are, a sortable table of every trial,
+    and every figure of `dpnas plot` with a caption.
+
+    It opens offline (plotly.js is inside, once) and is attached to the study, so optuna-dashboard lists it.
+    """
+
+    name = "report"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("study", metavar="STUDY_OR_STORAGE", help="a study file, or a storage URL")
+        parser.add_argument("--study-name", metavar="NAME")
+        parser.add_argument("--out", metavar="FILE", help="default runs/plots-STUDY/report.html, beside `dpnas plot`'s")
+        parser.add_argument("--artifacts", metavar="DIR_OR_S3",
+                            help="the study's artifact store, if not where the study says (a server storage needs it "
+                                 "to attach the report)")
+        parser.add_argument("--no-attach", action="store_true", help="do not attach the report to the study")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dpnas.analysis.figures import default_plot_dir
+        from dpnas.analysis.report import REPORT_FILE, attach_report, write_report
+        from dpnas.results import check_writable
+        from dpnas.search.study_report import resolve_study
+        from dpnas.search.weights import study_location
+
+        if args.out is not None and Path(args.out).suffix.lower() not in (".html", ".htm"):
+            raise UsageError(f"--out {args.out}: the report is an HTML page; give a .html file name")
+        study, url = resolve_study(args.study, args.study_name)
+        out = check_writable(Path(args.out) if args.out else default_plot_dir(study) / REPORT_FILE, what="--out")
+        path = write_report(study, out, storage_url=url, where=args.study, artifacts=args.artifacts)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; opens offline in any browser)")
+        if not args.no_attach:
+            location = study_location(study, url, args.artifacts)
+            if location is None:
+                print("note: not attached to the study: a server storage needs --artifacts DIR_OR_S3")
+            else:
+                artifact_id = attach_report(study, path, location=location)
+                print(f"attached to the study as artifact {artifact_id} in {location} (optuna-dashboard lists it)")
+        return 0
+
+
 class Reproduce(Command):
     """Train a paper's architecture with its recipe and compare with the published numbers.
 
@@ -563,7 +605,8 @@ class Reproduce(Command):
 
 
 COMMANDS: list[Command] = [
-    Describe(), Models(), Train(), Bench(), Search(), Best(), Evaluate(), Privacy(), Dashboard(), Plot(), Reproduce(),
+    Describe(), Models(), Train(), Bench(), Search(), Best(), Evaluate(), Privacy(), Dashboard(), Plot(), Report(),
+    Reproduce(),
 ]
 
 
