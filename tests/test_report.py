@@ -134,16 +134,34 @@ def test_no_browser_is_one_clear_error_before_anything_is_written(tiny, tmp_path
     assert not out.exists()
 
 
+# Clicks the objective's header twice after the page loaded (ascending, then descending), recording the order.
+_CLICK = """<script>window.addEventListener("load", function () {
+  var th = Array.prototype.find.call(document.querySelectorAll("table.sortable th"),
+                                     function (h) { return h.textContent === "val_accuracy"; });
+  function order() { return Array.prototype.map.call(document.querySelectorAll("table.sortable tbody tr"),
+                                                     function (r) { return r.cells[0].textContent; }).join(","); }
+  th.click();
+  var ascending = order();
+  th.click();
+  document.body.setAttribute("data-sorted", ascending + ";" + order());
+});</script>"""
+
+
 @needs_browser
-def test_report_renders_in_a_real_browser_without_errors(tiny, page, tmp_path):
+def test_report_renders_in_a_real_browser_without_errors_and_sorts(tiny, page, tmp_path):
     study, _, _ = tiny
     path = tmp_path / "report.html"
-    path.write_text(page, encoding="utf-8")
+    path.write_text(page.replace("</body>", _CLICK + "</body>"), encoding="utf-8")
     dom = _dom(path)
     assert 'data-rendered="ok"' in dom  # no error reached window.onerror
     figures = len(study_figures(study))
     assert int(re.search(r'data-plots="(\d+)"', dom).group(1)) >= figures
     assert len(re.findall(r'<div id="figure-\d+" class="[^"]*js-plotly-plot', dom)) == figures  # each one drawn
+    done = sorted((t for t in study.trials if t.values), key=lambda t: t.values[0])
+    unscored = [t.number for t in study.trials if not t.values]
+    ascending = ",".join(str(n) for n in [t.number for t in done] + unscored)  # blanks last either way
+    descending = ",".join(str(n) for n in [t.number for t in reversed(done)] + unscored)
+    assert f'data-sorted="{ascending};{descending}"' in dom
 
 
 @needs_browser

@@ -124,14 +124,17 @@ def _best(study: optuna.Study, storage_url: str | None, where: str | None, artif
     for trial in trials:
         values = ", ".join(f"{n} = {v:.4f}" for n, v in zip(names, trial.values))
         parts.append(f"<h3>Trial {trial.number}: {esc(values)}</h3>")
-        parts.append(facts([("searched values", ", ".join(f"{k} = {v}" for k, v in trial.params.items())),
+        searched = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in trial.params.items())
+        parts.append(facts([("searched values", searched),
                             ("parameters", f"{trial.user_attrs.get('params', '?'):,}"
                              if isinstance(trial.user_attrs.get("params"), int) else "?"),
                             ("ε spent by this run", trial.user_attrs.get("epsilon_spent")),
                             ("test accuracy (recorded, never used to select)", trial.user_attrs.get("test_accuracy")),
                             ("weights", _weights_line(study, trial, location, where))]))
         try:
-            parts.append(f"<pre>{esc(recipe_to_toml(trial_recipe(study, trial)).rstrip())}</pre>")
+            recipe = esc(recipe_to_toml(trial_recipe(study, trial)).rstrip())
+            parts.append(f"<details><summary>The whole recipe (what `dpnas best` writes; `dpnas train FILE` takes it)"
+                         f"</summary><pre>{recipe}</pre></details>")
         except Exception as err:  # noqa: BLE001 - a trial without a recorded recipe still gets its row
             parts.append(f"<p>No recipe recorded: {esc(err)}</p>")
     return "\n".join(parts)

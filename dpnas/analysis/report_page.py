@@ -22,6 +22,7 @@ table.sortable { border-collapse: collapse; font-size: .85rem; width: 100%; }
 table.sortable th, table.sortable td { border: 1px solid #ddd; padding: .25rem .45rem; text-align: left; }
 table.sortable th { background: #f0f2f5; cursor: pointer; user-select: none; white-space: nowrap; }
 table.sortable th[data-order="asc"]::after { content: " \\25B2"; } table.sortable th[data-order="desc"]::after { content: " \\25BC"; }
+div.wide { overflow-x: auto; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.state-FAIL td, tr.state-PRUNED td { color: #8a4b00; }
 figure { margin: 1.5rem 0; } figcaption { color: #444; font-style: italic; margin-top: .3rem; }
@@ -83,7 +84,7 @@ def format_value(value: Any) -> tuple[str, str]:
             return ("∞" if value > 0 else "-∞"), ("Infinity" if value > 0 else "-Infinity")
         return f"{value:.4g}", repr(value)
     if isinstance(value, int):
-        return f"{value:,}" if abs(value) >= 10_000 else str(value), str(value)
+        return f"{value:,}", str(value)
     return str(value), str(value)
 
 
@@ -100,7 +101,8 @@ def sortable_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, row
             cells.append(f'<td{css} data-sort="{esc(sort)}">{esc(text)}</td>')
         row_css = f' class="{esc(row_classes[i])}"' if i < len(row_classes) else ""
         body.append(f"<tr{row_css}>{''.join(cells)}</tr>")
-    return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return (f'<div class="wide"><table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody>'
+            "</table></div>")
 
 
 def facts(items: Sequence[tuple[str, Any]]) -> str:
