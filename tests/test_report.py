@@ -6,6 +6,7 @@ elsewhere those tests are skipped with the reason.
 """
 
 import html
+import json
 import re
 import subprocess
 
@@ -96,6 +97,28 @@ def test_report_cli_writes_beside_the_plots_and_attaches_it(tiny, tmp_path, monk
     assert len(reports) == 1 and reports[0].mimetype == "text/html"
     assert attached_report(study, location=default_location(url)) == (tmp_path / "again.html").read_bytes()
     assert sorted(p.name for p in (tmp_path / "runs" / "plots-tiny").iterdir()) == ["report.html"]  # no scratch
+    listed, served = _dashboard_artifacts(study, url)  # what optuna-dashboard shows and serves
+    assert listed == [("report.html", "text/html")] and served == (tmp_path / "again.html").read_bytes()
+
+
+def _dashboard_artifacts(study, url):
+    """The study's artifacts as optuna-dashboard's API lists them, and the report's bytes as it serves them."""
+    from wsgiref.util import setup_testing_defaults
+
+    from optuna_dashboard import wsgi
+
+    from dpnas.search.weights import open_store
+
+    app = wsgi(study._storage, artifact_store=open_store(default_location(url)))
+
+    def get(path):
+        environ = {"PATH_INFO": path, "REQUEST_METHOD": "GET"}
+        setup_testing_defaults(environ)
+        return b"".join(app(environ, lambda status, headers, exc_info=None: None))
+
+    artifacts = json.loads(get(f"/api/studies/{study._study_id}"))["artifacts"]
+    report = next(a["artifact_id"] for a in artifacts if a["filename"] == "report.html")
+    return [(a["filename"], a["mimetype"]) for a in artifacts], get(f"/artifacts/{study._study_id}/{report}")
 
 
 def test_report_refuses_bad_input_before_writing(tiny, tmp_path, monkeypatch, capsys):

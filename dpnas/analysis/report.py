@@ -177,7 +177,8 @@ def _cell(value: Any) -> Any:
 def _figures(figures: dict[str, go.Figure]) -> str:
     parts = ["<h2>Figures</h2>"]
     for i, (name, figure) in enumerate(figures.items()):
-        div = figure.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{i}", default_height="480px")
+        untitled = go.Figure(figure).update_layout(title_text=None, margin_t=40)  # the heading above says it
+        div = untitled.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{i}", default_height="480px")
         parts.append(f'<figure id="{esc(name)}"><h3>{esc(figure_title(figure, name))}</h3>{div}'
                      f"<figcaption>{esc(figure_caption(name))}</figcaption></figure>")
     return "\n".join(parts)
