@@ -170,6 +170,20 @@ _CLICK = """<script>window.addEventListener("load", function () {
 });</script>"""
 
 
+def test_a_failed_export_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
+    study, _, _ = tiny
+    monkeypatch.setattr("dpnas.analysis.figures.check_static_export", lambda: "/usr/bin/chromium")
+
+    def browser_died(figures, paths):
+        paths[0].write_bytes(b"half a png")
+        raise RuntimeError("browser closed unexpectedly")
+
+    monkeypatch.setattr("dpnas.analysis.figures.write_static", browser_died)
+    with pytest.raises(StaticExportError, match="browser closed unexpectedly"):
+        write_figures(study_figures(study), tmp_path, formats=("html", "png"))
+    assert list(tmp_path.iterdir()) == []
+
+
 @needs_browser
 def test_report_renders_in_a_real_browser_without_errors_and_sorts(tiny, page, tmp_path):
     study, _, _ = tiny

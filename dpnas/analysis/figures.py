@@ -18,7 +18,7 @@ from dpnas.analysis.dp_gap import dp_gap_figure, dp_gap_info
 from dpnas.analysis.frame import COMPONENTS, finished, trials_frame
 from dpnas.analysis.heatmap import width_depth_figure, width_depth_info
 from dpnas.analysis.pareto import pareto_figure, pareto_info
-from dpnas.analysis.static import STATIC_FORMATS, check_static_export, write_static
+from dpnas.analysis.static import STATIC_FORMATS, StaticExportError, check_static_export, write_static
 
 FORMATS = ("html", "png", "svg")
 
@@ -109,13 +109,17 @@ def write_figures(figures: dict[str, go.Figure], out_dir: Path, *, formats: tupl
     with tempfile.TemporaryDirectory(prefix=".dpnas-plot-", dir=out_dir) as scratch:
         scratch_dir = Path(scratch)
         drawn: list[Path] = []
-        if "html" in formats:
+        if "html" in formats and figures:
             for name, figure in figures.items():
                 figure.write_html(scratch_dir / f"{name}.html", include_plotlyjs="directory", full_html=True)
                 drawn.append(scratch_dir / f"{name}.html")
             drawn.append(scratch_dir / "plotly.min.js")  # written by the first figure, shared by all
         images = [(figure, scratch_dir / f"{name}.{fmt}") for fmt in static for name, figure in figures.items()]
-        write_static([f for f, _ in images], [p for _, p in images])
+        try:
+            write_static([f for f, _ in images], [p for _, p in images])
+        except Exception as err:  # the browser died or hung: say so in one line; the scratch folder goes with it
+            reason = " ".join(str(err).split())[:300] or type(err).__name__
+            raise StaticExportError(f"kaleido could not export the figures ({reason}); nothing was written") from err
         drawn += [p for _, p in images]
         written = []
         for path in drawn:
