@@ -76,8 +76,7 @@ def _question(study: optuna.Study) -> str:
               f"ε = {attrs.get('epsilon')} for every trial")
     items = [("data", ", ".join(f"{k} = {v}" for k, v in data.items())),
              ("privacy budget", f"{budget}, δ = {attrs.get('delta')}"),
-             ("trials", f"{section.get('n_trials', '?')} ({attrs.get('trial_count', 'fixed')} count), sampler "
-                        f"{attrs.get('sampler')}, pruner {attrs.get('pruner')}"),
+             ("trials", f"{_trial_count(section, attrs)}, sampler {attrs.get('sampler')}, pruner {attrs.get('pruner')}"),
              ("objectives", ", ".join(attrs.get("objectives") or study.metric_names or ["value"])),
              ("base", ", ".join(f"{part}: {spec[part].get('base') or spec[part].get('recipe')}"
                                 for part in ("arch", "train") if isinstance(spec.get(part), dict)
@@ -93,6 +92,14 @@ def _question(study: optuna.Study) -> str:
     if text:
         html_parts.append(f"<details><summary>The study file</summary><pre>{esc(text)}</pre></details>")
     return "\n".join(html_parts)
+
+
+def _trial_count(section: dict[str, Any], attrs: dict[str, Any]) -> str:
+    mode = attrs.get("trial_count") or "fixed"
+    if mode == "fixed":
+        return f"{section.get('n_trials', '?')} trials"
+    shape = ", ".join(f"{k} {attrs[k]}" for k in ("mean_trials", "eta", "gamma") if attrs.get(k) is not None)
+    return f"a random number of trials ({mode}{', ' + shape if shape else ''}; drawn once, kept secret)"
 
 
 def _describe_axis(value: Any) -> str:
