@@ -443,33 +443,15 @@ class Privacy(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.search.study_privacy import study_privacy
-        from dpnas.search.study_report import reproducible_trials, resolve_study
+        from dpnas.search.study_report import privacy_statement, reproducible_trials, resolve_study
 
         study, _ = resolve_study(args.study, args.study_name)
         report = study_privacy(study)
         if args.json:
             print(json.dumps(json_safe({**report.to_dict(), "reproducible_trials": reproducible_trials(study)}), indent=2))
             return 0
-        print(f"study {study.study_name!r}: mode {report.mode}, {report.runs} runs touched the data")
-        print(f"releasing the best trial: epsilon = {report.epsilon:.4f}, delta = {report.delta:g} for the whole "
-              f"dataset (one run alone: epsilon = {report.per_run_epsilon:.4f})")
-        for part in report.covers:
-            count = part["count"] if part["count"] is not None else "?"
-            print(f"  {part['records']}: {count} records at epsilon = {part['epsilon']:.4f}")
-        budget = report.budget
-        print(f"budget: {budget['runs']} runs, noise multipliers {budget['noise_multipliers']}, validation noise "
-              f"{budget['val_noise']} on the correct count, {budget['val_releases']} validation releases, trial "
-              f"count {budget['trial_count']}" + (f", total_epsilon {budget['total_epsilon']:g}"
-                                                  if budget["total_epsilon"] else ""))
-        for line in report.not_covered:
-            print(f"not covered: {line}")
-        print(report.explanation)
-        for line in report.notes:
+        for line in privacy_statement(study, report):
             print(line)
-        seeded = reproducible_trials(study)
-        if seeded:
-            print(f"{len(seeded)} trial(s) ran with reproducible = true: whoever has the seed can regenerate their "
-                  "batches and noise; retrain without it before releasing a model")
         return 0
 
 
@@ -504,8 +486,9 @@ class Plot(Command):
     """Draw a study's figures: accuracy by component, width x depth, the DP gap, Pareto fronts, accuracy against
     epsilon, and Optuna's history, learning curves and parameter importances.
 
-    HTML always (self-contained, opens offline); PNG/SVG where a static exporter works.  The figures are also
-    attached to the study, so optuna-dashboard shows them.
+    HTML (opens offline; the files of one folder share one plotly.min.js beside them), and PNG/SVG with
+    --format through kaleido and a Chrome/Chromium.  The figures are also attached to the study, so
+    optuna-dashboard shows them.
     """
 
     name = "plot"
@@ -516,16 +499,30 @@ class Plot(Command):
         parser.add_argument("--companion", metavar="STUDY_OR_STORAGE", help="another study (e.g. non-private) whose trials join the DP-gap figure")
         parser.add_argument("--companion-name", metavar="NAME")
         parser.add_argument("--out", metavar="DIR", help="default runs/plots-STUDY")
-        parser.add_argument("--format", default="html", help="comma-separated: html,png,svg (default html)")
+        parser.add_argument("--format", default="html", help="comma-separated: html,png,svg (default html); PNG and "
+                                                             "SVG need a Chrome/Chromium (BROWSER_PATH, or on PATH)")
         parser.add_argument("--no-attach", action="store_true", help="do not save the figures into the study")
 
     def run(self, args: argparse.Namespace) -> int:
         import pandas as pd
 
-        from dpnas.analysis.figures import attach_to_dashboard, study_figures, write_figures
+        from dpnas.analysis.figures import (
+            attach_to_dashboard,
+            default_plot_dir,
+            parse_formats,
+            study_figures,
+            write_figures,
+        )
         from dpnas.analysis.frame import trials_frame
+        from dpnas.analysis.static import STATIC_FORMATS, StaticExportError, check_static_export
         from dpnas.search.study_report import resolve_study
 
+        try:  # refused before the study is read or anything is drawn
+            formats = parse_formats(args.format)
+            if any(f in STATIC_FORMATS for f in formats):
+                check_static_export()
+        except (ValueError, StaticExportError) as err:
+            raise UsageError(f"--format: {err}") from err
         study, _ = resolve_study(args.study, args.study_name)
         frame = trials_frame(study)
         if args.companion:
@@ -535,18 +532,57 @@ class Plot(Command):
             frame = pd.concat([frame, extra], ignore_index=True).assign()
             frame.attrs["searched"] = trials_frame(study).attrs["searched"]
         figures = study_figures(study, frame)
-        out = Path(args.out) if args.out else Path("runs") / f"plots-{study.study_name}"
-        formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+        out = Path(args.out) if args.out else default_plot_dir(study)
         try:
-            written, problems = write_figures(figures, out, formats=formats)
-        except ValueError as err:
-            raise UsageError(str(err)) from err
-        for problem in problems:
-            print(f"note: {problem}")
+            written = write_figures(figures, out, formats=formats)
+        except StaticExportError as err:
+            raise UsageError(f"--format: {err}") from err
         if not args.no_attach:
             attach_to_dashboard(study, figures)
         frame.to_csv(out / "trials.csv", index=False)
         print(f"wrote {len(written)} files and trials.csv to {out}/")
+        return 0
+
+
+class Report(Command):
+    """Write one self-contained HTML page about a study: the question (data, search space, budget), the privacy
+    statement of `dpnas privacy`, the best recipe and where its weights are, a sortable table of every trial,
+    and every figure of `dpnas plot` with a caption.
+
+    It opens offline (plotly.js is inside, once) and is attached to the study, so optuna-dashboard lists it.
+    """
+
+    name = "report"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("study", metavar="STUDY_OR_STORAGE", help="a study file, or a storage URL")
+        parser.add_argument("--study-name", metavar="NAME")
+        parser.add_argument("--out", metavar="FILE", help="default runs/plots-STUDY/report.html, beside `dpnas plot`'s")
+        parser.add_argument("--artifacts", metavar="DIR_OR_S3",
+                            help="the study's artifact store, if not where the study says (a server storage needs it "
+                                 "to attach the report)")
+        parser.add_argument("--no-attach", action="store_true", help="do not attach the report to the study")
+
+    def run(self, args: argparse.Namespace) -> int:
+        from dpnas.analysis.figures import default_plot_dir
+        from dpnas.analysis.report import REPORT_FILE, attach_report, write_report
+        from dpnas.results import check_writable
+        from dpnas.search.study_report import resolve_study
+        from dpnas.search.weights import study_location
+
+        if args.out is not None and Path(args.out).suffix.lower() not in (".html", ".htm"):
+            raise UsageError(f"--out {args.out}: the report is an HTML page; give a .html file name")
+        study, url = resolve_study(args.study, args.study_name)
+        out = check_writable(Path(args.out) if args.out else default_plot_dir(study) / REPORT_FILE, what="--out")
+        path = write_report(study, out, storage_url=url, where=args.study, artifacts=args.artifacts)
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; opens offline in any browser)")
+        if not args.no_attach:
+            location = study_location(study, url, args.artifacts)
+            if location is None:
+                print("note: not attached to the study: a server storage needs --artifacts DIR_OR_S3")
+            else:
+                artifact_id = attach_report(study, path, location=location)
+                print(f"attached to the study as artifact {artifact_id} in {location} (optuna-dashboard lists it)")
         return 0
 
 
@@ -583,7 +619,8 @@ class Reproduce(Command):
 
 
 COMMANDS: list[Command] = [
-    Describe(), Models(), Train(), Bench(), Search(), Best(), Evaluate(), Privacy(), Dashboard(), Plot(), Reproduce(),
+    Describe(), Models(), Train(), Bench(), Search(), Best(), Evaluate(), Privacy(), Dashboard(), Plot(), Report(),
+    Reproduce(),
 ]
 
 

@@ -121,11 +121,14 @@ def test_every_figure_renders_to_html_and_is_attached(study, tmp_path):
     figures = study_figures(study)
     assert {"component_activation", "width_depth", "dp_gap", "pareto_params", "accuracy_vs_epsilon",
             "optuna_history", "optuna_intermediate_values"} <= set(figures)
-    written, problems = write_figures(figures, tmp_path, formats=("html",))
-    assert len(written) == len(figures)
+    written = write_figures(figures, tmp_path, formats=("html",))
+    assert sorted(p.name for p in written) == sorted([f"{name}.html" for name in figures] + ["plotly.min.js"])
     for path in written:
-        text = path.read_text()
-        assert "plotly" in text and len(text) > 100_000  # plotly.js is inlined: opens offline
+        if path.suffix == ".html":  # each page loads the one plotly.js beside it: opens offline, from that folder
+            text = path.read_text()
+            assert '<script charset="utf-8" src="plotly.min.js"></script>' in text and len(text) < 100_000
+    assert (tmp_path / "plotly.min.js").stat().st_size > 1_000_000
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)  # no scratch left behind
     assert attach_to_dashboard(study, figures) >= 5
     keys = study._storage.get_study_system_attrs(study._study_id)
     assert any(k.startswith("dashboard:plot_data:dpnas-dp-gap") for k in keys)
@@ -141,13 +144,12 @@ def test_empty_study_gives_an_empty_figure_and_a_warning(tmp_path):
 def test_plot_cli(study, tmp_path, capsys):
     _, path = study
     out = tmp_path / "plots"
-    assert main(["plot", str(path), "--out", str(out), "--format", "html,png"]) == 0
+    assert main(["plot", str(path), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert (out / "trials.csv").exists() and (out / "component_activation.html").exists()
-    assert "wrote" in printed
-    if not (out / "component_activation.png").exists():
-        assert "static export is not available" in printed  # said plainly, HTML still written
-    assert main(["plot", str(path), "--out", str(out), "--format", "gif"]) == 2
+    assert "wrote" in printed and not list(out.glob("*.png"))  # html only by default
+    assert main(["plot", str(path), "--out", str(tmp_path / "gif"), "--format", "html,gif"]) == 2
+    assert "unknown format 'gif'" in capsys.readouterr().err and not (tmp_path / "gif").exists()
 
 
 def test_component_effects_table(study):

@@ -31,6 +31,7 @@ def test_ablations_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.setenv("DPNAS_STUDY", str(study))
     monkeypatch.setenv("DPNAS_NOTEBOOK_QUICK", "1")
     monkeypatch.setenv("DPNAS_ROOT", str(ROOT))
+    monkeypatch.setenv("DPNAS_REPORT", str(tmp_path / "report.html"))
     notebook = nbformat.read(ROOT / "notebooks" / "ablations.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit it without outputs"
     NotebookClient(notebook, kernel_name=kernel, timeout=600, resources={"metadata": {"path": str(tmp_path)}}).execute()
@@ -39,3 +40,5 @@ def test_ablations_notebook_executes(tmp_path, monkeypatch):
     assert "tiny: 4 trials" in printed
     assert "components shown: ['activation']" in printed
     assert "median_val_accuracy" in printed and "Pareto-optimal trials:" in printed
+    assert f"report written to {tmp_path / 'report.html'}" in printed
+    assert "dpnas study tiny" in (tmp_path / "report.html").read_text()

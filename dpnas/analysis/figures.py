@@ -1,8 +1,10 @@
-"""Write every figure of a study: HTML always (self-contained, opens offline), PNG/SVG where it can."""
+"""Every figure of a study, and writing them: HTML sharing one plotly.js, PNG/SVG through kaleido and a Chromium."""
 
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from dpnas.analysis.dp_gap import dp_gap_figure, dp_gap_info
 from dpnas.analysis.frame import COMPONENTS, finished, trials_frame
 from dpnas.analysis.heatmap import width_depth_figure, width_depth_info
 from dpnas.analysis.pareto import pareto_figure, pareto_info
+from dpnas.analysis.static import STATIC_FORMATS, StaticExportError, check_static_export, write_static
 
 FORMATS = ("html", "png", "svg")
 
@@ -73,30 +76,57 @@ def _optuna_figures(study: optuna.Study) -> dict[str, go.Figure]:
     return figures
 
 
-def write_figures(figures: dict[str, go.Figure], out_dir: Path, *, formats: tuple[str, ...] = ("html",)) -> tuple[list[Path], list[str]]:
-    """Write each figure in each format; returns (files written, messages about formats that could not be)."""
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``"html,png"`` as a tuple of formats; an unknown one is refused (ValueError) before anything is drawn."""
+    formats = tuple(dict.fromkeys(f.strip().lower() for f in text.split(",") if f.strip()))
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"unknown format {unknown[0] if unknown else text!r}; expected some of: {', '.join(FORMATS)} "
+                         "(comma-separated)")
+    return formats
+
+
+def default_plot_dir(study: optuna.Study) -> Path:
+    """Where `dpnas plot` (and `dpnas report`) write a study's files unless told otherwise."""
+    return Path("runs") / f"plots-{study.study_name}"
+
+
+def write_figures(figures: dict[str, go.Figure], out_dir: Path, *, formats: tuple[str, ...] = ("html",)) -> list[Path]:
+    """Write each figure in each format; returns the files written.
+
+    The HTML files share one ``plotly.min.js`` beside them (they open offline, from that folder). PNG/SVG need a
+    Chrome/Chromium (:mod:`dpnas.analysis.static`): without one, StaticExportError is raised before any file is
+    written. Everything is drawn in a scratch folder inside `out_dir` and moved into place at the end, so a
+    failure leaves no half-written file.
+    """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ValueError(f"unknown format {unknown[0]!r}; expected some of: {', '.join(FORMATS)}")
+    static = [f for f in formats if f in STATIC_FORMATS]
+    if static:
+        check_static_export()
     out_dir.mkdir(parents=True, exist_ok=True)
-    written, problems = [], []
-    for name, figure in figures.items():
-        if "html" in formats:
-            path = out_dir / f"{name}.html"
-            figure.write_html(path, include_plotlyjs=True, full_html=True)  # plotly.js inline: works offline
-            written.append(path)
-        for fmt in (f for f in formats if f != "html"):
-            if problems and fmt in problems[-1]:
-                continue
-            path = out_dir / f"{name}.{fmt}"
-            try:
-                figure.write_image(path)
-                written.append(path)
-            except Exception as err:  # kaleido missing, or its browser: say so once, keep the HTML
-                reason = " ".join(str(err).split())[:300] or type(err).__name__
-                problems.append(f"{fmt}: static export is not available on this machine ({reason}); "
-                                f"kaleido >= 1 and a Chrome/Chromium give {fmt} files. The HTML files have every figure.")
-    return written, problems
+    with tempfile.TemporaryDirectory(prefix=".dpnas-plot-", dir=out_dir) as scratch:
+        scratch_dir = Path(scratch)
+        drawn: list[Path] = []
+        if "html" in formats and figures:
+            for name, figure in figures.items():
+                figure.write_html(scratch_dir / f"{name}.html", include_plotlyjs="directory", full_html=True)
+                drawn.append(scratch_dir / f"{name}.html")
+            drawn.append(scratch_dir / "plotly.min.js")  # written by the first figure, shared by all
+        images = [(figure, scratch_dir / f"{name}.{fmt}") for fmt in static for name, figure in figures.items()]
+        try:
+            write_static([f for f, _ in images], [p for _, p in images])
+        except Exception as err:  # the browser died or hung: say so in one line; the scratch folder goes with it
+            reason = " ".join(str(err).split())[:300] or type(err).__name__
+            raise StaticExportError(f"kaleido could not export the figures ({reason}); nothing was written") from err
+        drawn += [p for _, p in images]
+        written = []
+        for path in drawn:
+            target = out_dir / path.name
+            os.replace(path, target)
+            written.append(target)
+    return written
 
 
 def attach_to_dashboard(study: optuna.Study, figures: dict[str, go.Figure]) -> int:

@@ -142,6 +142,31 @@ def study_note(study: optuna.Study, privacy: StudyPrivacy, storage_url: str) -> 
     return "\n".join(lines)
 
 
+def privacy_statement(study: optuna.Study, report: StudyPrivacy | None = None) -> list[str]:
+    """What `dpnas privacy` prints, line by line: the guarantee for releasing the best trial, part by part, how
+    the budget was split, what is not covered and why the bound holds. The HTML report says the same words."""
+    report = study_privacy(study) if report is None else report
+    lines = [f"study {study.study_name!r}: mode {report.mode}, {report.runs} runs touched the data",
+             f"releasing the best trial: epsilon = {report.epsilon:.4f}, delta = {report.delta:g} for the whole "
+             f"dataset (one run alone: epsilon = {report.per_run_epsilon:.4f})"]
+    for part in report.covers:
+        count = part["count"] if part["count"] is not None else "?"
+        lines.append(f"  {part['records']}: {count} records at epsilon = {part['epsilon']:.4f}")
+    budget = report.budget
+    lines.append(f"budget: {budget['runs']} runs, noise multipliers {budget['noise_multipliers']}, validation noise "
+                 f"{budget['val_noise']} on the correct count, {budget['val_releases']} validation releases, trial "
+                 f"count {budget['trial_count']}" + (f", total_epsilon {budget['total_epsilon']:g}"
+                                                     if budget["total_epsilon"] else ""))
+    lines += [f"not covered: {line}" for line in report.not_covered]
+    lines.append(report.explanation)
+    lines += list(report.notes)
+    seeded = reproducible_trials(study)
+    if seeded:
+        lines.append(f"{len(seeded)} trial(s) ran with reproducible = true: whoever has the seed can regenerate their "
+                     "batches and noise; retrain without it before releasing a model")
+    return lines
+
+
 def reproducible_trials(study: optuna.Study) -> list[int]:
     """Private trials whose batches and noise were seeded from the recorded seed (``reproducible = true``)."""
     return [t.number for t in study.get_trials(deepcopy=False)

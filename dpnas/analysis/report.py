@@ -1,0 +1,252 @@
+"""One page per study: the question, the privacy statement, the best recipe, every trial and every figure.
+
+The page is one self-contained HTML file (plotly.js inline once, no other file or network needed) that a person
+opens to see the whole study. It reuses what the other commands compute: the study file the search recorded
+(the question), :func:`dpnas.search.study_report.privacy_statement` (the words of `dpnas privacy`), the best
+trials and their recipes (`dpnas best`), :func:`dpnas.analysis.figures.study_figures` (`dpnas plot`).
+
+It is attached to the study in Optuna's artifact store (a study-level artifact ``report.html``), so
+optuna-dashboard lists it; writing it again replaces the same artifact.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import plotly.graph_objects as go
+from optuna.artifacts import upload_artifact
+from plotly.offline import get_plotlyjs
+
+from dpnas.analysis.figures import study_figures
+from dpnas.analysis.frame import trials_frame
+from dpnas.analysis.report_page import esc, facts, page, sortable_table
+from dpnas.dp.recipe_file import recipe_to_toml
+from dpnas.search.runner import best_trials
+from dpnas.search.storage import command_url
+from dpnas.search.study_report import privacy_statement, trial_recipe
+from dpnas.search.weights import open_store, study_location, weights_available
+
+REPORT_FILE = "report.html"
+_REPORT_ARTIFACT = "dpnas:report_artifact"
+
+# What each figure shows, in one line, by the name study_figures gives it (a prefix for the per-component ones).
+_CAPTIONS = {
+    "component_": "Validation accuracy of every completed trial by {what}: each point is a trial, the box the spread; "
+                  "values ordered by their median.",
+    "width_depth": "The best validation accuracy reached at each width × depth multiplier pair.",
+    "dp_gap": "The same architecture trained with and without DP-SGD: the accuracy that privacy costs (the DP gap).",
+    "pareto_params": "Validation accuracy against parameter count; the Pareto-optimal trials are joined by the front.",
+    "pareto_epoch_seconds": "Validation accuracy against training time per epoch, with the Pareto front.",
+    "accuracy_vs_epsilon": "Best and median validation accuracy at each privacy budget ε that was searched.",
+    "optuna_history": "Optuna's optimisation history: each trial's objective and the best value so far.",
+    "optuna_intermediate_values": "Learning curves: each trial's noisy validation accuracy after every epoch "
+                                  "(what the pruner saw).",
+    "optuna_param_importances": "Optuna's estimate of how much each searched parameter moved validation accuracy.",
+    "empty": "The study has no completed trial yet: run `dpnas search` first.",
+}
+
+
+def figure_caption(name: str) -> str:
+    if name.startswith("component_"):
+        return _CAPTIONS["component_"].format(what=name.removeprefix("component_"))
+    return _CAPTIONS.get(name, name.replace("_", " "))
+
+
+def figure_title(figure: go.Figure, name: str) -> str:
+    return figure.layout.title.text or name.replace("_", " ")
+
+
+def _question(study: optuna.Study) -> str:
+    attrs = study.user_attrs
+    text = attrs.get("study_file") or ""
+    try:
+        spec: dict[str, Any] = tomllib.loads(text) if text else {}
+    except tomllib.TOMLDecodeError:
+        spec = {}
+    section = spec.get("study", {})
+    data = spec.get("data", {}) or {"dataset": attrs.get("dataset")}
+    budget = (f"total ε = {attrs['total_epsilon']:g} for the whole search" if attrs.get("total_epsilon") else
+              f"ε = {attrs.get('epsilon')} for every trial")
+    items = [("data", ", ".join(f"{k} = {v}" for k, v in data.items())),
+             ("privacy budget", f"{budget}, δ = {attrs.get('delta')}"),
+             ("trials", f"{_trial_count(section, attrs)}, sampler {attrs.get('sampler')}, pruner {attrs.get('pruner')}"),
+             ("objectives", ", ".join(attrs.get("objectives") or study.metric_names or ["value"])),
+             ("base", ", ".join(f"{part}: {spec[part].get('base') or spec[part].get('recipe')}"
+                                for part in ("arch", "train") if isinstance(spec.get(part), dict)
+                                and (spec[part].get("base") or spec[part].get("recipe"))) or "?")]
+    space = spec.get("search", {})
+    rows = [(name, _describe_axis(value)) for name, value in space.items()]
+    html_parts = ["<h2>The question</h2>"]
+    if section.get("description"):
+        html_parts.append(f"<p>{esc(section['description'])}</p>")
+    html_parts.append(facts(items))
+    if rows:
+        html_parts.append("<h3>Search space</h3>" + facts(rows))
+    if text:
+        html_parts.append(f"<details><summary>The study file</summary><pre>{esc(text)}</pre></details>")
+    return "\n".join(html_parts)
+
+
+def _trial_count(section: dict[str, Any], attrs: dict[str, Any]) -> str:
+    mode = attrs.get("trial_count") or "fixed"
+    if mode == "fixed":
+        return f"{section.get('n_trials', '?')} trials"
+    shape = ", ".join(f"{k} {attrs[k]}" for k in ("mean_trials", "eta", "gamma") if attrs.get(k) is not None)
+    return f"a random number of trials ({mode}{', ' + shape if shape else ''}; drawn once, kept secret)"
+
+
+def _describe_axis(value: Any) -> str:
+    if isinstance(value, list):
+        return "one of " + ", ".join(map(str, value))
+    if isinstance(value, dict) and "low" in value:
+        scale = " (log scale)" if value.get("log") else ""
+        step = f" in steps of {value['step']}" if "step" in value else ""
+        return f"from {value['low']} to {value['high']}{step}{scale}"
+    return str(value)
+
+
+def _privacy(study: optuna.Study) -> str:
+    lines = privacy_statement(study)
+    headline, rest = lines[1], lines[2:]
+    return ("<h2>Privacy</h2>\n"
+            f'<p class="headline"><strong>{esc(headline[0].upper() + headline[1:])}</strong></p>\n'
+            f'<p class="sub">{esc(lines[0])}</p>\n'
+            "<ul>" + "".join(f"<li>{esc(line.strip())}</li>" for line in rest) + "</ul>")
+
+
+def _best(study: optuna.Study, storage_url: str | None, where: str | None, artifacts: str | None) -> str:
+    trials = best_trials(study)
+    if not trials:
+        return "<h2>Best recipe</h2><p>No completed trial yet.</p>"
+    location = study_location(study, storage_url, artifacts) if storage_url else artifacts
+    names = study.metric_names or ["value"]
+    parts = ["<h2>Best recipe" + (" (Pareto set)" if len(trials) > 1 else "") + "</h2>"]
+    for trial in trials:
+        values = ", ".join(f"{n} = {v:.4f}" for n, v in zip(names, trial.values))
+        parts.append(f"<h3>Trial {trial.number}: {esc(values)}</h3>")
+        searched = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in trial.params.items())
+        parts.append(facts([("searched values", searched),
+                            ("parameters", f"{trial.user_attrs.get('params', '?'):,}"
+                             if isinstance(trial.user_attrs.get("params"), int) else "?"),
+                            ("ε spent by this run", trial.user_attrs.get("epsilon_spent")),
+                            ("test accuracy (recorded, never used to select)", trial.user_attrs.get("test_accuracy")),
+                            ("weights", _weights_line(study, trial, location, where))]))
+        try:
+            recipe = esc(recipe_to_toml(trial_recipe(study, trial)).rstrip())
+            parts.append(f"<details><summary>The whole recipe (what `dpnas best` writes; `dpnas train FILE` takes it)"
+                         f"</summary><pre>{recipe}</pre></details>")
+        except Exception as err:  # noqa: BLE001 - a trial without a recorded recipe still gets its row
+            parts.append(f"<p>No recipe recorded: {esc(err)}</p>")
+    return "\n".join(parts)
+
+
+def _weights_line(study: optuna.Study, trial: Any, location: str | None, where: str | None) -> str:
+    if not weights_available(study, trial):
+        return "not stored (keep_weights in [study] says which trials keep theirs)"
+    fetch = f"; `dpnas best {where} --weights best.pt` fetches them" if where else ""
+    return (f"stored in the artifact store {location or '(its location was not recorded)'} as artifact "
+            f"{trial.user_attrs.get('weights_artifact_id')}{fetch}")
+
+
+def _trials(study: optuna.Study, frame: pd.DataFrame) -> str:
+    searched = list(frame.attrs.get("searched", []))
+    names = study.metric_names or ["value"]
+    by_number = frame.set_index("number") if not frame.empty else frame
+    columns = ["trial", "state", *searched, *names, "ε spent", "params", "seconds", "failure reason"]
+    rows, classes = [], []
+    for t in study.get_trials(deepcopy=False):
+        row = by_number.loc[t.number] if t.number in by_number.index else {}
+        values = list(t.values) if t.values else [None] * len(names)
+        reason = t.user_attrs.get("failure_reason") or t.user_attrs.get("pruned_reason")
+        rows.append([t.number, t.state.name, *(_cell(row.get(s)) for s in searched), *values,
+                     _cell(row.get("epsilon_spent")), _cell(row.get("params")), _cell(row.get("wall_seconds")),
+                     reason])
+        classes.append(f"state-{t.state.name}")
+    return (f"<h2>Trials</h2>\n<p class=\"sub\">{len(rows)} trials; click a column's header to sort by it.</p>\n"
+            + sortable_table(columns, rows, row_classes=classes))
+
+
+def _cell(value: Any) -> Any:
+    if hasattr(value, "item"):  # numpy scalars from the frame
+        value = value.item()
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return int(value)
+    return value
+
+
+def _figures(figures: dict[str, go.Figure]) -> str:
+    parts = ["<h2>Figures</h2>"]
+    for i, (name, figure) in enumerate(figures.items()):
+        untitled = go.Figure(figure).update_layout(title_text=None, margin_t=40)  # the heading above says it
+        div = untitled.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{i}", default_height="480px")
+        parts.append(f'<figure id="{esc(name)}"><h3>{esc(figure_title(figure, name))}</h3>{div}'
+                     f"<figcaption>{esc(figure_caption(name))}</figcaption></figure>")
+    return "\n".join(parts)
+
+
+def report_html(study: optuna.Study, *, storage_url: str | None = None, where: str | None = None,
+                artifacts: str | None = None, figures: dict[str, go.Figure] | None = None) -> str:
+    """The whole report page as a string. `where` is how commands on the page name the study (a study file
+    or a storage URL, printed without its password)."""
+    frame = trials_frame(study)
+    figures = study_figures(study, frame) if figures is None else figures
+    where = command_url(where) if where else None
+    version = study.user_attrs.get("dpnas_version", "?")
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    body = "\n".join([
+        f"<h1>dpnas study {esc(study.study_name)}</h1>",
+        f'<p class="sub">Report written {esc(stamp)} from the study (dpnas {esc(version)}). Every accuracy that '
+        "steers the search is a noisy validation accuracy; test accuracies are recorded for this report only.</p>",
+        _question(study), _privacy(study), _best(study, storage_url, where, artifacts), _trials(study, frame),
+        _figures(figures),
+    ])
+    return page(title=f"dpnas study {study.study_name}", plotly_js=get_plotlyjs(), body=body)
+
+
+def write_report(study: optuna.Study, out: Path, *, storage_url: str | None = None, where: str | None = None,
+                 artifacts: str | None = None) -> Path:
+    """Write the report to `out` atomically (a scratch file beside it, renamed at the end)."""
+    text = report_html(study, storage_url=storage_url, where=where, artifacts=artifacts)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    try:
+        scratch.write_text(text, encoding="utf-8")
+        os.replace(scratch, out)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def attach_report(study: optuna.Study, path: Path, *, location: str) -> str:
+    """Store the report as the study's artifact ``report.html`` (the same artifact each time); its id."""
+    store = open_store(location)
+    artifact_id = study._storage.get_study_system_attrs(study._study_id).get(_REPORT_ARTIFACT)
+    if artifact_id:
+        with open(path, "rb") as f:
+            store.write(artifact_id, f)
+        return artifact_id
+    with tempfile.TemporaryDirectory(prefix="dpnas-report-") as folder:
+        named = Path(folder) / REPORT_FILE  # the artifact takes the file's name
+        named.write_bytes(Path(path).read_bytes())
+        artifact_id = upload_artifact(artifact_store=store, file_path=str(named), study_or_trial=study,
+                                      mimetype="text/html")
+    study._storage.set_study_system_attr(study._study_id, _REPORT_ARTIFACT, artifact_id)
+    return artifact_id
+
+
+def attached_report(study: optuna.Study, *, location: str) -> bytes | None:
+    """The report attached to the study, as stored; None when none is."""
+    artifact_id = study._storage.get_study_system_attrs(study._study_id).get(_REPORT_ARTIFACT)
+    if not artifact_id:
+        return None
+    with open_store(location).open_reader(artifact_id) as reader:
+        return reader.read()
