@@ -106,12 +106,34 @@ def test_more_trials_extend_the_study_exactly(tmp_path):
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
 
 
-def test_two_worker_processes_share_one_journal_and_finish_exactly(tmp_path):
+def _spy_start_method(monkeypatch) -> list:
+    import multiprocessing
+
+    used = []
+    real = multiprocessing.get_context
+    monkeypatch.setattr(search_module.multiprocessing, "get_context", lambda m: used.append(m) or real(m))
+    return used
+
+
+def test_two_worker_processes_share_one_journal_and_finish_exactly(tmp_path, monkeypatch):
+    used = _spy_start_method(monkeypatch)
     spec = load_study_file(write_study(tmp_path, n_trials=4))
     search(spec, workers=2, progress=False)
+    assert used == ["fork"]  # on the CPU: the workers start at once, with the data already loaded
     trials = trained(load(spec))
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
+
+
+def test_spawned_workers_as_with_cuda_finish_the_study_too(tmp_path, monkeypatch):
+    assert not search_module._can_fork(["cuda:0", "cuda:1"]) and not search_module._can_fork(["cpu", "cuda"])
+    used = _spy_start_method(monkeypatch)
+    monkeypatch.setattr(search_module, "_can_fork", lambda devices: False)  # what a CUDA machine does
+    spec = load_study_file(write_study(tmp_path, n_trials=2))
+    search(spec, workers=2, device="cpu", progress=False)
+    assert used == ["spawn"]
+    trials = trained(load(spec))
+    assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
 
 
 def test_grid_points_are_enqueued_once_for_every_worker(tmp_path):
