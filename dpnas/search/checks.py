@@ -86,7 +86,7 @@ def _trial_count(spec: StudySpec, n_trials: int | None) -> int | None:
     if n_trials is not None:
         return n_trials
     if spec.sampler == "ablation":
-        return len(ablation_points(spec))
+        return len(ablation_points(spec)) * spec.repeats  # every repeat is a run of its own
     if spec.sampler == "grid":
         return min(spec.n_trials or math.inf, len(grid_points(spec)))
     return spec.n_trials
