@@ -82,12 +82,22 @@ def test_plain_lines_when_not_a_terminal_and_nothing_when_quiet(tmp_path, fake_t
     assert out == "" and "/3 [" not in err
 
 
-def test_bar_wanted_only_on_a_terminal(monkeypatch):
+class Stream:
+    def __init__(self, terminal):
+        self.terminal = terminal
+
+    def isatty(self):
+        return self.terminal
+
+
+@pytest.mark.parametrize("stdout,stderr,wanted", [(True, True, True), (False, True, False), (True, False, False)])
+def test_the_bar_is_drawn_only_on_a_terminal_unless_forced(monkeypatch, stdout, stderr, wanted):
     from dpnas.search.progress import bar_wanted
 
-    assert not bar_wanted(False, True) and bar_wanted(True, True) and not bar_wanted(True, False)
-    monkeypatch.setattr("sys.stdout.isatty", lambda: False, raising=False)
-    assert not bar_wanted(True, None)
+    monkeypatch.setattr("sys.stdout", Stream(stdout))
+    monkeypatch.setattr("sys.stderr", Stream(stderr))
+    assert bar_wanted(True, None) is wanted
+    assert bar_wanted(True, True) and not bar_wanted(True, False) and not bar_wanted(False, True)  # forced; quiet
 
 
 class FakeWorker:
