@@ -11,6 +11,7 @@ from dpnas.analysis.ablation import ONE_SEED, PAIRED_TEST, ablation_effects, abl
 from dpnas.analysis.components import component_effects
 from dpnas.analysis.figures import study_figures
 from dpnas.analysis.frame import trials_frame
+from dpnas.arch.space import ConfigError
 from dpnas.search.checks import _trial_count, runs_charged
 from dpnas.search.runner import search
 from dpnas.search.sampling import ablation_points
@@ -89,6 +90,10 @@ def test_repeats_default_to_one_and_multiply_the_trial_budget(tmp_path):
     assert [t.user_attrs["repeat_seed"] for t in waiting] == [7, 7, 7 + REPEAT_SEED_STRIDE, 7 + REPEAT_SEED_STRIDE,
                                                              7 + 2 * REPEAT_SEED_STRIDE, 7 + 2 * REPEAT_SEED_STRIDE]
     assert study.user_attrs["repeats"] == 3
+    # the trials were enqueued for 3 seeds: a file asking for 2 is refused, before anything is spent too
+    two = load_study_file(write(tmp_path, ABLATION, name="three.toml"))
+    with pytest.raises(ConfigError, match="created with repeats = 3"):
+        open_study(two, str(tmp_path / "three.journal"))
 
 
 # --- the statistics, on a frame whose answers are worked out by hand ---------------------------------------

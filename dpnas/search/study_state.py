@@ -25,6 +25,7 @@ from dpnas.search.checks import (
     DATA_ATTR,
     objective_mismatch,
     refuse_mismatch,
+    refuse_other_repeats,
     runs_charged,
     stored_data,
     stored_mismatches,
@@ -116,6 +117,7 @@ def _check_stored(study: optuna.Study, spec: StudySpec) -> None:
 
     Before any trial has touched the data nothing is spent, and the new budget and data simply replace the old.
     """
+    refuse_other_repeats(study, spec)
     problems = stored_mismatches(study, spec)
     if not problems:
         return
