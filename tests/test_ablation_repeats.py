@@ -39,6 +39,7 @@ epochs = 1
 seed = 7
 batch_size = 256
 physical_batch_size = 256
+per_sample = "opacus"  # no per-layer timing of dpnas's methods: most of a one-epoch trial's time on 2 cores
 
 [arch]
 base = "tiny"
