@@ -52,9 +52,17 @@ def components_to_show(frame: pd.DataFrame, candidates: tuple[str, ...]) -> list
 
 
 def component_effects(frame: pd.DataFrame, components: tuple[str, ...] | None = None) -> pd.DataFrame:
-    """One row per (component, value): trials, median and best accuracy, and the median's distance to the best value's."""
+    """One row per (component, value): trials, median and best accuracy, and the median's distance to the best value's.
+
+    An ablation study's table is :func:`dpnas.analysis.ablation.ablation_effects` instead: each value against the
+    base point, with intervals over seeds and a paired test (its trials are not a sample of the space, so medians
+    over every trial sharing a value would mix in the other axes' moves).
+    """
+    from dpnas.analysis.ablation import ablation_effects, is_ablation
     from dpnas.analysis.frame import COMPONENTS
 
+    if is_ablation(frame):
+        return ablation_effects(frame, components)
     rows = []
     for component in components_to_show(frame, components or COMPONENTS):
         info = component_info(frame, component)

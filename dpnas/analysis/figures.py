@@ -12,6 +12,7 @@ import optuna
 import pandas as pd
 import plotly.graph_objects as go
 
+from dpnas.analysis.ablation import ablation_axes, ablation_figure, ablation_info, is_ablation
 from dpnas.analysis.budget import budget_figure, budget_info
 from dpnas.analysis.components import component_figure, component_info, components_to_show
 from dpnas.analysis.dp_gap import dp_gap_figure, dp_gap_info
@@ -38,8 +39,12 @@ def study_figures(study: optuna.Study, frame: pd.DataFrame | None = None) -> dic
         warnings.warn(f"study {study.study_name!r} has no completed trial: nothing to plot", stacklevel=2)
         return {"empty": _empty(f"{study.study_name}: no completed trial yet", "run `dpnas search` first")}
     figures: dict[str, go.Figure] = {}
-    for component in components_to_show(frame, COMPONENTS):
-        figures[f"component_{component}"] = component_figure(component_info(frame, component))
+    if is_ablation(frame):  # every ablated axis against the base point, with intervals over seeds
+        for component in ablation_axes(frame):
+            figures[f"component_{component}"] = ablation_figure(ablation_info(frame, component))
+    else:
+        for component in components_to_show(frame, COMPONENTS):
+            figures[f"component_{component}"] = component_figure(component_info(frame, component))
     if done["width"].nunique() > 1 or done["depth"].nunique() > 1:
         figures["width_depth"] = width_depth_figure(width_depth_info(frame))
     gap = dp_gap_info(frame)

@@ -41,6 +41,10 @@ def trials_frame(study: optuna.Study, *, states: tuple[str, ...] | None = None) 
             continue
         row: dict[str, Any] = {"number": t.number, "state": t.state.name}
         row.update(t.user_attrs.get("config") or {})
+        row["seed"] = (t.user_attrs.get("train_config") or {}).get("seed")  # the training seed (a repeat's own)
+        # an ablation trial: the axis it moves ("base" for the base point) and which of the point's seeds it is
+        row["ablation_axis"] = t.user_attrs.get("ablation_axis")
+        row["repeat"] = t.user_attrs.get("repeat")
         for name, value in t.params.items():
             name = field_of(name)  # a context-restricted parameter such as scalenorm[none,after_add]
             row[name] = value
@@ -55,7 +59,8 @@ def trials_frame(study: optuna.Study, *, states: tuple[str, ...] | None = None) 
         row["private"] = math.isfinite(row["epsilon_target"]) if not math.isnan(row["epsilon_target"]) else None
         row["failure_reason"] = t.user_attrs.get("failure_reason")
         rows.append(row)
-    columns = ["number", "state", *(f.name for f in ArchConfig.__dataclass_fields__.values()), *_RESULTS]
+    columns = ["number", "state", *(f.name for f in ArchConfig.__dataclass_fields__.values()), *_RESULTS,
+               "seed", "ablation_axis", "repeat"]
     frame = pd.DataFrame(rows)
     for column in columns:
         if column not in frame:

@@ -60,6 +60,16 @@ def runs_charged(study: optuna.Study) -> int:
                if "privacy_plan" in t.user_attrs and t.state != optuna.trial.TrialState.WAITING)
 
 
+def refuse_other_repeats(study: optuna.Study, spec: StudySpec) -> None:
+    """An ablation's trials are enqueued once, R per point, when the study is created: another R cannot apply to it
+    (nor be silently ignored), spent or not."""
+    stored = study.user_attrs.get("repeats")  # None: a study from before repeats, or another sampler's
+    if spec.sampler == "ablation" and stored is not None and stored != spec.repeats:
+        raise ConfigError(f"study {study.study_name!r} was created with repeats = {stored}, and its trials were "
+                          f"enqueued then; the study file asks for repeats = {spec.repeats}. Restore repeats = "
+                          f"{stored}, or start a new study (--study-name NAME or a new storage)")
+
+
 def objective_mismatch(study: optuna.Study, spec: StudySpec) -> list[str]:
     """An Optuna study's objectives are fixed when it is created: a file that names others cannot join it."""
     stored = study.user_attrs.get("objectives")
@@ -86,7 +96,7 @@ def _trial_count(spec: StudySpec, n_trials: int | None) -> int | None:
     if n_trials is not None:
         return n_trials
     if spec.sampler == "ablation":
-        return len(ablation_points(spec))
+        return len(ablation_points(spec)) * spec.repeats  # every repeat is a run of its own
     if spec.sampler == "grid":
         return min(spec.n_trials or math.inf, len(grid_points(spec)))
     return spec.n_trials
@@ -122,6 +132,8 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
     """Every check that would otherwise fail every trial; raises ConfigError (one line) at the first problem."""
     lines = []
     parsed = check_device(device)
+    if stored is not None:
+        refuse_other_repeats(stored, spec)
     # Budget and data may still change while nothing is spent (the study adopts them); objectives never can.
     if stored is not None and (problems := stored_mismatches(stored, spec)) and (
             runs_charged(stored) or objective_mismatch(stored, spec)):

@@ -21,6 +21,7 @@ import functools
 import math
 import multiprocessing
 import os
+import queue
 import socket
 import time
 import warnings
@@ -42,6 +43,7 @@ from dpnas.dp.privacy import PrivacyPlan
 from dpnas.dp.train import DivergedError, check_device, train
 from dpnas.search.calibration import Calibration
 from dpnas.search.checks import check_study
+from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
 from dpnas.search.storage import storage_kind, trial_slot_lock
 from dpnas.search.study_file import StudySpec, load_study_file
@@ -118,9 +120,13 @@ def _exhausted(study: optuna.Study, size: Callable[[], int | None], consecutive:
 def run_worker(
     spec: StudySpec, storage_url: str, *, study_name: str | None = None, worker_index: int = 0,
     device: str | None = None, timeout: float | None = None, progress: bool = True,
-    artifacts: str | None = None, data: DatasetSplits | None = None,
+    artifacts: str | None = None, data: DatasetSplits | None = None, on_line: Callable[[str], None] | None = None,
 ) -> WorkerReport:
-    """Take trials of the study until its budget is used (or `timeout` seconds have passed)."""
+    """Take trials of the study until its budget is used (or `timeout` seconds have passed).
+
+    Each finished trial's line goes to `on_line` (the search's progress bar, or the queue to the process that draws
+    it); printed plainly without one.
+    """
     study = open_study(spec, storage_url, study_name=study_name, worker_index=worker_index)
     store = _weights_store(study, spec, storage_url, artifacts)
     if data is None:
@@ -179,7 +185,7 @@ def run_worker(
                                      storage_url=storage_url, calibration=calibration)
             report.trials += 1
             if progress:
-                tqdm.write(f"{prefix}{line}")
+                (on_line or tqdm.write)(f"{prefix}{line}")
     except KeyboardInterrupt:
         report.interrupted = True
     return report
@@ -290,19 +296,21 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
 
 
 def _worker_process(spec_path: str, storage_url: str, study_name: str, worker_index: int,
-                    device: str | None, timeout: float | None, threads: int, artifacts: str | None) -> None:
+                    device: str | None, timeout: float | None, threads: int, artifacts: str | None,
+                    lines: Any = None) -> None:
     spec = load_study_file(spec_path)
     torch.set_num_threads(threads)  # workers share the cores instead of each claiming all of them
     run_worker(spec, storage_url, study_name=study_name, worker_index=worker_index, device=device, timeout=timeout,
-               artifacts=artifacts)
+               artifacts=artifacts, on_line=lines.put if lines is not None else None)
 
 
 def _forked_worker(spec: StudySpec, storage_url: str, study_name: str, worker_index: int, device: str | None,
-                   timeout: float | None, threads: int, artifacts: str | None, data: DatasetSplits) -> None:
+                   timeout: float | None, threads: int, artifacts: str | None, data: DatasetSplits,
+                   lines: Any = None) -> None:
     torch.set_num_threads(threads)
     # every worker opens its own storage: connections inherited from the parent are never used here
     run_worker(spec, storage_url, study_name=study_name, worker_index=worker_index, device=device, timeout=timeout,
-               artifacts=artifacts, data=data)
+               artifacts=artifacts, data=data, on_line=lines.put if lines is not None else None)
 
 
 def _can_fork(devices: list[str | None]) -> bool:
@@ -321,39 +329,80 @@ def worker_devices(workers: int, device: str | None) -> list[str | None]:
 def search(
     spec: StudySpec, *, storage_url: str | None = None, study_name: str | None = None, n_trials: int | None = None,
     timeout: float | None = None, workers: int = 1, device: str | None = None, progress: bool = True,
-    artifacts: str | None = None,
+    artifacts: str | None = None, progress_bar: bool | None = None,
 ) -> optuna.Study:
-    """Run (or continue) the study with `workers` processes; returns the study when all have stopped."""
+    """Run (or continue) the study with `workers` processes; returns the study when all have stopped.
+
+    With `progress`, one line per finished trial and, on a terminal (or with `progress_bar=True`), one bar for the
+    whole study above which the lines are printed; `progress_bar=False` or output that is not a terminal keeps the
+    plain lines.
+    """
     url = storage_url or spec.default_storage()
     name = study_name or spec.name
     checked = check_search(spec, url, study_name=name, n_trials=n_trials, timeout=timeout, workers=workers,
                            device=device, progress=progress)
     study = open_study(spec, url, study_name=name, n_trials=n_trials)
+    bar = SearchProgress(study) if bar_wanted(progress, progress_bar) else None
     if workers == 1:
-        report = run_worker(spec, url, study_name=name, device=device, timeout=timeout, progress=progress,
-                            artifacts=artifacts, data=checked.data)
+        try:
+            report = run_worker(spec, url, study_name=name, device=device, timeout=timeout, progress=progress,
+                                artifacts=artifacts, data=checked.data, on_line=bar.write if bar else None)
+        finally:
+            if bar:
+                bar.close()
         if report.interrupted:
             raise KeyboardInterrupt
         return study
     devices = worker_devices(workers, device)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    if _can_fork(devices):
+    context = multiprocessing.get_context("fork" if _can_fork(devices) else "spawn")
+    # With a bar, the workers send their lines to this process, which prints them above the one bar it draws.
+    lines = context.Queue() if bar else None
+    if context.get_start_method() == "fork":
         # A forked worker starts at once, with torch, Opacus and the data already in memory (shared copy-on-write):
         # a spawned one imports them again and reloads the data, about 12 s on the 2-core CPU, which cost more
         # than 2 workers gained there (benchmarks/RESULTS.md, search throughput).
-        context = multiprocessing.get_context("fork")
         processes = [context.Process(target=_forked_worker, daemon=False,
-                                     args=(spec, url, name, i, dev, timeout, threads, artifacts, checked.data))
+                                     args=(spec, url, name, i, dev, timeout, threads, artifacts, checked.data, lines))
                      for i, dev in enumerate(devices)]
     else:
-        context = multiprocessing.get_context("spawn")
         processes = [context.Process(target=_worker_process, daemon=False,
-                                     args=(str(spec.path), url, name, i, dev, timeout, threads, artifacts))
+                                     args=(str(spec.path), url, name, i, dev, timeout, threads, artifacts, lines))
                      for i, dev in enumerate(devices)]
     for p in processes:
         p.start()
+    if bar:
+        try:
+            follow_workers(processes, lines, bar)
+        except KeyboardInterrupt:
+            follow_workers(processes, lines, bar)  # they got the same Ctrl-C: show their lines as they finish
+            raise
+        finally:
+            bar.close()
     join_workers(processes)
     return study
+
+
+# How often the parent redraws the bar from the storage while its workers train (its elapsed time, and trials
+# finished by workers elsewhere on a shared server storage).
+PROGRESS_POLL_SECONDS = 1.0
+
+
+def follow_workers(processes, lines, bar: SearchProgress) -> None:
+    """Print the workers' lines above the bar and redraw it until every worker has exited and said everything.
+
+    The queue is drained until the end: a process that put lines on it cannot exit before they are read.
+    """
+    while True:
+        alive = any(p.is_alive() for p in processes)
+        try:
+            bar.write(lines.get(timeout=PROGRESS_POLL_SECONDS))
+            continue
+        except queue.Empty:
+            pass
+        bar.refresh()
+        if not alive:
+            return
 
 
 def join_workers(processes) -> None:

@@ -20,12 +20,12 @@ import json
 import math
 import random
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from dpnas.arch.conditions import ARCH_RELEVANCE, ARCH_VALUE_RULES, effective, matters, neutralise, value_allowed
 from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.dp.config import DP_RELEVANCE, PrivacyConfig, TrainConfig
-from dpnas.search.study_file import Axis, StudySpec
+from dpnas.search.study_file import REPEAT_SEED_STRIDE, Axis, StudySpec
 
 RELEVANCE = {**ARCH_RELEVANCE, **DP_RELEVANCE}
 VALUE_RULES = dict(ARCH_VALUE_RULES)
@@ -125,7 +125,21 @@ def suggest(trial: Any, spec: StudySpec) -> Configs:
         return trial.suggest_float(name, axis.low, axis.high, step=axis.step, log=axis.log)
 
     configs, _ = build_point(spec, choose)
+    seed = trial.user_attrs.get("repeat_seed")
+    if seed is not None:  # an ablation repeat: the same point, initialised (and augmented) from its own seed
+        arch, train_cfg, privacy = configs
+        configs = (arch, train_cfg.replace(seed=seed), privacy)
     return configs
+
+
+def repeat_seed(spec: StudySpec, repeat: int) -> int:
+    """The training seed of an ablation point's repeat: repeat 0 trains at the study's [train] seed.
+
+    It fixes the initialisation and augmentation only; a private run's batches and noise stay secret (drawn from
+    the OS) unless ``reproducible = true`` asks for them to follow the seed (see dpnas.dp.train.release_seeds).
+    The data split stays the study's, so the repeats of every point are scored on the same validation records.
+    """
+    return spec.train.seed + REPEAT_SEED_STRIDE * repeat
 
 
 def config_key(configs: Configs) -> str:
@@ -181,21 +195,31 @@ def grid_points(spec: StudySpec) -> list[dict[str, Any]]:
     return points
 
 
-def ablation_points(spec: StudySpec) -> list[dict[str, Any]]:
+ABLATION_BASE = "base"
+"""The ``ablation_axis`` of an ablation's base point (every other point names the one axis it moves)."""
+
+
+class AblationPoint(NamedTuple):
+    params: dict[str, Any]
+    axis: str
+    """The axis this point moves away from the base, or ABLATION_BASE."""
+
+
+def ablation_plan(spec: StudySpec) -> list[AblationPoint]:
     """The base point, then each axis moved to each of its other values, one at a time.
 
     A move that makes the point invalid or that changes nothing that matters (``groups`` without GroupNorm)
     is left out, so every enqueued point is a distinct, valid model.
     """
     base = {a.name: _current_value(spec, a) for a in spec.axes}
-    candidates = [dict(base)]
+    candidates = [(dict(base), ABLATION_BASE)]
     for axis in spec.axes:
         for value in axis.grid_values():
             if value != base[axis.name]:
-                candidates.append({**base, axis.name: value})
+                candidates.append(({**base, axis.name: value}, axis.name))
     seen: set[str] = set()
     points = []
-    for candidate in candidates:
+    for candidate, moved in candidates:
         try:
             configs, params = build_point(spec, lambda axis, name, allowed: _fixed(candidate, axis, allowed))
         except (ConfigError, _NotAllowed):
@@ -203,8 +227,13 @@ def ablation_points(spec: StudySpec) -> list[dict[str, Any]]:
         key = config_key(configs)
         if key not in seen:
             seen.add(key)
-            points.append(params)
+            points.append(AblationPoint(params, moved))
     return points
+
+
+def ablation_points(spec: StudySpec) -> list[dict[str, Any]]:
+    """The distinct points of an ablation (as trial parameters), each trained ``spec.repeats`` times."""
+    return [point.params for point in ablation_plan(spec)]
 
 
 class _NotAllowed(Exception):

@@ -1,6 +1,7 @@
 """Study files: one TOML file describes a whole architecture search.
 
-    [study]    name, objectives, n_trials, sampler, pruner, seed, trial_count (fixed | poisson | ...)
+    [study]    name, objectives, n_trials, sampler, pruner, seed, trial_count (fixed | poisson | ...),
+               repeats (ablation: seeds per point)
     [data]     dataset, data_dir, val_fraction, image_size, synthetic_size (samples of dataset = "synthetic")
     [privacy]  PrivacyConfig fields: the fixed (ε, δ) every trial trains at, clip norm, accountant, val_noise;
                or total_epsilon = E: the whole search at most E (dpnas.search.calibration)
@@ -24,7 +25,7 @@ from dpnas.arch.conditions import ARCH_RELEVANCE, ARCH_VALUE_RULES
 from dpnas.arch.registry import MODELS
 from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.data.datasets import DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_SYNTHETIC_SIZE, DataError, check_fits
-from dpnas.dp.config import DP_RELEVANCE, PrivacyConfig, TrainConfig, check_seed
+from dpnas.dp.config import DP_RELEVANCE, MAX_SEED, PrivacyConfig, TrainConfig, check_seed
 from dpnas.dp.recipe_file import DataSettings
 from dpnas.dp.recipes import DEFAULT_RECIPE, RECIPES
 from dpnas.search.privacy import expected_trials_tnb
@@ -33,6 +34,9 @@ OBJECTIVES = {"val_accuracy": "maximize", "params": "minimize", "epoch_seconds":
 SAMPLERS = ("tpe", "random", "grid", "nsga2", "ablation")
 PRUNERS = ("median", "hyperband", "none")
 MAX_EXPECTED_TRIALS = 100_000
+# A repeat's training seed is the study's seed + REPEAT_SEED_STRIDE * repeat: train() derives its other generators
+# from seed + 1 ... seed + 4, so a stride of 5 keeps every repeat's generators apart from every other repeat's.
+REPEAT_SEED_STRIDE = 5
 TRIAL_COUNTS = ("fixed", "poisson", "truncated_negative_binomial")
 SECTIONS = ("study", "data", "privacy", "train", "arch", "search")
 
@@ -40,7 +44,7 @@ _STUDY_KEYS = {
     "name": str, "objectives": list, "n_trials": int, "timeout": (int, float), "seed": int, "sampler": str,
     "pruner": str, "trial_count": str, "mean_trials": (int, float), "eta": (int, float), "gamma": (int, float),
     "max_retries": int, "heartbeat_interval": int, "grace_period": int, "description": str,
-    "keep_weights": (str, int),
+    "keep_weights": (str, int), "repeats": int,
 }
 KEEP_WEIGHTS = ("all", "best", "none")
 _DATA_KEYS = {"dataset": str, "data_dir": str, "val_fraction": (int, float), "image_size": int, "synthetic_size": int}
@@ -116,6 +120,8 @@ class StudySpec:
     """Whose trained weights the artifact store keeps: all | best | none | K (the top K)."""
     total_epsilon: float | None = None
     """[privacy] total_epsilon: the whole search's ε (None: every run at [privacy] epsilon)."""
+    repeats: int = 1
+    """[study] repeats (ablation only): each point is trained from this many seeds, one trial (and one run) each."""
 
     def data_settings(self) -> DataSettings:
         """How every trial of the study sees the data (one split for the whole study)."""
@@ -131,7 +137,10 @@ class StudySpec:
         return {"total_epsilon": self.total_epsilon, "epsilon": None if self.total_epsilon else p.epsilon,
                 "delta": p.delta, "val_noise": p.val_noise, "noise_multiplier": p.noise_multiplier,
                 "accountant": p.accountant, "trial_count": self.trial_count, "mean_trials": self.mean_trials,
-                "eta": self.eta, "gamma": self.gamma, "searched": searched}
+                "eta": self.eta, "gamma": self.gamma, "searched": searched,
+                # R seeds per ablation point is R times the runs; recorded only when asked for, so a study created
+                # before repeats existed still matches a file without the key
+                **({"repeats": self.repeats} if self.repeats != 1 else {})}
 
     @property
     def directions(self) -> list[str]:
@@ -246,6 +255,13 @@ def load_study_file(path: str | Path) -> StudySpec:
             key = "study.mean_trials" if trial_count == "poisson" else "study.gamma"
             raise _fail(path, key, f"the expected number of trials is {expected:.3g}; at most {MAX_EXPECTED_TRIALS:,} "
                                    "is supported")
+    repeats = study.get("repeats", 1)
+    if "repeats" in study and sampler != "ablation":
+        raise _fail(path, "study.repeats", f"only for sampler = \"ablation\" (this file's is {sampler!r}); other "
+                                           "samplers repeat points by searching the seed, e.g. seed = [0, 1, 2] in [search]")
+    if not 1 <= repeats <= MAX_EXPECTED_TRIALS:
+        raise _fail(path, "study.repeats", f"must be an integer from 1 to {MAX_EXPECTED_TRIALS:,} (the number of seeds "
+                                           f"each ablation point is trained with), got {repeats}")
     keep_weights = study.get("keep_weights", "best")
     if isinstance(keep_weights, str) and keep_weights not in KEEP_WEIGHTS:
         raise _fail(path, "study.keep_weights", f"unknown value {keep_weights!r}; expected one of: "
@@ -323,6 +339,15 @@ def load_study_file(path: str | Path) -> StudySpec:
             if a.categorical and getattr(configs[a.target], a.name) not in a.choices else a
             for a in axes
         )
+    if repeats > 1:
+        if any(a.name == "seed" for a in axes):
+            raise _fail(path, "search.seed", f"repeats = {repeats} gives each ablation point its own seeds; do not "
+                                             "search the seed as well (remove one of them)")
+        last_seed = train.seed + REPEAT_SEED_STRIDE * (repeats - 1)
+        if last_seed > MAX_SEED:
+            raise _fail(path, "study.repeats", f"the last repeat's seed would be [train] seed {train.seed} + "
+                                               f"{REPEAT_SEED_STRIDE} x {repeats - 1} = {last_seed}, above 2**63 - 1; "
+                                               "use a smaller [train] seed")
     if sampler in ("grid", "ablation"):
         for axis in axes:
             try:
@@ -360,6 +385,7 @@ def load_study_file(path: str | Path) -> StudySpec:
         synthetic_size=synthetic_size,
         keep_weights=keep_weights,
         total_epsilon=float(total_epsilon) if total_epsilon is not None else None,
+        repeats=repeats,
     )
 
 

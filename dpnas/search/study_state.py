@@ -25,12 +25,13 @@ from dpnas.search.checks import (
     DATA_ATTR,
     objective_mismatch,
     refuse_mismatch,
+    refuse_other_repeats,
     runs_charged,
     stored_data,
     stored_mismatches,
 )
 from dpnas.search.privacy import draw_trial_count
-from dpnas.search.sampling import ablation_points, grid_points
+from dpnas.search.sampling import ablation_plan, grid_points, repeat_seed
 from dpnas.search.storage import open_storage, trial_slot_lock
 from dpnas.search.study_file import StudySpec
 from dpnas.search.study_privacy import CALIBRATION_ATTR
@@ -116,6 +117,7 @@ def _check_stored(study: optuna.Study, spec: StudySpec) -> None:
 
     Before any trial has touched the data nothing is spent, and the new budget and data simply replace the old.
     """
+    refuse_other_repeats(study, spec)
     problems = stored_mismatches(study, spec)
     if not problems:
         return
@@ -137,10 +139,14 @@ def _initialise(study: optuna.Study, spec: StudySpec, n_trials: int | None) -> N
         # K must be random and secret for the Papernot-Steinke guarantee: drawn once, from the OS's CSPRNG.
         target = draw_trial_count(mode=spec.trial_count, mu=spec.mean_trials, eta=spec.eta, gamma=spec.gamma)
     elif spec.sampler == "ablation":
-        points = ablation_points(spec)
-        for params in points:
-            study.enqueue_trial(params)
-        target = len(points)
+        points = ablation_plan(spec)
+        # Repeat-major: a study cut short still holds a whole one-at-a-time ablation at the first seeds, and the
+        # repeats of one point are spread over time (and workers) like the base point's, which they are paired with.
+        for repeat in range(spec.repeats):
+            for point in points:
+                study.enqueue_trial(point.params, user_attrs={
+                    "ablation_axis": point.axis, "repeat": repeat, "repeat_seed": repeat_seed(spec, repeat)})
+        target = len(points) * spec.repeats
     elif spec.sampler == "grid":
         requested = n_trials if n_trials is not None else spec.n_trials
         target = _enqueue_grid(study, spec, requested)
@@ -157,6 +163,7 @@ def _initialise(study: optuna.Study, spec: StudySpec, n_trials: int | None) -> N
         "sampler": spec.sampler,
         "pruner": spec.pruner,
         "objectives": list(spec.objectives),
+        "repeats": spec.repeats,
         "study_file": spec.path.read_text(),
         "dpnas_version": _version(),
     }.items():
