@@ -163,7 +163,7 @@ def test_study_points_are_distinct_seeded_and_at_the_studys_shape():
     points = study_points(STUDIES / "quickstart.toml", 4, seed=3)
     assert [p.label for p in points] == [f"quickstart#{i}" for i in range(4)]
     assert len({json.dumps(p.arch, sort_keys=True) for p in points}) == 4
-    assert all((p.in_channels, p.image_size, p.batch_size) == (1, 32, 256) for p in points)
+    assert all((p.in_channels, p.image_size, p.batch_size) == (1, 16, 256) for p in points)  # its [data] image_size
     assert {p.arch["norm"] for p in points} <= {"group", "layer"}  # drawn from the study's own axes
     assert study_points(STUDIES / "quickstart.toml", 4, seed=3) == points
     assert study_points(STUDIES / "quickstart.toml", 4, seed=4) != points
@@ -177,7 +177,7 @@ def test_cli_times_study_points(tmp_path, capsys):
     assert main(["bench", "--points", str(study), "--n", "1", "--modes", "nonprivate",
                  "--steps", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())
-    assert [r["model"] for r in rows] == ["quickstart#0"] and rows[0]["input_shape"] == [1, 32, 32]
+    assert [r["model"] for r in rows] == ["quickstart#0"] and rows[0]["input_shape"] == [1, 16, 16]
     assert rows[0]["batch_size"] == 8
     assert main(["bench", "--points", str(tmp_path / "missing.toml"), "--device", "cpu"]) == 2
     assert main(["bench", "--models", "tiny", "--points", str(STUDIES / "quickstart.toml"), "--n", "0"]) == 2

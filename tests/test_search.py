@@ -221,6 +221,22 @@ def test_invalid_combinations_are_pruned_before_touching_data(tmp_path, monkeypa
     assert study_privacy(study).epsilon == 0.0
 
 
+def test_points_too_deep_for_the_image_size_are_pruned_before_any_epsilon(tmp_path):
+    path = write_study(tmp_path, n_trials=2, sampler="grid")
+    text = path.read_text().replace('val_fraction = 0.2', 'val_fraction = 0.2\nimage_size = 4')
+    path.write_text(text.replace('activation = ["selu", "relu", "mish"]', 'stages = [2, 4]').replace(
+        "width = { low = 0.5, high = 1.0, step = 0.5 }", ""))
+    spec = load_study_file(path)
+    search(spec, progress=False)
+    study = load(spec)
+    by_stages = {t.params["stages"]: t for t in study.get_trials()}
+    assert by_stages[2].state == TrialState.COMPLETE
+    deep = by_stages[4]
+    assert deep.state == TrialState.PRUNED and "4px is too small" in deep.user_attrs["failure_reason"]
+    assert "privacy_plan" not in deep.user_attrs  # never charged: the accounting counts one run
+    assert study_privacy(study).runs == 1
+
+
 def test_a_scalenorm_without_a_merge_is_not_an_invalid_trial(tmp_path):
     # skip = none makes scalenorm irrelevant: it is neutralised to "none" instead of refused
     path = write_study(tmp_path, n_trials=1)

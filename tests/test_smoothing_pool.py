@@ -26,8 +26,8 @@ def with_reference_pools(model: nn.Module) -> nn.Module:
     return model
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
-@given(n=st.integers(1, 4), c=st.integers(1, 9), h=st.integers(1, 11), w=st.integers(1, 11),
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(n=st.integers(1, 3), c=st.integers(1, 40), h=st.integers(1, 11), w=st.integers(1, 11),
        ties=st.booleans(), channels_last=st.booleans())
 def test_values_gradients_and_layout_equal_nn_maxpool(n, c, h, w, ties, channels_last):
     torch.manual_seed(n * 1000 + c * 100 + h * 10 + w)
@@ -87,3 +87,16 @@ def test_dp_step_around_the_pool_equals_opacus_with_nn_maxpool(name):
 def test_random_points_with_max_smoothing_equal_opacus_with_nn_maxpool(arch):
     torch.manual_seed(0)
     assert_same_as_reference_pools(build_model(arch.replace(pool="max_smooth"), num_classes=4, in_channels=3))
+
+
+@pytest.mark.parametrize("channels", [3, SmoothingMaxPool.MIN_CHANNELS, 48])
+def test_both_kernels_narrow_and_wide_equal_nn_maxpool(channels):
+    torch.manual_seed(channels)
+    x = torch.randint(-3, 4, (4, channels, 9, 7)).float().requires_grad_()  # ties everywhere
+    reference = x.detach().clone().requires_grad_()
+    out, expected = SmoothingMaxPool()(x), REFERENCE(reference)
+    assert torch.equal(out, expected) and out.is_contiguous()
+    upstream = torch.randn_like(expected)
+    out.backward(upstream)
+    expected.backward(upstream)
+    assert torch.equal(x.grad, reference.grad)

@@ -99,18 +99,22 @@ def make_norm(arch: ArchConfig, channels: int) -> nn.Module:
 class SmoothingMaxPool(nn.MaxPool2d):
     """``nn.MaxPool2d(3, stride=1, padding=1)``, computed in channels-last layout on the CPU.
 
-    PyTorch's NCHW CPU kernel for this pool is slow, and its backward pathologically so for few channels
-    (64 x 3 x 32 x 32: 0.6 s against 9 ms in NHWC; benchmarks/pool_smoothing.py).  The NHWC kernel takes the same
-    maximum over the same window, and its gradient goes to the same element, so values and gradients are
+    PyTorch's NCHW CPU kernel for this pool is slow: forward + backward in NHWC, conversions included, is 1.5-2x
+    faster from 32 channels up, and a whole non-private step of the quickstart's points 1.3-1.4x
+    (benchmarks/pool_smoothing.py); below 16 channels NCHW is as fast or faster, and is kept.  The NHWC kernel takes
+    the same maximum over the same window, and its gradient goes to the same element, so values and gradients are
     bit-identical (tests/test_smoothing_pool.py); the result comes back in the input's own layout.  CUDA keeps
     the default kernel, which is fast in either layout.
     """
+
+    MIN_CHANNELS = 16
 
     def __init__(self) -> None:
         super().__init__(3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+        if (x.device.type != "cpu" or x.dim() != 4 or x.shape[1] < self.MIN_CHANNELS
+                or x.is_contiguous(memory_format=torch.channels_last)):
             return super().forward(x)
         y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, stride=1, padding=1)
         return y.contiguous()

@@ -246,13 +246,18 @@ def build_model(
     if in_channels < 1:
         raise ConfigError(f"in_channels: must be >= 1, got {in_channels}")
     if image_size is not None:
-        halvings = downsamplings(arch)
-        if image_size < 2**halvings:
-            raise ConfigError(
-                f"image_size: {image_size}px is too small for {halvings} downsamplings "
-                f"(needs at least {2**halvings}px); use fewer stages or larger images"
-            )
+        check_image_size(arch, image_size)
     return DPNASNet(arch, num_classes=num_classes, in_channels=in_channels)
+
+
+def check_image_size(arch: ArchConfig, image_size: int) -> None:
+    """Refuse (ConfigError) an input that `arch`'s downsamplings would shrink below one pixel."""
+    halvings = downsamplings(arch)
+    if image_size < 2**halvings:
+        raise ConfigError(
+            f"image_size: {image_size}px is too small for {halvings} downsamplings "
+            f"(needs at least {2**halvings}px); use fewer stages or larger images"
+        )
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 import optuna
 
+from dpnas.arch.models import check_image_size
 from dpnas.arch.space import ConfigError
 from dpnas.data.datasets import DatasetSplits, load_dataset
 from dpnas.dp.memory import check_training_fits
@@ -113,14 +114,18 @@ def _privacy_settings(spec: StudySpec) -> list[Any]:
     return settings
 
 
-def first_point(spec: StudySpec):
-    """The first valid point a sampler would propose, drawn in a throwaway in-memory study."""
+def first_point(spec: StudySpec, image_size: int | None = None):
+    """The first valid point a sampler would propose, drawn in a throwaway in-memory study (with `image_size`, one
+    whose downsamplings that size can take: the others are pruned before they touch data, like invalid points)."""
     scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.seed),
                                   directions=spec.directions)
     last: ConfigError | None = None
     for _ in range(20):
         try:
-            return suggest(scratch.ask(), spec)
+            configs = suggest(scratch.ask(), spec)
+            if image_size is not None:
+                check_image_size(configs[0], image_size)
+            return configs
         except ConfigError as err:
             last = err
     raise ConfigError(f"the search space proposed 20 invalid points in a row (last: {last})")
@@ -157,7 +162,7 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
         lines.append(f"budget: total epsilon {spec.total_epsilon:g} → noise multipliers "
                      f"{sorted(set(round(s, 4) for s in calibration.noise_multipliers.values()))}, validation "
                      f"noise {calibration.val_noise:.3g}")
-    arch, train_cfg, privacy = first_point(spec)
+    arch, train_cfg, privacy = first_point(spec, data.image_size)
     check_training_fits(arch, train_cfg, dataset=spec.dataset, image_size=data.image_size, device=parsed,
                         synthetic_size=spec.synthetic_size)
     preflight(arch, train_cfg, privacy, num_classes=data.num_classes, in_channels=data.in_channels,

@@ -36,6 +36,7 @@ from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enable
 from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm.auto import tqdm
 
+from dpnas.arch.models import check_image_size
 from dpnas.arch.space import ConfigError
 from dpnas.data.datasets import DatasetSplits, load_dataset
 from dpnas.dp.checkpoint import checkpoint_dict
@@ -88,12 +89,14 @@ def _trained_keys(study: optuna.Study, *, exclude: int | None = None) -> dict[st
     return keys
 
 
-def _propose(study: optuna.Study, spec: StudySpec, trial: Trial) -> tuple[Any, int | None]:
+def _propose(study: optuna.Study, spec: StudySpec, trial: Trial, image_size: int) -> tuple[Any, int | None]:
     """Sample the trial's configs (under the slot lock, so two workers never take the same new point).
 
-    Returns (configs, the number of the trial it repeats or None); raises ConfigError for an invalid point.
+    Returns (configs, the number of the trial it repeats or None); raises ConfigError for an invalid point,
+    including one whose downsamplings the study's image size cannot take (refused before any ε is charged).
     """
     configs = suggest(trial, spec)
+    check_image_size(configs[0], image_size)
     key = config_key(configs)
     repeated = _trained_keys(study, exclude=trial.number).get(key)
     trial.set_user_attr("config_key", key)
@@ -158,7 +161,7 @@ def run_worker(
                     trial = study.ask()
                     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
                     try:
-                        configs, repeated = _propose(study, spec, trial)
+                        configs, repeated = _propose(study, spec, trial, data.image_size)
                     except ConfigError as err:  # a combination no rule covers: pruned before it touches data
                         line = _prune_invalid(study, trial, err)
                     if repeated is not None:
