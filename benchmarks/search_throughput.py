@@ -17,7 +17,7 @@ writes JSON (compare the ratio, measured in the same run, not absolute numbers a
 
     uv run python benchmarks/search_throughput.py --trials 6 --epochs 1 --workers 1,2
     uv run python benchmarks/search_throughput.py --study studies/quickstart.toml --dataset digits --epochs 8 \
-        --trials 6 --workers 1,2 --baseline
+        --trials 6 --workers 1,2 --baseline                  # at the quickstart's 16 px (--image-size 32: as before)
     uv run python benchmarks/search_throughput.py --device cuda --synthetic-size 50000 --trials 16 --workers 1,2,4
     uv run python benchmarks/search_throughput.py --dataset cifar10 --data-dir ~/data --device cuda --workers 1,4
 """
@@ -93,7 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", help="where cifar10 is (or is downloaded to)")
     parser.add_argument("--synthetic-size", type=positive_int,
                         help=f"samples of the synthetic CIFAR-shaped data (default {DEFAULT_SYNTHETIC_SIZE}; CIFAR-10 has 50000)")
-    parser.add_argument("--image-size", type=positive_int, help="resize images (default: the dataset's 32)")
+    parser.add_argument("--image-size", type=positive_int, help="resize images (default: the study's own, else the "
+                                                                "dataset's default)")
     parser.add_argument("--baseline", action="store_true",
                         help="add the arm a user would write: a plain Opacus loop over the sequential arm's trials")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/search_throughput.json"))
@@ -127,7 +128,7 @@ def derive_study(args: argparse.Namespace, directory: Path) -> Path:
     )
     data = document.setdefault("data", {})
     data["dataset"] = args.dataset
-    for key in ("data_dir", "synthetic_size", "image_size"):
+    for key in ("data_dir", "synthetic_size"):  # the study's image_size stays, unless --image-size overrides it
         data.pop(key, None)
     if args.dataset == "cifar10" and args.data_dir:
         data["data_dir"] = str(Path(args.data_dir).expanduser())
