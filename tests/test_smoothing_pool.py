@@ -81,7 +81,7 @@ def test_dp_step_around_the_pool_equals_opacus_with_nn_maxpool(name):
     assert_same_as_reference_pools(model, sigma=1.1, C=1e-3)  # noise, and every sample clipped
 
 
-@settings(max_examples=8, deadline=None, derandomize=True,
+@settings(max_examples=5, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
 @given(arch=small_arch())
 def test_random_points_with_max_smoothing_equal_opacus_with_nn_maxpool(arch):
