@@ -298,20 +298,14 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
 # --- the whole search ----------------------------------------------------------------------------
 
 
-def _worker_process(spec_path: str, storage_url: str, study_name: str, worker_index: int,
+def _worker_process(spec: StudySpec | str, storage_url: str, study_name: str, worker_index: int,
                     device: str | None, timeout: float | None, threads: int, artifacts: str | None,
-                    lines: Any = None) -> None:
-    spec = load_study_file(spec_path)
+                    data: DatasetSplits | None, lines: Any = None) -> None:
+    """One worker of ``--workers K``: forked, it gets the spec and the loaded data; spawned, the study file's path
+    (and it loads the data itself). Either way it opens its own storage: inherited connections are never used."""
+    if not isinstance(spec, StudySpec):
+        spec = load_study_file(spec)
     torch.set_num_threads(threads)  # workers share the cores instead of each claiming all of them
-    run_worker(spec, storage_url, study_name=study_name, worker_index=worker_index, device=device, timeout=timeout,
-               artifacts=artifacts, on_line=lines.put if lines is not None else None)
-
-
-def _forked_worker(spec: StudySpec, storage_url: str, study_name: str, worker_index: int, device: str | None,
-                   timeout: float | None, threads: int, artifacts: str | None, data: DatasetSplits,
-                   lines: Any = None) -> None:
-    torch.set_num_threads(threads)
-    # every worker opens its own storage: connections inherited from the parent are never used here
     run_worker(spec, storage_url, study_name=study_name, worker_index=worker_index, device=device, timeout=timeout,
                artifacts=artifacts, data=data, on_line=lines.put if lines is not None else None)
 
@@ -361,17 +355,14 @@ def search(
     context = multiprocessing.get_context("fork" if _can_fork(devices) else "spawn")
     # With a bar, the workers send their lines to this process, which prints them above the one bar it draws.
     lines = context.Queue() if bar else None
-    if context.get_start_method() == "fork":
-        # A forked worker starts at once, with torch, Opacus and the data already in memory (shared copy-on-write):
-        # a spawned one imports them again and reloads the data, about 12 s on the 2-core CPU, which cost more
-        # than 2 workers gained there (benchmarks/RESULTS.md, search throughput).
-        processes = [context.Process(target=_forked_worker, daemon=False,
-                                     args=(spec, url, name, i, dev, timeout, threads, artifacts, checked.data, lines))
-                     for i, dev in enumerate(devices)]
-    else:
-        processes = [context.Process(target=_worker_process, daemon=False,
-                                     args=(str(spec.path), url, name, i, dev, timeout, threads, artifacts, lines))
-                     for i, dev in enumerate(devices)]
+    # A forked worker starts at once, with torch, Opacus and the data already in memory (shared copy-on-write):
+    # a spawned one imports them again and reloads the data, about 12 s on the 2-core CPU, which cost more than
+    # 2 workers gained there (benchmarks/RESULTS.md, search throughput).
+    forked = context.get_start_method() == "fork"
+    shared = (spec, checked.data) if forked else (str(spec.path), None)
+    processes = [context.Process(target=_worker_process, daemon=False,
+                                 args=(shared[0], url, name, i, dev, timeout, threads, artifacts, shared[1], lines))
+                 for i, dev in enumerate(devices)]
     for p in processes:
         p.start()
     if bar:
