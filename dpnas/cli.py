@@ -348,6 +348,8 @@ class Search(Command):
             print(f"best: trial {trial.number}, {dict(zip(study.metric_names or ['value'], trial.values))}, {trial.params}")
         report = study_privacy(study)
         where = command_url(args.storage) if args.storage else args.study
+        if report.headline():
+            print(report.headline())
         print(f"privacy of releasing the best trial: epsilon {report.epsilon:.3f} for the whole dataset (training "
               f"records {report.training_epsilon:.3f}, validation records {report.validation_epsilon:.3f}), delta "
               f"{report.delta:g} ({report.mode}; {report.runs} runs; `dpnas privacy {where}` explains)")

@@ -100,6 +100,10 @@ class DatasetSplits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     synthetic: bool = False
+    train_ids: torch.Tensor | None = None
+    """Each training record's index in the source dataset (what :func:`hash_split` keys on), in `train`'s order."""
+    full_train_size: int | None = None
+    """The training records before a search kept a subset of them ([fidelity] data_fraction); None: all kept."""
 
     def to(self, device: torch.device | str) -> DatasetSplits:
         return replace(self, train=self.train.to(device), val=self.val.to(device), test=self.test.to(device))
@@ -217,6 +221,7 @@ def load_dataset(
         mean=tuple(mean),
         std=tuple(std),
         synthetic=key == "synthetic",
+        train_ids=ids[train_idx],
     )
 
 

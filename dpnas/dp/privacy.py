@@ -42,6 +42,8 @@ class PrivacyPlan:
     """Std of the Gaussian noise on each validation score's correct count; 0 = exact scores."""
     val_releases: int = 0
     """How many validation scores the run may release (one per epoch): each is charged, finished or not."""
+    epoch_steps: int = 0
+    """Steps between two validation releases; 0: one pass over the data, round(1 / q)."""
 
 
 def check_budget(privacy: PrivacyConfig, *, dataset_size: int) -> None:
@@ -62,9 +64,13 @@ def check_budget(privacy: PrivacyConfig, *, dataset_size: int) -> None:
 
 
 def plan_privacy(
-    privacy: PrivacyConfig, *, dataset_size: int, batch_size: int, epochs: int
+    privacy: PrivacyConfig, *, dataset_size: int, batch_size: int, epochs: int, steps: int | None = None
 ) -> PrivacyPlan:
-    """Sample rate q = B / n, steps = epochs x round(1 / q), and the smallest noise that meets (ε, δ)."""
+    """Sample rate q = B / n, steps = epochs x round(1 / q), and the smallest noise that meets (ε, δ).
+
+    `steps` fixes the step count instead (a TAN simulation keeps its target's, dpnas.search.fidelity); the run
+    then releases a validation score every ceil(steps / epochs) steps, `epochs` times at most.
+    """
     if dataset_size < 1:
         raise ConfigError("the training split is empty; use a smaller val_fraction or more data")
     if batch_size > dataset_size:
@@ -74,7 +80,14 @@ def plan_privacy(
         )
     check_budget(privacy, dataset_size=dataset_size)
     sample_rate = batch_size / dataset_size
-    steps = epochs * max(1, round(1 / sample_rate))
+    if steps is None:
+        epoch_steps = max(1, round(1 / sample_rate))
+        steps, releases = epochs * epoch_steps, epochs
+    else:
+        if steps < 1:
+            raise ConfigError(f"steps: must be >= 1, got {steps}")
+        epoch_steps = math.ceil(steps / epochs)
+        releases = math.ceil(steps / epoch_steps)
     noise_multiplier = 0.0
     if privacy.private and privacy.noise_multiplier > 0:
         noise_multiplier = privacy.noise_multiplier
@@ -90,8 +103,9 @@ def plan_privacy(
         noise_multiplier=noise_multiplier,
         expected_batch_size=sample_rate * dataset_size,
         dataset_size=dataset_size,
-        val_noise=validation_noise(privacy, releases=epochs),
-        val_releases=epochs,
+        val_noise=validation_noise(privacy, releases=releases),
+        val_releases=releases,
+        epoch_steps=epoch_steps,
     )
 
 
@@ -227,6 +241,14 @@ def poisson_sample(
 
 
 def steps_per_epoch(plan: PrivacyPlan) -> int:
-    return max(1, round(1 / plan.sample_rate))
+    """Steps between validation releases: the plan's, else one pass over the data."""
+    return plan.epoch_steps or max(1, round(1 / plan.sample_rate))
+
+
+def run_epsilon(accountant: str, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """ε at δ of one DP-SGD run of `steps` steps at this noise and sample rate (inf without noise)."""
+    if noise_multiplier <= 0:
+        return math.inf
+    return _epsilon_of_history(accountant, ((float(noise_multiplier), float(sample_rate), int(steps)),), delta)
 
 

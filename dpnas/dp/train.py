@@ -157,6 +157,7 @@ def train(
     on_plan: Callable[[PrivacyPlan], None] | None = None,
     catch_interrupt: bool = True,
     on_trained: Callable[[nn.Module], None] | None = None,
+    steps: int | None = None,
 ) -> dict[str, Any]:
     """Train `arch` on `data` with DP-SGD; return the result record (see README for its fields).
 
@@ -164,11 +165,14 @@ def train(
     exception it raises stops training and propagates.  `on_plan` receives the privacy plan
     (noise, sample rate, steps) before the first step touches the data.  Ctrl-C stops after the current
     step and still returns the record of what was finished (``interrupted: true``).  `on_trained` receives the
-    model that was evaluated (the EMA copy where there is one), to keep its weights.
+    model that was evaluated (the EMA copy where there is one), to keep its weights.  `steps` fixes the number of
+    DP-SGD steps instead of ``epochs`` passes over the data, with ``epochs`` validation releases spread over them
+    (a TAN simulation, :mod:`dpnas.search.fidelity`).
     """
     device = check_device(device, what="device")
     data = data.to(device)
-    plan = plan_privacy(privacy, dataset_size=len(data.train), batch_size=train_cfg.batch_size, epochs=train_cfg.epochs)
+    plan = plan_privacy(privacy, dataset_size=len(data.train), batch_size=train_cfg.batch_size, epochs=train_cfg.epochs,
+                        steps=steps)
     if on_plan is not None:
         on_plan(plan)
 

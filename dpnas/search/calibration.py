@@ -173,7 +173,8 @@ def _calibrate(total_epsilon: float, delta: float, mode: str, runs: int | None, 
 
 def run_shapes(spec) -> list[tuple[int, int]]:
     """Every (batch_size, epochs) a trial of the study can take: the base values, or the searched ones."""
-    values = {"batch_size": [spec.train.batch_size], "epochs": [spec.train.epochs]}
+    # a search at fewer epochs ([fidelity] epochs, never searched then) runs at those
+    values = {"batch_size": [spec.train.batch_size], "epochs": [spec.fidelity.epochs or spec.train.epochs]}
     for axis in spec.axes:
         if axis.name not in values:
             continue

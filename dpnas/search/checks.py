@@ -17,12 +17,13 @@ import optuna
 
 from dpnas.arch.models import check_image_size
 from dpnas.arch.space import ConfigError
-from dpnas.data.datasets import DatasetSplits, load_dataset
+from dpnas.data.datasets import DatasetSplits
 from dpnas.dp.memory import check_training_fits
 from dpnas.dp.preflight import preflight
-from dpnas.dp.privacy import check_budget
+from dpnas.dp.privacy import check_budget, plan_privacy
 from dpnas.dp.train import check_device
 from dpnas.search.calibration import calibrate, run_shapes
+from dpnas.search.fidelity import load_search_data, search_train, trial_fidelity
 from dpnas.search.sampling import ablation_points, grid_points, suggest
 from dpnas.search.study_file import StudySpec
 
@@ -147,11 +148,11 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
         raise ConfigError(f"{spec.path}: data.val_fraction: the objective val_accuracy is read on the validation "
                           "split; set val_fraction > 0 (0.2 is customary)")
     if data is None:
-        data = load_dataset(spec.dataset, data_dir=spec.data_dir, val_fraction=spec.val_fraction,
-                            seed=spec.train.seed, image_size=spec.image_size, synthetic_size=spec.synthetic_size,
-                            progress=progress)
+        data = load_search_data(spec, progress=progress)
     lines.append(f"data: {spec.dataset}, {len(data.train)} training, {len(data.val)} validation and "
-                 f"{len(data.test)} test records")
+                 f"{len(data.test)} test records" + (f" (the search's {spec.fidelity.data_fraction:g} of "
+                                                     f"{data.full_train_size} training records)"
+                                                     if data.full_train_size is not None else ""))
     for privacy in _privacy_settings(spec):
         check_budget(privacy, dataset_size=len(data.train))
     if spec.total_epsilon is not None:
@@ -163,6 +164,17 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
                      f"{sorted(set(round(s, 4) for s in calibration.noise_multipliers.values()))}, validation "
                      f"noise {calibration.val_noise:.3g}")
     arch, train_cfg, privacy = first_point(spec, data.image_size)
+    train_cfg = search_train(spec, train_cfg)
+    if spec.total_epsilon is not None:
+        privacy = calibration.privacy_for(privacy, train_cfg)
+    if spec.fidelity.active:
+        # the trial as it will train: a batch too large for a data_fraction's subset, or a TAN target whose
+        # noise no epsilon reaches, is refused here, before the first trial takes a slot
+        scaled = trial_fidelity(spec, train_cfg, privacy, train_size=len(data.train))
+        plan_privacy(scaled.privacy, dataset_size=len(data.train), batch_size=scaled.train.batch_size,
+                     epochs=scaled.train.epochs, steps=scaled.steps)
+        train_cfg, privacy = scaled.train, scaled.privacy
+        lines.append(f"fidelity: the search trains at {spec.fidelity.describe()}; `dpnas best` exports the target")
     check_training_fits(arch, train_cfg, dataset=spec.dataset, image_size=data.image_size, device=parsed,
                         synthetic_size=spec.synthetic_size)
     preflight(arch, train_cfg, privacy, num_classes=data.num_classes, in_channels=data.in_channels,

@@ -17,6 +17,7 @@ covered, or a sampler that keeps repeating itself, ends the study with a line sa
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import multiprocessing
@@ -38,12 +39,13 @@ from tqdm.auto import tqdm
 
 from dpnas.arch.models import check_image_size
 from dpnas.arch.space import ConfigError
-from dpnas.data.datasets import DatasetSplits, load_dataset
+from dpnas.data.datasets import DEFAULT_IMAGE_SIZE, DatasetSplits
 from dpnas.dp.checkpoint import checkpoint_dict
 from dpnas.dp.privacy import PrivacyPlan
 from dpnas.dp.train import DivergedError, check_device, train
 from dpnas.search.calibration import Calibration
 from dpnas.search.checks import check_study
+from dpnas.search.fidelity import load_search_data, search_train, trial_fidelity
 from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
 from dpnas.search.storage import storage_kind, trial_slot_lock
@@ -97,6 +99,9 @@ def _propose(study: optuna.Study, spec: StudySpec, trial: Trial, image_size: int
     """
     configs = suggest(trial, spec)
     check_image_size(configs[0], image_size)
+    target_size = spec.image_size or DEFAULT_IMAGE_SIZE[spec.dataset]
+    if target_size != image_size:  # a search at another resolution ([fidelity]): the exported recipe must build too
+        check_image_size(configs[0], target_size)
     key = config_key(configs)
     repeated = _trained_keys(study, exclude=trial.number).get(key)
     trial.set_user_attr("config_key", key)
@@ -133,9 +138,7 @@ def run_worker(
     study = open_study(spec, storage_url, study_name=study_name, worker_index=worker_index)
     store = _weights_store(study, spec, storage_url, artifacts)
     if data is None:
-        data = load_dataset(spec.dataset, data_dir=spec.data_dir, val_fraction=spec.val_fraction,
-                            seed=spec.train.seed, image_size=spec.image_size, synthetic_size=spec.synthetic_size,
-                            progress=progress)
+        data = load_search_data(spec, progress=progress)
     storage = study._storage
     with trial_slot_lock(storage, storage_url):
         calibration = study_calibration(study, spec, len(data.train))  # before any trial: an impossible total stops here
@@ -214,10 +217,21 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
     Every score that leaves the trial (intermediate values for the pruner and the dashboard, the objective, the
     user attributes, the printed line) is the run's noisy validation release; the exact one never exists here.
     """
-    arch, train_cfg, privacy = configs
-    if calibration is not None:
-        privacy = calibration.privacy_for(privacy, train_cfg)
+    arch, target_train, target_privacy = configs
+    train_cfg = search_train(spec, target_train)
+    privacy = calibration.privacy_for(target_privacy, train_cfg) if calibration is not None else target_privacy
     settings = spec.data_settings()
+    steps = None
+    if spec.fidelity.active:
+        # The trial trains at the search's fidelity; what it stands for (and `dpnas best` exports) is the target.
+        scaled = trial_fidelity(spec, train_cfg, privacy, train_size=len(data.train),
+                                full_train_size=data.full_train_size)
+        train_cfg, privacy, steps = scaled.train, scaled.privacy, scaled.steps
+        trial.set_user_attr("fidelity", scaled.record)
+        trial.set_user_attr("target_train_config", target_train.to_dict())
+        trial.set_user_attr("target_privacy_config", target_privacy.to_dict())
+        trial.set_user_attr("target_data", settings.to_dict())
+        settings = dataclasses.replace(settings, image_size=data.image_size)
     trial.set_user_attr("config", arch.to_dict())
     trial.set_user_attr("train_config", train_cfg.to_dict())
     trial.set_user_attr("privacy_config", privacy.to_dict())
@@ -243,7 +257,8 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
     trained: list[torch.nn.Module] = []
     try:
         result = train(arch, data, train_cfg=train_cfg, privacy=privacy, device=device, progress=False,
-                       on_epoch=report, on_plan=record_plan, catch_interrupt=False, on_trained=trained.append)
+                       on_epoch=report, on_plan=record_plan, catch_interrupt=False, on_trained=trained.append,
+                       steps=steps)
     except (optuna.TrialPruned, DivergedError) as err:
         trial.set_user_attr("failure_reason" if isinstance(err, DivergedError) else "pruned_reason", str(err))
         study.tell(trial, state=TrialState.PRUNED)

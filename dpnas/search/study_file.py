@@ -8,6 +8,8 @@
     [train]    recipe = NAME, then TrainConfig fields overriding it
     [arch]     base = NAME (a registered architecture), then ArchConfig fields: the fixed part of the space
     [search]   the searched axes: FIELD = [choices] or FIELD = {low, high, step?, log?}
+    [fidelity] tan_batch, data_fraction, image_size, epochs, private_data_ok: cheaper trials for the search only
+               (dpnas.search.fidelity); [data] public = true marks data that need no protection (a public proxy)
 
 Everything is checked when the file is loaded; an error names the file, the key and what is allowed.
 """
@@ -28,6 +30,7 @@ from dpnas.data.datasets import DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_SYNTHETIC_
 from dpnas.dp.config import DP_RELEVANCE, MAX_SEED, PrivacyConfig, TrainConfig, check_seed
 from dpnas.dp.recipe_file import DataSettings
 from dpnas.dp.recipes import DEFAULT_RECIPE, RECIPES
+from dpnas.search.fidelity import Fidelity, parse_fidelity
 from dpnas.search.privacy import expected_trials_tnb
 
 OBJECTIVES = {"val_accuracy": "maximize", "params": "minimize", "epoch_seconds": "minimize"}
@@ -38,7 +41,7 @@ MAX_EXPECTED_TRIALS = 100_000
 # from seed + 1 ... seed + 4, so a stride of 5 keeps every repeat's generators apart from every other repeat's.
 REPEAT_SEED_STRIDE = 5
 TRIAL_COUNTS = ("fixed", "poisson", "truncated_negative_binomial")
-SECTIONS = ("study", "data", "privacy", "train", "arch", "search")
+SECTIONS = ("study", "data", "privacy", "train", "arch", "search", "fidelity")
 
 _STUDY_KEYS = {
     "name": str, "objectives": list, "n_trials": int, "timeout": (int, float), "seed": int, "sampler": str,
@@ -47,7 +50,8 @@ _STUDY_KEYS = {
     "keep_weights": (str, int), "repeats": int,
 }
 KEEP_WEIGHTS = ("all", "best", "none")
-_DATA_KEYS = {"dataset": str, "data_dir": str, "val_fraction": (int, float), "image_size": int, "synthetic_size": int}
+_DATA_KEYS = {"dataset": str, "data_dir": str, "val_fraction": (int, float), "image_size": int, "synthetic_size": int,
+              "public": bool}
 _CONFIG_FIELDS = {
     "arch": {f.name for f in dataclasses.fields(ArchConfig)},
     "train": {f.name for f in dataclasses.fields(TrainConfig)},
@@ -122,6 +126,10 @@ class StudySpec:
     """[privacy] total_epsilon: the whole search's ε (None: every run at [privacy] epsilon)."""
     repeats: int = 1
     """[study] repeats (ablation only): each point is trained from this many seeds, one trial (and one run) each."""
+    fidelity: Fidelity = field(default_factory=Fidelity)
+    """[fidelity]: how the search's trials are cheaper than the recipe it exports (dpnas.search.fidelity)."""
+    public_data: bool = False
+    """[data] public: the search's data need no protection (a public proxy): it spends no private budget."""
 
     def data_settings(self) -> DataSettings:
         """How every trial of the study sees the data (one split for the whole study)."""
@@ -140,7 +148,9 @@ class StudySpec:
                 "eta": self.eta, "gamma": self.gamma, "searched": searched,
                 # R seeds per ablation point is R times the runs; recorded only when asked for, so a study created
                 # before repeats existed still matches a file without the key
-                **({"repeats": self.repeats} if self.repeats != 1 else {})}
+                **({"repeats": self.repeats} if self.repeats != 1 else {}),
+                **({"fidelity": self.fidelity.to_dict()} if self.fidelity.to_dict() else {}),
+                **({"public_data": True} if self.public_data else {})}
 
     @property
     def directions(self) -> list[str]:
@@ -169,7 +179,7 @@ def _check_keys(path: Path, section: str, table: dict, allowed: dict) -> None:
         if key not in allowed:
             raise _fail(path, f"{section}.{key}", f"unknown key; allowed keys in [{section}]: {', '.join(sorted(allowed))}")
         expected = allowed[key]
-        if isinstance(value, bool) or not isinstance(value, expected):
+        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
             names = expected.__name__ if isinstance(expected, type) else " or ".join(t.__name__ for t in expected)
             raise _fail(path, f"{section}.{key}", f"expected {names}, got {value!r}")
 
@@ -348,6 +358,15 @@ def load_study_file(path: str | Path) -> StudySpec:
             raise _fail(path, "study.repeats", f"the last repeat's seed would be [train] seed {train.seed} + "
                                                f"{REPEAT_SEED_STRIDE} x {repeats - 1} = {last_seed}, above 2**63 - 1; "
                                                "use a smaller [train] seed")
+    fidelity_table = document.get("fidelity", {})
+    fidelity = parse_fidelity(fidelity_table, fail=lambda key, message: _fail(path, key, message),
+                              public=data.get("public", False), train=train, searched=searched)
+    if fidelity.image_size is not None:
+        try:
+            check_fits(dataset, fidelity.image_size, synthetic_size)
+        except DataError as err:
+            raise _fail(path, "fidelity.image_size",
+                        str(err).removeprefix(f"image_size {fidelity.image_size}: ")) from None
     if sampler in ("grid", "ablation"):
         for axis in axes:
             try:
@@ -386,6 +405,8 @@ def load_study_file(path: str | Path) -> StudySpec:
         keep_weights=keep_weights,
         total_epsilon=float(total_epsilon) if total_epsilon is not None else None,
         repeats=repeats,
+        fidelity=fidelity,
+        public_data=data.get("public", False),
     )
 
 

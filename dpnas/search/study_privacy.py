@@ -59,6 +59,25 @@ class StudyPrivacy:
     budget: dict[str, Any]
     explanation: str
     notes: list[str] = field(default_factory=list)
+    public_data: bool = False
+    """The search's data were marked public ([data] public = true): the ε above protects no one's private records."""
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    """The study's [fidelity] settings (dpnas.search.fidelity)."""
+    dataset: str | None = None
+
+    def headline(self) -> str | None:
+        """What budget covers what, for a study that did not search at the target on private data."""
+        if self.public_data:
+            return (f"the search trained on public data ({self.dataset}, [data] public = true): it spends no "
+                    "private budget, and the epsilons below are those of its simulated runs. `dpnas train "
+                    "RECIPE --dataset PRIVATE` trains the winner once on the private data: that run's epsilon is "
+                    "the whole private cost")
+        if self.fidelity:
+            return ("the search trained cheaper proxies of its points ([fidelity]: "
+                    f"{', '.join(f'{k} = {v}' for k, v in self.fidelity.items())}); the epsilons below are what "
+                    "its runs cost on these records. `dpnas train` of the exported recipe (the target fidelity) "
+                    "spends its own epsilon on top")
+        return None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -150,12 +169,45 @@ def study_privacy(study: optuna.Study) -> StudyPrivacy:
                            "test accuracy is stored for the report (it steers nothing)")
     calibration = study._storage.get_study_system_attrs(study._study_id).get(CALIBRATION_ATTR)
     budget = _budget(runs, mode, attrs, calibration)
+    fidelity = attrs.get("fidelity") or {}
     if calibration is not None and whole > calibration["total_epsilon"] * (1 + 1e-9):
-        notes.append(f"ε = {whole:.4g} exceeds the study's total_epsilon = {calibration['total_epsilon']:g}")
+        if "tan_batch" in fidelity:
+            notes.append(f"total_epsilon = {calibration['total_epsilon']:g} is the budget of the search these TAN "
+                         f"trials simulate; the simulated runs themselves cost ε = {whole:.4g}")
+        else:
+            notes.append(f"ε = {whole:.4g} exceeds the study's total_epsilon = {calibration['total_epsilon']:g}")
+    public = bool(attrs.get("public_data"))
+    not_covered += _fidelity_gaps(trials, fidelity, sizes, public)
     explanation = _explain(mode, runs, delta, training, validation, whole, budget, attrs)
     return StudyPrivacy(epsilon=whole, delta=delta, mode=mode, runs=len(runs), per_run_epsilon=per_run,
                         training_epsilon=training, validation_epsilon=validation, covers=covers,
-                        not_covered=not_covered, budget=budget, explanation=explanation, notes=notes)
+                        not_covered=not_covered, budget=budget, explanation=explanation, notes=notes,
+                        public_data=public, fidelity=fidelity, dataset=attrs.get("dataset"))
+
+
+def _fidelity_gaps(trials, fidelity: dict[str, Any], sizes: dict[str, int | None], public: bool) -> list[str]:
+    """What a study's [fidelity] proxies leave unprotected (or untouched), in words."""
+    lines = []
+    if "tan_batch" in fidelity:
+        recorded = next((t.user_attrs["fidelity"] for t in trials if "target_batch_size" in
+                         t.user_attrs.get("fidelity", {})), {})
+        target = (f" for the target batch {recorded['target_batch_size']} (noise multiplier "
+                  f"{recorded['target_noise_multiplier']:.4g} scaled to {recorded['noise_multiplier']:.4g}, the "
+                  f"target's {recorded['target_steps']} steps)") if recorded else ""
+        lines.append(f"the {_count(sizes['train_size'])} training records are not protected at the target epsilon: "
+                     f"the trials are TAN simulations at batch {fidelity['tan_batch']}{target}, with less noise "
+                     "than the target; the epsilon above is what they really cost"
+                     + ("" if public else " ([fidelity] private_data_ok = false acknowledged that the results are "
+                                          "not DP)"))
+    if "data_fraction" in fidelity:
+        recorded = next((t.user_attrs["fidelity"] for t in trials if "train_records" in
+                         t.user_attrs.get("fidelity", {})), {})
+        full = recorded.get("train_records")
+        untouched = f"the other {full - sizes['train_size']}" if full and sizes["train_size"] else "the others"
+        lines.append(f"untouched: the search trained on a seeded random {_count(sizes['train_size'])} of "
+                     f"{full or 'the'} training records ([fidelity] data_fraction = {fidelity['data_fraction']:g}, "
+                     f"each kept by a hash of its own index); {untouched} were not seen by any trial (epsilon 0)")
+    return lines
 
 
 def _budget(runs, mode, attrs, calibration) -> dict[str, Any]:

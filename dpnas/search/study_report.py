@@ -11,6 +11,7 @@ from optuna.trial import FrozenTrial, TrialState
 from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.recipe_file import DataSettings, RecipeFile, recipe_to_toml, write_recipe
+from dpnas.search.fidelity import Fidelity
 from dpnas.search.runner import best_trials
 from dpnas.search.storage import dashboard_command, display_url, list_study_names, open_storage
 from dpnas.search.study_file import load_study_file
@@ -43,22 +44,35 @@ def trial_arch(trial: FrozenTrial) -> ArchConfig:
 
 
 def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> RecipeFile:
-    """Everything the trial trained with: its architecture, training and privacy configs and data split.
+    """Everything the trial stands for: its architecture, training and privacy configs and data split.
 
-    Trials recorded before dpnas kept the whole recipe give their architecture alone.
+    A trial of a study with [fidelity] settings trained a cheaper proxy of its point; its recipe is the point at
+    the *target* fidelity (the study file's epochs, batch, budget, resolution and the whole training split), so
+    `dpnas train` of it runs the real thing. Trials recorded before dpnas kept the whole recipe give their
+    architecture alone.
     """
     attrs = trial.user_attrs
+    target = "target_train_config" in attrs
+    prefix = "target_" if target else ""
     objectives = dict(zip(study.metric_names or ["value"], trial.values or []))
     provenance = {"study": study.study_name, "trial": trial.number, "objectives": objectives,
                   "epsilon_spent": attrs.get("epsilon_spent"), "delta": (attrs.get("privacy_config") or {}).get("delta"),
-                  "dpnas_version": study.user_attrs.get("dpnas_version")}
+                  "dpnas_version": study.user_attrs.get("dpnas_version"),
+                  "searched_at": attrs.get("fidelity") if target else None}
     return RecipeFile(
         arch=trial_arch(trial),
-        train=TrainConfig.from_dict(attrs["train_config"]) if "train_config" in attrs else None,
-        privacy=PrivacyConfig.from_dict(attrs["privacy_config"]) if "privacy_config" in attrs else None,
-        data=DataSettings(**attrs["data"]) if "data" in attrs else None,
+        train=TrainConfig.from_dict(attrs[f"{prefix}train_config"]) if f"{prefix}train_config" in attrs else None,
+        privacy=(PrivacyConfig.from_dict(attrs[f"{prefix}privacy_config"]) if f"{prefix}privacy_config" in attrs
+                 else None),
+        data=DataSettings(**attrs[f"{prefix}data"]) if f"{prefix}data" in attrs else None,
         provenance={k: v for k, v in provenance.items() if v is not None},
     )
+
+
+def fidelity_text(record: dict[str, Any]) -> str:
+    """A trial's or study's recorded fidelity settings, in words."""
+    return Fidelity(**{k: record[k] for k in ("tan_batch", "data_fraction", "image_size", "epochs",
+                                              "private_data_ok") if k in record}).describe()
 
 
 def _numbered(out: Path, trial: FrozenTrial, several: bool) -> Path:
@@ -79,6 +93,10 @@ def export_best(study: optuna.Study, out: Path) -> list[Path]:
                   f"epsilon spent {trial.user_attrs.get('epsilon_spent')}, "
                   f"written by dpnas {recipe.provenance.get('dpnas_version', '?')}\n"
                   "`dpnas train FILE` trains it again (a new private run: it spends its own epsilon).")
+        if "searched_at" in recipe.provenance:
+            header += ("\nThe search trained a cheaper proxy of this point ([fidelity]: "
+                       f"{fidelity_text(recipe.provenance['searched_at'])}); this file is the point at the target "
+                       "fidelity.\nWeights fetched with `dpnas best --weights` are the proxy run's, not this recipe's.")
         paths.append(write_recipe(recipe, _numbered(out, trial, len(trials) > 1), header=header))
     return paths
 
@@ -116,6 +134,7 @@ def study_note(study: optuna.Study, privacy: StudyPrivacy, storage_url: str) -> 
         f"pruner {attrs.get('pruner')}, trial count {attrs.get('trial_count')}.",
         "",
         "## Privacy cost of the search",
+        *([f"**{privacy.headline()}.**", ""] if privacy.headline() else []),
         f"Releasing the best trial: **ε = {privacy.epsilon:.3f}, δ = {privacy.delta:g}** for the whole dataset "
         f"({privacy.runs} runs touched the data; one run alone: ε = {privacy.per_run_epsilon:.3f}).",
         "",
@@ -146,9 +165,11 @@ def privacy_statement(study: optuna.Study, report: StudyPrivacy | None = None) -
     """What `dpnas privacy` prints, line by line: the guarantee for releasing the best trial, part by part, how
     the budget was split, what is not covered and why the bound holds. The HTML report says the same words."""
     report = study_privacy(study) if report is None else report
-    lines = [f"study {study.study_name!r}: mode {report.mode}, {report.runs} runs touched the data",
-             f"releasing the best trial: epsilon = {report.epsilon:.4f}, delta = {report.delta:g} for the whole "
-             f"dataset (one run alone: epsilon = {report.per_run_epsilon:.4f})"]
+    lines = [f"study {study.study_name!r}: mode {report.mode}, {report.runs} runs touched the data"]
+    if report.headline():
+        lines.append(report.headline())
+    lines.append(f"releasing the best trial: epsilon = {report.epsilon:.4f}, delta = {report.delta:g} for the whole "
+                 f"dataset (one run alone: epsilon = {report.per_run_epsilon:.4f})")
     for part in report.covers:
         count = part["count"] if part["count"] is not None else "?"
         lines.append(f"  {part['records']}: {count} records at epsilon = {part['epsilon']:.4f}")

@@ -179,6 +179,9 @@ def _record_budget(study: optuna.Study, spec: StudySpec) -> None:
         "total_epsilon": spec.total_epsilon,
         "val_noise": spec.privacy.val_noise,
         "delta": spec.privacy.delta,
+        # what the privacy report must say about the search's data and proxies (dpnas.search.fidelity)
+        "fidelity": spec.fidelity.to_dict() or None,
+        "public_data": spec.public_data,
     }.items():
         study.set_user_attr(key, value)
     _set_system_attr(study, BUDGET_ATTR, spec.budget())

@@ -1,0 +1,179 @@
+"""Cheap trials that rank like expensive ones: a study's ``[fidelity]`` settings.
+
+    [fidelity]
+    tan_batch = b         TAN (Sander, Stock & Sablayrolles, ICML 2023): train at batch b with the noise
+                          multiplier scaled by b / B and the target's number of steps, so the noise per step
+                          relative to the batch (σ/B) stays the target's at a fraction b / B of the compute.
+                          Such runs are NOT private at the target ε (their σ is smaller): allowed only on data
+                          marked public ([data] public = true), or with private_data_ok = false, the
+                          acknowledgement that the study's results are not differentially private.
+    data_fraction = f     train on a seeded random subset of the training split, each record kept with
+                          probability f by a hash of its own index (Koskela & Kulkarni, NeurIPS 2023). Each run
+                          is accounted at the subset's sample rate B / m; the records left out are not touched.
+    image_size = S        the search's resolution (the target's is [data] image_size)
+    epochs = E            the search's epochs (the target's is [train] epochs)
+
+They change how the search's trials train, never the recipe it exports: ``dpnas best`` writes each point at the
+*target* fidelity (the study file's [train], [privacy] and [data]), so ``dpnas train`` of the winner runs the real
+thing, and that run spends its own ε.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from dpnas.data.datasets import DatasetSplits, hash_split, load_dataset
+from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.privacy import plan_privacy, run_epsilon
+
+_KEYS = {"tan_batch": int, "data_fraction": (int, float), "image_size": int, "epochs": int, "private_data_ok": bool}
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How far a study's trials are from the recipe it exports (None: the target's own value)."""
+
+    tan_batch: int | None = None
+    data_fraction: float | None = None
+    image_size: int | None = None
+    epochs: int | None = None
+    private_data_ok: bool | None = None
+    """False: the user acknowledges that TAN trials on data not marked public are not DP (see the module)."""
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.tan_batch, self.data_fraction, self.image_size, self.epochs))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def describe(self) -> str:
+        parts = []
+        if self.tan_batch is not None:
+            parts.append(f"TAN batch {self.tan_batch} (noise scaled by batch / target batch, the target's steps)")
+        if self.data_fraction is not None:
+            parts.append(f"{self.data_fraction:g} of the training records")
+        if self.image_size is not None:
+            parts.append(f"{self.image_size} px")
+        if self.epochs is not None:
+            parts.append(f"{self.epochs} epochs")
+        return ", ".join(parts) or "the target fidelity"
+
+
+def parse_fidelity(table: dict, *, fail: Callable[[str, str], Exception], public: bool, train: TrainConfig,
+                   searched: set[str]) -> Fidelity:
+    """The [fidelity] table, checked: `fail(key, message)` makes the study file's error."""
+    for key, value in table.items():
+        if key not in _KEYS:
+            raise fail(f"fidelity.{key}", f"unknown key; allowed keys in [fidelity]: {', '.join(sorted(_KEYS))}")
+        expected = _KEYS[key]
+        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
+            names = expected.__name__ if isinstance(expected, type) else "a number"
+            raise fail(f"fidelity.{key}", f"expected {names}, got {value!r}")
+    fidelity = Fidelity(**{k: float(v) if k == "data_fraction" else v for k, v in table.items()})
+    if fidelity.private_data_ok is True:
+        raise fail("fidelity.private_data_ok", "only `false` is accepted: it acknowledges that TAN-scaled trials "
+                                               "on private data are not differentially private; leave it out "
+                                               "otherwise")
+    b = fidelity.tan_batch
+    if b is not None:
+        if "batch_size" in searched:
+            raise fail("fidelity.tan_batch", "TAN holds the target's batch B and steps fixed and scales the noise "
+                                             "by b / B: do not search batch_size as well")
+        if not 1 <= b < train.batch_size:
+            raise fail("fidelity.tan_batch", f"must be an integer from 1 to below the target batch [train] "
+                                             f"batch_size = {train.batch_size}, got {b}")
+        if not public and fidelity.private_data_ok is not False:
+            raise fail("fidelity.tan_batch", "TAN-scaled trials train with less noise than the target, so they are "
+                                             "not private at the target epsilon: use data marked public "
+                                             "([data] public = true, e.g. a public proxy of the private data), or "
+                                             "acknowledge that this study's results are not DP with "
+                                             "[fidelity] private_data_ok = false")
+    elif fidelity.private_data_ok is not None:
+        raise fail("fidelity.private_data_ok", "only for tan_batch (the one proxy whose trials are not DP)")
+    f = fidelity.data_fraction
+    if f is not None and not (0 < f < 1):
+        raise fail("fidelity.data_fraction", f"must be in (0, 1) (the share of training records the search "
+                                             f"trains on), got {f:g}")
+    if fidelity.image_size is not None and fidelity.image_size < 1:
+        raise fail("fidelity.image_size", f"must be >= 1 (pixels), got {fidelity.image_size}")
+    if fidelity.epochs is not None:
+        if fidelity.epochs < 1:
+            raise fail("fidelity.epochs", f"must be >= 1, got {fidelity.epochs}")
+        if "epochs" in searched:
+            raise fail("fidelity.epochs", "the search's epochs are fixed here: do not search epochs as well")
+    return fidelity
+
+
+def search_image_size(spec) -> int | None:
+    return spec.fidelity.image_size or spec.image_size
+
+
+def load_search_data(spec, *, progress: bool = False) -> DatasetSplits:
+    """The data every trial of the study trains and is scored on: at the search's resolution, and the seeded
+    training subset of a data_fraction."""
+    data = load_dataset(spec.dataset, data_dir=spec.data_dir, val_fraction=spec.val_fraction, seed=spec.train.seed,
+                        image_size=search_image_size(spec), synthetic_size=spec.synthetic_size, progress=progress)
+    return subset_training(data, spec.fidelity.data_fraction, seed=spec.train.seed)
+
+
+def subset_training(data: DatasetSplits, fraction: float | None, *, seed: int) -> DatasetSplits:
+    """Keep each training record with probability `fraction`, by a hash of its own index (so whether a record
+    is kept depends on nothing else: the records left out are untouched by the search). Validation and test
+    records stay as they are: every trial is still scored on the whole validation split."""
+    if fraction is None:
+        return data
+    kept, _ = hash_split(data.train_ids, 1 - fraction, key=f"fraction:{seed}")
+    if len(kept) == 0:
+        raise ValueError(f"data_fraction {fraction:g} kept none of the {len(data.train)} training records")
+    return dataclasses.replace(data, train=data.train.subset(kept), train_ids=data.train_ids[kept],
+                               full_train_size=len(data.train))
+
+
+@dataclass(frozen=True)
+class TrialFidelity:
+    """One trial's configs at the search's fidelity, and what it stands for."""
+
+    train: TrainConfig
+    privacy: PrivacyConfig
+    steps: int | None
+    """The TAN run's fixed step count (None: epochs x passes, as usual)."""
+    record: dict[str, Any]
+    """What the trial records about its fidelity (the target's batch, noise and steps for TAN)."""
+
+
+def trial_fidelity(spec, train_cfg: TrainConfig, privacy: PrivacyConfig, *, train_size: int,
+                   full_train_size: int | None = None) -> TrialFidelity:
+    """The trial's configs at the search's fidelity. `privacy` is the trial's own (calibrated for a total-ε study);
+    `train_cfg` carries the search's epochs already (:func:`search_train`)."""
+    fidelity = spec.fidelity
+    record: dict[str, Any] = fidelity.to_dict()
+    if fidelity.data_fraction is not None:
+        record.update(subset_records=train_size, train_records=full_train_size)
+    if fidelity.tan_batch is None:
+        return TrialFidelity(train_cfg, privacy, None, record)
+    # The target run: batch B, its steps S and noise σ0 on this data; the simulation keeps S and σ/B.
+    target = plan_privacy(privacy, dataset_size=train_size, batch_size=train_cfg.batch_size, epochs=train_cfg.epochs)
+    b = fidelity.tan_batch
+    sigma = target.noise_multiplier * b / train_cfg.batch_size
+    tan_train = train_cfg.replace(batch_size=b, physical_batch_size=min(train_cfg.physical_batch_size, b))
+    tan_privacy = privacy
+    simulated = math.inf
+    if privacy.private:
+        simulated = run_epsilon(privacy.accountant, sigma, b / train_size, target.steps, privacy.delta)
+        # The run's real ε is its ceiling: it is what the accounting charges (and says), not the target's.
+        ceiling = simulated * (1 + 1e-6) if math.isfinite(simulated) else sys.float_info.max
+        tan_privacy = privacy.replace(noise_multiplier=sigma, epsilon=ceiling, val_noise=target.val_noise)
+    record.update(target_batch_size=train_cfg.batch_size, target_noise_multiplier=target.noise_multiplier,
+                  target_steps=target.steps, target_epsilon=privacy.epsilon if privacy.private else math.inf,
+                  noise_multiplier=sigma, simulated_epsilon=simulated)
+    return TrialFidelity(tan_train, tan_privacy, target.steps, record)
+
+
+def search_train(spec, train_cfg: TrainConfig) -> TrainConfig:
+    """A point's training config at the search's epochs."""
+    return train_cfg.replace(epochs=spec.fidelity.epochs) if spec.fidelity.epochs is not None else train_cfg

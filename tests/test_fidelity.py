@@ -1,0 +1,249 @@
+"""[fidelity]: cheaper trials for the search (TAN batch, data fraction, resolution, epochs) that export the target.
+
+The properties that matter for privacy are asserted on what the trials really recorded (their privacy plans, read by
+the study's accounting), so a broken scaling, a wrong sample rate or a proxy recipe exported as the winner fails here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+import pytest
+import torch
+
+from dpnas.arch.space import ConfigError
+from dpnas.cli import main
+from dpnas.data.datasets import hash_unit, load_dataset
+from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.privacy import plan_privacy, run_epsilon
+from dpnas.dp.recipe_file import load_recipe_file
+from dpnas.search.calibration import run_shapes
+from dpnas.search.fidelity import subset_training, trial_fidelity
+from dpnas.search.runner import search
+from dpnas.search.study_file import StudyFileError, load_study_file
+from dpnas.search.study_privacy import study_privacy
+from dpnas.search.study_report import export_best, privacy_statement
+
+STUDY = """
+[study]
+name = "fid"
+n_trials = {n_trials}
+sampler = "random"
+pruner = "none"
+seed = 3
+
+[data]
+dataset = "digits"
+image_size = 16
+{data}
+
+[privacy]
+{privacy}
+
+[train]
+recipe = "quick"
+epochs = 4
+batch_size = 128
+physical_batch_size = 128
+
+[arch]
+base = "tiny"
+
+[search]
+activation = ["selu", "relu"]
+lr = {{ low = 5e-3, high = 2e-2, log = true }}
+
+[fidelity]
+{fidelity}
+"""
+
+
+def write(tmp_path, *, fidelity="", data="public = true", privacy="epsilon = 4.0", n_trials=2, name="fid.toml"):
+    path = tmp_path / name
+    path.write_text(STUDY.format(fidelity=fidelity, data=data, privacy=privacy, n_trials=n_trials))
+    return path
+
+
+def run(path, **kwargs) -> optuna.Study:
+    spec = load_study_file(path)
+    return search(spec, storage_url=str(path.with_suffix(".journal")), progress=False, device="cpu", **kwargs)
+
+
+def trained(study):
+    return [t for t in study.get_trials() if "privacy_plan" in t.user_attrs]
+
+
+# ----------------------------------------------------------------------------------------------- the study file
+
+
+def test_tan_is_refused_on_private_data_without_the_acknowledgement(tmp_path):
+    with pytest.raises(StudyFileError, match="private_data_ok = false") as err:
+        load_study_file(write(tmp_path, fidelity="tan_batch = 32", data=""))
+    assert "fidelity.tan_batch" in str(err.value) and "not private at the target epsilon" in str(err.value)
+    # true would acknowledge nothing
+    with pytest.raises(StudyFileError, match="only `false` is accepted"):
+        load_study_file(write(tmp_path, fidelity="tan_batch = 32\nprivate_data_ok = true", data=""))
+    acknowledged = load_study_file(write(tmp_path, fidelity="tan_batch = 32\nprivate_data_ok = false", data=""))
+    assert acknowledged.fidelity.tan_batch == 32 and not acknowledged.public_data
+    public = load_study_file(write(tmp_path, fidelity="tan_batch = 32"))
+    assert public.public_data and public.fidelity.private_data_ok is None
+
+
+@pytest.mark.parametrize("fidelity, message", [
+    ("tan_batch = 128", "below the target batch"),
+    ("tan_batch = 0", "below the target batch"),
+    ("data_fraction = 1.0", "must be in \\(0, 1\\)"),
+    ("data_fraction = 0", "must be in \\(0, 1\\)"),
+    ("epochs = 0", "must be >= 1"),
+    ("image_size = 0", "must be >= 1"),
+    ("tan_batch = 16.5", "expected int"),
+    ("private_data_ok = false", "only for tan_batch"),
+    ("resolution = 8", "unknown key"),
+])
+def test_bad_fidelity_settings_name_the_key(tmp_path, fidelity, message):
+    with pytest.raises(StudyFileError, match=message):
+        load_study_file(write(tmp_path, fidelity=fidelity))
+
+
+def test_a_searched_axis_cannot_also_be_a_fidelity_override(tmp_path):
+    path = write(tmp_path, fidelity="epochs = 2")
+    path.write_text(path.read_text().replace("[search]\n", "[search]\nepochs = [2, 4]\n"))
+    with pytest.raises(StudyFileError, match="fidelity.epochs"):
+        load_study_file(path)
+    path.write_text(path.read_text().replace("epochs = [2, 4]", "batch_size = [64, 128]").replace(
+        "epochs = 2", "tan_batch = 16"))
+    with pytest.raises(StudyFileError, match="do not search batch_size"):
+        load_study_file(path)
+
+
+# ----------------------------------------------------------------------------------------------- the scalings
+
+
+def test_plan_with_fixed_steps_keeps_them_and_one_release_per_epoch():
+    privacy = PrivacyConfig(epsilon=4.0, delta=1e-5)
+    plan = plan_privacy(privacy, dataset_size=1000, batch_size=10, epochs=4, steps=30)
+    assert plan.steps == 30 and plan.val_releases == 4 and plan.epoch_steps == 8
+    usual = plan_privacy(privacy, dataset_size=1000, batch_size=10, epochs=4)
+    assert usual.steps == 400 and usual.val_releases == 4
+
+
+def test_tan_keeps_the_targets_steps_and_batch_to_noise_ratio(tmp_path):
+    spec = load_study_file(write(tmp_path, fidelity="tan_batch = 16"))
+    train_cfg, privacy = spec.train, spec.privacy
+    target = plan_privacy(privacy, dataset_size=1000, batch_size=128, epochs=4)
+    scaled = trial_fidelity(spec, train_cfg, privacy, train_size=1000)
+    assert scaled.train.batch_size == 16 and scaled.train.physical_batch_size == 16
+    assert scaled.steps == target.steps == 4 * round(1000 / 128)
+    # B / sigma is the target's: sigma scaled by b / B
+    assert scaled.privacy.noise_multiplier == pytest.approx(target.noise_multiplier * 16 / 128, rel=1e-12)
+    assert 128 / target.noise_multiplier == pytest.approx(16 / scaled.privacy.noise_multiplier, rel=1e-12)
+    # its ceiling is what the simulated run really costs, far above the target's epsilon
+    real = run_epsilon("rdp", scaled.privacy.noise_multiplier, 16 / 1000, target.steps, 1e-5)
+    assert scaled.record["simulated_epsilon"] == pytest.approx(real)
+    assert real > 2 * privacy.epsilon
+    assert scaled.privacy.epsilon >= real and scaled.privacy.val_noise == pytest.approx(target.val_noise)
+    plan = plan_privacy(scaled.privacy, dataset_size=1000, batch_size=16, epochs=4, steps=scaled.steps)
+    assert plan.noise_multiplier == scaled.privacy.noise_multiplier and plan.sample_rate == 16 / 1000
+
+
+def test_data_fraction_keeps_each_record_by_its_own_hash():
+    data = load_dataset("digits", image_size=8, val_fraction=0.2, seed=0)
+    half = subset_training(data, 0.5, seed=0)
+    n, m = len(data.train), len(half.train)
+    assert half.full_train_size == n and 0.4 * n < m < 0.6 * n
+    assert len(half.val) == len(data.val) and len(half.test) == len(data.test)  # scored on the whole split
+    expected = data.train_ids[hash_unit(data.train_ids, key="fraction:0") >= 0.5]
+    assert torch.equal(half.train_ids, expected)
+    # a record's membership does not depend on the other records: drop some, the rest keep their fate
+    fewer = subset_training(type(data)(**{**data.__dict__, "train": data.train.subset(torch.arange(100)),
+                                          "train_ids": data.train_ids[:100]}), 0.5, seed=0)
+    assert set(fewer.train_ids.tolist()) == set(half.train_ids.tolist()) & set(data.train_ids[:100].tolist())
+    assert not torch.equal(subset_training(data, 0.5, seed=1).train_ids, half.train_ids)
+
+
+def test_fidelity_epochs_are_the_calibrated_run_shape(tmp_path):
+    spec = load_study_file(write(tmp_path, fidelity="epochs = 2", privacy="total_epsilon = 8.0"))
+    assert run_shapes(spec) == [(128, 2)]
+
+
+# ----------------------------------------------------------------------------------------------- whole searches
+
+
+def test_data_fraction_trials_are_accounted_at_the_subsets_sample_rate(tmp_path):
+    path = write(tmp_path, fidelity="data_fraction = 0.5\nimage_size = 8", data="", n_trials=1)
+    study = run(path)
+    (trial,) = trained(study)
+    plan, m = trial.user_attrs["privacy_plan"], trial.user_attrs["train_size"]
+    full = trial.user_attrs["fidelity"]["train_records"]
+    assert 0.4 * full < m < 0.6 * full
+    assert plan["sample_rate"] == pytest.approx(128 / m)  # B / m, not B / n
+    assert plan["steps"] == 4 * round(m / 128)
+    # the run's epsilon is the accountant's for that sample rate, at the per-run budget
+    eps = run_epsilon("rdp", plan["noise_multiplier"], 128 / m, plan["steps"], 1e-5)
+    assert trial.user_attrs["epsilon_spent"] == pytest.approx(eps) and eps <= 4.0 * (1 + 1e-9)
+    assert eps > 3.9
+    assert trial.user_attrs["data"]["image_size"] == 8 and trial.user_attrs["target_data"]["image_size"] == 16
+    report = study_privacy(study)
+    assert report.covers[0]["count"] == m
+    assert any(f"of {full} training records" in line and f"the other {full - m}" in line for line in report.not_covered)
+    assert report.headline() and "proxies" in report.headline()
+
+
+def test_a_tan_study_records_the_scaled_runs_and_exports_the_target(tmp_path):
+    path = write(tmp_path, fidelity="tan_batch = 32\nepochs = 2\nimage_size = 8")
+    study = run(path)
+    trials = trained(study)
+    assert len(trials) == 2
+    for trial in trials:
+        plan, record, n = trial.user_attrs["privacy_plan"], trial.user_attrs["fidelity"], trial.user_attrs["train_size"]
+        target = plan_privacy(PrivacyConfig(epsilon=4.0, delta=1e-5), dataset_size=n, batch_size=128, epochs=2)
+        assert plan["steps"] == target.steps == record["target_steps"]
+        assert plan["sample_rate"] == pytest.approx(32 / n)
+        assert plan["noise_multiplier"] == pytest.approx(target.noise_multiplier * 32 / 128)
+        assert plan["val_releases"] == 2 and trial.user_attrs["train_config"]["batch_size"] == 32
+    # the accounting charges what the simulated runs cost, and says that they are not the target's
+    report = study_privacy(study)
+    assert report.training_epsilon > 4.0
+    assert any("TAN simulations at batch 32" in line for line in report.not_covered)
+    lines = privacy_statement(study, report)
+    assert "spends no private budget" in lines[1] and "--dataset PRIVATE" in lines[1]
+
+    (best,) = export_best(study, tmp_path / "best.toml")
+    recipe = load_recipe_file(best)
+    assert recipe.train.epochs == 4 and recipe.train.batch_size == 128 and recipe.train.physical_batch_size == 128
+    assert recipe.privacy.epsilon == 4.0 and recipe.privacy.noise_multiplier == 0.0
+    assert recipe.data.image_size == 16
+    assert "proxy" in best.read_text() and recipe.provenance["searched_at"]["tan_batch"] == 32
+    searched = study.best_trial.params
+    assert recipe.train.lr == pytest.approx(searched["lr"]) and recipe.arch.activation == searched["activation"]
+
+    # the public-proxy flow: the winner trains once on other data, and that run's epsilon is its whole cost
+    out = tmp_path / "final.json"
+    assert main(["train", str(best), "--dataset", "synthetic", "--image-size", "16", "--quiet",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["dataset"] == "synthetic" and result["train_config"]["batch_size"] == 128
+    assert result["steps"] == 4 * round(result["train_size"] / 128)
+    assert result["epsilon_target"] == 4.0 and 3.9 < result["epsilon_spent"] <= 4.0
+
+
+def test_a_batch_too_large_for_the_subset_is_refused_before_any_trial(tmp_path):
+    path = write(tmp_path, fidelity="data_fraction = 0.1", data="")
+    with pytest.raises(ConfigError, match="batch_size: 128 is larger than"):
+        run(path)
+    journal = path.with_suffix(".journal")
+    if journal.exists():
+        study = optuna.load_study(study_name="fid", storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(journal))))
+        assert not study.get_trials()
+
+
+def test_trials_without_fidelity_record_no_target(tmp_path):
+    path = write(tmp_path, n_trials=1, data="")
+    (trial,) = trained(run(path))
+    assert "fidelity" not in trial.user_attrs and "target_train_config" not in trial.user_attrs
+    assert trial.user_attrs["privacy_plan"]["sample_rate"] == pytest.approx(128 / trial.user_attrs["train_size"])
+    assert not math.isinf(trial.user_attrs["epsilon_spent"])
+    assert TrainConfig.from_dict(trial.user_attrs["train_config"]).batch_size == 128
