@@ -4,6 +4,9 @@
     tan_batch = b         TAN (Sander, Stock & Sablayrolles, ICML 2023): train at batch b with the noise
                           multiplier scaled by b / B and the target's number of steps, so the noise per step
                           relative to the batch (σ/B) stays the target's at a fraction b / B of the compute.
+                          The target is the run at batch B that the trial would otherwise be (at the search's
+                          epochs and training records when those are set too): its σ0 and steps S, and its
+                          validation noise and cadence (one release every S / epochs steps).
                           Such runs are NOT private at the target ε (their σ is smaller): allowed only on data
                           marked public ([data] public = true), or with private_data_ok = false, the
                           acknowledgement that the study's results are not differentially private.

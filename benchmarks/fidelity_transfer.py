@@ -1,0 +1,201 @@
+"""Do cheap trials rank like expensive ones? The same sampled points at full fidelity and under each proxy.
+
+K distinct random points of a study's space (default: the quickstart's, on digits) are each trained once at the
+study's own fidelity ("full"), once more at full fidelity ("repeat": another draw of DP-SGD's noise, the ceiling
+any proxy can reach), and once under each proxy of `[fidelity]` (dpnas.search.fidelity): a TAN batch, a data
+fraction, fewer epochs, a lower resolution, and combinations. Every run is configured exactly as a trial of a
+study with that `[fidelity]` table would be: the study's total ε calibrated for that study's run shape and training
+split, then the proxy's scaling. The score is each run's released (noisy) validation accuracy, what a search reads.
+
+For each proxy: Kendall τ between its ranking of the K points and the full one (and against the full runs' test
+accuracy), the top-3 overlap, and the compute per trial, as sample-gradient pixels (steps x batch x pixels, the
+work a step does) and as measured wall seconds, both relative to the full runs of the same session.
+
+    uv run python benchmarks/fidelity_transfer.py                         # 20 points, about 15 minutes on 2 cores
+    uv run python benchmarks/fidelity_transfer.py --points 24 --arms full,repeat,tan_batch=16,epochs=2
+    uv run python benchmarks/fidelity_transfer.py --cost-dataset synthetic --points 3   # CIFAR shapes, cost only
+
+Prints a table and writes JSON (`--json`, default benchmarks/fidelity_transfer.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import optuna
+import torch
+from scipy.stats import kendalltau
+
+from dpnas.arch.models import check_image_size
+from dpnas.arch.space import ConfigError
+from dpnas.data.datasets import DEFAULT_IMAGE_SIZE
+from dpnas.dp.train import train
+from dpnas.results import write_json
+from dpnas.search.calibration import calibrate, run_shapes
+from dpnas.search.fidelity import Fidelity, load_search_data, search_train, trial_fidelity
+from dpnas.search.sampling import config_key, suggest
+from dpnas.search.study_file import load_study_file
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_ARMS = "full,repeat,tan_batch=32,tan_batch=16,data_fraction=0.5,data_fraction=0.25,epochs=2,image_size=8," \
+               "tan_batch=32+image_size=8"
+
+
+def parse_arm(text: str) -> Fidelity | None:
+    """``full``/``repeat`` (None) or ``key=value+key=value`` of [fidelity] settings."""
+    if text in ("full", "repeat"):
+        return None
+    values = {}
+    for part in text.split("+"):
+        key, _, value = part.partition("=")
+        values[key] = float(value) if key == "data_fraction" else int(value)
+    return Fidelity(**values)
+
+
+def sample_points(spec, n: int, seed: int, sizes: list[int]) -> list:
+    """`n` distinct valid points of the study's space that every arm's resolution can take."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    points, seen = [], set()
+    for _ in range(50 * n):
+        if len(points) == n:
+            break
+        trial = study.ask()
+        try:
+            configs = suggest(trial, spec)
+            for size in sizes:
+                check_image_size(configs[0], size)
+        except ConfigError:
+            continue
+        finally:
+            study.tell(trial, 0.0)
+        key = config_key(configs)
+        if key not in seen:
+            seen.add(key)
+            points.append((configs, dict(trial.params)))
+    return points
+
+
+class Arm:
+    """One fidelity: its study (the base study with this [fidelity] table), data and per-run privacy."""
+
+    def __init__(self, name: str, spec, fidelity: Fidelity | None):
+        self.name = name
+        self.spec = dataclasses.replace(spec, fidelity=fidelity or Fidelity(), public_data=True)
+        self.data = load_search_data(self.spec)
+        self.calibration = None
+        if spec.total_epsilon is not None:
+            self.calibration = calibrate(spec.total_epsilon, spec.privacy.delta, mode=spec.trial_count,
+                                         runs=spec.n_trials if spec.trial_count == "fixed" else None, mu=spec.mean_trials, eta=spec.eta,
+                                         gamma=spec.gamma, shapes=run_shapes(self.spec),
+                                         train_size=len(self.data.train),
+                                         validation_noise=spec.privacy.val_noise != 0)
+
+    def run(self, configs, device: str) -> dict:
+        arch, target_train, target_privacy = configs
+        train_cfg = search_train(self.spec, target_train)
+        privacy = (self.calibration.privacy_for(target_privacy, train_cfg) if self.calibration is not None
+                   else target_privacy)
+        scaled = trial_fidelity(self.spec, train_cfg, privacy, train_size=len(self.data.train),
+                                full_train_size=self.data.full_train_size)
+        start = time.perf_counter()
+        result = train(arch, self.data, train_cfg=scaled.train, privacy=scaled.privacy, device=device,
+                       progress=False, steps=scaled.steps)
+        wall = time.perf_counter() - start
+        pixels = self.data.image_size ** 2
+        return {"val_accuracy": result["val_accuracy"], "test_accuracy": result["test_accuracy"],
+                "steps": result["steps"], "batch_size": scaled.train.batch_size, "image_size": self.data.image_size,
+                "train_size": len(self.data.train), "noise_multiplier": result["noise_multiplier"],
+                "epsilon_spent": result["epsilon_spent"],
+                "work": result["steps"] * result["expected_batch_size"] * pixels, "wall_seconds": wall}
+
+
+def top_overlap(a: list[float], b: list[float], k: int = 3) -> float:
+    top = lambda scores: set(sorted(range(len(scores)), key=lambda i: -scores[i])[:k])  # noqa: E731
+    return len(top(a) & top(b)) / k
+
+
+def summarise(name: str, runs: list[dict], full: list[dict], *, ranking: bool) -> dict:
+    row = {"arm": name,
+           "work_ratio": statistics.fmean(r["work"] for r in runs) / statistics.fmean(r["work"] for r in full),
+           "wall_ratio": (statistics.fmean(r["wall_seconds"] for r in runs)
+                          / statistics.fmean(r["wall_seconds"] for r in full)),
+           "seconds_per_trial": statistics.fmean(r["wall_seconds"] for r in runs),
+           "mean_val_accuracy": statistics.fmean(r["val_accuracy"] for r in runs),
+           "noise_multiplier": statistics.fmean(r["noise_multiplier"] for r in runs),
+           "epsilon_per_run": statistics.fmean(r["epsilon_spent"] for r in runs)}
+    if ranking:
+        val = [r["val_accuracy"] for r in runs]
+        row["kendall_tau_val"] = float(kendalltau(val, [r["val_accuracy"] for r in full]).statistic)
+        row["kendall_tau_test"] = float(kendalltau(val, [r["test_accuracy"] for r in full]).statistic)
+        row["top3_overlap"] = top_overlap(val, [r["val_accuracy"] for r in full])
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--study", default=str(REPO / "studies" / "quickstart.toml"))
+    parser.add_argument("--points", type=int, default=20, help="sampled points (default 20)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampled points")
+    parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated (default {DEFAULT_ARMS})")
+    parser.add_argument("--cost-dataset", help="measure cost only, on this dataset instead (e.g. synthetic: the "
+                                               "CIFAR-10 shape, 3 x 32 x 32)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=str(REPO / "benchmarks" / "fidelity_transfer.json"))
+    args = parser.parse_args(argv)
+
+    spec = load_study_file(args.study)
+    if args.cost_dataset:
+        spec = dataclasses.replace(spec, dataset=args.cost_dataset, image_size=None)
+    names = args.arms.split(",")
+    if names[0] != "full":
+        parser.error("--arms must start with full (the ranking every proxy is compared with)")
+    fidelities = {name: parse_arm(name) for name in names}
+    target_size = spec.image_size or DEFAULT_IMAGE_SIZE[spec.dataset]
+    sizes = sorted({f.image_size for f in fidelities.values() if f and f.image_size} | {target_size})
+    points = sample_points(spec, args.points, args.seed, sizes)
+    arms = {name: Arm(name, spec, fidelity) for name, fidelity in fidelities.items()}
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    started = time.perf_counter()
+    for i, (configs, params) in enumerate(points):
+        for name, arm in arms.items():  # every arm of one point in a row: machine drift hits them alike
+            runs[name].append({**arm.run(configs, args.device), "point": i, "params": params})
+        print(f"point {i + 1}/{len(points)} done ({time.perf_counter() - started:.0f} s): " + ", ".join(
+            f"{n} {runs[n][-1]['val_accuracy']:.3f}" for n in names), flush=True)
+
+    ranking = not args.cost_dataset and len(points) >= 3
+    rows = [summarise(name, runs[name], runs["full"], ranking=ranking) for name in names]
+    header = f"{'arm':<28}{'work':>8}{'wall':>8}{'s/trial':>9}{'val acc':>9}{'sigma':>8}"
+    if ranking:
+        header += f"{'tau val':>9}{'tau test':>9}{'top-3':>7}"
+    print(f"\n{spec.name} on {spec.dataset}, {len(points)} points; work and wall relative to full")
+    print(header)
+    for row in rows:
+        line = (f"{row['arm']:<28}{row['work_ratio']:>8.3f}{row['wall_ratio']:>8.3f}{row['seconds_per_trial']:>9.2f}"
+                f"{row['mean_val_accuracy']:>9.3f}{row['noise_multiplier']:>8.3f}")
+        if ranking:
+            line += f"{row['kendall_tau_val']:>9.2f}{row['kendall_tau_test']:>9.2f}{row['top3_overlap']:>7.2f}"
+        print(line)
+    result = {
+        "benchmark": "fidelity_transfer", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "study": str(Path(args.study).resolve().relative_to(REPO)) if Path(args.study).resolve().is_relative_to(REPO)
+        else args.study,
+        "dataset": spec.dataset, "points": len(points), "seed": args.seed, "device": args.device,
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+        "total_seconds": time.perf_counter() - started, "rows": rows, "runs": runs,
+        "score": "each run's released (noisy) validation accuracy; tau test ranks against the full runs' test "
+                 "accuracy",
+    }
+    write_json(args.json, result)
+    print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
