@@ -1,9 +1,11 @@
 """Do cheap trials rank like expensive ones? The same sampled points at full fidelity and under each proxy.
 
-K distinct random points of a study's space (default: the quickstart's, on digits) are each trained once at the
-study's own fidelity ("full"), once more at full fidelity ("repeat": another draw of DP-SGD's noise, the ceiling
-any proxy can reach), and once under each proxy of `[fidelity]` (dpnas.search.fidelity): a TAN batch, a data
-fraction, fewer epochs, a lower resolution, and combinations. Every run is configured exactly as a trial of a
+K distinct random points of a study's space (default: the quickstart's, on digits) are each trained R times at the
+study's own fidelity ("full", R = --full-repeats, each run a fresh draw of DP-SGD's secret noise) and once under each
+proxy of `[fidelity]` (dpnas.search.fidelity): a TAN batch, a data fraction, fewer epochs, a lower resolution, and
+combinations. The expensive ranking is the points' mean over the R full runs (one private run is itself a noisy
+measurement: the row "one full run" ranks a single full run against the mean of the other R - 1, the most any
+single trial can be expected to agree). Every run is configured exactly as a trial of a
 study with that `[fidelity]` table would be: the study's total ε calibrated for that study's run shape and training
 split, then the proxy's scaling. The score is each run's released (noisy) validation accuracy, what a search reads.
 
@@ -43,13 +45,13 @@ from dpnas.search.sampling import config_key, suggest
 from dpnas.search.study_file import load_study_file
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_ARMS = "full,repeat,tan_batch=32,tan_batch=16,data_fraction=0.5,data_fraction=0.25,epochs=2,image_size=8," \
-               "tan_batch=32+image_size=8"
+DEFAULT_ARMS = ("full,tan_batch=32,tan_batch=16,data_fraction=0.5,data_fraction=0.25,epochs=2,image_size=8,"
+                "tan_batch=32+image_size=8,data_fraction=0.5+tan_batch=32,data_fraction=0.25+image_size=8")
 
 
 def parse_arm(text: str) -> Fidelity | None:
-    """``full``/``repeat`` (None) or ``key=value+key=value`` of [fidelity] settings."""
-    if text in ("full", "repeat"):
+    """``full`` (None) or ``key=value+key=value`` of [fidelity] settings."""
+    if text == "full":
         return None
     values = {}
     for part in text.split("+"):
@@ -121,27 +123,43 @@ def top_overlap(a: list[float], b: list[float], k: int = 3) -> float:
     return len(top(a) & top(b)) / k
 
 
-def summarise(name: str, runs: list[dict], full: list[dict], *, ranking: bool) -> dict:
+def mean_scores(repeats: list[list[dict]], key: str) -> list[float]:
+    """Each point's mean `key` over several runs (lists of per-point records)."""
+    return [statistics.fmean(runs[i][key] for runs in repeats) for i in range(len(repeats[0]))]
+
+
+def summarise(name: str, runs: list[dict], full: list[list[dict]], *, ranking: bool) -> dict:
+    """One proxy's row: its cost against a full run's, and its ranking against the mean of the full runs."""
+    every_full = [r for repeat in full for r in repeat]
     row = {"arm": name,
-           "work_ratio": statistics.fmean(r["work"] for r in runs) / statistics.fmean(r["work"] for r in full),
+           "work_ratio": statistics.fmean(r["work"] for r in runs) / statistics.fmean(r["work"] for r in every_full),
            "wall_ratio": (statistics.fmean(r["wall_seconds"] for r in runs)
-                          / statistics.fmean(r["wall_seconds"] for r in full)),
+                          / statistics.fmean(r["wall_seconds"] for r in every_full)),
            "seconds_per_trial": statistics.fmean(r["wall_seconds"] for r in runs),
            "mean_val_accuracy": statistics.fmean(r["val_accuracy"] for r in runs),
            "noise_multiplier": statistics.fmean(r["noise_multiplier"] for r in runs),
            "epsilon_per_run": statistics.fmean(r["epsilon_spent"] for r in runs)}
     if ranking:
         val = [r["val_accuracy"] for r in runs]
-        row["kendall_tau_val"] = float(kendalltau(val, [r["val_accuracy"] for r in full]).statistic)
-        row["kendall_tau_test"] = float(kendalltau(val, [r["test_accuracy"] for r in full]).statistic)
-        row["top3_overlap"] = top_overlap(val, [r["val_accuracy"] for r in full])
+        reference, test = mean_scores(full, "val_accuracy"), mean_scores(full, "test_accuracy")
+        row["kendall_tau_val"] = float(kendalltau(val, reference).statistic)
+        row["kendall_tau_test"] = float(kendalltau(val, test).statistic)
+        row["top3_overlap"] = top_overlap(val, reference)
     return row
+
+
+def one_full_run(full: list[list[dict]]) -> dict:
+    """A single full run against the mean of the other full runs, averaged over which run is left out."""
+    rows = [summarise("one full run", full[r], full[:r] + full[r + 1:], ranking=True) for r in range(len(full))]
+    return {"arm": "one full run", **{k: statistics.fmean(row[k] for row in rows) for k in rows[0] if k != "arm"}}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", default=str(REPO / "studies" / "quickstart.toml"))
-    parser.add_argument("--points", type=int, default=20, help="sampled points (default 20)")
+    parser.add_argument("--points", type=int, default=24, help="sampled points (default 24)")
+    parser.add_argument("--full-repeats", type=int, default=3, metavar="R",
+                        help="full-fidelity runs per point, whose mean is the expensive ranking (default 3)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampled points")
     parser.add_argument("--arms", default=DEFAULT_ARMS, help=f"comma-separated (default {DEFAULT_ARMS})")
     parser.add_argument("--cost-dataset", help="measure cost only, on this dataset instead (e.g. synthetic: the "
@@ -161,16 +179,26 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = sorted({f.image_size for f in fidelities.values() if f and f.image_size} | {target_size})
     points = sample_points(spec, args.points, args.seed, sizes)
     arms = {name: Arm(name, spec, fidelity) for name, fidelity in fidelities.items()}
-    runs: dict[str, list[dict]] = {name: [] for name in names}
+    if args.full_repeats < 1 or (args.full_repeats < 2 and not args.cost_dataset):
+        parser.error("--full-repeats: at least 2 (the ranking's reference is their mean), or 1 with --cost-dataset")
+    full: list[list[dict]] = [[] for _ in range(args.full_repeats)]
+    runs: dict[str, list[dict]] = {name: [] for name in names[1:]}
     started = time.perf_counter()
     for i, (configs, params) in enumerate(points):
-        for name, arm in arms.items():  # every arm of one point in a row: machine drift hits them alike
-            runs[name].append({**arm.run(configs, args.device), "point": i, "params": params})
-        print(f"point {i + 1}/{len(points)} done ({time.perf_counter() - started:.0f} s): " + ", ".join(
-            f"{n} {runs[n][-1]['val_accuracy']:.3f}" for n in names), flush=True)
+        # every arm of one point in a row: machine drift hits them alike
+        for repeat in full:
+            repeat.append({**arms["full"].run(configs, args.device), "point": i, "params": params})
+        for name in names[1:]:
+            runs[name].append({**arms[name].run(configs, args.device), "point": i, "params": params})
+        print(f"point {i + 1}/{len(points)} done ({time.perf_counter() - started:.0f} s): full " + ", ".join(
+            f"{r[-1]['val_accuracy']:.3f}" for r in full) + "; " + ", ".join(
+            f"{n} {runs[n][-1]['val_accuracy']:.3f}" for n in names[1:]), flush=True)
 
     ranking = not args.cost_dataset and len(points) >= 3
-    rows = [summarise(name, runs[name], runs["full"], ranking=ranking) for name in names]
+    rows = [summarise(f"full (mean of {len(full)})", [r for repeat in full for r in repeat], full, ranking=False)]
+    if ranking:
+        rows.append(one_full_run(full))
+    rows += [summarise(name, runs[name], full, ranking=ranking) for name in names[1:]]
     header = f"{'arm':<28}{'work':>8}{'wall':>8}{'s/trial':>9}{'val acc':>9}{'sigma':>8}"
     if ranking:
         header += f"{'tau val':>9}{'tau test':>9}{'top-3':>7}"
@@ -179,7 +207,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         line = (f"{row['arm']:<28}{row['work_ratio']:>8.3f}{row['wall_ratio']:>8.3f}{row['seconds_per_trial']:>9.2f}"
                 f"{row['mean_val_accuracy']:>9.3f}{row['noise_multiplier']:>8.3f}")
-        if ranking:
+        if "kendall_tau_val" in row:
             line += f"{row['kendall_tau_val']:>9.2f}{row['kendall_tau_test']:>9.2f}{row['top3_overlap']:>7.2f}"
         print(line)
     result = {
@@ -188,7 +216,8 @@ def main(argv: list[str] | None = None) -> dict:
         else args.study,
         "dataset": spec.dataset, "points": len(points), "seed": args.seed, "device": args.device,
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-        "total_seconds": time.perf_counter() - started, "rows": rows, "runs": runs,
+        "full_repeats": len(full), "total_seconds": time.perf_counter() - started, "rows": rows,
+        "runs": {"full": full, **runs},
         "score": "each run's released (noisy) validation accuracy; tau test ranks against the full runs' test "
                  "accuracy",
     }

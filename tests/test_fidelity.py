@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import optuna
 import pytest
@@ -247,3 +248,22 @@ def test_trials_without_fidelity_record_no_target(tmp_path):
     assert trial.user_attrs["privacy_plan"]["sample_rate"] == pytest.approx(128 / trial.user_attrs["train_size"])
     assert not math.isinf(trial.user_attrs["epsilon_spent"])
     assert TrainConfig.from_dict(trial.user_attrs["train_config"]).batch_size == 128
+
+
+def test_fidelity_is_part_of_the_budget_a_stored_study_keeps(tmp_path):
+    proxy = load_study_file(write(tmp_path, fidelity="data_fraction = 0.5"))
+    assert proxy.budget()["fidelity"] == {"data_fraction": 0.5} and proxy.budget()["public_data"] is True
+    # a study without [fidelity] keeps the budget it always had, so studies created before still match
+    plain = load_study_file(write(tmp_path, data="", name="plain.toml"))
+    assert "fidelity" not in plain.budget() and "public_data" not in plain.budget()
+
+
+def test_the_fast_smoothnet_study_is_the_component_study_at_a_cheaper_fidelity():
+    studies = Path(__file__).parent.parent / "studies"
+    fast, full = (load_study_file(studies / name) for name in ("smoothnet_cifar10_fast.toml", "smoothnet_cifar10.toml"))
+    assert fast.axes == full.axes and fast.arch == full.arch and fast.privacy == full.privacy
+    assert fast.train == full.train and fast.dataset == full.dataset == "cifar10"  # the target: what `best` exports
+    assert fast.fidelity.active and not fast.public_data
+    assert fast.fidelity.tan_batch is None  # its data is treated as private: every trial stays DP at eps = 7
+    # its expected cost is written at the top of the file
+    assert "Expected cost" in (studies / "smoothnet_cifar10_fast.toml").read_text().split("[study]")[0]

@@ -42,7 +42,8 @@ def test_shipped_studies_load(path):
 
 def test_shipped_studies_are_the_ones_the_issue_names():
     names = {p.name for p in STUDIES}
-    assert {"quickstart.toml", "smoothnet_cifar10.toml", "scalenorm_cifar10.toml", "ablation_smoothnet.toml"} <= names
+    assert {"quickstart.toml", "smoothnet_cifar10.toml", "scalenorm_cifar10.toml", "ablation_smoothnet.toml",
+            "smoothnet_cifar10_fast.toml"} <= names
 
 
 def test_reference_studies_search_what_the_papers_searched():

@@ -81,6 +81,9 @@ def _question(study: optuna.Study) -> str:
              ("base", ", ".join(f"{part}: {spec[part].get('base') or spec[part].get('recipe')}"
                                 for part in ("arch", "train") if isinstance(spec.get(part), dict)
                                 and (spec[part].get("base") or spec[part].get("recipe"))) or "?")]
+    if spec.get("fidelity"):
+        items.append(("search fidelity", ", ".join(f"{k} = {v}" for k, v in spec["fidelity"].items())
+                      + " (the trials' proxy; the best recipe is exported at the target)"))
     space = spec.get("search", {})
     rows = [(name, _describe_axis(value)) for name, value in space.items()]
     html_parts = ["<h2>The question</h2>"]
