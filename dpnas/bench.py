@@ -301,15 +301,20 @@ def run_benchmark(
                 print(f"  running {name} / {mode} / {variant}{of} ...", file=sys.stderr, flush=True)
             args = dict(model=asdict(model), mode=mode, batch_size=batch_size, steps=steps, warmup=warmup, device=device,
                         variant=variant)
-            result = subprocess.run(
-                [sys.executable, "-m", "dpnas.bench", json.dumps(args)], capture_output=True, text=True, check=False
-            )
-            if result.returncode != 0:
-                raise RuntimeError(f"benchmark case {name}/{mode}/{variant} failed:\n{result.stderr[-2000:]}")
-            runs[(name, variant, mode)].append(json.loads(result.stdout.strip().splitlines()[-1]))
+            runs[(name, variant, mode)].append(run_in_own_process(args, label=f"{name}/{mode}/{variant}"))
     rows = [_median_of_repeats(repeated) for repeated in runs.values()]
     _add_ratios(rows)
     return rows
+
+
+def run_in_own_process(args: dict[str, Any], *, label: str) -> dict[str, Any]:
+    """One case (:func:`run_case`) in a fresh interpreter: no tuned per-sample methods, caches or allocator state
+    carried over from another case, and its own peak memory."""
+    result = subprocess.run([sys.executable, "-m", "dpnas.bench", json.dumps(args)], capture_output=True, text=True,
+                            check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"benchmark case {label} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _median_of_repeats(repeats: list[dict[str, Any]]) -> dict[str, Any]:

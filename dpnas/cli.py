@@ -207,6 +207,14 @@ class Train(Command):
         print(f"{status} {result['steps']} steps: val accuracy {result['val_accuracy']:.4f} ({val}), "
               f"test accuracy {result['test_accuracy']:.4f}, {eps}")
         print(f"result written to {out}")
+        provenance = recipe_file.provenance if recipe_file is not None else {}
+        if result["private"] and provenance.get("searched_on_public_data"):
+            print(f"note: the search that chose this recipe trained on public data "
+                  f"({provenance['searched_on_public_data']}) and spent no private budget: this run's epsilon is "
+                  f"the whole cost to the {result['dataset']} records it trained on")
+        elif result["private"] and provenance.get("study"):
+            print(f"note: study {provenance['study']!r} chose this recipe on its own data; on the same records "
+                  "this run's epsilon adds to the search's (`dpnas privacy` states the search's)")
         if result["private"] and result["reproducible"]:
             print("note: reproducible = true: whoever has the seed can regenerate this run's batches and noise; "
                   "retrain without it before releasing the model")

@@ -43,7 +43,14 @@ def test_nonprivate_baseline_times_the_same_poisson_batches_as_dpnas():
     assert len(set(sizes[0])) > 1  # really Poisson: the sizes vary
 
 
-def test_repeats_take_turns_and_report_each_cases_median(capsys):
+@pytest.fixture
+def in_process(monkeypatch):
+    """Cases run in this process: the order, repeat and row logic is the same, without a fresh interpreter (about
+    25 s each on the 2-core CI machine). The CLI tests below still run every case in its own process."""
+    monkeypatch.setattr("dpnas.bench.run_in_own_process", lambda args, label: run_case(**args))
+
+
+def test_repeats_take_turns_and_report_each_cases_median(capsys, in_process):
     rows = run_benchmark(models=["tiny"], modes=["nonprivate", "dpnas"], batch_size=4, steps=1, warmup=0,
                          device="cpu", repeats=2)
     assert [r["mode"] for r in rows] == ["nonprivate", "dpnas"]
@@ -116,7 +123,7 @@ def test_variant_names_are_checked():
         run_case(model=TINY, mode="opacus", batch_size=8, steps=1, warmup=0, device="cpu", variant="bf16")
 
 
-def test_opacus_baseline_runs_once_in_fp32_whatever_the_variants():
+def test_opacus_baseline_runs_once_in_fp32_whatever_the_variants(in_process):
     rows = run_benchmark(models=["tiny"], modes=["opacus", "dpnas"], batch_size=4, steps=1, warmup=0, device="cpu",
                          variants=["fp32", "bf16"], progress=False)
     assert [(r["mode"], r["variant"]) for r in rows] == [("opacus", "fp32"), ("dpnas", "fp32"), ("dpnas", "bf16")]

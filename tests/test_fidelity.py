@@ -192,7 +192,7 @@ def test_data_fraction_trials_are_accounted_at_the_subsets_sample_rate(tmp_path)
     assert report.headline() and "proxies" in report.headline()
 
 
-def test_a_tan_study_records_the_scaled_runs_and_exports_the_target(tmp_path):
+def test_a_tan_study_records_the_scaled_runs_and_exports_the_target(tmp_path, capsys):
     path = write(tmp_path, fidelity="tan_batch = 32\nepochs = 2\nimage_size = 8")
     study = run(path)
     trials = trained(study)
@@ -224,6 +224,8 @@ def test_a_tan_study_records_the_scaled_runs_and_exports_the_target(tmp_path):
     out = tmp_path / "final.json"
     assert main(["train", str(best), "--dataset", "synthetic", "--image-size", "16", "--quiet",
                  "--device", "cpu", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "trained on public data (digits) and spent no private budget" in said and "synthetic records" in said
     result = json.loads(out.read_text())
     assert result["dataset"] == "synthetic" and result["train_config"]["batch_size"] == 128
     assert result["steps"] == 4 * round(result["train_size"] / 128)
@@ -267,3 +269,42 @@ def test_the_fast_smoothnet_study_is_the_component_study_at_a_cheaper_fidelity()
     assert fast.fidelity.tan_batch is None  # its data is treated as private: every trial stays DP at eps = 7
     # its expected cost is written at the top of the file
     assert "Expected cost" in (studies / "smoothnet_cifar10_fast.toml").read_text().split("[study]")[0]
+
+
+def _transfer_module():
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_transfer.py"
+    spec = importlib.util.spec_from_file_location("fidelity_transfer", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # benchmarks/ is not a package
+    return module
+
+
+def test_the_transfer_benchmark_ranks_against_the_mean_of_the_full_runs():
+    bench = _transfer_module()
+    assert bench.parse_arm("full") is None
+    assert bench.parse_arm("data_fraction=0.25+tan_batch=64").to_dict() == {"data_fraction": 0.25, "tan_batch": 64}
+
+    def runs(vals, work=1.0):
+        return [{"val_accuracy": v, "test_accuracy": v, "work": work, "wall_seconds": work, "noise_multiplier": 1.0,
+                 "epsilon_spent": 1.0} for v in vals]
+
+    full = [runs([0.1, 0.2, 0.3, 0.4, 0.5]), runs([0.12, 0.18, 0.33, 0.41, 0.47])]
+    same = bench.summarise("proxy", runs([0.0, 0.1, 0.2, 0.3, 0.4], work=0.25), full, ranking=True)
+    assert same["kendall_tau_val"] == pytest.approx(1.0) and same["top3_overlap"] == 1.0
+    assert same["work_ratio"] == pytest.approx(0.25)
+    reversed_ = bench.summarise("proxy", runs([0.5, 0.4, 0.3, 0.2, 0.1]), full, ranking=True)
+    assert reversed_["kendall_tau_val"] == pytest.approx(-1.0) and reversed_["top3_overlap"] == pytest.approx(1 / 3)
+    assert bench.one_full_run(full)["kendall_tau_val"] == pytest.approx(1.0)
+
+
+def test_tan_scales_a_calibrated_noise_too(tmp_path):
+    """In a total-epsilon study the target's sigma comes from the calibration (a fixed noise multiplier)."""
+    spec = load_study_file(write(tmp_path, fidelity="tan_batch = 32", privacy="total_epsilon = 8.0"))
+    steps = 4 * round(1000 / 128)
+    ceiling = run_epsilon("rdp", 3.0, 128 / 1000, steps, 1e-5) * (1 + 1e-6)
+    calibrated = spec.privacy.replace(noise_multiplier=3.0, epsilon=ceiling, val_noise=5.0)
+    scaled = trial_fidelity(spec, spec.train, calibrated, train_size=1000)
+    assert scaled.privacy.noise_multiplier == pytest.approx(3.0 * 32 / 128) and scaled.steps == steps
+    assert scaled.privacy.val_noise == 5.0 and scaled.record["target_noise_multiplier"] == 3.0

@@ -58,7 +58,10 @@ def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> RecipeFile:
     provenance = {"study": study.study_name, "trial": trial.number, "objectives": objectives,
                   "epsilon_spent": attrs.get("epsilon_spent"), "delta": (attrs.get("privacy_config") or {}).get("delta"),
                   "dpnas_version": study.user_attrs.get("dpnas_version"),
-                  "searched_at": attrs.get("fidelity") if target else None}
+                  "searched_at": attrs.get("fidelity") if target else None,
+                  # a public-proxy search spent no private budget: `dpnas train` of the winner says so
+                  "searched_on_public_data": study.user_attrs.get("dataset") if study.user_attrs.get("public_data")
+                  else None}
     return RecipeFile(
         arch=trial_arch(trial),
         train=TrainConfig.from_dict(attrs[f"{prefix}train_config"]) if f"{prefix}train_config" in attrs else None,
