@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dpnas.data.datasets import DatasetSplits, hash_split, load_dataset
+from dpnas.data.datasets import DataError, DatasetSplits, hash_split, load_dataset
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.privacy import plan_privacy, run_epsilon
 
@@ -132,7 +132,8 @@ def subset_training(data: DatasetSplits, fraction: float | None, *, seed: int) -
         return data
     kept, _ = hash_split(data.train_ids, 1 - fraction, key=f"fraction:{seed}")
     if len(kept) == 0:
-        raise ValueError(f"data_fraction {fraction:g} kept none of the {len(data.train)} training records")
+        raise DataError(f"[fidelity] data_fraction {fraction:g} kept none of the {len(data.train)} training records; "
+                        "use a larger fraction")
     return dataclasses.replace(data, train=data.train.subset(kept), train_ids=data.train_ids[kept],
                                full_train_size=len(data.train))
 
