@@ -40,7 +40,7 @@ from dpnas.data.datasets import DEFAULT_IMAGE_SIZE
 from dpnas.dp.train import train
 from dpnas.results import write_json
 from dpnas.search.calibration import calibrate, run_shapes
-from dpnas.search.fidelity import Fidelity, load_search_data, search_train, trial_fidelity
+from dpnas.search.fidelity import Fidelity, load_search_data, search_trial
 from dpnas.search.sampling import config_key, suggest
 from dpnas.search.study_file import load_study_file
 
@@ -101,11 +101,8 @@ class Arm:
 
     def run(self, configs, device: str) -> dict:
         arch, target_train, target_privacy = configs
-        train_cfg = search_train(self.spec, target_train)
-        privacy = (self.calibration.privacy_for(target_privacy, train_cfg) if self.calibration is not None
-                   else target_privacy)
-        scaled = trial_fidelity(self.spec, train_cfg, privacy, train_size=len(self.data.train),
-                                full_train_size=self.data.full_train_size)
+        scaled = search_trial(self.spec, target_train, target_privacy, calibration=self.calibration,
+                              train_size=len(self.data.train), full_train_size=self.data.full_train_size)
         start = time.perf_counter()
         result = train(arch, self.data, train_cfg=scaled.train, privacy=scaled.privacy, device=device,
                        progress=False, steps=scaled.steps)

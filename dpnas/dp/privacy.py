@@ -91,7 +91,7 @@ def plan_privacy(
     noise_multiplier = 0.0
     if privacy.private and privacy.noise_multiplier > 0:
         noise_multiplier = privacy.noise_multiplier
-        spent = _epsilon_of_history(privacy.accountant, ((noise_multiplier, sample_rate, steps),), privacy.delta)
+        spent = run_epsilon(privacy.accountant, noise_multiplier, sample_rate, steps, privacy.delta)
         if spent > privacy.epsilon * (1 + 1e-9):
             raise ConfigError(f"noise_multiplier: {noise_multiplier:g} over {steps} steps at sample rate "
                               f"{sample_rate:.3g} spends epsilon {spent:.4g} > epsilon = {privacy.epsilon:g}")

@@ -23,7 +23,7 @@ from dpnas.dp.preflight import preflight
 from dpnas.dp.privacy import check_budget, plan_privacy
 from dpnas.dp.train import check_device
 from dpnas.search.calibration import calibrate, run_shapes
-from dpnas.search.fidelity import load_search_data, search_train, trial_fidelity
+from dpnas.search.fidelity import load_search_data, search_trial
 from dpnas.search.sampling import ablation_points, grid_points, suggest
 from dpnas.search.study_file import StudySpec
 
@@ -155,6 +155,7 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
                                                      if data.full_train_size is not None else ""))
     for privacy in _privacy_settings(spec):
         check_budget(privacy, dataset_size=len(data.train))
+    calibration = None
     if spec.total_epsilon is not None:
         calibration = calibrate(spec.total_epsilon, spec.privacy.delta, mode=spec.trial_count,
                                 runs=_trial_count(spec, n_trials), mu=spec.mean_trials, eta=spec.eta,
@@ -164,16 +165,13 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
                      f"{sorted(set(round(s, 4) for s in calibration.noise_multipliers.values()))}, validation "
                      f"noise {calibration.val_noise:.3g}")
     arch, train_cfg, privacy = first_point(spec, data.image_size)
-    train_cfg = search_train(spec, train_cfg)
-    if spec.total_epsilon is not None:
-        privacy = calibration.privacy_for(privacy, train_cfg)
+    scaled = search_trial(spec, train_cfg, privacy, calibration=calibration, train_size=len(data.train))
+    train_cfg, privacy = scaled.train, scaled.privacy
     if spec.fidelity.active:
         # the trial as it will train: a batch too large for a data_fraction's subset, or a TAN target whose
         # noise no epsilon reaches, is refused here, before the first trial takes a slot
-        scaled = trial_fidelity(spec, train_cfg, privacy, train_size=len(data.train))
-        plan_privacy(scaled.privacy, dataset_size=len(data.train), batch_size=scaled.train.batch_size,
-                     epochs=scaled.train.epochs, steps=scaled.steps)
-        train_cfg, privacy = scaled.train, scaled.privacy
+        plan_privacy(privacy, dataset_size=len(data.train), batch_size=train_cfg.batch_size,
+                     epochs=train_cfg.epochs, steps=scaled.steps)
         lines.append(f"fidelity: the search trains at {spec.fidelity.describe()}; `dpnas best` exports the target")
     check_training_fits(arch, train_cfg, dataset=spec.dataset, image_size=data.image_size, device=parsed,
                         synthetic_size=spec.synthetic_size)

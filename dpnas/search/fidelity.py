@@ -33,7 +33,8 @@ from dpnas.data.datasets import DataError, DatasetSplits, hash_split, load_datas
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.privacy import plan_privacy, run_epsilon
 
-_KEYS = {"tan_batch": int, "data_fraction": (int, float), "image_size": int, "epochs": int, "private_data_ok": bool}
+FIDELITY_KEYS = {"tan_batch": int, "data_fraction": (int, float), "image_size": int, "epochs": int,
+                 "private_data_ok": bool}
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class Fidelity:
     epochs: int | None = None
     private_data_ok: bool | None = None
     """False: the user acknowledges that TAN trials on data not marked public are not DP (see the module)."""
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Fidelity:
+        """The settings in a trial's or study's recorded fidelity (which may hold more than the settings)."""
+        return cls(**{k: record[k] for k in FIDELITY_KEYS if k in record})
 
     @property
     def active(self) -> bool:
@@ -69,14 +75,8 @@ class Fidelity:
 
 def parse_fidelity(table: dict, *, fail: Callable[[str, str], Exception], public: bool, train: TrainConfig,
                    searched: set[str]) -> Fidelity:
-    """The [fidelity] table, checked: `fail(key, message)` makes the study file's error."""
-    for key, value in table.items():
-        if key not in _KEYS:
-            raise fail(f"fidelity.{key}", f"unknown key; allowed keys in [fidelity]: {', '.join(sorted(_KEYS))}")
-        expected = _KEYS[key]
-        if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
-            names = expected.__name__ if isinstance(expected, type) else "a number"
-            raise fail(f"fidelity.{key}", f"expected {names}, got {value!r}")
+    """The [fidelity] table, its keys and types already checked against FIDELITY_KEYS by the study file:
+    `fail(key, message)` makes the study file's error."""
     fidelity = Fidelity(**{k: float(v) if k == "data_fraction" else v for k, v in table.items()})
     if fidelity.private_data_ok is True:
         raise fail("fidelity.private_data_ok", "only `false` is accepted: it acknowledges that TAN-scaled trials "
@@ -181,3 +181,15 @@ def trial_fidelity(spec, train_cfg: TrainConfig, privacy: PrivacyConfig, *, trai
 def search_train(spec, train_cfg: TrainConfig) -> TrainConfig:
     """A point's training config at the search's epochs."""
     return train_cfg.replace(epochs=spec.fidelity.epochs) if spec.fidelity.epochs is not None else train_cfg
+
+
+def search_trial(spec, train_cfg: TrainConfig, privacy: PrivacyConfig, *, calibration: Any, train_size: int,
+                 full_train_size: int | None = None) -> TrialFidelity:
+    """A sampled point's configs (at the target fidelity) as its trial trains them: at the search's epochs, with
+    a total-ε study's calibrated noise (`calibration`, None for a per-run ε), then the proxy's scaling."""
+    train_cfg = search_train(spec, train_cfg)
+    if calibration is not None:
+        privacy = calibration.privacy_for(privacy, train_cfg)
+    if not spec.fidelity.active:
+        return TrialFidelity(train_cfg, privacy, None, {})
+    return trial_fidelity(spec, train_cfg, privacy, train_size=train_size, full_train_size=full_train_size)

@@ -45,7 +45,7 @@ from dpnas.dp.privacy import PrivacyPlan
 from dpnas.dp.train import DivergedError, check_device, train
 from dpnas.search.calibration import Calibration
 from dpnas.search.checks import check_study
-from dpnas.search.fidelity import load_search_data, search_train, trial_fidelity
+from dpnas.search.fidelity import load_search_data, search_trial
 from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
 from dpnas.search.storage import storage_kind, trial_slot_lock
@@ -218,15 +218,12 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
     user attributes, the printed line) is the run's noisy validation release; the exact one never exists here.
     """
     arch, target_train, target_privacy = configs
-    train_cfg = search_train(spec, target_train)
-    privacy = calibration.privacy_for(target_privacy, train_cfg) if calibration is not None else target_privacy
+    scaled = search_trial(spec, target_train, target_privacy, calibration=calibration, train_size=len(data.train),
+                          full_train_size=data.full_train_size)
+    train_cfg, privacy, steps = scaled.train, scaled.privacy, scaled.steps
     settings = spec.data_settings()
-    steps = None
     if spec.fidelity.active:
         # The trial trains at the search's fidelity; what it stands for (and `dpnas best` exports) is the target.
-        scaled = trial_fidelity(spec, train_cfg, privacy, train_size=len(data.train),
-                                full_train_size=data.full_train_size)
-        train_cfg, privacy, steps = scaled.train, scaled.privacy, scaled.steps
         trial.set_user_attr("fidelity", scaled.record)
         trial.set_user_attr("target_train_config", target_train.to_dict())
         trial.set_user_attr("target_privacy_config", target_privacy.to_dict())

@@ -30,7 +30,7 @@ from dpnas.data.datasets import DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_SYNTHETIC_
 from dpnas.dp.config import DP_RELEVANCE, MAX_SEED, PrivacyConfig, TrainConfig, check_seed
 from dpnas.dp.recipe_file import DataSettings
 from dpnas.dp.recipes import DEFAULT_RECIPE, RECIPES
-from dpnas.search.fidelity import Fidelity, parse_fidelity
+from dpnas.search.fidelity import FIDELITY_KEYS, Fidelity, parse_fidelity
 from dpnas.search.privacy import expected_trials_tnb
 
 OBJECTIVES = {"val_accuracy": "maximize", "params": "minimize", "epoch_seconds": "minimize"}
@@ -359,6 +359,7 @@ def load_study_file(path: str | Path) -> StudySpec:
                                                f"{REPEAT_SEED_STRIDE} x {repeats - 1} = {last_seed}, above 2**63 - 1; "
                                                "use a smaller [train] seed")
     fidelity_table = document.get("fidelity", {})
+    _check_keys(path, "fidelity", fidelity_table, FIDELITY_KEYS)
     fidelity = parse_fidelity(fidelity_table, fail=lambda key, message: _fail(path, key, message),
                               public=data.get("public", False), train=train, searched=searched)
     if fidelity.image_size is not None:

@@ -72,12 +72,6 @@ def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> RecipeFile:
     )
 
 
-def fidelity_text(record: dict[str, Any]) -> str:
-    """A trial's or study's recorded fidelity settings, in words."""
-    return Fidelity(**{k: record[k] for k in ("tan_batch", "data_fraction", "image_size", "epochs",
-                                              "private_data_ok") if k in record}).describe()
-
-
 def _numbered(out: Path, trial: FrozenTrial, several: bool) -> Path:
     return out.with_name(f"{out.stem}-trial{trial.number}{out.suffix}") if several else out
 
@@ -98,7 +92,7 @@ def export_best(study: optuna.Study, out: Path) -> list[Path]:
                   "`dpnas train FILE` trains it again (a new private run: it spends its own epsilon).")
         if "searched_at" in recipe.provenance:
             header += ("\nThe search trained a cheaper proxy of this point ([fidelity]: "
-                       f"{fidelity_text(recipe.provenance['searched_at'])}); this file is the point at the target "
+                       f"{Fidelity.from_record(recipe.provenance['searched_at']).describe()}); this file is the point at the target "
                        "fidelity.\nWeights fetched with `dpnas best --weights` are the proxy run's, not this recipe's.")
         paths.append(write_recipe(recipe, _numbered(out, trial, len(trials) > 1), header=header))
     return paths
