@@ -10,11 +10,14 @@ cProfile, and splits each trial's time by the functions that do the work:
 * ``storage``: Optuna's ask / tell / report / attributes and dpnas's slot lock, weights and bookkeeping: the
   rest of the trial loop outside :func:`dpnas.dp.train.train`.
 
-The search's one-off start (loading the data, the study checks, creating the study) is reported apart. cProfile
-slows Python-heavy code more than tensor kernels, so the fixed parts read somewhat high: an upper bound.
+The search's one-off start (loading the data, the study checks, creating the study) is reported apart.
 
-    uv run python benchmarks/trial_overhead.py                       # the quickstart, about 2 minutes on 2 cores
-    uv run python benchmarks/trial_overhead.py --study studies/quickstart.toml --trials 3 --epochs 2
+By default each of those functions is wrapped in a wall-clock timer (``--timer wall``: the trial runs at its
+real speed, and the wrappers add microseconds per call). ``--timer cprofile`` runs the search under cProfile
+instead, which slows Python-heavy code more than tensor kernels, so its fixed parts read high: an upper bound.
+
+    uv run python benchmarks/trial_overhead.py                       # the quickstart, under a minute on 2 cores
+    uv run python benchmarks/trial_overhead.py --timer cprofile --profile quickstart.prof
 
 Prints a table and writes JSON (`--json`, default benchmarks/trial_overhead.json).
 """
@@ -22,8 +25,11 @@ Prints a table and writes JSON (`--json`, default benchmarks/trial_overhead.json
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import datetime
+import functools
+import importlib
 import platform
 import pstats
 import sys
@@ -53,6 +59,58 @@ PARTS = {
 }
 
 
+# part -> (module, owner of the attribute in that module or "", attribute): where the wall-clock timer wraps the
+# same function as PARTS names, at the place its callers look it up
+CALL_SITES = {
+    "trial": ("dpnas.search.runner", "", "run_trial"),
+    "train": ("dpnas.search.runner", "", "train"),
+    "steps": ("dpnas.dp.engine", "DPSGDEngine", "step"),
+    "method tuning": ("dpnas.dp.per_sample", "", "_fastest"),
+    "evaluation": ("dpnas.dp.train", "", "count_correct"),
+    "model build": ("dpnas.dp.train", "", "build_model"),
+    "noise calibration": ("dpnas.dp.train", "", "plan_privacy"),
+    "data to device": ("dpnas.data.datasets", "DatasetSplits", "to"),
+    "worker loop": ("dpnas.search.runner", "", "run_worker"),
+    "start: checks and data": ("dpnas.search.runner", "", "check_search"),
+}
+
+
+@contextlib.contextmanager
+def wall_timers(seconds: dict[str, float], calls: dict[str, int]):
+    """Wrap each CALL_SITES function so that its outermost calls add their wall time to `seconds[part]`."""
+    patched = []
+
+    def timed(part: str, function):
+        depth = [0]
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:  # a recursive or re-entrant call is inside its caller's time already
+                    seconds[part] += time.perf_counter() - start
+                    calls[part] += 1
+        return wrapper
+
+    try:
+        for part, (module_name, owner_name, attribute) in CALL_SITES.items():
+            owner = importlib.import_module(module_name)
+            if owner_name:
+                owner = getattr(owner, owner_name)
+            original = owner.__dict__[attribute]
+            patched.append((owner, attribute, original))
+            seconds[part], calls[part] = 0.0, 0
+            setattr(owner, attribute, timed(part, original))
+        yield
+    finally:
+        for owner, attribute, original in reversed(patched):
+            setattr(owner, attribute, original)
+
+
 def cumulative(stats: pstats.Stats, suffix: str, name: str) -> tuple[float, int]:
     """(cumulative seconds, primitive calls) of one function, 0 when it never ran."""
     for (filename, _, function), (primitive, _, _, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
@@ -66,33 +124,45 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--study", type=Path, default=REPO / "studies" / "quickstart.toml")
     parser.add_argument("--n-trials", type=int, help="trials to run (default: the study's own)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--profile", type=Path, help="also keep the raw cProfile stats here (for pstats / snakeviz)")
+    parser.add_argument("--timer", choices=("wall", "cprofile"), default="wall",
+                        help="wall-clock wrappers around each part (default) or cProfile (an upper bound on the fixed parts)")
+    parser.add_argument("--profile", type=Path, help="with --timer cprofile: keep the raw stats here (pstats / snakeviz)")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "trial_overhead.json")
     args = parser.parse_args(argv)
     if not args.study.is_file():
         parser.error(f"--study {args.study}: no such file")
     if args.n_trials is not None and args.n_trials < 1:
         parser.error("--n-trials must be >= 1")
+    if args.profile and args.timer != "cprofile":
+        parser.error("--profile needs --timer cprofile")
 
     from dpnas.search.runner import search
     from dpnas.search.study_file import load_study_file
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_study_file(args.study)
-    profiler = cProfile.Profile()
+    seconds: dict[str, float] = {}
+    calls: dict[str, int] = {}
+    profiler = cProfile.Profile() if args.timer == "cprofile" else None
     with tempfile.TemporaryDirectory(prefix="trial-overhead-") as directory:
         url = str(Path(directory) / "study.journal")
-        start = time.perf_counter()
-        profiler.enable()
-        study = search(spec, storage_url=url, n_trials=args.n_trials, device=args.device, progress=False)
-        profiler.disable()
-        wall = time.perf_counter() - start
+        with contextlib.nullcontext() if profiler else wall_timers(seconds, calls):
+            start = time.perf_counter()
+            if profiler:
+                profiler.enable()
+            study = search(spec, storage_url=url, n_trials=args.n_trials, device=args.device, progress=False)
+            if profiler:
+                profiler.disable()
+            wall = time.perf_counter() - start
         trials = len(study.get_trials(deepcopy=False))
-    stats = pstats.Stats(profiler)
-    if args.profile:
-        stats.dump_stats(args.profile)
-    seconds = {part: cumulative(stats, *where)[0] for part, where in PARTS.items()}
-    calls = {part: cumulative(stats, *where)[1] for part, where in PARTS.items()}
+    if profiler:
+        stats = pstats.Stats(profiler)
+        if args.profile:
+            stats.dump_stats(args.profile)
+        seconds = {part: cumulative(stats, *where)[0] for part, where in PARTS.items()}
+        calls = {part: cumulative(stats, *where)[1] for part, where in PARTS.items()}
+    else:
+        seconds["search"] = wall
     n = max(calls["trial"], 1)
     per_trial = {
         "steps": seconds["steps"] - seconds["method tuning"],
@@ -111,7 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     fixed = trial_seconds - per_trial["steps"]
     rows = [{"part": k, "seconds_per_trial": v, "share": v / trial_seconds} for k, v in per_trial.items()]
 
-    print(f"{args.study.name}: {n} trials ({trials} in the study), {wall:.1f} s in all, device {args.device}")
+    print(f"{args.study.name}: {n} trials ({trials} in the study), {wall:.1f} s in all, device {args.device}, "
+          f"timer {args.timer}")
     print(f"{'part':<38} {'s / trial':>9} {'share':>7}")
     for row in rows:
         print(f"{row['part']:<38} {row['seconds_per_trial']:>9.3f} {row['share']:>6.1%}")
@@ -126,6 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"platform": platform.platform(), "cpu_count": torch.get_num_threads()},
         "torch": torch.__version__,
         "study": str(args.study),
+        "timer": args.timer,
         "trials": n,
         "wall_s": wall,
         "rows": rows,

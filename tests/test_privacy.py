@@ -3,6 +3,7 @@
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -213,9 +214,24 @@ def test_cached_epsilon_and_calibration_are_the_exact_values():
         direct = accountant.get_epsilon(delta=1e-5, **_accountant_options(mechanism))
         assert epsilon_spent(accountant, 1e-5) == direct
         assert epsilon_spent(accountant, 1e-5) == direct  # the second answer comes from the cache
+        for _ in range(7):  # the same (sigma, q) for more steps: RDP's one-step curve is reused, times 37
+            accountant.step(noise_multiplier=0.9, sample_rate=0.02)
+        assert epsilon_spent(accountant, 1e-5) == accountant.get_epsilon(delta=1e-5, **_accountant_options(mechanism))
 
     privacy = PrivacyConfig(epsilon=3.0)
     first = plan_privacy(privacy, dataset_size=1000, batch_size=50, epochs=2)
     hits = _noise_multiplier.cache_info().hits
     again = plan_privacy(privacy, dataset_size=1000, batch_size=50, epochs=2)
     assert again == first and _noise_multiplier.cache_info().hits == hits + 1
+
+
+def test_the_remembered_one_step_rdp_curve_is_opacus_bit_for_bit_and_read_only():
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from dpnas.dp.privacy import ORDERS, _step_rdp, subsampled_gaussian_rdp
+
+    for sigma, q, steps in [(1.1, 0.01, 1), (2.15, 0.2, 40), (0.6, 0.004, 30_000)]:
+        expected = compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=[float(a) for a in ORDERS])
+        assert np.array_equal(subsampled_gaussian_rdp(sigma, q, steps), expected)
+    with pytest.raises(ValueError):  # shared by every caller: nobody may change it in place
+        _step_rdp(1.1, 0.01)[0] = 0.0

@@ -49,6 +49,40 @@ def test_values_gradients_and_layout_equal_nn_maxpool(n, c, h, w, ties, channels
     assert torch.equal(ours.grad, reference.grad)  # ties included: the gradient goes to the same element
 
 
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(n=st.integers(1, 3), c=st.integers(1, 40), h=st.integers(1, 11), w=st.integers(1, 11),
+       values=st.sampled_from(["normal", "ties", "infinite", "nan"]), mode=st.sampled_from(["no_grad", "inference",
+                                                                                            "no_requires_grad"]))
+def test_without_a_gradient_the_shifted_maximum_is_nn_maxpool_bit_for_bit(n, c, h, w, values, mode):
+    """A validation pass takes the shifted-views path: it must give exactly the pool's values, whatever they are."""
+    torch.manual_seed(n * 1000 + c * 100 + h * 10 + w)
+    x = torch.randn(n, c, h, w)
+    if values == "ties":
+        x = torch.randint(-2, 3, x.shape).float()
+    elif values in ("infinite", "nan"):
+        special = torch.tensor(float("nan") if values == "nan" else float("-inf"))
+        x = torch.where(torch.rand(x.shape) < 0.3, special, x)
+        x[torch.rand(x.shape) < 0.1] = float("inf")
+    context = {"no_grad": torch.no_grad, "inference": torch.inference_mode}.get(mode, torch.enable_grad)
+    with context():
+        out, expected = SmoothingMaxPool()(x), REFERENCE(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    assert out.is_contiguous()
+
+
+def test_a_validation_pass_uses_the_shifted_maximum_and_training_the_kernel(monkeypatch):
+    import dpnas.arch.layers as layers
+
+    calls = []
+    monkeypatch.setattr(layers, "shifted_max3", lambda x: calls.append(x.shape) or REFERENCE(x))
+    pool = SmoothingMaxPool()
+    with torch.no_grad():
+        pool(torch.randn(2, 20, 5, 5))
+    assert calls == [torch.Size([2, 20, 5, 5])]
+    pool(torch.randn(2, 20, 5, 5, requires_grad=True))
+    assert len(calls) == 1  # a pass that backpropagates keeps the kernel whose gradient is tested above
+
+
 def test_the_space_builds_it_and_it_is_still_a_maxpool():
     model = build_model(MODELS["smoothnet"].arch, num_classes=10, in_channels=3)
     pools = [m for m in model.modules() if isinstance(m, SmoothingMaxPool)]

