@@ -75,23 +75,29 @@ CALL_SITES = {
 }
 
 
+# parts that are split out of train(): their calls elsewhere (the preflight's one step before the first trial,
+# the study checks) belong to the search's start, not to a trial
+INSIDE_TRAIN = {"steps", "method tuning", "evaluation", "model build", "noise calibration", "data to device"}
+
+
 @contextlib.contextmanager
 def wall_timers(seconds: dict[str, float], calls: dict[str, int]):
     """Wrap each CALL_SITES function so that its outermost calls add their wall time to `seconds[part]`."""
     patched = []
+    depth = {part: 0 for part in CALL_SITES}
 
     def timed(part: str, function):
-        depth = [0]
-
         @functools.wraps(function)
         def wrapper(*args, **kwargs):
-            depth[0] += 1
+            if part in INSIDE_TRAIN and depth["train"] == 0:
+                return function(*args, **kwargs)
+            depth[part] += 1
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
-                depth[0] -= 1
-                if depth[0] == 0:  # a recursive or re-entrant call is inside its caller's time already
+                depth[part] -= 1
+                if depth[part] == 0:  # a recursive or re-entrant call is inside its caller's time already
                     seconds[part] += time.perf_counter() - start
                     calls[part] += 1
         return wrapper
@@ -109,6 +115,16 @@ def wall_timers(seconds: dict[str, float], calls: dict[str, int]):
     finally:
         for owner, attribute, original in reversed(patched):
             setattr(owner, attribute, original)
+
+
+def preflight_steps(stats: pstats.Stats) -> float:
+    """Cumulative seconds of DPSGDEngine.step called by the preflight (the search's start, not a trial)."""
+    suffix, name = PARTS["steps"]
+    for (filename, _, function), (*_, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if function == name and filename.replace("\\", "/").endswith(suffix):
+            return sum(timing[3] for (caller_file, _, caller), timing in callers.items()
+                       if caller == "preflight" and caller_file.replace("\\", "/").endswith("dpnas/dp/preflight.py"))
+    return 0.0
 
 
 def cumulative(stats: pstats.Stats, suffix: str, name: str) -> tuple[float, int]:
@@ -161,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
             stats.dump_stats(args.profile)
         seconds = {part: cumulative(stats, *where)[0] for part, where in PARTS.items()}
         calls = {part: cumulative(stats, *where)[1] for part, where in PARTS.items()}
+        seconds["steps"] -= preflight_steps(stats)
     else:
         seconds["search"] = wall
     n = max(calls["trial"], 1)
