@@ -102,17 +102,15 @@ class SmoothingMaxPool(nn.MaxPool2d):
     PyTorch's NCHW CPU kernel for this pool is slow: forward + backward in NHWC, conversions included, is 1.5-2x
     faster from 32 channels up, and a whole non-private step of the quickstart's points 1.3-1.4x
     (benchmarks/pool_smoothing.py); from 8 channels (one AVX2 vector) NHWC is 1.2-1.6x faster at batch 256, below
-    8 NCHW is faster (0.5-0.9x) and is kept.  The NHWC kernel takes
-    the same maximum over the same window, and its gradient goes to the same element, so values and gradients are
-    bit-identical (tests/test_smoothing_pool.py); the result comes back in the input's own layout.  CUDA keeps
-    the default kernel, which is fast in either layout.
+    8 NCHW is faster (0.5-0.9x) and is kept.  The NHWC kernel takes the same maximum over the same window, and its
+    gradient goes to the same element, so values and gradients are bit-identical (tests/test_smoothing_pool.py);
+    the result comes back in the input's own layout.  CUDA keeps the default kernel, fast in either layout.
 
     Where no gradient is wanted (a validation or test pass) an NCHW pool is the maximum of shifted views instead:
     about 10x faster than the NCHW kernel below 8 channels, 2-4x faster than the NHWC one at 8-16 and 1.2x at 32
     (both kernels also compute the argmax indices that only a backward pass needs), with the same values: a
-    maximum does not depend on the order it is taken in.  With
-    a gradient, a backward pass through shifted views that sends it where the kernel would was 3-9x slower than
-    the kernels, so training keeps them.
+    maximum does not depend on the order it is taken in.  With a gradient, a backward pass through shifted views
+    that sends it where the kernel would was 3-9x slower than the kernels, so training keeps them.
     """
 
     MIN_CHANNELS = 8
