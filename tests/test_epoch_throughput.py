@@ -1,18 +1,13 @@
 """benchmarks/epoch_throughput.py end to end, tiny: both pipelines train a whole epoch and the ratio is theirs."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "epoch_throughput.py"
+from bench_helpers import load_benchmark
 
 
 def test_epoch_throughput_compares_both_pipelines(tmp_path):
-    spec = importlib.util.spec_from_file_location("epoch_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # benchmarks/ is not a package
+    module = load_benchmark("epoch_throughput")
     out = tmp_path / "epoch.json"
     module.main(["--model", "tiny", "--samples", "256", "--batch-size", "32", "--physical", "16", "--device", "cpu",
                  "--json", str(out)])
@@ -25,9 +20,7 @@ def test_epoch_throughput_compares_both_pipelines(tmp_path):
 
 
 def test_epoch_throughput_options_apply_to_dpnas_only(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("epoch_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("epoch_throughput")
     out = tmp_path / "epoch.json"
     module.main(["--model", "tiny", "--samples", "128", "--batch-size", "32", "--physical", "32", "--device", "cpu",
                  "--set", "channels_last=true", "--json", str(out)])

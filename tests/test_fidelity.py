@@ -272,13 +272,9 @@ def test_the_fast_smoothnet_study_is_the_component_study_at_a_cheaper_fidelity()
 
 
 def _transfer_module():
-    import importlib.util
+    from bench_helpers import load_benchmark
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity_transfer.py"
-    spec = importlib.util.spec_from_file_location("fidelity_transfer", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # benchmarks/ is not a package
-    return module
+    return load_benchmark("fidelity_transfer")
 
 
 def test_the_transfer_benchmark_ranks_against_the_mean_of_the_full_runs():

@@ -8,7 +8,6 @@ carry, time limit) and that every command a part runs takes the flags it is give
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
@@ -20,6 +19,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from bench_helpers import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / "benchmarks" / "device_wheels.sh"
@@ -93,10 +93,7 @@ def test_outputs_and_wheels_stay_out_of_git():
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # benchmarks/ is not a package
-    return module
+    return load_benchmark(name)
 
 
 class _Parsed(Exception):

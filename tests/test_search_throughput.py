@@ -1,20 +1,13 @@
 """benchmarks/search_throughput.py end to end, tiny: both arms run the same trials and the numbers add up."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "search_throughput.py"
+from bench_helpers import load_benchmark
 
 
 def load_script():
-    # benchmarks/ is not a package: load the script as a module to call its main()
-    spec = importlib.util.spec_from_file_location("search_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("search_throughput")
 
 
 def test_both_arms_complete_the_same_trials_and_report_consistent_rates(tmp_path):

@@ -1,22 +1,16 @@
 """benchmarks/step_breakdown.py end to end, tiny: both models take turns and the ratio is their own."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_helpers import BENCHMARKS, load_benchmark
 
 from dpnas.arch.models import build_model
 from dpnas.arch.registry import get_arch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "step_breakdown.py"
-
 
 def _load():
-    spec = importlib.util.spec_from_file_location("step_breakdown", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # benchmarks/ is not a package
-    return module
+    return load_benchmark("step_breakdown")
 
 
 def test_breakdown_times_both_models_and_writes_rows(tmp_path, capsys):
@@ -42,12 +36,10 @@ def test_breakdown_rejects_unknown_models(tmp_path, capsys):
 
 
 def test_digits_resolution_sets_the_image_size_in_the_data_table():
-    spec = importlib.util.spec_from_file_location("digits_resolution", SCRIPT.parent / "digits_resolution.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("digits_resolution")
     import tomllib
 
-    quickstart = (SCRIPT.parents[1] / "studies" / "quickstart.toml").read_text()
+    quickstart = (BENCHMARKS.parent / "studies" / "quickstart.toml").read_text()
     for size in (8, 16):
         document = tomllib.loads(module.with_image_size(quickstart, size))
         assert document["data"]["image_size"] == size and document["data"]["dataset"] == "digits"

@@ -1,20 +1,14 @@
 """benchmarks/trial_overhead.py end to end, tiny: the wall-clock timers split real trials, then leave no trace."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_helpers import load_benchmark
 from search_helpers import write_study
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "trial_overhead.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("trial_overhead", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # benchmarks/ is not a package
-    return module
+    return load_benchmark("trial_overhead")
 
 
 def test_wall_timers_split_each_trial_and_are_removed_afterwards(tmp_path, capsys):
