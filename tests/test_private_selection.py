@@ -208,7 +208,10 @@ def test_every_released_score_is_noisy_and_every_release_is_accounted(tmp_path, 
         assert len(t.intermediate_values) <= t.user_attrs["privacy_plan"]["val_releases"]  # pruned: charged in full
     assert released and not set(released) & set(exact)
     note = study.user_attrs.get("note", "") + json.dumps([t.user_attrs for t in study.get_trials()])
-    assert not any(f"{e!r}" in note for e in exact if e not in (0.0, 1.0))
+    # Scores whose repr is short (0, 0.5, 1 of 262 records) are also settings (width 0.5) or the text of longer
+    # numbers; the train and search seeds are secret, so such a score turns up in some runs. Every other exact
+    # score has a 16-digit repr that can only be found in the note if it leaked.
+    assert not any(f"{e!r}" in note for e in exact if len(repr(e)) > 8)
     report = study_privacy(study)
     assert report.budget["val_releases"] == sum(t.user_attrs["privacy_plan"]["val_releases"]
                                                 for t in study.get_trials() if "privacy_plan" in t.user_attrs)
