@@ -43,24 +43,8 @@ import torch
 from dpnas.results import write_json
 
 REPO = Path(__file__).resolve().parents[1]
-# part -> (module file suffix, function name) whose cumulative time it is
-PARTS = {
-    "trial": ("dpnas/search/runner.py", "run_trial"),
-    "train": ("dpnas/dp/train.py", "train"),
-    "steps": ("dpnas/dp/engine.py", "step"),
-    "method tuning": ("dpnas/dp/per_sample.py", "_fastest"),
-    "evaluation": ("dpnas/dp/train.py", "count_correct"),
-    "model build": ("dpnas/arch/models.py", "build_model"),
-    "noise calibration": ("dpnas/dp/privacy.py", "plan_privacy"),
-    "data to device": ("dpnas/data/datasets.py", "to"),
-    "worker loop": ("dpnas/search/runner.py", "run_worker"),
-    "search": ("dpnas/search/runner.py", "search"),
-    "start: checks and data": ("dpnas/search/runner.py", "check_search"),
-}
-
-
-# part -> (module, owner of the attribute in that module or "", attribute): where the wall-clock timer wraps the
-# same function as PARTS names, at the place its callers look it up
+# part -> (module, owner of the attribute in that module or "", attribute): the function whose time it is, named
+# where its callers look it up, which is where the wall-clock timer wraps it (cProfile finds it by its code)
 CALL_SITES = {
     "trial": ("dpnas.search.runner", "", "run_trial"),
     "train": ("dpnas.search.runner", "", "train"),
@@ -73,6 +57,15 @@ CALL_SITES = {
     "worker loop": ("dpnas.search.runner", "", "run_worker"),
     "start: checks and data": ("dpnas.search.runner", "", "check_search"),
 }
+
+
+def call_site(part: str):
+    """(owner, attribute, function) of one part."""
+    module_name, owner_name, attribute = CALL_SITES[part]
+    owner = importlib.import_module(module_name)
+    if owner_name:
+        owner = getattr(owner, owner_name)
+    return owner, attribute, owner.__dict__[attribute]
 
 
 # parts that are split out of train(): their calls elsewhere (the preflight's one step before the first trial,
@@ -103,11 +96,8 @@ def wall_timers(seconds: dict[str, float], calls: dict[str, int]):
         return wrapper
 
     try:
-        for part, (module_name, owner_name, attribute) in CALL_SITES.items():
-            owner = importlib.import_module(module_name)
-            if owner_name:
-                owner = getattr(owner, owner_name)
-            original = owner.__dict__[attribute]
+        for part in CALL_SITES:
+            owner, attribute, original = call_site(part)
             patched.append((owner, attribute, original))
             seconds[part], calls[part] = 0.0, 0
             setattr(owner, attribute, timed(part, original))
@@ -117,22 +107,25 @@ def wall_timers(seconds: dict[str, float], calls: dict[str, int]):
             setattr(owner, attribute, original)
 
 
+def _key(function) -> tuple[str, int, str]:
+    """cProfile's key for a function: its code's file, first line and name."""
+    code = function.__code__
+    return code.co_filename, code.co_firstlineno, code.co_name
+
+
+def cumulative(stats: pstats.Stats, part: str) -> tuple[float, int]:
+    """(cumulative seconds, primitive calls) of one part's function, 0 when it never ran."""
+    primitive, _, _, cum, _ = stats.stats.get(_key(call_site(part)[2]), (0, 0, 0.0, 0.0, {}))  # type: ignore[attr-defined]
+    return cum, primitive
+
+
 def preflight_steps(stats: pstats.Stats) -> float:
     """Cumulative seconds of DPSGDEngine.step called by the preflight (the search's start, not a trial)."""
-    suffix, name = PARTS["steps"]
-    for (filename, _, function), (*_, callers) in stats.stats.items():  # type: ignore[attr-defined]
-        if function == name and filename.replace("\\", "/").endswith(suffix):
-            return sum(timing[3] for (caller_file, _, caller), timing in callers.items()
-                       if caller == "preflight" and caller_file.replace("\\", "/").endswith("dpnas/dp/preflight.py"))
-    return 0.0
+    from dpnas.dp.preflight import preflight
 
-
-def cumulative(stats: pstats.Stats, suffix: str, name: str) -> tuple[float, int]:
-    """(cumulative seconds, primitive calls) of one function, 0 when it never ran."""
-    for (filename, _, function), (primitive, _, _, cum, _) in stats.stats.items():  # type: ignore[attr-defined]
-        if function == name and filename.replace("\\", "/").endswith(suffix):
-            return cum, primitive
-    return 0.0, 0
+    *_, callers = stats.stats.get(_key(call_site("steps")[2]), (0, 0, 0.0, 0.0, {}))  # type: ignore[attr-defined]
+    timing = callers.get(_key(preflight))
+    return timing[3] if timing else 0.0
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -175,11 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
         stats = pstats.Stats(profiler)
         if args.profile:
             stats.dump_stats(args.profile)
-        seconds = {part: cumulative(stats, *where)[0] for part, where in PARTS.items()}
-        calls = {part: cumulative(stats, *where)[1] for part, where in PARTS.items()}
+        seconds = {part: cumulative(stats, part)[0] for part in CALL_SITES}
+        calls = {part: cumulative(stats, part)[1] for part in CALL_SITES}
         seconds["steps"] -= preflight_steps(stats)
-    else:
-        seconds["search"] = wall
     n = max(calls["trial"], 1)
     per_trial = {
         "steps": seconds["steps"] - seconds["method tuning"],
@@ -204,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         print(f"{row['part']:<38} {row['seconds_per_trial']:>9.3f} {row['share']:>6.1%}")
     print(f"{'fixed cost (all but steps)':<38} {fixed:>9.3f} {fixed / trial_seconds:>6.1%}")
-    start_seconds = seconds["search"] - seconds["worker loop"]
+    start_seconds = wall - seconds["worker loop"]
     print(f"once per search, before the first trial: {start_seconds:.1f} s "
           f"(checks and data {seconds['start: checks and data']:.1f} s)")
     result = {

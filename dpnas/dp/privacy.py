@@ -205,7 +205,7 @@ def _noise_multiplier(epsilon: float, delta: float, accountant: str, sample_rate
 @functools.lru_cache(maxsize=1024)
 def _step_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     curve = np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                   orders=[float(a) for a in ORDERS]), dtype=float)
+                                   orders=_accountant_options("rdp")["alphas"]), dtype=float)
     curve.setflags(write=False)  # shared by every caller of the cache
     return curve
 
@@ -224,7 +224,7 @@ def subsampled_gaussian_rdp(noise_multiplier: float, sample_rate: float, steps: 
 def _epsilon_of_history(mechanism: str, history: tuple[tuple[float, float, int], ...], delta: float) -> float:
     if mechanism == "rdp":  # Opacus's RDPAccountant.get_privacy_spent, on the remembered one-step curves
         rdp = sum([subsampled_gaussian_rdp(sigma, q, steps) for sigma, q, steps in history])
-        return float(get_privacy_spent(orders=[float(a) for a in ORDERS], rdp=rdp, delta=delta)[0])
+        return float(get_privacy_spent(orders=_accountant_options("rdp")["alphas"], rdp=rdp, delta=delta)[0])
     accountant = create_accountant(mechanism)
     accountant.history = list(history)
     return float(accountant.get_epsilon(delta=delta, **_accountant_options(mechanism)))

@@ -34,7 +34,6 @@ import random
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from opacus.accountants.analysis.rdp import compute_rdp
 
 from dpnas.dp.privacy import ORDERS, count_rdp, rdp_to_epsilon_at, subsampled_gaussian_rdp
 
@@ -97,19 +96,13 @@ class SearchPrivacy:
 # ---------------------------------------------------------------- curves and conversions
 
 
-def rdp_curve(run: RunPrivacy, orders=ORDERS) -> np.ndarray:
-    """ε(λ) of one DP-SGD run at each order: inf when non-private, 0 when it saw no data."""
-    orders = np.asarray(orders, dtype=float)
+def rdp_curve(run: RunPrivacy) -> np.ndarray:
+    """ε(λ) of one DP-SGD run at each of :data:`ORDERS`: inf when non-private, 0 when it saw no data."""
     if run.steps == 0 or run.sample_rate == 0:
-        return np.zeros_like(orders)
+        return np.zeros_like(ORDERS)
     if run.noise_multiplier == 0:
-        return np.full_like(orders, np.inf)
-    if orders.shape == ORDERS.shape and np.array_equal(orders, ORDERS):
-        return subsampled_gaussian_rdp(run.noise_multiplier, run.sample_rate, int(run.steps))
-    return np.asarray(
-        compute_rdp(q=run.sample_rate, noise_multiplier=run.noise_multiplier, steps=int(run.steps), orders=orders),
-        dtype=float,
-    )
+        return np.full_like(ORDERS, np.inf)
+    return subsampled_gaussian_rdp(run.noise_multiplier, run.sample_rate, int(run.steps))
 
 
 def validation_curve(run: RunPrivacy, orders=ORDERS) -> np.ndarray:
@@ -218,7 +211,7 @@ def _poisson_curve(orders, rdps, *, mu: float) -> np.ndarray:
 
 
 def _per_run(runs, delta) -> tuple[np.ndarray, float]:
-    curves = np.array([rdp_curve(r, ORDERS) for r in runs]).reshape(len(runs), len(ORDERS))
+    curves = np.array([rdp_curve(r) for r in runs]).reshape(len(runs), len(ORDERS))
     per_run = max((_epsilon(ORDERS, c, delta)[0] for c in curves), default=0.0)
     return curves, per_run
 
