@@ -5,9 +5,10 @@ study's own fidelity ("full", R = --full-repeats, each run a fresh draw of DP-SG
 proxy of `[fidelity]` (dpnas.search.fidelity): a TAN batch, a data fraction, fewer epochs, a lower resolution, and
 combinations. The expensive ranking is the points' mean over the R full runs (one private run is itself a noisy
 measurement: the row "one full run" ranks a single full run against the mean of the other R - 1, the most any
-single trial can be expected to agree). Every run is configured exactly as a trial of a
-study with that `[fidelity]` table would be: the study's total ε calibrated for that study's run shape and training
-split, then the proxy's scaling. The score is each run's released (noisy) validation accuracy, what a search reads.
+single trial can be expected to agree; with R >= 4 the row "mean of R/2 full runs" ranks the mean of half of them
+against the other half, what even R/2 times a full run's compute reaches against a reference that noisy). Every run
+is configured exactly as a trial of a study with that `[fidelity]` table would be: the study's total ε calibrated
+for that study's run shape and training split, then the proxy's scaling. The score is each run's released (noisy) validation accuracy, what a search reads.
 
 For each proxy: Kendall τ between its ranking of the K points and the full one (and against the full runs' test
 accuracy), the top-3 overlap, and the compute per trial, as sample-gradient pixels (steps x batch x pixels, the
@@ -16,6 +17,7 @@ work a step does) and as measured wall seconds, both relative to the full runs o
     uv run python benchmarks/fidelity_transfer.py                         # 20 points, about 15 minutes on 2 cores
     uv run python benchmarks/fidelity_transfer.py --points 24 --arms full,repeat,tan_batch=16,epochs=2
     uv run python benchmarks/fidelity_transfer.py --cost-dataset synthetic --points 3   # CIFAR shapes, cost only
+    uv run python benchmarks/fidelity_transfer.py --summarise benchmarks/fidelity_transfer_r6.json  # table again
 
 Prints a table and writes JSON (`--json`, default benchmarks/fidelity_transfer.json).
 """
@@ -25,6 +27,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import itertools
+import json
 import platform
 import statistics
 import time
@@ -148,7 +152,66 @@ def summarise(name: str, runs: list[dict], full: list[list[dict]], *, ranking: b
 def one_full_run(full: list[list[dict]]) -> dict:
     """A single full run against the mean of the other full runs, averaged over which run is left out."""
     rows = [summarise("one full run", full[r], full[:r] + full[r + 1:], ranking=True) for r in range(len(full))]
-    return {"arm": "one full run", **{k: statistics.fmean(row[k] for row in rows) for k in rows[0] if k != "arm"}}
+    return _mean_row("one full run", rows)
+
+
+def half_against_half(full: list[list[dict]]) -> dict | None:
+    """The mean of half the full runs (R/2 times a full run's work) against the mean of the other half, averaged
+    over every split: how well even a proxy dearer than one full run can agree with a reference this noisy.
+    None below 4 full runs."""
+    half = len(full) // 2
+    if half < 2:
+        return None
+    name = f"mean of {half} full runs"
+    rows = []
+    for chosen in itertools.combinations(range(len(full)), half):
+        ours = [full[r] for r in chosen]
+        rest = [full[r] for r in range(len(full)) if r not in chosen][:half]
+        averaged = [{"val_accuracy": statistics.fmean(runs[i]["val_accuracy"] for runs in ours),
+                     **{key: sum(runs[i][key] for runs in ours) for key in ("work", "wall_seconds")},
+                     **{key: ours[0][i][key] for key in ("noise_multiplier", "epsilon_spent")}}
+                    for i in range(len(full[0]))]
+        rows.append(summarise(name, averaged, rest, ranking=True))
+    return _mean_row(name, rows)
+
+
+def _mean_row(name: str, rows: list[dict]) -> dict:
+    return {"arm": name, **{k: statistics.fmean(row[k] for row in rows) for k in rows[0] if k != "arm"}}
+
+
+def table_rows(full: list[list[dict]], runs: dict[str, list[dict]], *, ranking: bool) -> list[dict]:
+    """The table: the full runs' cost, the ceilings a noisy reference allows (ranking only), then each proxy."""
+    rows = [summarise(f"full (mean of {len(full)})", [r for repeat in full for r in repeat], full, ranking=False)]
+    if ranking:
+        rows += [row for row in (one_full_run(full), half_against_half(full)) if row is not None]
+    return rows + [summarise(name, arm_runs, full, ranking=ranking) for name, arm_runs in runs.items()]
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    ranking = any("kendall_tau_val" in row for row in rows)
+    header = f"{'arm':<34}{'work':>8}{'wall':>8}{'s/trial':>9}{'val acc':>9}{'sigma':>8}"
+    if ranking:
+        header += f"{'tau val':>9}{'tau test':>9}{'top-3':>7}"
+    print(f"\n{title}")
+    print(header)
+    for row in rows:
+        line = (f"{row['arm']:<34}{row['work_ratio']:>8.3f}{row['wall_ratio']:>8.3f}{row['seconds_per_trial']:>9.2f}"
+                f"{row['mean_val_accuracy']:>9.3f}{row['noise_multiplier']:>8.3f}")
+        if "kendall_tau_val" in row:
+            line += f"{row['kendall_tau_val']:>9.2f}{row['kendall_tau_test']:>9.2f}{row['top3_overlap']:>7.2f}"
+        print(line)
+
+
+def resummarise(path: str) -> dict:
+    """The table again from a written JSON's runs (after a change to what the table reports), written back."""
+    result = json.loads(Path(path).read_text())
+    full = result["runs"]["full"]
+    proxies = {name: runs for name, runs in result["runs"].items() if name != "full"}
+    result["rows"] = table_rows(full, proxies, ranking=result.get("ranking", result["points"] >= 3))
+    print_table(f"{result['study']} on {result['dataset']}, {result['points']} points (from {path})", result["rows"])
+    write_json(path, result)
+    print(f"wrote {path}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -163,7 +226,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                "CIFAR-10 shape, 3 x 32 x 32)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", default=str(REPO / "benchmarks" / "fidelity_transfer.json"))
+    parser.add_argument("--summarise", metavar="JSON", help="only rebuild the table from a written JSON's runs")
     args = parser.parse_args(argv)
+    if args.summarise:
+        return resummarise(args.summarise)
 
     spec = load_study_file(args.study)
     if args.cost_dataset:
@@ -192,28 +258,15 @@ def main(argv: list[str] | None = None) -> dict:
             f"{n} {runs[n][-1]['val_accuracy']:.3f}" for n in names[1:]), flush=True)
 
     ranking = not args.cost_dataset and len(points) >= 3
-    rows = [summarise(f"full (mean of {len(full)})", [r for repeat in full for r in repeat], full, ranking=False)]
-    if ranking:
-        rows.append(one_full_run(full))
-    rows += [summarise(name, runs[name], full, ranking=ranking) for name in names[1:]]
-    header = f"{'arm':<28}{'work':>8}{'wall':>8}{'s/trial':>9}{'val acc':>9}{'sigma':>8}"
-    if ranking:
-        header += f"{'tau val':>9}{'tau test':>9}{'top-3':>7}"
-    print(f"\n{spec.name} on {spec.dataset}, {len(points)} points; work and wall relative to full")
-    print(header)
-    for row in rows:
-        line = (f"{row['arm']:<28}{row['work_ratio']:>8.3f}{row['wall_ratio']:>8.3f}{row['seconds_per_trial']:>9.2f}"
-                f"{row['mean_val_accuracy']:>9.3f}{row['noise_multiplier']:>8.3f}")
-        if "kendall_tau_val" in row:
-            line += f"{row['kendall_tau_val']:>9.2f}{row['kendall_tau_test']:>9.2f}{row['top3_overlap']:>7.2f}"
-        print(line)
+    rows = table_rows(full, runs, ranking=ranking)
+    print_table(f"{spec.name} on {spec.dataset}, {len(points)} points; work and wall relative to full", rows)
     result = {
         "benchmark": "fidelity_transfer", "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "study": str(Path(args.study).resolve().relative_to(REPO)) if Path(args.study).resolve().is_relative_to(REPO)
         else args.study,
         "dataset": spec.dataset, "points": len(points), "seed": args.seed, "device": args.device,
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-        "full_repeats": len(full), "total_seconds": time.perf_counter() - started, "rows": rows,
+        "full_repeats": len(full), "ranking": ranking, "total_seconds": time.perf_counter() - started, "rows": rows,
         "runs": {"full": full, **runs},
         "score": "each run's released (noisy) validation accuracy; tau test ranks against the full runs' test "
                  "accuracy",

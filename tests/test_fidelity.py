@@ -293,6 +293,37 @@ def test_the_transfer_benchmark_ranks_against_the_mean_of_the_full_runs():
     reversed_ = bench.summarise("proxy", runs([0.5, 0.4, 0.3, 0.2, 0.1]), full, ranking=True)
     assert reversed_["kendall_tau_val"] == pytest.approx(-1.0) and reversed_["top3_overlap"] == pytest.approx(1 / 3)
     assert bench.one_full_run(full)["kendall_tau_val"] == pytest.approx(1.0)
+    assert bench.half_against_half(full) is None  # two runs have no halves of two
+
+
+def test_the_transfer_benchmark_ranks_half_the_full_runs_against_the_other_half(tmp_path):
+    bench = _transfer_module()
+
+    def runs(vals):
+        return [{"val_accuracy": v, "test_accuracy": v, "work": 1.0, "wall_seconds": 2.0, "noise_multiplier": 1.0,
+                 "epsilon_spent": 1.0} for v in vals]
+
+    # runs 0 and 1 order the points one way, runs 2 and 3 the reverse and more steeply: a half of the two alike
+    # disagrees completely with the other (2 of the 6 ordered splits), a mixed half agrees with the other mixed one
+    up, down = [0.1, 0.2, 0.3, 0.4, 0.5], [0.9, 0.7, 0.5, 0.3, 0.1]
+    full = [runs(up), runs(up), runs(down), runs(down)]
+    row = bench.half_against_half(full)
+    assert row["arm"] == "mean of 2 full runs" and row["work_ratio"] == pytest.approx(2.0)
+    assert row["wall_ratio"] == pytest.approx(2.0)
+    assert row["kendall_tau_val"] == pytest.approx((4 * 1 + 2 * -1) / 6)
+    agree = bench.half_against_half([runs(up)] * 4)
+    assert agree["kendall_tau_val"] == pytest.approx(1.0) and agree["top3_overlap"] == 1.0
+
+    # the table rebuilt from a written JSON holds the same rows the run would have written
+    path = tmp_path / "transfer.json"
+    proxies = {"epochs=2": runs([0.0, 0.1, 0.2, 0.3, 0.4])}
+    path.write_text(json.dumps({"study": "s", "dataset": "digits", "points": 5, "rows": [],
+                                "runs": {"full": [runs(up)] * 4, **proxies}}))
+    rebuilt = bench.resummarise(str(path))
+    assert json.loads(path.read_text())["rows"] == rebuilt["rows"]
+    arms = ["full (mean of 4)", "one full run", "mean of 2 full runs", "epochs=2"]
+    assert [r["arm"] for r in rebuilt["rows"]] == arms
+    assert rebuilt["rows"][-1]["kendall_tau_val"] == pytest.approx(1.0)
 
 
 def test_tan_scales_a_calibrated_noise_too(tmp_path):
