@@ -118,3 +118,45 @@ def test_tuner_times_only_plausible_methods_and_remembers_the_choice(monkeypatch
     small_map = torch.nn.Sequential(torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(64 * 16, 2))
     assert tuned(small_map, (64, 4, 4)) == "ghost"
     assert timed == []  # the only candidate: nothing to time
+
+
+class _TwoStems(torch.nn.Module):
+    """Two trainable layers that both read the images, then one that reads both."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(3, 4, 1)
+        self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+
+    def forward(self, x):
+        return self.head(self.a(x) + torch.relu(self.b(x)))
+
+
+def test_no_gradient_for_the_images_and_every_stem_still_gets_its_own():
+    """The images never require a gradient (nothing uses it, and for a first conv it costs more than the rest of
+    its backward); every layer that reads them directly starts the graph instead, so each one's per-sample
+    gradients are still exact: unclipped, their sum is the ordinary gradient of the summed loss."""
+    from dpnas.dp.per_sample import PerSampleClipper
+
+    torch.manual_seed(0)
+    model = _TwoStems()
+    x, y = torch.randn(6, 3, 6, 6), torch.randint(0, 3, (6,))
+    torch.nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    expected = {p: p.grad.clone() for p in model.parameters()}
+    model.zero_grad(set_to_none=True)
+
+    seen = []
+
+    def logits(images):
+        seen.append(images.requires_grad)
+        return model(images)
+
+    clipper = PerSampleClipper(model)
+    clipper.backward(logits, x.requires_grad_(True), y)
+    sums = clipper.clipped_sum(1e9)
+    assert seen == [False]
+    assert set(sums) == set(expected)
+    for p, total in sums.items():
+        torch.testing.assert_close(total, expected[p], rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
