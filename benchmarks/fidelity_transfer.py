@@ -8,7 +8,8 @@ measurement: the row "one full run" ranks a single full run against the mean of 
 single trial can be expected to agree; with R >= 4 the row "mean of R/2 full runs" ranks the mean of half of them
 against the other half, what even R/2 times a full run's compute reaches against a reference that noisy). Every run
 is configured exactly as a trial of a study with that `[fidelity]` table would be: the study's total ε calibrated
-for that study's run shape and training split, then the proxy's scaling. The score is each run's released (noisy) validation accuracy, what a search reads.
+for that study's run shape and training split, then the proxy's scaling. The score is each run's released (noisy)
+validation accuracy, what a search reads.
 
 For each proxy: Kendall τ between its ranking of the K points and the full one (and against the full runs' test
 accuracy), the top-3 overlap, and the compute per trial, as sample-gradient pixels (steps x batch x pixels, the

@@ -7,7 +7,9 @@ Two tables, each measured in one process with the candidates taking turns (drift
   two separable 1-D pools, and the same three for ``nn.AvgPool2d(3, 1, 1)`` (dpnas keeps PyTorch's there);
 * a whole non-private step (forward + backward) of each model with PyTorch's max pool and with dpnas's: the
   "before" and "after" of the change, on SmoothNet W80D50 and on seeded random points of the quickstart's space
-  that use max smoothing.
+  that use max smoothing;
+* the max pool without a gradient (a validation or test pass), at the quickstart's validation shapes: the NCHW
+  and channels-last kernels against the maximum of shifted views, out of place and as dpnas computes it.
 
     uv run python benchmarks/pool_smoothing.py                      # about 3 minutes on 2 cores
 
@@ -29,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpnas.arch.layers import SmoothingMaxPool
+from dpnas.arch.layers import SmoothingMaxPool, shifted_max3
 from dpnas.arch.models import build_model
 from dpnas.arch.space import ArchConfig
 from dpnas.bench import BenchModel, resolve_model, study_points
@@ -93,6 +95,44 @@ def pool_rows(rounds: int) -> list[dict]:
     return rows
 
 
+NO_GRAD_SHAPES = [(262, 4, 16, 16), (262, 8, 16, 16), (262, 16, 16, 16), (262, 32, 8, 8), (512, 24, 16, 16)]
+
+
+def shifted_max_out_of_place(x: torch.Tensor) -> torch.Tensor:
+    """The shifted views' maximum with every maximum in a fresh tensor (dpnas's first version of it)."""
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
+    rows = torch.maximum(torch.maximum(padded[..., 0:width], padded[..., 1:width + 1]), padded[..., 2:width + 2])
+    return torch.maximum(torch.maximum(rows[..., 0:height, :], rows[..., 1:height + 1, :]), rows[..., 2:height + 2, :])
+
+
+NO_GRAD_POOLS = {
+    "nn.MaxPool2d (NCHW)": nn.MaxPool2d(3, 1, 1),
+    "channels-last kernel": lambda x: F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, 1, 1)
+    .contiguous(),
+    "shifted views, out of place": shifted_max_out_of_place,
+    "shifted views (dpnas)": shifted_max3,
+}
+
+
+def no_grad_rows(rounds: int) -> list[dict]:
+    rows = []
+    for shape in NO_GRAD_SHAPES:
+        x = torch.randn(*shape)
+
+        def forward(pool):  # noqa: ANN001, ANN202
+            def run() -> None:
+                with torch.no_grad():
+                    pool(x)
+            return run
+
+        seconds = best_of_turns({name: forward(pool) for name, pool in NO_GRAD_POOLS.items()}, 4 * rounds)
+        for name, sec in seconds.items():
+            rows.append({"shape": list(shape), "pool": name, "ms": sec * 1e3,
+                         "speedup_vs_pytorch": seconds["nn.MaxPool2d (NCHW)"] / sec})
+    return rows
+
+
 def with_pytorch_pools(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
@@ -140,17 +180,21 @@ def main(argv: list[str] | None = None) -> dict:
         models += points
     pools = pool_rows(args.rounds)
     steps = step_rows(models, args.rounds, args.batch_size)
+    no_grad = no_grad_rows(args.rounds)
     print(f"{'shape':<18} {'pool':<32} {'fwd+bwd ms':>10} {'x PyTorch':>9}")
     for r in pools:
         print(f"{'x'.join(map(str, r['shape'])):<18} {r['pool']:<32} {r['ms']:>10.2f} {r['speedup_vs_pytorch']:>9.2f}")
     print(f"\n{'model':<16} {'batch':>5} {'step ms, nn.MaxPool2d':>21} {'step ms, dpnas':>14} {'speed-up':>8}")
     for r in steps:
         print(f"{r['model']:<16} {r['batch_size']:>5} {r['before_ms']:>21.1f} {r['after_ms']:>14.1f} {r['speedup']:>8.2f}")
+    print(f"\n{'shape':<18} {'max pool, no gradient':<32} {'fwd ms':>10} {'x PyTorch':>9}")
+    for r in no_grad:
+        print(f"{'x'.join(map(str, r['shape'])):<18} {r['pool']:<32} {r['ms']:>10.3f} {r['speedup_vs_pytorch']:>9.2f}")
     result = {"benchmark": "pool_smoothing",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python", "benchmarks/pool_smoothing.py", *(sys.argv[1:] if argv is None else argv)]),
               "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-              "torch": torch.__version__, "pools": pools, "steps": steps}
+              "torch": torch.__version__, "pools": pools, "steps": steps, "no_grad": no_grad}
     write_json(args.json, result)
     print(f"written to {args.json}", file=sys.stderr)
     return result

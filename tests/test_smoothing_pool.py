@@ -134,3 +134,19 @@ def test_both_kernels_narrow_and_wide_equal_nn_maxpool(channels):
     out.backward(upstream)
     expected.backward(upstream)
     assert torch.equal(x.grad, reference.grad)
+
+
+def test_the_pool_benchmark_times_equal_pools_without_a_gradient(monkeypatch):
+    """benchmarks/pool_smoothing.py's no-gradient table: every candidate is the same pool, and each row is timed."""
+    from bench_helpers import load_benchmark
+
+    bench = load_benchmark("pool_smoothing")
+    x = torch.randn(3, 5, 7, 6)
+    x[0, 0, :2, :2] = float("-inf")
+    for name, pool in bench.NO_GRAD_POOLS.items():
+        assert torch.equal(pool(x), nn.MaxPool2d(3, 1, 1)(x)), name
+    monkeypatch.setattr(bench, "NO_GRAD_SHAPES", [(2, 8, 4, 4)])
+    rows = bench.no_grad_rows(rounds=1)
+    assert [r["pool"] for r in rows] == list(bench.NO_GRAD_POOLS)
+    assert all(r["ms"] > 0 and r["shape"] == [2, 8, 4, 4] for r in rows)
+    assert rows[0]["speedup_vs_pytorch"] == 1.0

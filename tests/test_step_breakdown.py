@@ -27,6 +27,18 @@ def test_breakdown_times_both_models_and_writes_rows(tmp_path, capsys):
     trainable = [m for m in tiny.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
     assert sum(row["per_sample_methods"].values()) == len(trainable)  # each layer with the method it used
     assert "tiny" in capsys.readouterr().out
+    assert "dpnas_images_grad_forward_backward_ms" not in row
+
+
+def test_breakdown_also_times_the_backward_with_a_gradient_for_the_images(tmp_path, capsys):
+    out = tmp_path / "breakdown.json"
+    assert _load().main(["--models", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--images-grad",
+                         "--device", "cpu", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    with_grad = row["dpnas_images_grad_forward_backward_ms"]
+    assert with_grad > 0 and row["images_grad_vs_nonprivate"] == pytest.approx(
+        (with_grad + row["dpnas_norms_and_sums_ms"]) / row["nonprivate_forward_backward_ms"])
+    assert "with images grad ms" in capsys.readouterr().out
 
 
 def test_breakdown_rejects_unknown_models(tmp_path, capsys):

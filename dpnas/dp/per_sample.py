@@ -2,13 +2,14 @@
 
 Opacus's GradSampleModule lets autograd compute every parameter's ordinary ``.grad`` and then
 builds per-sample gradients from hooks; DP-SGD never uses that ``.grad``.  Here the parameters
-stop requiring gradients during the backward pass (the output of each trainable layer that nothing
-before it makes require one, the first conv's for these networks, is made an autograd leaf instead,
-so autograd still carries gradients through every layer but computes none for the images), and hooks
-capture each layer's input and output gradient.  From those, :mod:`dpnas.dp.per_sample_layers` gives each layer's per-sample squared norms by
-the fastest exact method for that layer's shape, which this module finds by timing the candidates
-once per layer shape (like cuDNN's autotuner); the clipped sum then comes either from the
-materialised per-sample gradients or from one batched weight gradient weighted by the clip factors.
+stop requiring gradients during the backward pass. The output of each trainable layer that nothing
+before it makes require one (the first conv, for these networks) is made an autograd leaf instead,
+so autograd still carries gradients through every layer but computes none for the images.  Hooks
+capture each layer's input and output gradient.  From those, :mod:`dpnas.dp.per_sample_layers` gives
+each layer's per-sample squared norms by the fastest exact method for that layer's shape, which this
+module finds by timing the candidates once per layer shape (like cuDNN's autotuner); the clipped sum
+then comes either from the materialised per-sample gradients or from one batched weight gradient
+weighted by the clip factors.
 
 Supported layers: Conv2d (groups = 1, zero padding given as numbers) and its weight-standardised
 variant, Linear on flat inputs, GroupNorm.  :func:`supports` says whether a model is covered;
