@@ -17,6 +17,9 @@ CONVS = {
     "5x5 stride 3 unpadded": lambda: nn.Conv2d(3, 4, 5, stride=3, bias=False),
     "weight standardised": lambda: WSConv2d(6, 8, 3, padding=1, bias=False),
     "weight standardised, bias, stride 2": lambda: WSConv2d(6, 8, 3, stride=2, padding=1),
+    # fewer patch rows (C_in x kh x kw) than filters, as a first conv has: unfold takes the product the other way
+    "one input channel, many filters": lambda: nn.Conv2d(1, 16, 3, padding=1, bias=False),
+    "weight standardised, one input channel, bias": lambda: WSConv2d(1, 12, 3, padding=1),
 }
 
 
@@ -49,6 +52,27 @@ def test_conv_norms_and_weighted_sum_are_exact(name, method, k):
 
     weights = torch.rand(4)
     summed = clipped_sum(layer, result, a, g, weights, k)
+    got = torch.cat([summed[p].flatten() for p in layer.parameters()])
+    reference = weights @ expected
+    assert (got - reference).norm() / reference.norm() < 1e-5
+
+
+@pytest.mark.parametrize("method", CONV_METHODS)
+@pytest.mark.parametrize("name", list(CONVS))
+def test_a_channels_last_output_gradient_gives_the_same_norms_and_sum(name, method):
+    """Behind the channels-last smoothing pool a conv's output gradient arrives in NHWC layout."""
+    torch.manual_seed(0)
+    layer = CONVS[name]()
+    a = torch.randn(4, layer.in_channels, 9, 10)
+    out = layer(a).detach()
+    g = torch.randn_like(out)
+    g_nhwc = g.contiguous(memory_format=torch.channels_last)
+    assert not g_nhwc.is_contiguous()
+    expected = brute_force(layer, a, g, 1)
+    result = layer_norms(layer, method, a, g_nhwc, k=1, output=out)
+    torch.testing.assert_close(result.squared, expected.pow(2).sum(1), rtol=1e-4, atol=1e-5)
+    weights = torch.rand(4)
+    summed = clipped_sum(layer, result, a, g_nhwc, weights, 1)
     got = torch.cat([summed[p].flatten() for p in layer.parameters()])
     reference = weights @ expected
     assert (got - reference).norm() / reference.norm() < 1e-5

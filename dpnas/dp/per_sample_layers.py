@@ -168,7 +168,16 @@ def _variance_share(conv: WSConv2d, std: torch.Tensor) -> torch.Tensor:
 def _conv_weight_per_sample(conv: nn.Conv2d, method: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     n = a.shape[0]
     if method == "unfold":
-        grad = torch.bmm(g.flatten(2), unfold(conv, a).transpose(1, 2))  # (N, C_out, C_in * kh * kw)
+        patches, out_grad = unfold(conv, a), g.flatten(2)  # (N, C_in * kh * kw, P), (N, C_out, P): g's flatten is
+        # a view in either memory layout
+        if patches.shape[1] < conv.out_channels and not a.is_cuda:
+            # Few patch rows (a first conv's C_in * kh * kw of 9 or 27): on the CPU, patches @ g^T transposed back
+            # is faster than g @ patches^T, most of all when g is channels-last, as behind the NHWC smoothing pool
+            # (a 1 -> 16 conv at 16 px and batch 256: its norms and sum 2.1-2.3 ms -> 0.8-0.9 ms,
+            # benchmarks/per_sample_layers.py). With more rows the two cost the same. CUDA: not measured, kept.
+            grad = torch.bmm(patches, out_grad.transpose(1, 2)).transpose(1, 2)
+        else:
+            grad = torch.bmm(out_grad, patches.transpose(1, 2))  # (N, C_out, C_in * kh * kw)
     elif method == "grouped":
         c_in = a.shape[1]
         padded = F.pad(a, (0, 0, 0, 0, 0, -c_in % _CHANNEL_BLOCK))

@@ -1,0 +1,31 @@
+"""benchmarks/per_sample_layers.py end to end, tiny: every layer with its methods timed and the tuner's pick."""
+
+import json
+
+import pytest
+from bench_helpers import load_benchmark
+
+from dpnas.arch.models import build_model
+from dpnas.arch.registry import get_arch
+from dpnas.dp.per_sample_layers import methods_for
+
+
+def test_every_trainable_layer_gets_each_of_its_methods_timed(tmp_path, capsys):
+    out = tmp_path / "layers.json"
+    bench = load_benchmark("per_sample_layers")
+    assert bench.main(["--models", "tiny", "--batch-size", "4", "--rounds", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    tiny = build_model(get_arch("tiny"), num_classes=10, in_channels=3)
+    layers = [m for m in tiny.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    assert [r["type"] for r in rows] == [type(m).__name__ for m in layers]
+    for row, layer in zip(rows, layers):
+        assert list(row["ms"]) == list(methods_for(layer)) and all(ms > 0 for ms in row["ms"].values())
+        assert row["chosen"] in row["ms"]
+    assert rows[0]["input"] == [3, 32, 32] and rows[0]["grad_layout"] in ("NCHW", "NHWC")
+    assert "the picked methods together" in capsys.readouterr().out
+
+
+def test_unknown_models_are_refused_before_any_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        load_benchmark("per_sample_layers").main(["--models", "nonet", "--json", str(tmp_path / "x.json")])
+    assert "unknown architecture 'nonet'" in capsys.readouterr().err
