@@ -115,3 +115,31 @@ def test_unfold_equals_torch_unfold(geometry):
     expected = torch.nn.functional.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
                                           stride=conv.stride)
     assert torch.equal(unfold(conv, a), expected)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_both_orders_of_the_unfold_product_agree_and_the_faster_one_is_remembered(layout, monkeypatch):
+    import dpnas.dp.per_sample_layers as layers
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+    a = torch.randn(6, 1, 8, 8)
+    g = torch.randn(6, 16, 8, 8)
+    if layout == "NHWC":
+        g = g.contiguous(memory_format=torch.channels_last)
+    patches, out_grad = unfold(conv, a), g.flatten(2)
+    expected = torch.stack([out_grad[i] @ patches[i].T for i in range(6)])
+    monkeypatch.setattr(layers, "_PRODUCT_ORDER", {})
+    timed = []
+    monkeypatch.setattr(layers, "_transposed_is_faster", lambda p, o: timed.append(p.shape) or len(timed) == 1)
+    for _ in range(3):  # the first call times the two orders (here: transposed wins), later ones remember it
+        torch.testing.assert_close(layers.per_sample_product(patches, out_grad), expected)
+    assert timed == [patches.shape] and list(layers._PRODUCT_ORDER.values()) == [True]
+    layers._PRODUCT_ORDER[next(iter(layers._PRODUCT_ORDER))] = False  # the other order: the same values
+    torch.testing.assert_close(layers.per_sample_product(patches, out_grad), expected)
+    # another batch size of the same layer (Poisson sampling) reuses the choice; another layout is timed anew
+    layers.per_sample_product(patches[:4], out_grad[:4])
+    layers.per_sample_product(patches, out_grad.contiguous() if layout == "NHWC" else
+                              g.contiguous(memory_format=torch.channels_last).flatten(2))
+    assert len(timed) == 2 and len(layers._PRODUCT_ORDER) == 2
+

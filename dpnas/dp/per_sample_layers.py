@@ -24,6 +24,7 @@ Jacobian is a scaled projection (see :func:`_standardised_ghost_correction`).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -168,16 +169,7 @@ def _variance_share(conv: WSConv2d, std: torch.Tensor) -> torch.Tensor:
 def _conv_weight_per_sample(conv: nn.Conv2d, method: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     n = a.shape[0]
     if method == "unfold":
-        patches, out_grad = unfold(conv, a), g.flatten(2)  # (N, C_in * kh * kw, P), (N, C_out, P): g's flatten is
-        # a view in either memory layout
-        if patches.shape[1] < conv.out_channels and not a.is_cuda:
-            # Few patch rows (a first conv's C_in * kh * kw of 9 or 27): on the CPU, patches @ g^T transposed back
-            # is faster than g @ patches^T, most of all when g is channels-last, as behind the NHWC smoothing pool
-            # (a 1 -> 16 conv at 16 px and batch 256: its norms and sum 2.1-2.3 ms -> 0.8-0.9 ms,
-            # benchmarks/per_sample_layers.py). With more rows the two cost the same. CUDA: not measured, kept.
-            grad = torch.bmm(patches, out_grad.transpose(1, 2)).transpose(1, 2)
-        else:
-            grad = torch.bmm(out_grad, patches.transpose(1, 2))  # (N, C_out, C_in * kh * kw)
+        grad = per_sample_product(unfold(conv, a), g.flatten(2))  # g's flatten is a view in either memory layout
     elif method == "grouped":
         c_in = a.shape[1]
         padded = F.pad(a, (0, 0, 0, 0, 0, -c_in % _CHANNEL_BLOCK))
@@ -190,6 +182,48 @@ def _conv_weight_per_sample(conv: nn.Conv2d, method: str, a: torch.Tensor, g: to
     else:
         raise ValueError(f"unknown convolution method {method!r}; expected one of: {', '.join(CONV_METHODS)}")
     return grad.reshape(n, *conv.weight.shape)  # w.r.t. the standardised weight for a WSConv2d
+
+
+# which order of unfold's batched product is faster, per layer geometry and gradient layout (found by timing)
+_PRODUCT_ORDER: dict[tuple, bool] = {}
+
+
+def per_sample_product(patches: torch.Tensor, out_grad: torch.Tensor) -> torch.Tensor:
+    """Each sample's weight gradient ``out_grad @ patches^T``, (N, C_out, C_in * kh * kw), from patches (N, K, P)
+    and the output gradient (N, C_out, P).
+
+    The same product can be taken as ``(patches @ out_grad^T)^T``. Which order is faster on the CPU depends on the
+    shapes and on the gradient's memory layout: behind the channels-last smoothing pool, the quickstart's 1 -> 8..16
+    first convs took 1.1-2.5 ms for their norms and clipped sum with the first order and 0.6-1.2 ms with the faster
+    one, while `tiny`'s 3 -> 8 stem is faster the first way (benchmarks/per_sample_layers.py; RESULTS.md). So the two
+    orders are timed once per key, like the per-layer methods; the batch size is not in the key (Poisson batches
+    vary), and the values agree to rounding.
+    """
+    key = (tuple(patches.shape[1:]), out_grad.shape[1], out_grad.stride(1) == 1, patches.device, patches.dtype)
+    transposed = _PRODUCT_ORDER.get(key)
+    if transposed is None:
+        transposed = _PRODUCT_ORDER[key] = _transposed_is_faster(patches, out_grad)
+    if transposed:
+        return torch.bmm(patches, out_grad.transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(out_grad, patches.transpose(1, 2))
+
+
+def _transposed_is_faster(patches: torch.Tensor, out_grad: torch.Tensor, rounds: int = 3) -> bool:
+    """Whether ``(patches @ out_grad^T)^T`` beats ``out_grad @ patches^T``: best of `rounds`, taking turns."""
+    orders = {False: lambda: torch.bmm(out_grad, patches.transpose(1, 2)).contiguous(),
+              True: lambda: torch.bmm(patches, out_grad.transpose(1, 2)).transpose(1, 2).contiguous()}
+    best = dict.fromkeys(orders, float("inf"))
+    for round_ in range(rounds + 1):  # the first round warms both up
+        for transposed, product in orders.items():
+            if patches.is_cuda:
+                torch.cuda.synchronize(patches.device)
+            start = time.perf_counter()
+            product()
+            if patches.is_cuda:
+                torch.cuda.synchronize(patches.device)
+            if round_:
+                best[transposed] = min(best[transposed], time.perf_counter() - start)
+    return best[True] < best[False]
 
 
 def unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
