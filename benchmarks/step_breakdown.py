@@ -1,5 +1,6 @@
 """Where a DP step's time goes: dpnas's forward + backward and its norms + clipped sums, against a non-private
-forward + backward of the same model, with the steps of the two taking turns in one process.
+forward + backward of the same model, with the steps of the two taking turns in one process (which goes first
+alternating from step to step).
 
 `dpnas bench` times whole steps, each mode in its own process; on a shared machine a process's speed drifts,
 and a ratio then moves by 20-40 % from run to run. Here both models live in one process and alternate step by
@@ -70,12 +71,21 @@ def breakdown(model: BenchModel, *, batch_size: int, steps: int, device: str, wa
                                      "dpnas_norms_and_sums": []}
     if images_grad:
         parts["dpnas_images_grad_forward_backward"] = []
-    for step in range(warmup + steps):  # the first clipped sum also times each layer's methods (not counted)
-        times = (timed(nonprivate_step), timed(lambda: clipper.backward(private, images, labels)),
-                 timed(lambda: clipper.clipped_sum(1.0)))
+    def dpnas_parts() -> tuple[float, ...]:
+        times = (timed(lambda: clipper.backward(private, images, labels)), timed(lambda: clipper.clipped_sum(1.0)))
         if images_grad:
             times += (timed(lambda: clipper.backward(with_images_grad, images, labels)),)
             clipper.clipped_sum(1.0)  # consumes what that backward captured (untimed)
+        return times
+
+    for step in range(warmup + steps):  # the first clipped sum also times each layer's methods (not counted)
+        # which model goes first alternates: the second one of a pair ran measurably slower (cache state)
+        if step % 2:
+            dpnas_times = dpnas_parts()
+            times = (timed(nonprivate_step), *dpnas_times)
+        else:
+            nonprivate_ms = timed(nonprivate_step)
+            times = (nonprivate_ms, *dpnas_parts())
         if step >= warmup:
             for part, ms in zip(parts, times):
                 parts[part].append(ms)
