@@ -113,8 +113,8 @@ class PerSampleClipper:
             if not output.requires_grad and output.grad_fn is None:
                 # A layer that nothing before it makes require a gradient (the first conv): its output starts
                 # the backward pass. Letting the images require one instead would also compute the gradient
-                # with respect to the images, which nothing uses and which costs more than the rest of the
-                # first conv's backward (4-19 ms a step for a 1-channel 3x3 conv at batch 256 on 2 CPU cores).
+                # with respect to the images, which nothing uses: 0.9-1.9 ms of the quickstart's 9-21 ms DP
+                # steps on 2 CPU cores (benchmarks/step_breakdown.py --images-grad).
                 output.requires_grad_(True)
             # A hook on the output tensor receives the gradient w.r.t. the layer's output, which is what a full
             # backward hook's grad_output[0] is; it skips the identity autograd nodes that full backward hooks

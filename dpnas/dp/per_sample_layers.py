@@ -199,7 +199,8 @@ def per_sample_product(patches: torch.Tensor, out_grad: torch.Tensor) -> torch.T
     orders are timed once per key, like the per-layer methods; the batch size is not in the key (Poisson batches
     vary), and the values agree to rounding.
     """
-    key = (tuple(patches.shape[1:]), out_grad.shape[1], out_grad.stride(1) == 1, patches.device, patches.dtype)
+    key = (tuple(patches.shape[1:]), out_grad.shape[1], patches.stride()[1:], out_grad.stride(1) == 1,
+           patches.device, patches.dtype)  # the layouts: a 1x1 conv's patches are its input, in its own layout
     transposed = _PRODUCT_ORDER.get(key)
     if transposed is None:
         transposed = _PRODUCT_ORDER[key] = _transposed_is_faster(patches, out_grad)
