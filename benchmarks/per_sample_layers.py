@@ -27,7 +27,7 @@ import torch
 
 from dpnas.arch.models import build_model
 from dpnas.arch.space import ArchConfig
-from dpnas.bench import BenchModel, resolve_model, study_points
+from dpnas.bench import BenchModel, bench_models
 from dpnas.dp.per_sample import PerSampleClipper
 from dpnas.dp.per_sample_layers import clipped_sum, layer_norms, methods_for
 from dpnas.results import write_json
@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.rounds < 1:
         parser.error("--batch-size and --rounds must be >= 1")
     try:  # unknown names fail before any model runs
-        models = [resolve_model(m.strip()) for m in args.models.split(",") if m.strip()]
-        if args.points:
-            models += study_points(args.points, args.n)
+        models = bench_models(args.models, args.points, args.n)
     except (ValueError, OSError) as err:
         parser.error(str(err))
     rows = []

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from dpnas.arch.models import build_model
 from dpnas.arch.space import ArchConfig
-from dpnas.bench import BenchModel, resolve_model, study_points, synchronize
+from dpnas.bench import BenchModel, bench_models, synchronize
 from dpnas.dp.per_sample import PerSampleClipper
 from dpnas.results import write_json
 
@@ -133,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 1:
         parser.error("--batch-size, --steps and --warmup must be >= 1 (the first step times the methods)")
     try:  # unknown names fail before any model runs
-        models = [resolve_model(m.strip()) for m in args.models.split(",") if m.strip()]
-        if args.points:
-            models += study_points(args.points, args.n)
+        models = bench_models(args.models, args.points, args.n)
     except (ValueError, OSError) as err:
         parser.error(str(err))
     rows = []

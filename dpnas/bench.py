@@ -83,6 +83,15 @@ def resolve_model(name_or_file: str) -> BenchModel:
                       batch_size=min(recipe.train.physical_batch_size, recipe.train.batch_size) if recipe.train else None)
 
 
+def bench_models(names: str, points: str | Path | None = None, n: int = 5, *, seed: int = 0) -> list[BenchModel]:
+    """The models of comma-separated `names` (registered names, ArchConfig or recipe files), then `n` seeded random
+    points of the study file `points` if given; every one resolved before anything runs (ValueError or OSError)."""
+    models = [resolve_model(name.strip()) for name in names.split(",") if name.strip()]
+    if points:
+        models += study_points(points, n, seed=seed)
+    return models
+
+
 def study_points(study_file: str | Path, n: int, *, seed: int = 0) -> list[BenchModel]:
     """`n` distinct random points of a study's space (seeded), each at the study's data shape and physical batch."""
     import optuna

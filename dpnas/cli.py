@@ -255,16 +255,14 @@ class Bench(Command):
         parser.add_argument("--json", dest="json_file", metavar="FILE", help="also write the rows as JSON")
 
     def run(self, args: argparse.Namespace) -> int:
-        from dpnas.bench import DEFAULT_MODELS, format_table, resolve_model, run_benchmark, study_points
+        from dpnas.bench import DEFAULT_MODELS, bench_models, format_table, run_benchmark
         from dpnas.results import write_json
 
         if args.batch_size < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.n < 1:
             raise UsageError("--batch-size, --steps, --repeats and --n must be >= 1 and --warmup >= 0")
         names = args.models if args.models is not None else ("" if args.points else ",".join(DEFAULT_MODELS))
         try:  # every name, file and point is resolved before the first case runs
-            models = [resolve_model(m.strip()) for m in names.split(",") if m.strip()]
-            if args.points:
-                models += study_points(args.points, args.n, seed=args.points_seed)
+            models = bench_models(names, args.points, args.n, seed=args.points_seed)
         except (ValueError, OSError) as err:
             raise UsageError(str(err)) from err
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]

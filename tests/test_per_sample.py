@@ -134,9 +134,9 @@ class _TwoStems(torch.nn.Module):
 
 
 def test_no_gradient_for_the_images_and_every_stem_still_gets_its_own():
-    """The images never require a gradient (nothing uses it, and for a first conv it costs more than the rest of
-    its backward); every layer that reads them directly starts the graph instead, so each one's per-sample
-    gradients are still exact: unclipped, their sum is the ordinary gradient of the summed loss."""
+    """The images never require a gradient (nothing uses it, and it costs a conv's input gradient); every layer
+    that reads them directly starts the graph instead, so each one's per-sample gradients are still exact:
+    unclipped, their sum is the ordinary gradient of the summed loss."""
     from dpnas.dp.per_sample import PerSampleClipper
 
     torch.manual_seed(0)
