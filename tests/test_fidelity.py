@@ -335,3 +335,18 @@ def test_tan_scales_a_calibrated_noise_too(tmp_path):
     scaled = trial_fidelity(spec, spec.train, calibrated, train_size=1000)
     assert scaled.privacy.noise_multiplier == pytest.approx(3.0 * 32 / 128) and scaled.steps == steps
     assert scaled.privacy.val_noise == 5.0 and scaled.record["target_noise_multiplier"] == 3.0
+
+
+def test_the_broad_benchmark_study_is_the_quickstart_on_a_wider_space():
+    """benchmarks/quickstart_broad.toml: the same data, privacy and training as the quickstart; every axis of the
+    quickstart's space is in it, with norm "none" and smaller learning rates added."""
+    repo = Path(__file__).resolve().parents[1]
+    broad, quick = (load_study_file(path) for path in (repo / "benchmarks" / "quickstart_broad.toml",
+                                                      repo / "studies" / "quickstart.toml"))
+    assert (broad.dataset, broad.image_size, broad.privacy, broad.train, broad.arch) == (
+        quick.dataset, quick.image_size, quick.privacy, quick.train, quick.arch)
+    axes = {axis.name: axis for axis in broad.axes}
+    assert {axis.name for axis in quick.axes} == set(axes)
+    narrow = {axis.name: axis for axis in quick.axes}
+    assert set(narrow["norm"].choices) < set(axes["norm"].choices) and "none" in axes["norm"].choices
+    assert axes["lr"].low == 1e-3 < narrow["lr"].low and axes["lr"].high == narrow["lr"].high
