@@ -134,7 +134,8 @@ def shifted_max3(x: torch.Tensor) -> torch.Tensor:
     along the rows, then the columns (the padding is -inf, as the pool's; NaN propagates, as in the pool)."""
     height, width = x.shape[-2:]
     padded = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
-    # the second maximum of each direction writes into the first one's fresh result: 10-35 % faster a pool
+    # each direction's second maximum writes into the first one's fresh result: 1.2-1.6x faster a no-gradient
+    # pool than a third tensor (benchmarks/pool_smoothing.py)
     rows = torch.maximum(padded[..., 0:width], padded[..., 1:width + 1])
     torch.maximum(rows, padded[..., 2:width + 2], out=rows)
     out = torch.maximum(rows[..., 0:height, :], rows[..., 1:height + 1, :])
