@@ -67,3 +67,38 @@ def test_every_spelling_of_a_database_shares_the_trial_slot_lock(postgres_url):
             assert not entered.wait(1.0), f"{url} took the lock that {spellings[0]} holds"
         assert entered.wait(10.0), f"{url} never got the lock once it was free"
         thread.join()
+
+
+def test_a_heartbeat_that_meets_a_lost_connection_is_tried_again(tmp_path, monkeypatch):
+    """Optuna's heartbeat thread ends at its first exception; a server restart between the pool's ping and the beat's
+    query must not end it (another worker would then take the running trial for stale and run it twice)."""
+    import optuna
+    from optuna.storages import RDBStorage
+
+    import dpnas.search.storage as storage_module
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1)
+    assert isinstance(storage, storage_module.PatientRDBStorage)
+    study = optuna.create_study(storage=storage, study_name="hb")
+    trial_id = study.ask()._trial_id
+    real = RDBStorage.record_heartbeat
+    failures = []
+
+    def flaky(self, tid):
+        if len(failures) < 2:
+            failures.append(tid)
+            raise optuna.exceptions.StorageInternalError("server closed the connection unexpectedly")
+        return real(self, tid)
+
+    monkeypatch.setattr(RDBStorage, "record_heartbeat", flaky)
+    monkeypatch.setattr(storage_module, "HEARTBEAT_RETRY_S", 0.0)
+    storage.record_heartbeat(trial_id)  # two failures, then the beat is written
+    assert failures == [trial_id, trial_id]
+    assert storage._get_stale_trial_ids(study._study_id) == []  # the beat is there: the trial is not stale
+
+    # a server gone for longer than the patience: the error reaches the caller
+    failures.clear()
+    monkeypatch.setattr(storage_module, "SERVER_PATIENCE_S", 0.0)
+    with pytest.raises(optuna.exceptions.StorageInternalError):
+        storage.record_heartbeat(trial_id)
+    assert failures == [trial_id]

@@ -43,6 +43,7 @@ RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+py
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg2"}
 # How long a worker waits for a server that went away (a restart, a fail-over) before its trial fails.
 SERVER_PATIENCE_S = 60.0
+HEARTBEAT_RETRY_S = 0.5  # between tries of a heartbeat that met a lost connection
 # The key of the PostgreSQL advisory lock behind trial_slot_lock. Advisory locks are local to a database, so one
 # constant serves every study, and workers share the lock however their URLs spell the database (driver, host
 # name or address, user, password).
@@ -128,7 +129,7 @@ def open_storage(
         # a pooled connection a server restart has closed is replaced before use, not failed on
         kwargs["engine_kwargs"] = {"pool_pre_ping": True}
     try:
-        storage = RDBStorage(rdb_url(url), **kwargs)
+        storage = PatientRDBStorage(rdb_url(url), **kwargs)
     except Exception as err:  # sqlalchemy raises many kinds; all mean "cannot open this storage"
         reason = f"{type(err).__name__}: {str(err).splitlines()[0]}"
         password = _password(url)
@@ -138,6 +139,27 @@ def open_storage(
     if kind == "server":
         _wait_for_server(storage.engine, SERVER_PATIENCE_S)
     return storage
+
+
+class PatientRDBStorage(RDBStorage):
+    """Optuna's RDB storage, whose heartbeats ride out a lost connection.
+
+    Optuna's heartbeat thread ends at the first exception. A server restart can close a connection between
+    `pool_pre_ping`'s check and the heartbeat's query; the thread then dies, and once its grace period passes,
+    another worker takes the still-running trial for stale and runs it again. Here a beat that fails that way is
+    tried again (with a fresh connection) until the server has been gone for `SERVER_PATIENCE_S`. A heartbeat only
+    writes the time, so trying it again changes nothing else.
+    """
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        deadline = time.monotonic() + SERVER_PATIENCE_S
+        while True:
+            try:
+                return super().record_heartbeat(trial_id)
+            except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(HEARTBEAT_RETRY_S)
 
 
 def _password(url: str) -> str | None:
