@@ -12,11 +12,13 @@ for that study's run shape and training split, then the proxy's scaling. The sco
 validation accuracy, what a search reads.
 
 For each proxy: Kendall τ between its ranking of the K points and the full one (and against the full runs' test
-accuracy), the top-3 overlap, and the compute per trial, as sample-gradient pixels (steps x batch x pixels, the
-work a step does) and as measured wall seconds, both relative to the full runs of the same session.
+accuracy), the top-3 overlap, and the compute per trial, relative to the full runs of the same session: "work",
+the sample-gradient pixels (steps x batch x pixels, the work a step does); "total", that work counted as 3 forwards
+a sample plus the evaluation forwards (the validation records at each release, the test records once); and the
+measured wall seconds. `validations=k` arms release k validation scores instead of one per epoch.
 
     uv run python benchmarks/fidelity_transfer.py                         # 20 points, about 15 minutes on 2 cores
-    uv run python benchmarks/fidelity_transfer.py --points 24 --arms full,repeat,tan_batch=16,epochs=2
+    uv run python benchmarks/fidelity_transfer.py --points 24 --arms full,tan_batch=16,tan_batch=16+validations=1
     uv run python benchmarks/fidelity_transfer.py --cost-dataset synthetic --points 3   # CIFAR shapes, cost only
     uv run python benchmarks/fidelity_transfer.py --summarise benchmarks/fidelity_transfer_r6.json  # table again
 
@@ -44,7 +46,7 @@ from dpnas.arch.space import ConfigError
 from dpnas.data.datasets import DEFAULT_IMAGE_SIZE
 from dpnas.dp.train import train
 from dpnas.results import write_json
-from dpnas.search.calibration import calibrate, run_shapes
+from dpnas.search.calibration import calibrate_study
 from dpnas.search.fidelity import Fidelity, load_search_data, search_trial
 from dpnas.search.sampling import config_key, suggest
 from dpnas.search.study_file import load_study_file
@@ -98,11 +100,8 @@ class Arm:
         self.data = load_search_data(self.spec)
         self.calibration = None
         if spec.total_epsilon is not None:
-            self.calibration = calibrate(spec.total_epsilon, spec.privacy.delta, mode=spec.trial_count,
-                                         runs=spec.n_trials if spec.trial_count == "fixed" else None, mu=spec.mean_trials, eta=spec.eta,
-                                         gamma=spec.gamma, shapes=run_shapes(self.spec),
-                                         train_size=len(self.data.train),
-                                         validation_noise=spec.privacy.val_noise != 0)
+            self.calibration = calibrate_study(self.spec, runs=spec.n_trials if spec.trial_count == "fixed" else None,
+                                                 train_size=len(self.data.train))
 
     def run(self, configs, device: str) -> dict:
         arch, target_train, target_privacy = configs
@@ -110,14 +109,32 @@ class Arm:
                               train_size=len(self.data.train), full_train_size=self.data.full_train_size)
         start = time.perf_counter()
         result = train(arch, self.data, train_cfg=scaled.train, privacy=scaled.privacy, device=device,
-                       progress=False, steps=scaled.steps)
+                       progress=False, steps=scaled.steps, validations=scaled.validations)
         wall = time.perf_counter() - start
         pixels = self.data.image_size ** 2
         return {"val_accuracy": result["val_accuracy"], "test_accuracy": result["test_accuracy"],
                 "steps": result["steps"], "batch_size": scaled.train.batch_size, "image_size": self.data.image_size,
                 "train_size": len(self.data.train), "noise_multiplier": result["noise_multiplier"],
-                "epsilon_spent": result["epsilon_spent"],
+                "epsilon_spent": result["epsilon_spent"], "val_size": result["val_size"],
+                "val_releases": result["val_releases"], "test_size": result["test_size"],
                 "work": result["steps"] * result["expected_batch_size"] * pixels, "wall_seconds": wall}
+
+
+# A training sample costs a forward, a backward and the per-sample norms: about 3 to 3.5 forwards (issue 6's step
+# against a no-gradient pass). 3 is the low end: it weighs the evaluation forwards, which proxies shrink least, most.
+TRAIN_FORWARDS = 3
+
+
+def total_work(run: dict) -> float | None:
+    """A run's training and evaluation work in forward pixels: TRAIN_FORWARDS x the sample gradients' pixels, plus
+    a forward of every validation record at each release and of every test record once (None for runs recorded
+    before these counts were). Several runs together carry their sum as `total_work`."""
+    if "total_work" in run:
+        return run["total_work"]
+    if "val_releases" not in run:
+        return None
+    pixels = run["image_size"] ** 2
+    return TRAIN_FORWARDS * run["work"] + (run["val_size"] * run["val_releases"] + run["test_size"]) * pixels
 
 
 def top_overlap(a: list[float], b: list[float], k: int = 3) -> float:
@@ -135,6 +152,7 @@ def summarise(name: str, runs: list[dict], full: list[list[dict]], *, ranking: b
     every_full = [r for repeat in full for r in repeat]
     row = {"arm": name,
            "work_ratio": statistics.fmean(r["work"] for r in runs) / statistics.fmean(r["work"] for r in every_full),
+           "total_work_ratio": _total_ratio(runs, every_full),
            "wall_ratio": (statistics.fmean(r["wall_seconds"] for r in runs)
                           / statistics.fmean(r["wall_seconds"] for r in every_full)),
            "seconds_per_trial": statistics.fmean(r["wall_seconds"] for r in runs),
@@ -148,6 +166,13 @@ def summarise(name: str, runs: list[dict], full: list[list[dict]], *, ranking: b
         row["kendall_tau_test"] = float(kendalltau(val, test).statistic)
         row["top3_overlap"] = top_overlap(val, reference)
     return row
+
+
+def _total_ratio(runs: list[dict], full: list[dict]) -> float | None:
+    totals, full_totals = [total_work(r) for r in runs], [total_work(r) for r in full]
+    if None in totals or None in full_totals:
+        return None
+    return statistics.fmean(totals) / statistics.fmean(full_totals)
 
 
 def one_full_run(full: list[list[dict]]) -> dict:
@@ -170,14 +195,21 @@ def half_against_half(full: list[list[dict]]) -> dict | None:
         rest = [full[r] for r in range(len(full)) if r not in chosen][:half]
         averaged = [{"val_accuracy": statistics.fmean(runs[i]["val_accuracy"] for runs in ours),
                      **{key: sum(runs[i][key] for runs in ours) for key in ("work", "wall_seconds")},
-                     **{key: ours[0][i][key] for key in ("noise_multiplier", "epsilon_spent")}}
+                     **{key: ours[0][i][key] for key in ("noise_multiplier", "epsilon_spent")},
+                     "total_work": _sum_or_none(total_work(runs[i]) for runs in ours)}
                     for i in range(len(full[0]))]
         rows.append(summarise(name, averaged, rest, ranking=True))
     return _mean_row(name, rows)
 
 
+def _sum_or_none(values) -> float | None:
+    values = list(values)
+    return None if None in values else sum(values)
+
+
 def _mean_row(name: str, rows: list[dict]) -> dict:
-    return {"arm": name, **{k: statistics.fmean(row[k] for row in rows) for k in rows[0] if k != "arm"}}
+    return {"arm": name, **{k: None if any(row[k] is None for row in rows) else statistics.fmean(row[k] for row in rows)
+                            for k in rows[0] if k != "arm"}}
 
 
 def table_rows(full: list[list[dict]], runs: dict[str, list[dict]], *, ranking: bool) -> list[dict]:
@@ -190,13 +222,15 @@ def table_rows(full: list[list[dict]], runs: dict[str, list[dict]], *, ranking: 
 
 def print_table(title: str, rows: list[dict]) -> None:
     ranking = any("kendall_tau_val" in row for row in rows)
-    header = f"{'arm':<34}{'work':>8}{'wall':>8}{'s/trial':>9}{'val acc':>9}{'sigma':>8}"
+    header = f"{'arm':<34}{'work':>8}{'total':>8}{'wall':>8}{'s/trial':>9}{'val acc':>9}{'sigma':>8}"
     if ranking:
         header += f"{'tau val':>9}{'tau test':>9}{'top-3':>7}"
     print(f"\n{title}")
     print(header)
     for row in rows:
-        line = (f"{row['arm']:<34}{row['work_ratio']:>8.3f}{row['wall_ratio']:>8.3f}{row['seconds_per_trial']:>9.2f}"
+        total = row.get("total_work_ratio")
+        line = (f"{row['arm']:<34}{row['work_ratio']:>8.3f}{'-' if total is None else f'{total:.3f}':>8}"
+                f"{row['wall_ratio']:>8.3f}{row['seconds_per_trial']:>9.2f}"
                 f"{row['mean_val_accuracy']:>9.3f}{row['noise_multiplier']:>8.3f}")
         if "kendall_tau_val" in row:
             line += f"{row['kendall_tau_val']:>9.2f}{row['kendall_tau_test']:>9.2f}{row['top3_overlap']:>7.2f}"

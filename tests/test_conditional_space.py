@@ -149,7 +149,7 @@ def _quick_train(calls):
         return {"private": True, "epsilon_spent": privacy.epsilon, "noise_multiplier": 1.0, "val_noise": 2.0,
                 "sample_rate": 0.1,
                 "steps": 10, "params": 1, "samples_per_second": 1.0, "wall_seconds": 1.0, "val_accuracy": score,
-                "test_accuracy": score, "device": "cpu", "history": [{}]}
+                "test_accuracy": score, "device": "cpu", "history": [{"epoch": 1}]}
 
     return fake
 

@@ -6,6 +6,7 @@ the study's accounting), so a broken scaling, a wrong sample rate or a proxy rec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,10 +19,11 @@ from dpnas.arch.space import ConfigError
 from dpnas.cli import main
 from dpnas.data.datasets import hash_unit, load_dataset
 from dpnas.dp.config import PrivacyConfig, TrainConfig
-from dpnas.dp.privacy import plan_privacy, run_epsilon
+from dpnas.dp.privacy import count_noise_for, count_rdp, plan_privacy, rdp_to_epsilon, run_epsilon, validation_periods
 from dpnas.dp.recipe_file import load_recipe_file
-from dpnas.search.calibration import run_shapes
-from dpnas.search.fidelity import subset_training, trial_fidelity
+from dpnas.dp.train import train
+from dpnas.search.calibration import calibrate_study, run_shapes
+from dpnas.search.fidelity import Fidelity, subset_training, trial_fidelity
 from dpnas.search.runner import search
 from dpnas.search.study_file import StudyFileError, load_study_file
 from dpnas.search.study_privacy import study_privacy
@@ -350,3 +352,128 @@ def test_the_broad_benchmark_study_is_the_quickstart_on_a_wider_space():
     narrow = {axis.name: axis for axis in quick.axes}
     assert set(narrow["norm"].choices) < set(axes["norm"].choices) and "none" in axes["norm"].choices
     assert axes["lr"].low == 1e-3 < narrow["lr"].low and axes["lr"].high == narrow["lr"].high
+
+
+# ----------------------------------------------------------------------------------------------- fewer validations
+
+
+def test_fewer_validations_are_spaced_to_the_end_and_their_noise_is_calibrated_for_them():
+    privacy = PrivacyConfig(epsilon=4.0, delta=1e-5)
+    every = plan_privacy(privacy, dataset_size=1000, batch_size=10, epochs=8)
+    two = plan_privacy(privacy, dataset_size=1000, batch_size=10, epochs=8, releases=2)
+    one = plan_privacy(privacy, dataset_size=1000, batch_size=10, epochs=8, releases=1)
+    assert every.validated_periods() == set(range(1, 9)) and every.val_releases == 8
+    assert two.validated_periods() == {4, 8} and one.validated_periods() == {8}
+    assert validation_periods(8, 3) == {3, 6, 8}
+    # the training is the same run; the validation noise is the smallest that 2 (or 1) releases afford at epsilon
+    assert (two.steps, two.noise_multiplier) == (every.steps, every.noise_multiplier)
+    assert two.val_noise == pytest.approx(count_noise_for(4.0, 1e-5, 2)) and two.val_releases == 2
+    assert one.val_noise < two.val_noise < every.val_noise
+    assert rdp_to_epsilon(count_rdp(two.val_noise, 2), 1e-5) <= 4.0 < rdp_to_epsilon(count_rdp(two.val_noise, 3), 1e-5)
+    # a TAN run's periods are its pseudo-epochs of ceil(S / epochs) steps
+    tan = plan_privacy(privacy, dataset_size=1000, batch_size=10, epochs=4, steps=30, releases=2)
+    assert tan.periods == 4 and tan.validated_periods() == {2, 4}
+    for bad in (0, 9):
+        with pytest.raises(ConfigError, match="validations: must be from 1 to the run's 8 epochs"):
+            plan_privacy(privacy, dataset_size=1000, batch_size=10, epochs=8, releases=bad)
+
+
+def test_a_run_with_fewer_validations_scores_and_records_only_those_epochs(monkeypatch):
+    import dpnas.dp.train as train_module
+    from dpnas import MODELS
+
+    data = load_dataset("digits", image_size=8, val_fraction=0.2, seed=0)
+    scored, seen = [], []
+    real = train_module.count_correct
+    monkeypatch.setattr(train_module, "count_correct", lambda model, split, data, **kw: (
+        scored.append("val" if split is data.val else "test"), real(model, split, data, **kw))[1])
+    cfg = TrainConfig(epochs=4, batch_size=128, physical_batch_size=128, optimizer="sgd", lr=0.1, schedule="step",
+                      step_size=1, gamma=0.5)
+    result = train(MODELS["tiny"].arch, data, train_cfg=cfg, privacy=PrivacyConfig(epsilon=4.0), progress=False,
+                   validations=2, on_epoch=seen.append)
+    assert scored == ["val", "val", "test"]  # two validation passes, not four
+    assert [h["epoch"] for h in result["history"]] == [2, 4] and seen == result["history"]
+    assert result["val_releases"] == 2 and result["steps"] == 4 * round(len(data.train) / 128)
+    # the schedule still steps every epoch, recorded or not: epochs 2 and 4 trained at 0.1 halved once and 3 times
+    assert [h["lr"] for h in result["history"]] == pytest.approx([0.1 * 0.5, 0.1 * 0.5**3])
+    assert 3.9 < result["epsilon_spent"] <= 4.0
+    # plateau reads a score every epoch; refused before a step, and so is plateau on an empty validation split
+    for changes, kwargs in (({"schedule": "plateau"}, {"validations": 2}), ({"schedule": "plateau"}, {})):
+        split = data if kwargs else dataclasses.replace(data, val=data.val.subset(torch.arange(0)))
+        with pytest.raises(ConfigError, match="plateau reads a validation score every epoch"):
+            train(MODELS["tiny"].arch, split, train_cfg=cfg.replace(**changes), privacy=PrivacyConfig(epsilon=4.0),
+                  progress=False, on_plan=pytest.fail, **kwargs)
+
+
+@pytest.mark.parametrize("fidelity, study_edit, message", [
+    ("validations = 0", None, "from 1 to the search's 4 epochs"),
+    ("validations = 5", None, "from 1 to the search's 4 epochs"),
+    ("validations = 3\nepochs = 2", None, "from 1 to the search's 2 epochs"),
+    ("validations = 1", ('pruner = "none"', 'pruner = "median"'), "median pruner has no intermediate score"),
+    ("validations = 2", ('recipe = "quick"', 'recipe = "quick"\nschedule = "plateau"'), "plateau schedule"),
+    ("validations = 2", ("[search]\n", '[search]\nschedule = ["constant", "plateau"]\n'), "plateau schedule"),
+    ("validations = 2", ("[search]\n", "[search]\nepochs = [2, 4]\n"), "do not search epochs"),
+])
+def test_bad_validations_are_refused_by_the_study_file(tmp_path, fidelity, study_edit, message):
+    path = write(tmp_path, fidelity=fidelity)
+    if study_edit:
+        path.write_text(path.read_text().replace(*study_edit))
+    with pytest.raises(StudyFileError, match=message) as err:
+        load_study_file(path)
+    assert "fidelity.validations" in str(err.value)
+    # a pruner with two validations has something to compare, and plateau with one per epoch is fine
+    assert load_study_file(write(tmp_path, fidelity="validations = 2", name="ok.toml")).fidelity.validations == 2
+
+
+def test_a_total_epsilon_search_with_one_validation_charges_one_release_and_exports_the_target(tmp_path):
+    path = write(tmp_path, fidelity="validations = 1", data="", privacy="total_epsilon = 8.0", n_trials=2)
+    spec = load_study_file(path)
+    every = calibrate_study(dataclasses.replace(spec, fidelity=Fidelity()), runs=2, train_size=1000)
+    one = calibrate_study(spec, runs=2, train_size=1000)
+    assert (every.val_releases, one.val_releases) == (4, 1)
+    assert one.noise_multipliers == every.noise_multipliers and one.val_noise < every.val_noise
+    assert one.validation_epsilon <= 8.0
+
+    study = run(path)
+    trials = trained(study)
+    assert len(trials) == 2
+    for trial in trials:
+        plan = trial.user_attrs["privacy_plan"]
+        assert plan["val_releases"] == 1 and plan["steps"] == 4 * round(trial.user_attrs["train_size"] / 128)
+        assert trial.user_attrs["fidelity"] == {"validations": 1}
+        assert list(trial.intermediate_values) == [4]  # one score, at the end: the objective
+    report = study_privacy(study)
+    calibration = calibrate_study(spec, runs=2, train_size=trials[0].user_attrs["train_size"])
+    assert all(t.user_attrs["privacy_plan"]["val_noise"] == pytest.approx(calibration.val_noise) for t in trials)
+    assert report.budget["val_releases"] == 2  # one per run, not one per epoch
+    assert report.validation_epsilon <= 8.0 * (1 + 1e-9) and report.validation_epsilon > 7.5
+    # charged as one release, a run's score costs far more at four: the accounting really counts releases
+    four = rdp_to_epsilon(2 * count_rdp(calibration.val_noise, 4), 1e-5)
+    assert four > 12.0
+
+    (best,) = export_best(study, tmp_path / "best.toml")
+    assert "validations" not in best.read_text().split("[train]")[1].split("\n[")[0]
+    out = tmp_path / "final.json"
+    assert main(["train", str(best), "--quiet", "--device", "cpu", "--out", str(out)]) == 0
+    final = json.loads(out.read_text())
+    assert final["val_releases"] == 4 and [h["epoch"] for h in final["history"]] == [1, 2, 3, 4]
+
+
+def test_the_transfer_benchmark_counts_the_validation_passes_in_the_total():
+    bench = _transfer_module()
+    assert bench.parse_arm("tan_batch=16+validations=1").to_dict() == {"tan_batch": 16, "validations": 1}
+
+    def runs(work, releases, n=3):
+        return [{"val_accuracy": 0.1 * i, "test_accuracy": 0.1 * i, "work": work, "wall_seconds": 1.0,
+                 "noise_multiplier": 1.0, "epsilon_spent": 1.0, "image_size": 2, "val_size": 10, "test_size": 5,
+                 "val_releases": releases} for i in range(n)]
+
+    full = [runs(100, 8), runs(100, 8)]
+    # 3 forwards per training pixel, one forward per evaluated pixel: 3 x 100 + (10 x 8 + 5) x 4 = 640 for a full run
+    assert bench.total_work(full[0][0]) == 640
+    row = bench.summarise("proxy", runs(10, 1), full, ranking=True)
+    assert row["work_ratio"] == pytest.approx(0.1) and row["total_work_ratio"] == pytest.approx((30 + 15 * 4) / 640)
+    assert bench.half_against_half(full * 2)["total_work_ratio"] == pytest.approx(2.0)
+    # runs recorded before the counts were have no total
+    old = [{k: v for k, v in r.items() if k != "val_releases"} for r in runs(10, 1)]
+    assert bench.summarise("proxy", old, full, ranking=False)["total_work_ratio"] is None

@@ -41,9 +41,23 @@ class PrivacyPlan:
     val_noise: float = 0.0
     """Std of the Gaussian noise on each validation score's correct count; 0 = exact scores."""
     val_releases: int = 0
-    """How many validation scores the run may release (one per epoch): each is charged, finished or not."""
+    """How many validation scores the run may release (one per epoch, or `releases` of them): each is charged,
+    finished or not."""
     epoch_steps: int = 0
-    """Steps between two validation releases; 0: one pass over the data, round(1 / q)."""
+    """Steps of one period (an epoch: the scheduler's unit, and where a validation may be released); 0: one pass
+    over the data, round(1 / q)."""
+    periods: int = 0
+    """Periods the run trains for (its epochs); 0: as many as val_releases."""
+
+    def validated_periods(self) -> frozenset[int]:
+        """The periods (1-based) after which the run releases a validation score: `val_releases` of them evenly
+        spaced, the last at the end of training."""
+        return validation_periods(self.periods or self.val_releases, self.val_releases)
+
+
+def validation_periods(periods: int, releases: int) -> frozenset[int]:
+    """`releases` of `periods` periods (1-based), evenly spaced and ending with the last: ceil(j P / k)."""
+    return frozenset(math.ceil(j * periods / releases) for j in range(1, releases + 1)) if releases else frozenset()
 
 
 def check_budget(privacy: PrivacyConfig, *, dataset_size: int) -> None:
@@ -64,12 +78,15 @@ def check_budget(privacy: PrivacyConfig, *, dataset_size: int) -> None:
 
 
 def plan_privacy(
-    privacy: PrivacyConfig, *, dataset_size: int, batch_size: int, epochs: int, steps: int | None = None
+    privacy: PrivacyConfig, *, dataset_size: int, batch_size: int, epochs: int, steps: int | None = None,
+    releases: int | None = None,
 ) -> PrivacyPlan:
     """Sample rate q = B / n, steps = epochs x round(1 / q), and the smallest noise that meets (ε, δ).
 
-    `steps` fixes the step count instead (a TAN simulation keeps its target's, dpnas.search.fidelity); the run
-    then releases a validation score every ceil(steps / epochs) steps, `epochs` times at most.
+    `steps` fixes the step count instead (a TAN simulation keeps its target's, dpnas.search.fidelity); its periods
+    are then ceil(steps / epochs) steps long, `epochs` of them at most. The run releases one validation score per
+    period, or `releases` of them (a search's ``[fidelity] validations``, at most one per period), and an "auto"
+    validation noise is calibrated for that many.
     """
     if dataset_size < 1:
         raise ConfigError("the training split is empty; use a smaller val_fraction or more data")
@@ -82,12 +99,16 @@ def plan_privacy(
     sample_rate = batch_size / dataset_size
     if steps is None:
         epoch_steps = max(1, round(1 / sample_rate))
-        steps, releases = epochs * epoch_steps, epochs
+        steps, periods = epochs * epoch_steps, epochs
     else:
         if steps < 1:
             raise ConfigError(f"steps: must be >= 1, got {steps}")
         epoch_steps = math.ceil(steps / epochs)
-        releases = math.ceil(steps / epoch_steps)
+        periods = math.ceil(steps / epoch_steps)
+    if releases is None:
+        releases = periods
+    elif not 1 <= releases <= periods:
+        raise ConfigError(f"validations: must be from 1 to the run's {periods} epochs, got {releases}")
     noise_multiplier = 0.0
     if privacy.private and privacy.noise_multiplier > 0:
         noise_multiplier = privacy.noise_multiplier
@@ -106,6 +127,7 @@ def plan_privacy(
         val_noise=validation_noise(privacy, releases=releases),
         val_releases=releases,
         epoch_steps=epoch_steps,
+        periods=periods,
     )
 
 

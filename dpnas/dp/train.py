@@ -134,6 +134,16 @@ def count_correct(model: nn.Module, split: ImageData, data: DatasetSplits, *,
     return correct, loss
 
 
+def _step_scheduler(scheduler, score: float) -> None:
+    """End an epoch of the schedule; `plateau` reads `score` (never NaN: it is refused without one per epoch)."""
+    if scheduler is None:
+        return
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(score)
+    else:
+        scheduler.step()
+
+
 @dataclass
 class _Progress:
     """What an interrupted run still reports."""
@@ -158,6 +168,7 @@ def train(
     catch_interrupt: bool = True,
     on_trained: Callable[[nn.Module], None] | None = None,
     steps: int | None = None,
+    validations: int | None = None,
 ) -> dict[str, Any]:
     """Train `arch` on `data` with DP-SGD; return the result record (see README for its fields).
 
@@ -167,12 +178,21 @@ def train(
     step and still returns the record of what was finished (``interrupted: true``).  `on_trained` receives the
     model that was evaluated (the EMA copy where there is one), to keep its weights.  `steps` fixes the number of
     DP-SGD steps instead of ``epochs`` passes over the data, with ``epochs`` validation releases spread over them
-    (a TAN simulation, :mod:`dpnas.search.fidelity`).
+    (a TAN simulation, :mod:`dpnas.search.fidelity`). `validations` releases that many validation scores, evenly
+    spaced over the epochs and the last at the end, instead of one per epoch (a search's ``[fidelity]
+    validations``); only those epochs are recorded and passed to `on_epoch`.
     """
     device = check_device(device, what="device")
     data = data.to(device)
     plan = plan_privacy(privacy, dataset_size=len(data.train), batch_size=train_cfg.batch_size, epochs=train_cfg.epochs,
-                        steps=steps)
+                        steps=steps, releases=validations)
+    if train_cfg.schedule == "plateau" and len(data.val) == 0:
+        # it would read the training loss, an exact function of the training records outside the accounting
+        raise ConfigError("schedule: plateau reads a validation score every epoch, and the validation split is "
+                          "empty; use val_fraction > 0 or another schedule")
+    if train_cfg.schedule == "plateau" and plan.val_releases < plan.periods:
+        raise ConfigError(f"schedule: plateau reads a validation score every epoch, and this run releases "
+                          f"{plan.val_releases} of {plan.periods}; use another schedule")
     if on_plan is not None:
         on_plan(plan)
 
@@ -211,6 +231,7 @@ def train(
 
     state = _Progress()
     per_epoch = steps_per_epoch(plan)
+    validated = plan.validated_periods()
     bar = tqdm(total=plan.steps, disable=not progress, unit="step", dynamic_ncols=True, leave=True)
     try:
         epoch = 0
@@ -234,6 +255,9 @@ def train(
             train_loss = float(loss_sum) / max(n_samples, 1)
             if not math.isfinite(train_loss):
                 raise DivergedError(f"training loss became {train_loss} in epoch {epoch}")
+            if epoch not in validated:  # a search's [fidelity] validations: no score released, none recorded
+                _step_scheduler(scheduler, math.nan)
+                continue
             # The validation score is released (history, pruner, plateau schedule, the objective): only its noisy
             # version exists outside this block; the exact loss is kept only when the scores are exact anyway.
             correct, val_loss_sum = count_correct(eval_model, data.val, data, batch_size=eval_batch)
@@ -252,11 +276,7 @@ def train(
             }
             state.history.append(record)
             bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", val_acc=f"{val_accuracy:.3f}", eps=f"{record['epsilon_spent']:.2f}")
-            if scheduler is not None:
-                if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    scheduler.step(val_accuracy if math.isfinite(val_accuracy) else -train_loss)
-                else:
-                    scheduler.step()
+            _step_scheduler(scheduler, val_accuracy)
             if on_epoch is not None:
                 on_epoch(record)
     except KeyboardInterrupt:

@@ -64,7 +64,7 @@ class Calibration:
     val_noise: float
     """Std of the noise on each validation count; 0 = exact scores (validation records not covered)."""
     val_releases: int
-    """Validation releases charged per run (its epochs)."""
+    """Validation releases charged per run (its epochs, or the search's [fidelity] validations)."""
     training_epsilon: float
     validation_epsilon: float
     notes: list[str] = field(default_factory=list)
@@ -110,7 +110,7 @@ def _smallest(evaluate, target: float, *, start: float, tolerance: float) -> flo
 
 def calibrate(total_epsilon: float, delta: float, *, mode: str, runs: int | None, mu: float | None = None,
               eta: float | None = None, gamma: float | None = None, shapes: list[tuple[int, int]],
-              train_size: int, validation_noise: bool = True) -> Calibration:
+              train_size: int, validation_noise: bool = True, validations: int | None = None) -> Calibration:
     """σ per shape and the validation s so that both parts of the search cost at most `total_epsilon`.
 
     A pure function of its arguments, remembered per process: the study checks, the first worker and every
@@ -118,13 +118,14 @@ def calibrate(total_epsilon: float, delta: float, *, mode: str, runs: int | None
     CPU, benchmarks/trial_overhead.py) and was computed twice per search before.
     """
     return copy.deepcopy(_calibrate(float(total_epsilon), float(delta), mode, runs, mu, eta, gamma,
-                                    tuple((int(b), int(e)) for b, e in shapes), int(train_size), bool(validation_noise)))
+                                    tuple((int(b), int(e)) for b, e in shapes), int(train_size), bool(validation_noise),
+                                    None if validations is None else int(validations)))
 
 
 @functools.lru_cache(maxsize=32)
 def _calibrate(total_epsilon: float, delta: float, mode: str, runs: int | None, mu: float | None,
                eta: float | None, gamma: float | None, shapes: tuple[tuple[int, int], ...], train_size: int,
-               validation_noise: bool) -> Calibration:
+               validation_noise: bool, validations: int | None) -> Calibration:
     if not (0 < total_epsilon < math.inf):
         raise ConfigError(f"total_epsilon: must be a positive finite number, got {total_epsilon!r}")
     if mode == "fixed" and not (runs and runs >= 1):
@@ -153,7 +154,8 @@ def _calibrate(total_epsilon: float, delta: float, mode: str, runs: int | None, 
         raise ConfigError("total_epsilon: the run shapes could not be calibrated together; search fewer "
                           "batch sizes or epoch counts")
 
-    releases = max(epochs for _, epochs in shapes)
+    # one release per epoch, or the search's `validations` (at most one per epoch)
+    releases = max(epochs if validations is None else min(validations, epochs) for _, epochs in shapes)
     notes = []
     if validation_noise:
         val_noise = _smallest(lambda s: _bound(count_rdp(s, releases), **bound), total_epsilon, start=1.0,
@@ -169,6 +171,13 @@ def _calibrate(total_epsilon: float, delta: float, mode: str, runs: int | None, 
         noise_multipliers={shape_key(*s): float(sigmas[s]) for s in shapes}, run_epsilon=run_epsilon,
         val_noise=float(val_noise), val_releases=int(releases), training_epsilon=float(training_epsilon),
         validation_epsilon=float(validation_epsilon), notes=notes)
+
+
+def calibrate_study(spec, *, runs: int | None, train_size: int) -> Calibration:
+    """A total-ε study's calibration (`runs`: its K for a fixed number of trials) on a training split this size."""
+    return calibrate(spec.total_epsilon, spec.privacy.delta, mode=spec.trial_count, runs=runs, mu=spec.mean_trials,
+                     eta=spec.eta, gamma=spec.gamma, shapes=run_shapes(spec), train_size=train_size,
+                     validation_noise=spec.privacy.val_noise != 0, validations=spec.fidelity.validations)
 
 
 def run_shapes(spec) -> list[tuple[int, int]]:

@@ -22,7 +22,7 @@ from dpnas.dp.memory import check_training_fits
 from dpnas.dp.preflight import preflight
 from dpnas.dp.privacy import check_budget, plan_privacy
 from dpnas.dp.train import check_device
-from dpnas.search.calibration import calibrate, run_shapes
+from dpnas.search.calibration import calibrate_study
 from dpnas.search.fidelity import load_search_data, search_trial
 from dpnas.search.sampling import ablation_points, grid_points, suggest
 from dpnas.search.study_file import StudySpec
@@ -157,10 +157,7 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
         check_budget(privacy, dataset_size=len(data.train))
     calibration = None
     if spec.total_epsilon is not None:
-        calibration = calibrate(spec.total_epsilon, spec.privacy.delta, mode=spec.trial_count,
-                                runs=_trial_count(spec, n_trials), mu=spec.mean_trials, eta=spec.eta,
-                                gamma=spec.gamma, shapes=run_shapes(spec), train_size=len(data.train),
-                                validation_noise=spec.privacy.val_noise != 0)
+        calibration = calibrate_study(spec, runs=_trial_count(spec, n_trials), train_size=len(data.train))
         lines.append(f"budget: total epsilon {spec.total_epsilon:g} → noise multipliers "
                      f"{sorted(set(round(s, 4) for s in calibration.noise_multipliers.values()))}, validation "
                      f"noise {calibration.val_noise:.3g}")
@@ -171,7 +168,7 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
         # the trial as it will train: a batch too large for a data_fraction's subset, or a TAN target whose
         # noise no epsilon reaches, is refused here, before the first trial takes a slot
         plan_privacy(privacy, dataset_size=len(data.train), batch_size=train_cfg.batch_size,
-                     epochs=train_cfg.epochs, steps=scaled.steps)
+                     epochs=train_cfg.epochs, steps=scaled.steps, releases=scaled.validations)
         lines.append(f"fidelity: the search trains at {spec.fidelity.describe()}; `dpnas best` exports the target")
     check_training_fits(arch, train_cfg, dataset=spec.dataset, image_size=data.image_size, device=parsed,
                         synthetic_size=spec.synthetic_size)

@@ -15,6 +15,11 @@
                           is accounted at the subset's sample rate B / m; the records left out are not touched.
     image_size = S        the search's resolution (the target's is [data] image_size)
     epochs = E            the search's epochs (the target's is [train] epochs)
+    validations = k       each trial releases k validation scores, evenly spaced over its epochs (TAN: its
+                          periods of S / epochs steps) with the last at the end, instead of one per epoch: the
+                          search's validation passes shrink with its training, and the validation noise is
+                          calibrated (and charged) for k releases. k = 1 leaves a pruner nothing to compare
+                          before the end, and the plateau schedule reads a score every epoch: both are refused.
 
 They change how the search's trials train, never the recipe it exports: ``dpnas best`` writes each point at the
 *target* fidelity (the study file's [train], [privacy] and [data]), so ``dpnas train`` of the winner runs the real
@@ -34,7 +39,7 @@ from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.privacy import plan_privacy, run_epsilon
 
 FIDELITY_KEYS = {"tan_batch": int, "data_fraction": (int, float), "image_size": int, "epochs": int,
-                 "private_data_ok": bool}
+                 "validations": int, "private_data_ok": bool}
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ class Fidelity:
     data_fraction: float | None = None
     image_size: int | None = None
     epochs: int | None = None
+    validations: int | None = None
+    """Validation releases per trial (None: one per epoch)."""
     private_data_ok: bool | None = None
     """False: the user acknowledges that TAN trials on data not marked public are not DP (see the module)."""
 
@@ -55,7 +62,8 @@ class Fidelity:
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.tan_batch, self.data_fraction, self.image_size, self.epochs))
+        return any(v is not None for v in (self.tan_batch, self.data_fraction, self.image_size, self.epochs,
+                                           self.validations))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -70,13 +78,16 @@ class Fidelity:
             parts.append(f"{self.image_size} px")
         if self.epochs is not None:
             parts.append(f"{self.epochs} epochs")
+        if self.validations is not None:
+            parts.append(f"{self.validations} validation release{'s' if self.validations > 1 else ''} per trial")
         return ", ".join(parts) or "the target fidelity"
 
 
 def parse_fidelity(table: dict, *, fail: Callable[[str, str], Exception], public: bool, train: TrainConfig,
-                   searched: set[str]) -> Fidelity:
+                   searched: set[str], pruner: str, schedules: set[str]) -> Fidelity:
     """The [fidelity] table, its keys and types already checked against FIDELITY_KEYS by the study file:
-    `fail(key, message)` makes the study file's error."""
+    `fail(key, message)` makes the study file's error; `searched` names the searched axes, `schedules` the
+    learning-rate schedules a trial can take."""
     fidelity = Fidelity(**{k: float(v) if k == "data_fraction" else v for k, v in table.items()})
     if fidelity.private_data_ok is True:
         raise fail("fidelity.private_data_ok", "only `false` is accepted: it acknowledges that TAN-scaled trials "
@@ -109,7 +120,28 @@ def parse_fidelity(table: dict, *, fail: Callable[[str, str], Exception], public
             raise fail("fidelity.epochs", f"must be >= 1, got {fidelity.epochs}")
         if "epochs" in searched:
             raise fail("fidelity.epochs", "the search's epochs are fixed here: do not search epochs as well")
+    k = fidelity.validations
+    if k is not None:
+        _check_validations(k, fail=fail, epochs=fidelity.epochs or train.epochs, searched=searched, pruner=pruner,
+                           schedules=schedules)
     return fidelity
+
+
+def _check_validations(k: int, *, fail, epochs: int, searched: set[str], pruner: str, schedules: set[str]) -> None:
+    if "epochs" in searched:
+        raise fail("fidelity.validations", "the validations are spread over a fixed number of epochs: do not "
+                                           "search epochs as well (set [fidelity] epochs instead)")
+    if not 1 <= k <= epochs:
+        raise fail("fidelity.validations", f"must be from 1 to the search's {epochs} epochs (one release per "
+                                           f"epoch at most), got {k}")
+    if "plateau" in schedules and k < epochs:
+        raise fail("fidelity.validations", "the plateau schedule reads a validation score every epoch: use "
+                                           "another [train] schedule (and do not search plateau), or leave "
+                                           "validations out")
+    if k == 1 and pruner != "none":
+        raise fail("fidelity.validations", f"with one validation, at the end, the {pruner} pruner has no "
+                                           f"intermediate score to stop a trial on: set [study] pruner = \"none\" "
+                                           f"or validations >= 2")
 
 
 def search_image_size(spec) -> int | None:
@@ -146,6 +178,8 @@ class TrialFidelity:
     privacy: PrivacyConfig
     steps: int | None
     """The TAN run's fixed step count (None: epochs x passes, as usual)."""
+    validations: int | None
+    """The run's validation releases (None: one per epoch)."""
     record: dict[str, Any]
     """What the trial records about its fidelity (the target's batch, noise and steps for TAN)."""
 
@@ -158,10 +192,13 @@ def trial_fidelity(spec, train_cfg: TrainConfig, privacy: PrivacyConfig, *, trai
     record: dict[str, Any] = fidelity.to_dict()
     if fidelity.data_fraction is not None:
         record.update(subset_records=train_size, train_records=full_train_size)
+    k = fidelity.validations
     if fidelity.tan_batch is None:
-        return TrialFidelity(train_cfg, privacy, None, record)
-    # The target run: batch B, its steps S and noise σ0 on this data; the simulation keeps S and σ/B.
-    target = plan_privacy(privacy, dataset_size=train_size, batch_size=train_cfg.batch_size, epochs=train_cfg.epochs)
+        return TrialFidelity(train_cfg, privacy, None, k, record)
+    # The target run: batch B, its steps S and noise σ0 on this data; the simulation keeps S and σ/B (and the
+    # target's validation noise, for the search's releases).
+    target = plan_privacy(privacy, dataset_size=train_size, batch_size=train_cfg.batch_size, epochs=train_cfg.epochs,
+                          releases=k)
     b = fidelity.tan_batch
     sigma = target.noise_multiplier * b / train_cfg.batch_size
     tan_train = train_cfg.replace(batch_size=b, physical_batch_size=min(train_cfg.physical_batch_size, b))
@@ -175,7 +212,7 @@ def trial_fidelity(spec, train_cfg: TrainConfig, privacy: PrivacyConfig, *, trai
     record.update(target_batch_size=train_cfg.batch_size, target_noise_multiplier=target.noise_multiplier,
                   target_steps=target.steps, target_epsilon=privacy.epsilon if privacy.private else math.inf,
                   noise_multiplier=sigma, simulated_epsilon=simulated)
-    return TrialFidelity(tan_train, tan_privacy, target.steps, record)
+    return TrialFidelity(tan_train, tan_privacy, target.steps, k, record)
 
 
 def search_train(spec, train_cfg: TrainConfig) -> TrainConfig:
@@ -191,5 +228,5 @@ def search_trial(spec, train_cfg: TrainConfig, privacy: PrivacyConfig, *, calibr
     if calibration is not None:
         privacy = calibration.privacy_for(privacy, train_cfg)
     if not spec.fidelity.active:
-        return TrialFidelity(train_cfg, privacy, None, {})
+        return TrialFidelity(train_cfg, privacy, None, None, {})
     return trial_fidelity(spec, train_cfg, privacy, train_size=train_size, full_train_size=full_train_size)

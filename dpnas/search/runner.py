@@ -255,7 +255,7 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
     try:
         result = train(arch, data, train_cfg=train_cfg, privacy=privacy, device=device, progress=False,
                        on_epoch=report, on_plan=record_plan, catch_interrupt=False, on_trained=trained.append,
-                       steps=steps)
+                       steps=steps, validations=scaled.validations)
     except (optuna.TrialPruned, DivergedError) as err:
         trial.set_user_attr("failure_reason" if isinstance(err, DivergedError) else "pruned_reason", str(err))
         study.tell(trial, state=TrialState.PRUNED)
@@ -272,7 +272,7 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
         study.tell(trial, state=TrialState.FAIL)
         return f"trial {trial.number} failed: {type(err).__name__}: {err}"
 
-    epochs = max(len(result["history"]), 1)
+    epochs = max(result["history"][-1]["epoch"] if result["history"] else 0, 1)
     attrs = {
         "epsilon_spent": result["epsilon_spent"] if result["private"] else "inf (non-private)",
         "noise_multiplier": result["noise_multiplier"],

@@ -360,8 +360,10 @@ def load_study_file(path: str | Path) -> StudySpec:
                                                "use a smaller [train] seed")
     fidelity_table = document.get("fidelity", {})
     _check_keys(path, "fidelity", fidelity_table, FIDELITY_KEYS)
+    searched_schedules = next((set(a.choices) for a in axes if a.name == "schedule"), {train.schedule})
     fidelity = parse_fidelity(fidelity_table, fail=lambda key, message: _fail(path, key, message),
-                              public=data.get("public", False), train=train, searched=searched)
+                              public=data.get("public", False), train=train, searched=searched, pruner=pruner,
+                              schedules=searched_schedules)
     if fidelity.image_size is not None:
         try:
             check_fits(dataset, fidelity.image_size, synthetic_size)

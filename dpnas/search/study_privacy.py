@@ -249,5 +249,5 @@ def _explain(mode, runs, delta, training, validation, whole, budget, attrs) -> s
     return (f"ε = {whole:.4g} at δ = {delta:g} for every record of the dataset the search trained and scored on "
             f"(training records ε = {training:.4g}, validation records ε = {validation:.4g}: disjoint parts assigned "
             f"record by record, so each is covered at its own part's ε), for {how}. Each run is charged its planned "
-            f"steps and one noisy validation release per planned epoch, finished or not ({budget['val_releases']} "
-            f"releases in all).{within}")
+            f"steps and every noisy validation release it planned (one per epoch, or the search's [fidelity] "
+            f"validations), finished or not ({budget['val_releases']} releases in all).{within}")

@@ -19,7 +19,7 @@ from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from dpnas.arch.space import ConfigError
-from dpnas.search.calibration import Calibration, calibrate, run_shapes
+from dpnas.search.calibration import Calibration, calibrate_study
 from dpnas.search.checks import (
     BUDGET_ATTR,
     DATA_ATTR,
@@ -230,9 +230,7 @@ def study_calibration(study: optuna.Study, spec: StudySpec, train_size: int) -> 
                               f"records; this worker's data has {train_size}. Every worker must see the same data")
         return calibration
     runs = trial_budget(study)[0] if spec.trial_count == "fixed" else None
-    calibration = calibrate(spec.total_epsilon, spec.privacy.delta, mode=spec.trial_count, runs=runs,
-                            mu=spec.mean_trials, eta=spec.eta, gamma=spec.gamma, shapes=run_shapes(spec),
-                            train_size=train_size, validation_noise=spec.privacy.val_noise != 0)
+    calibration = calibrate_study(spec, runs=runs, train_size=train_size)
     _set_system_attr(study, CALIBRATION_ATTR, calibration.to_dict())
     return calibration
 
