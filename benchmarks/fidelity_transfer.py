@@ -222,14 +222,15 @@ def table_rows(full: list[list[dict]], runs: dict[str, list[dict]], *, ranking: 
 
 def print_table(title: str, rows: list[dict]) -> None:
     ranking = any("kendall_tau_val" in row for row in rows)
-    header = f"{'arm':<34}{'work':>8}{'total':>8}{'wall':>8}{'s/trial':>9}{'val acc':>9}{'sigma':>8}"
+    width = max(34, *(len(row["arm"]) + 2 for row in rows))
+    header = f"{'arm':<{width}}{'work':>8}{'total':>8}{'wall':>8}{'s/trial':>9}{'val acc':>9}{'sigma':>8}"
     if ranking:
         header += f"{'tau val':>9}{'tau test':>9}{'top-3':>7}"
     print(f"\n{title}")
     print(header)
     for row in rows:
         total = row.get("total_work_ratio")
-        line = (f"{row['arm']:<34}{row['work_ratio']:>8.3f}{'-' if total is None else f'{total:.3f}':>8}"
+        line = (f"{row['arm']:<{width}}{row['work_ratio']:>8.3f}{'-' if total is None else f'{total:.3f}':>8}"
                 f"{row['wall_ratio']:>8.3f}{row['seconds_per_trial']:>9.2f}"
                 f"{row['mean_val_accuracy']:>9.3f}{row['noise_multiplier']:>8.3f}")
         if "kendall_tau_val" in row:

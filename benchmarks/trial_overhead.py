@@ -18,6 +18,7 @@ instead, which slows Python-heavy code more than tensor kernels, so its fixed pa
 
     uv run python benchmarks/trial_overhead.py                       # the quickstart, under a minute on 2 cores
     uv run python benchmarks/trial_overhead.py --timer cprofile --profile quickstart.prof
+    uv run python benchmarks/trial_overhead.py --n-trials 12 --validations 4   # 4 validation releases a trial
 
 Prints a table and writes JSON (`--json`, default benchmarks/trial_overhead.json).
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import dataclasses
 import datetime
 import functools
 import importlib
@@ -132,6 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--study", type=Path, default=REPO / "studies" / "quickstart.toml")
     parser.add_argument("--n-trials", type=int, help="trials to run (default: the study's own)")
+    parser.add_argument("--validations", type=int, metavar="K",
+                        help="the study with [fidelity] validations = K (K validation releases a trial, not one "
+                             "an epoch)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--timer", choices=("wall", "cprofile"), default="wall",
                         help="wall-clock wrappers around each part (default) or cProfile (an upper bound on the fixed parts)")
@@ -150,6 +155,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_study_file(args.study)
+    if args.validations is not None:
+        spec = dataclasses.replace(spec, fidelity=dataclasses.replace(spec.fidelity, validations=args.validations))
     seconds: dict[str, float] = {}
     calls: dict[str, int] = {}
     profiler = cProfile.Profile() if args.timer == "cprofile" else None
@@ -205,6 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"platform": platform.platform(), "cpu_count": torch.get_num_threads()},
         "torch": torch.__version__,
         "study": str(args.study),
+        "validations": args.validations,
         "timer": args.timer,
         "trials": n,
         "wall_s": wall,

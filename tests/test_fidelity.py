@@ -451,8 +451,12 @@ def test_a_total_epsilon_search_with_one_validation_charges_one_release_and_expo
     four = rdp_to_epsilon(2 * count_rdp(calibration.val_noise, 4), 1e-5)
     assert four > 12.0
 
+    # the trials trained the target itself: neither the report nor the recipe calls them proxies
+    assert report.headline() is None
     (best,) = export_best(study, tmp_path / "best.toml")
-    assert "validations" not in best.read_text().split("[train]")[1].split("\n[")[0]
+    text = best.read_text()
+    assert "proxy" not in text and "scored each trial 1 time(s)" in text
+    assert "validations" not in text.split("[train]")[1].split("\n[")[0]
     out = tmp_path / "final.json"
     assert main(["train", str(best), "--quiet", "--device", "cpu", "--out", str(out)]) == 0
     final = json.loads(out.read_text())

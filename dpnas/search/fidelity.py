@@ -62,8 +62,13 @@ class Fidelity:
 
     @property
     def active(self) -> bool:
-        return any(v is not None for v in (self.tan_batch, self.data_fraction, self.image_size, self.epochs,
-                                           self.validations))
+        return self.trains_proxy or self.validations is not None
+
+    @property
+    def trains_proxy(self) -> bool:
+        """Whether the trials train something other than the target (validations alone change only how often a
+        trial is scored: without a plateau schedule, which they refuse, the training is the target's)."""
+        return any(v is not None for v in (self.tan_batch, self.data_fraction, self.image_size, self.epochs))
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}

@@ -26,6 +26,7 @@ import numpy as np
 import optuna
 
 from dpnas.dp.privacy import rdp_to_epsilon
+from dpnas.search.fidelity import Fidelity
 from dpnas.search.privacy import (
     ORDERS,
     RunPrivacy,
@@ -72,7 +73,7 @@ class StudyPrivacy:
                     "private budget, and the epsilons below are those of its simulated runs. `dpnas train "
                     "RECIPE --dataset PRIVATE` trains the winner once on the private data: that run's epsilon is "
                     "the whole private cost")
-        if self.fidelity:
+        if Fidelity.from_record(self.fidelity).trains_proxy:
             return ("the search trained cheaper proxies of its points ([fidelity]: "
                     f"{', '.join(f'{k} = {v}' for k, v in self.fidelity.items())}); the epsilons below are what "
                     "its runs cost on these records. `dpnas train` of the exported recipe (the target fidelity) "

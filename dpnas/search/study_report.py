@@ -90,10 +90,14 @@ def export_best(study: optuna.Study, out: Path) -> list[Path]:
                   f"epsilon spent {trial.user_attrs.get('epsilon_spent')}, "
                   f"written by dpnas {recipe.provenance.get('dpnas_version', '?')}\n"
                   "`dpnas train FILE` trains it again (a new private run: it spends its own epsilon).")
-        if "searched_at" in recipe.provenance:
+        searched_at = Fidelity.from_record(recipe.provenance.get("searched_at") or {})
+        if searched_at.trains_proxy:
             header += ("\nThe search trained a cheaper proxy of this point ([fidelity]: "
-                       f"{Fidelity.from_record(recipe.provenance['searched_at']).describe()}); this file is the point at the target "
+                       f"{searched_at.describe()}); this file is the point at the target "
                        "fidelity.\nWeights fetched with `dpnas best --weights` are the proxy run's, not this recipe's.")
+        elif searched_at.active:
+            header += (f"\nThe search scored each trial {searched_at.validations} time(s) ([fidelity] validations); "
+                       "this file validates every epoch, as its training is the trial's.")
         paths.append(write_recipe(recipe, _numbered(out, trial, len(trials) > 1), header=header))
     return paths
 
