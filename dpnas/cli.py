@@ -427,9 +427,10 @@ class Evaluate(Command):
         if args.json:
             print(json.dumps(json_safe(report), indent=2))
         else:
+            spent = report["epsilon_spent"]
             print(f"{args.weights}: test accuracy {report['test_accuracy']:.4f} on {report['test_size']} "
                   f"{report['dataset']} test images, {report['params']:,} params, epsilon spent "
-                  f"{report['epsilon_spent']}")
+                  f"{f'{spent:.3f}' if isinstance(spent, (int, float)) else spent}")
         return 0
 
 

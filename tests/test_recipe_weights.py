@@ -1,6 +1,7 @@
 """The search's output, whole: the best trial's recipe file, its stored weights, and scoring them again."""
 
 import json
+import re
 from pathlib import Path
 
 import optuna
@@ -92,6 +93,9 @@ def test_weights_round_trip_through_the_artifact_store(searched, capsys):
     assert {"test_accuracy", "params", "config"} <= set(report)
     assert report["test_accuracy"] == pytest.approx(best.user_attrs["test_accuracy"], abs=1e-12)
     assert report["params"] == best.user_attrs["params"]
+    assert main(["evaluate", str(weights)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.search(r"epsilon spent \d+\.\d{3}$", line), line  # rounded like `dpnas train`'s line
 
 
 def test_keep_weights_bounds_what_is_stored(searched):
