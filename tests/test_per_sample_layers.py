@@ -107,14 +107,23 @@ def test_linear_on_sequences_is_refused():
     dict(kernel_size=3, padding=1), dict(kernel_size=1), dict(kernel_size=1, padding=1), dict(kernel_size=3),
     dict(kernel_size=(3, 5), padding=(1, 2)), dict(kernel_size=3, padding=2, dilation=2),
     dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=1, stride=2),
+    dict(kernel_size=(2, 3), stride=(3, 2), padding=(0, 1), dilation=(1, 2)),
 ])
-def test_unfold_equals_torch_unfold(geometry):
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "a slice of a larger batch", "empty batch"])
+def test_unfold_equals_torch_unfold(geometry, layout):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 4, **geometry)
     a = torch.randn(5, 3, 9, 8)
+    if layout == "NHWC":  # what a layer behind a channels-last pool receives
+        a = a.contiguous(memory_format=torch.channels_last)
+    elif layout == "a slice of a larger batch":  # a view with a storage offset and a padded row stride
+        a = torch.randn(7, 3, 11, 10)[2:, :, 1:10, 2:]
+    elif layout == "empty batch":  # a Poisson batch may be empty
+        a = a[:0]
     expected = torch.nn.functional.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding,
                                           stride=conv.stride)
-    assert torch.equal(unfold(conv, a), expected)
+    got = unfold(conv, a)
+    assert got.shape == expected.shape and torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])

@@ -230,20 +230,24 @@ def _transposed_is_faster(patches: torch.Tensor, out_grad: torch.Tensor, rounds:
 def unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """``F.unfold(a)`` for `conv`'s geometry, (N, C_in * kh * kw, positions), the same values in the same order.
 
-    A 1x1 convolution's patches are its input, a view; other stride-1 convolutions stack kh * kw shifted slices
-    of the padded input, which on CPU is 2-30x faster than F.unfold's im2col (slowest, relatively, for
-    few input channels: 256 x 1 x 32 x 32 took 36 ms against 1 ms; benchmarks/RESULTS.md).
+    A 1x1 stride-1 convolution's patches are its input, a view. Otherwise the patches are one strided view of the
+    padded input, (N, C_in, kh, kw, Ho, Wo), copied once by the reshape. On CPU F.unfold's im2col is 2-30x slower
+    at stride 1 (slowest, relatively, for few input channels: 256 x 1 x 32 x 32 took 36 ms against 1 ms) and
+    1.5-1.8x slower at stride 2; stacking kh * kw shifted slices, as dpnas did before, is 1.1-1.7x slower on most
+    stride-1 shapes (benchmarks/unfold_patches.py).
     """
     n, c_in = a.shape[:2]
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
     if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
         return a.flatten(2)
-    if (sh, sw) != (1, 1):
-        return F.unfold(a, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-    ho, wo = a.shape[2] + 2 * ph - dh * (kh - 1), a.shape[3] + 2 * pw - dw * (kw - 1)
-    padded = F.pad(a, (pw, pw, ph, ph))
-    shifted = [padded[:, :, i * dh:i * dh + ho, j * dw:j * dw + wo] for i in range(kh) for j in range(kw)]
-    return torch.stack(shifted, dim=2).reshape(n, c_in * kh * kw, ho * wo)
+    padded = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+    ho = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (padded.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    # the view's strides come from the tensor's own, so any memory layout (NCHW, channels-last, a slice) works
+    s_n, s_c, s_h, s_w = padded.stride()
+    patches = padded.as_strided((n, c_in, kh, kw, ho, wo), (s_n, s_c, dh * s_h, dw * s_w, sh * s_h, sw * s_w),
+                                padded.storage_offset())
+    return patches.reshape(n, c_in * kh * kw, ho * wo)
 
 
 def through_standardisation(grad_std: torch.Tensor, w_hat: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
