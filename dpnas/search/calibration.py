@@ -18,7 +18,8 @@ The bound is the study's own accounting (:func:`dpnas.search.privacy.part_curve`
 * ``poisson`` / ``truncated_negative_binomial`` (random search): Papernot & Steinke's bound for the best of a
   random number of runs, with the same maximum curve.
 
-σ is found by bisection to within 0.2 %, so the bound lands within about 1 % below E.
+σ is found to within 0.2 % (by interpolating log σ against log ε, safeguarded by bisection), so the bound lands
+within about 1 % below E.
 """
 
 from __future__ import annotations
@@ -93,19 +94,70 @@ def _bound(curve: np.ndarray, *, mode: str, runs: int | None, mu, eta, gamma, de
 
 
 def _smallest(evaluate, target: float, *, start: float, tolerance: float) -> float:
-    """The smallest x (to a factor `tolerance`) with evaluate(x) <= target, for evaluate decreasing in x."""
-    high = start
-    while evaluate(high) > target:
+    """The smallest x, to a factor `tolerance`, with evaluate(x) <= target, for evaluate decreasing in x.
+
+    Returns x with evaluate(x) <= target < evaluate(x / tolerance): the bracket [low, high] keeps
+    evaluate(low) > target >= evaluate(high) throughout and closes to a ratio of `tolerance`. Each evaluation here
+    is a run's RDP curve, Opacus's per-order series in pure Python (about 0.05 s on 2 CPU cores), so the bracket
+    is closed by interpolating log x against log evaluate(x), on which a subsampled Gaussian's ε is nearly a
+    straight line (through the last three points, else the bracket's ends): two probes, a factor sqrt(tolerance)
+    either side of the estimate, usually close it at once (5 evaluations for the quickstart instead of the 12
+    of bisection). A round that does not halve the bracket is followed by a bisection.
+    """
+    points: list[tuple[float, float]] = []  # (x, evaluate(x)), in the order evaluated
+
+    def at(x: float) -> float:
+        points.append((x, evaluate(x)))
+        return points[-1][1]
+
+    high, f_high = start, at(start)
+    low = f_low = None
+    while f_high > target:
+        low, f_low = high, f_high
         high *= 2
         if high > 1e6:
             raise ConfigError("no noise level meets this budget")
-    low = high / 2
-    while evaluate(low) <= target and low > 1e-4:
-        high, low = low, low / 2
+        f_high = at(high)
+    if low is None:
+        low, f_low = high / 2, at(high / 2)
+        while f_low <= target:
+            if low <= 1e-4:
+                return low
+            high, f_high = low, f_low
+            low, f_low = low / 2, at(low / 2)
+    bisect = False
     while high / low > tolerance:
-        mid = math.sqrt(low * high)
-        low, high = (mid, high) if evaluate(mid) > target else (low, mid)
+        width = math.log(high / low)
+        if bisect:
+            probes = [math.sqrt(low * high)]
+        else:
+            estimate = _interpolated(points[-3:], target, low, high)
+            probes = [estimate * math.sqrt(tolerance), estimate / math.sqrt(tolerance)]
+        for x in probes:
+            if low < x < high:
+                value = at(x)
+                low, f_low, high, f_high = (x, value, high, f_high) if value > target else (low, f_low, x, value)
+        bisect = math.log(high / low) > width / 2
     return high
+
+
+def _interpolated(points: list[tuple[float, float]], target: float, low: float, high: float) -> float:
+    """Where log x, as a polynomial in log evaluate(x) through `points` (inverse interpolation, as in Brent's
+    method), meets log target; with fewer usable points or an estimate outside the bracket, the straight line
+    through the bracket's ends, then its geometric middle (an infinite or zero value has no logarithm)."""
+    usable = [(math.log(x), math.log(f)) for x, f in points if math.isfinite(f) and f > 0]
+    u = math.log(target)
+    if len(usable) == 3 and len({f for _, f in usable}) == 3:
+        log_estimate = sum(v * math.prod((u - f_j) / (f_i - f_j) for j, (_, f_j) in enumerate(usable) if j != i)
+                           for i, (v, f_i) in enumerate(usable))
+        if math.log(low) < log_estimate < math.log(high):
+            return math.exp(log_estimate)
+    ends = [(x, f) for x, f in points if x in (low, high)]
+    if len(ends) == 2 and all(math.isfinite(f) and f > 0 for _, f in ends):
+        (x0, f0), (x1, f1) = ends
+        if f0 != f1:
+            return x0 * (x1 / x0) ** ((math.log(f0) - u) / (math.log(f0) - math.log(f1)))
+    return math.sqrt(low * high)
 
 
 def calibrate(total_epsilon: float, delta: float, *, mode: str, runs: int | None, mu: float | None = None,
@@ -143,8 +195,9 @@ def _calibrate(total_epsilon: float, delta: float, mode: str, runs: int | None, 
     # their pointwise maximum, so lower the target until that maximum meets E too.
     target, sigmas = total_epsilon, {}
     for _ in range(12):
+        # a later round lowers the target a little: each shape's last σ is where its search starts
         sigmas = {s: _smallest(lambda sigma, s=s: _bound(curve(*s, sigma), **bound), target,
-                               start=1.0, tolerance=_SIGMA_TOLERANCE) for s in shapes}
+                               start=sigmas.get(s, 1.0), tolerance=_SIGMA_TOLERANCE) for s in shapes}
         worst = np.max([curve(*s, sigmas[s]) for s in shapes], axis=0)
         training_epsilon = _bound(worst, **bound)
         if training_epsilon <= total_epsilon:
