@@ -28,6 +28,7 @@ import torch
 from dpnas.arch.models import build_model
 from dpnas.arch.space import ArchConfig
 from dpnas.bench import BenchModel, bench_models
+from dpnas.dp.host_memory import keep_freed_host_memory
 from dpnas.dp.per_sample import PerSampleClipper
 from dpnas.dp.per_sample_layers import clipped_sum, layer_norms, methods_for
 from dpnas.results import write_json
@@ -105,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         models = bench_models(args.models, args.points, args.n)
     except (ValueError, OSError) as err:
         parser.error(str(err))
+    kept = keep_freed_host_memory()  # as dpnas's training engine does (DPNAS_KEEP_FREED_MEMORY=0: glibc's default)
     rows = []
     for model in models:
         print(f"  {model.label} ...", file=sys.stderr, flush=True)
@@ -113,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, {"benchmark": "per_sample_layers", "date": datetime.date.today().isoformat(),
                            "command": " ".join(["python", "benchmarks/per_sample_layers.py", *(argv or sys.argv[1:])]),
                            "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-                           "torch": torch.__version__, "args": vars(args), "rows": rows})
+                           "torch": torch.__version__, "args": vars(args), "keep_freed_host_memory": kept,
+                           "rows": rows})
     print(f"written to {args.json}")
     return 0
 

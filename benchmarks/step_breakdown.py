@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from dpnas.arch.models import build_model
 from dpnas.arch.space import ArchConfig
 from dpnas.bench import BenchModel, bench_models, synchronize
+from dpnas.dp.host_memory import keep_freed_host_memory
 from dpnas.dp.per_sample import PerSampleClipper
 from dpnas.results import write_json
 
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         models = bench_models(args.models, args.points, args.n)
     except (ValueError, OSError) as err:
         parser.error(str(err))
+    # as dpnas's training engine does, for both models (DPNAS_KEEP_FREED_MEMORY=0: glibc's default, to compare)
+    kept = keep_freed_host_memory()
     rows = []
     for model in models:
         print(f"  {model.label} ...", file=sys.stderr, flush=True)
@@ -143,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
                               warmup=args.warmup, images_grad=args.images_grad))
     print(format_table(rows))
     write_json(args.json, {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-                           "machine": platform.machine(), "torch": torch.__version__, "args": vars(args), "rows": rows})
+                           "machine": platform.machine(), "torch": torch.__version__, "args": vars(args),
+                           "keep_freed_host_memory": kept, "rows": rows})
     print(f"written to {args.json}")
     return 0
 

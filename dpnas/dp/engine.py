@@ -25,6 +25,7 @@ from torch import nn
 from dpnas.arch.compat import dp_problems
 from dpnas.arch.space import ConfigError
 from dpnas.dp.config import PER_SAMPLE_MODES
+from dpnas.dp.host_memory import keep_freed_host_memory
 from dpnas.dp.per_sample import PerSampleClipper, supports
 from dpnas.dp.privacy import PrivacyPlan
 
@@ -55,6 +56,7 @@ class DPSGDEngine:
         per_sample: str = "auto",
         per_sample_method: str = "auto",
     ) -> None:
+        keep_freed_host_memory()  # no page faults for the tensors every step allocates and frees again
         self.model = model
         self.plan = plan
         self.private = private
