@@ -131,7 +131,7 @@ def _smallest(evaluate, target: float, *, start: float, tolerance: float) -> flo
         if bisect:
             probes = [math.sqrt(low * high)]
         else:
-            estimate = _interpolated(points[-3:], target, low, high)
+            estimate = _interpolated(points[-3:], target, (low, f_low), (high, f_high))
             probes = [estimate * math.sqrt(tolerance), estimate / math.sqrt(tolerance)]
         for x in probes:
             if low < x < high:
@@ -141,23 +141,23 @@ def _smallest(evaluate, target: float, *, start: float, tolerance: float) -> flo
     return high
 
 
-def _interpolated(points: list[tuple[float, float]], target: float, low: float, high: float) -> float:
+def _interpolated(points: list[tuple[float, float]], target: float, low: tuple[float, float],
+                  high: tuple[float, float]) -> float:
     """Where log x, as a polynomial in log evaluate(x) through `points` (inverse interpolation, as in Brent's
     method), meets log target; with fewer usable points or an estimate outside the bracket, the straight line
-    through the bracket's ends, then its geometric middle (an infinite or zero value has no logarithm)."""
+    through the bracket's ends `low` and `high` (each (x, evaluate(x))), then its geometric middle (an infinite or
+    zero value has no logarithm)."""
+    (x0, f0), (x1, f1) = low, high
     usable = [(math.log(x), math.log(f)) for x, f in points if math.isfinite(f) and f > 0]
     u = math.log(target)
     if len(usable) == 3 and len({f for _, f in usable}) == 3:
         log_estimate = sum(v * math.prod((u - f_j) / (f_i - f_j) for j, (_, f_j) in enumerate(usable) if j != i)
                            for i, (v, f_i) in enumerate(usable))
-        if math.log(low) < log_estimate < math.log(high):
+        if math.log(x0) < log_estimate < math.log(x1):
             return math.exp(log_estimate)
-    ends = [(x, f) for x, f in points if x in (low, high)]
-    if len(ends) == 2 and all(math.isfinite(f) and f > 0 for _, f in ends):
-        (x0, f0), (x1, f1) = ends
-        if f0 != f1:
-            return x0 * (x1 / x0) ** ((math.log(f0) - u) / (math.log(f0) - math.log(f1)))
-    return math.sqrt(low * high)
+    if math.isfinite(f0) and f1 > 0:  # f0 > target >= f1, so the line is not flat
+        return x0 * (x1 / x0) ** ((math.log(f0) - u) / (math.log(f0) - math.log(f1)))
+    return math.sqrt(x0 * x1)
 
 
 def calibrate(total_epsilon: float, delta: float, *, mode: str, runs: int | None, mu: float | None = None,
