@@ -257,6 +257,30 @@ def test_digits_image_size_and_zero_val_fraction():
     assert len(data.train) + len(data.test) == 1797
 
 
+def test_digits_are_read_as_load_digits_gives_them_without_importing_scikit_learn(monkeypatch):
+    import importlib.util
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from dpnas.data import datasets
+
+    reference = load_digits()
+    images, target = datasets._digits_arrays()
+    assert images.dtype == reference.images.dtype and target.dtype == reference.target.dtype
+    assert np.array_equal(images, reference.images) and np.array_equal(target, reference.target)
+    # where the bundled file is not where dpnas looks, scikit-learn's own loader reads it
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    images, target = datasets._digits_arrays()
+    assert np.array_equal(images, reference.images) and np.array_equal(target, reference.target)
+    # a search's start: loading digits does not import scikit-learn (and its scipy)
+    code = ("import sys; from dpnas.data.datasets import load_dataset; load_dataset('digits', image_size=16); "
+            "print('sklearn' in sys.modules, 'scipy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
+
+
 # --- errors, split helper, synthetic, normalise ----------------------------------------------
 
 

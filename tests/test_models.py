@@ -3,8 +3,9 @@ import torch
 from torch import nn
 
 from dpnas import MODELS, ArchConfig, ConfigError, build_model, count_parameters
-from dpnas.arch.layers import SmoothingMaxPool, TemperedSigmoid, WSConv2d
+from dpnas.arch.layers import TemperedSigmoid, WSConv2d
 from dpnas.arch.models import DenseBlock, LastChannels, ResidualBlock
+from dpnas.arch.pools import HalvingAvgPool, HeadAvgPool, SmoothingMaxPool
 
 
 def params(name, num_classes=10):
@@ -42,13 +43,15 @@ def test_smoothnet_layer_order_matches_the_paper():
     assert [b.body[0].conv.in_channels for b in stage0] == [3, 67, 131, 195, 259]
     transition = model.features.transition1
     assert (transition.conv.in_channels, transition.conv.out_channels, transition.conv.kernel_size) == (323, 161, (1, 1))
-    assert isinstance(transition.downsample, nn.AvgPool2d)
+    assert type(transition.downsample) is HalvingAvgPool and isinstance(transition.downsample, nn.AvgPool2d)
     assert [b.body[0].conv.in_channels for b in model.features.stage1] == [161, 289, 417, 545, 673]
     head = model.head
     assert [type(m) for m in head] == [
-        nn.AvgPool2d, LastChannels, nn.AdaptiveAvgPool2d, nn.Flatten,
+        HalvingAvgPool, LastChannels, HeadAvgPool, nn.Flatten,
         nn.Linear, nn.SELU, nn.Linear, nn.SELU, nn.Linear,
     ]
+    assert isinstance(head.pool, nn.AdaptiveAvgPool2d) and isinstance(head.downsample, nn.AvgPool2d)
+    assert (head.downsample.kernel_size, head.downsample.stride) == (2, 2)
     assert head.last_block.n == 128 and head.pool.output_size == 4
     assert (head.fc1.in_features, head.fc1.out_features, head.fc3.out_features) == (2048, 256, 10)
 

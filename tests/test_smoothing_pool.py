@@ -1,29 +1,23 @@
 """The channels-last smoothing max-pool is nn.MaxPool2d(3, 1, 1): same values, same gradients, same DP step."""
 
-import copy
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_opacus_property import small_arch
 from test_per_sample import one_step
+from test_pools import with_pytorch_pools
 from torch import nn
 
 from dpnas import MODELS, build_model
-from dpnas.arch.layers import SmoothingMaxPool
+from dpnas.arch.pools import SmoothingMaxPool
 
 REFERENCE = nn.MaxPool2d(3, stride=1, padding=1)
 
 
 def with_reference_pools(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose smoothing pools are PyTorch's own nn.MaxPool2d(3, 1, 1)."""
-    model = copy.deepcopy(model)
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, SmoothingMaxPool):
-                setattr(parent, name, nn.MaxPool2d(3, stride=1, padding=1))
-    return model
+    """A copy of `model` whose pools are PyTorch's own (nn.MaxPool2d(3, 1, 1) for the smoothing max pool)."""
+    return with_pytorch_pools(model)
 
 
 @settings(max_examples=30, deadline=None, derandomize=True)
@@ -71,10 +65,10 @@ def test_without_a_gradient_the_shifted_maximum_is_nn_maxpool_bit_for_bit(n, c, 
 
 
 def test_a_validation_pass_uses_the_shifted_maximum_and_training_the_kernel(monkeypatch):
-    import dpnas.arch.layers as layers
+    from dpnas.arch import pools
 
     calls = []
-    monkeypatch.setattr(layers, "shifted_max3", lambda x: calls.append(x.shape) or REFERENCE(x))
+    monkeypatch.setattr(pools, "shifted_max3", lambda x: calls.append(x.shape) or REFERENCE(x))
     pool = SmoothingMaxPool()
     with torch.no_grad():
         pool(torch.randn(2, 20, 5, 5))

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpnas.arch.pools import HalvingAvgPool, HeadAvgPool, SmoothingAvgPool, SmoothingMaxPool
 from dpnas.arch.space import ACTIVATIONS, ArchConfig, ConfigError
 
 
@@ -96,55 +97,9 @@ def make_norm(arch: ArchConfig, channels: int) -> nn.Module:
     return nn.GroupNorm(groups, channels, affine=True)
 
 
-class SmoothingMaxPool(nn.MaxPool2d):
-    """``nn.MaxPool2d(3, stride=1, padding=1)``, computed in channels-last layout on the CPU.
-
-    PyTorch's NCHW CPU kernel for this pool is slow: forward + backward in NHWC, conversions included, is 1.5-2x
-    faster from 32 channels up, and a whole non-private step of the quickstart's points 1.3-1.4x
-    (benchmarks/pool_smoothing.py); from 8 channels (one AVX2 vector) NHWC is 1.2-1.6x faster at batch 256, below
-    8 NCHW is faster (0.5-0.9x) and is kept.  The NHWC kernel takes the same maximum over the same window, and its
-    gradient goes to the same element, so values and gradients are bit-identical (tests/test_smoothing_pool.py);
-    the result comes back in the input's own layout.  CUDA keeps the default kernel, fast in either layout.
-
-    Where no gradient is wanted (a validation or test pass) an NCHW pool is the maximum of shifted views instead:
-    about 10x faster than the NCHW kernel below 8 channels, 2-4x faster than the NHWC one at 8-16 and 1.2x at 32
-    (both kernels also compute the argmax indices that only a backward pass needs), with the same values: a
-    maximum does not depend on the order it is taken in.  With a gradient, a backward pass through shifted views
-    that sends it where the kernel would was 3-9x slower than the kernels, so training keeps them.
-    """
-
-    MIN_CHANNELS = 8
-
-    def __init__(self) -> None:
-        super().__init__(3, stride=1, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 4 or x.is_contiguous(memory_format=torch.channels_last):
-            return super().forward(x)
-        if not (torch.is_grad_enabled() and x.requires_grad):
-            return shifted_max3(x)
-        if x.shape[1] < self.MIN_CHANNELS:
-            return super().forward(x)
-        y = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, stride=1, padding=1)
-        return y.contiguous()
-
-
-def shifted_max3(x: torch.Tensor) -> torch.Tensor:
-    """``max_pool2d(x, 3, stride=1, padding=1)`` of an N x C x H x W tensor as the maximum of its shifted views:
-    along the rows, then the columns (the padding is -inf, as the pool's; NaN propagates, as in the pool)."""
-    height, width = x.shape[-2:]
-    padded = F.pad(x, (1, 1, 1, 1), value=float("-inf"))
-    # each direction's second maximum writes into the first one's fresh result: 1.2-1.6x faster a no-gradient
-    # pool than a third tensor (benchmarks/pool_smoothing.py)
-    rows = torch.maximum(padded[..., 0:width], padded[..., 1:width + 1])
-    torch.maximum(rows, padded[..., 2:width + 2], out=rows)
-    out = torch.maximum(rows[..., 0:height, :], rows[..., 1:height + 1, :])
-    return torch.maximum(out, rows[..., 2:height + 2, :], out=out)
-
-
 _SMOOTHING_POOLS: dict[str, Callable[[], nn.Module]] = {
     "max_smooth": SmoothingMaxPool,
-    "avg_smooth": lambda: nn.AvgPool2d(3, stride=1, padding=1),
+    "avg_smooth": SmoothingAvgPool,
     "none": nn.Identity,
 }
 
@@ -155,7 +110,7 @@ def make_smoothing_pool(arch: ArchConfig) -> nn.Module:
 
 
 _DOWNSAMPLING_POOLS: dict[str, Callable[[], nn.Module]] = {
-    "avg": lambda: nn.AvgPool2d(2, stride=2),
+    "avg": HalvingAvgPool,
     "max": lambda: nn.MaxPool2d(2, stride=2),
     # a strided conv downsamples by itself; the pool slot stays empty
     "conv": nn.Identity,
@@ -171,7 +126,7 @@ def downsampling_stride(arch: ArchConfig) -> int:
 
 
 _HEAD_POOLS: dict[str, Callable[[int], nn.Module]] = {
-    "avg": nn.AdaptiveAvgPool2d,
+    "avg": HeadAvgPool,
     "max": nn.AdaptiveMaxPool2d,
 }
 

@@ -23,6 +23,7 @@ from dpnas.arch.layers import (
     make_norm,
     make_smoothing_pool,
 )
+from dpnas.arch.pools import HalvingAvgPool
 from dpnas.arch.space import ArchConfig, ConfigError
 
 
@@ -133,7 +134,9 @@ def _shortcut(arch: ArchConfig, c_in: int, c_out: int, *, stride: int) -> nn.Mod
         raise ConfigError(
             f"shortcut: zero-padding cannot map {c_in} to {c_out} channels; use shortcut='conv'"
         )
-    layers: list[nn.Module] = [] if stride == 1 else [nn.AvgPool2d(stride, stride)]
+    layers: list[nn.Module] = []
+    if stride > 1:
+        layers.append(HalvingAvgPool() if stride == 2 else nn.AvgPool2d(stride, stride))
     if c_out > c_in:
         layers.append(ChannelPad(c_out - c_in))
     return nn.Sequential(*layers)
@@ -208,7 +211,7 @@ def _head(arch: ArchConfig, c: int, num_classes: int) -> nn.Sequential:
     layers: list[tuple[str, nn.Module]] = []
     if arch.head == "mlp":
         # SmoothNet's head: one more 2x downsampling, then only the last dense block's features.
-        layers.append(("downsample", nn.AvgPool2d(2, stride=2)))
+        layers.append(("downsample", HalvingAvgPool()))
         last_width = arch.stage_widths[-1]
         if arch.skip == "dense" and arch.stage_depths[-1] > 0 and last_width < c:
             layers.append(("last_block", LastChannels(last_width)))

@@ -23,7 +23,9 @@ Files are looked for under ``data_dir``; by default ``~/.cache/dpnas/data`` (see
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import importlib.util
 import math
 import operator
 import os
@@ -395,13 +397,32 @@ def _decode(samples: list[tuple[str, int]], size: int, *, progress: bool, split:
 
 
 def _load_digits(*, size: int) -> tuple[ImageData, ImageData, int, torch.Tensor]:
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()  # bundled with scikit-learn: works offline
-    raw = torch.from_numpy(digits.images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
-    everything = ImageData(_resize(raw, size), torch.from_numpy(digits.target).to(torch.int64))
+    images, target = _digits_arrays()  # bundled with scikit-learn: works offline
+    raw = torch.from_numpy(images).mul(255 / 16).round().to(torch.uint8).unsqueeze(1)
+    everything = ImageData(_resize(raw, size), torch.from_numpy(target).to(torch.int64))
     pool_idx, test_idx = hash_split(torch.arange(len(everything)), DIGITS_TEST_FRACTION, key=DIGITS_TEST_KEY)
     return everything.subset(pool_idx), everything.subset(test_idx), 10, pool_idx
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``load_digits()`` gives them: (1797 x 8 x 8 float images in 0-16, int labels).
+
+    ``load_digits`` parses the gzip CSV bundled with scikit-learn with ``np.loadtxt``; importing scikit-learn to
+    call it costs 0.4-1.4 s (scipy and more) at the start of every digits search, more than reading the file.
+    So the file is read here the same way, located without importing the package; where it is not found (another
+    layout), ``load_digits`` reads it. tests/test_data.py checks both give the same arrays.
+    """
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running its __init__
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, mode="rt", encoding="utf-8") as text:
+                data = np.loadtxt(text, delimiter=",")
+            return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int, copy=False)
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images, digits.target
 
 
 def _make_synthetic(n: int, *, size: int, seed: int) -> tuple[ImageData, ImageData, int]:
