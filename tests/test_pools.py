@@ -53,12 +53,16 @@ def special_values(shape, dtype, kind: str, generator: torch.Generator) -> torch
 SHAPES = st.tuples(st.integers(1, 3), st.integers(1, 12), st.integers(1, 10), st.integers(1, 10))
 KINDS = st.sampled_from(["normal", "zeros", "special", "tiny", "cancel"])
 DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
-LAYOUTS = st.sampled_from(["nchw", "channels_last", "sliced"])
+LAYOUTS = st.sampled_from(["nchw", "channels_last", "sliced", "last_channels", "transposed"])
 
 
 def arrange(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "channels_last":
         return x.contiguous(memory_format=torch.channels_last)
+    if layout == "last_channels":  # the MLP head's input: the last channels of a dense block's concatenation
+        return torch.cat([torch.zeros_like(x), x], dim=1)[:, x.shape[1]:]
+    if layout == "transposed":  # height and width swapped in memory: the kernels decide the output's layout
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
     if layout == "sliced":  # a view with a storage offset and gaps
         wider = torch.zeros(x.shape[0], x.shape[1] + 1, x.shape[2], x.shape[3] + 2, dtype=x.dtype)
         wider[:, 1:, :, 1:-1] = x
@@ -145,11 +149,16 @@ def test_the_fast_paths_run_where_promised_and_nowhere_else(monkeypatch):
     HalvingAvgPool()(x)
     HeadAvgPool(8)(x)
     assert calls == ["_SmoothingMean3x3", "_WindowMean2x2", "_PlusZero"]
+    for pool in (SmoothingAvgPool(), HalvingAvgPool(), HeadAvgPool(8)):  # a channel slice keeps NCHW order
+        pool(x[:, 1:])
+    assert calls == ["_SmoothingMean3x3", "_WindowMean2x2", "_PlusZero"] * 2
     calls.clear()
-    for other in (x.contiguous(memory_format=torch.channels_last), x.bfloat16(), x[..., :7, :7], x[:, :, ::2]):
+    for other in (x.contiguous(memory_format=torch.channels_last), x.bfloat16(),
+                  x.transpose(2, 3).contiguous().transpose(2, 3)):
         SmoothingAvgPool()(other)
         HalvingAvgPool()(other)
         HeadAvgPool(tuple(other.shape[-2:]))(other)
+    HalvingAvgPool()(x[..., :7, :7])  # odd sizes: the kernel drops the last row and column
     HeadAvgPool(4)(x)  # a real pool: 8 x 8 to 4 x 4
     assert calls == []
 
@@ -229,14 +238,21 @@ def test_random_points_dp_step_equals_opacus_hooks_with_pytorchs_pools(arch, ima
     assert_dp_step_matches_opacus_on_pytorch_pools(model, image_size, sigma=0.0, C=1.0)
 
 
-def test_the_quickstart_networks_reach_the_head_pool_at_its_size():
-    """At 16 px the quickstart's networks arrive at the head at 4 x 4: the pool the identity path serves."""
-    arch = ArchConfig.from_dict({**MODELS["tiny"].arch.to_dict(), "head": "mlp", "head_pool_size": 4})
+@pytest.mark.parametrize("skip", ["dense", "residual"])
+def test_the_quickstart_networks_take_the_fast_paths(monkeypatch, skip):
+    """At 16 px a quickstart network reaches the head at 4 x 4 (the identity path), behind the dense head's
+    last-channels slice where skips are dense; its transitions and head downsample through the halving pool."""
+    calls = []
+    for name in ("_SmoothingMean3x3", "_WindowMean2x2", "_PlusZero"):
+        function = getattr(pools, name)
+        monkeypatch.setattr(function, "apply", lambda x, apply=function.apply, n=name: calls.append(n) or apply(x))
+    arch = MODELS["tiny"].arch.replace(skip=skip, pool="avg_smooth")
     model = build_model(arch, num_classes=10, in_channels=1, image_size=16)
-    seen = []
-    model.head.pool.register_forward_hook(lambda module, inputs, output: seen.append(tuple(inputs[0].shape[-2:])))
-    model(torch.randn(2, 1, 16, 16))
-    assert seen == [(4, 4)]
+    nn.functional.cross_entropy(model(torch.randn(4, 1, 16, 16)), torch.arange(4)).backward()
+    halvings = sum(type(m) is HalvingAvgPool for m in model.modules())
+    smoothings = sum(type(m) is SmoothingAvgPool for m in model.modules())
+    assert halvings >= 2 and smoothings >= 2
+    assert sorted(calls) == sorted(["_WindowMean2x2"] * halvings + ["_SmoothingMean3x3"] * smoothings + ["_PlusZero"])
 
 
 def test_the_pool_benchmark_compares_each_average_pool_with_pytorchs(monkeypatch):

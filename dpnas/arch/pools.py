@@ -3,9 +3,9 @@
 A search trains hundreds of small networks whose steps are dominated by cheap per-pixel layers, and PyTorch's
 NCHW CPU kernels for some pools are slow at those sizes.  Each class here subclasses the module it replaces
 (so ``isinstance`` checks, ``repr`` and the state dict are unchanged) and takes a faster route only where it
-gives the same bits: on the CPU, for contiguous NCHW fp32 / fp64 tensors; anything else (CUDA, channels-last,
+gives the same bits: on the CPU, for fp32 / fp64 tensors in NCHW order; anything else (CUDA, channels-last,
 other dtypes, odd sizes) runs PyTorch's kernel.  ``tests/test_pools.py`` and ``tests/test_smoothing_pool.py``
-check values and gradients bit for bit against the kernels; ``benchmarks/pool_downsampling.py`` measures them.
+check values and gradients bit for bit against the kernels; ``benchmarks/pool_smoothing.py`` measures them.
 """
 
 from __future__ import annotations
@@ -20,8 +20,12 @@ _EXACT_DTYPES = (torch.float32, torch.float64)
 
 
 def _plain_cpu(x: torch.Tensor) -> bool:
-    """A contiguous NCHW fp32 / fp64 CPU tensor: where the formulations below equal the kernels bit for bit."""
-    return x.device.type == "cpu" and x.dim() == 4 and x.dtype in _EXACT_DTYPES and x.is_contiguous()
+    """An fp32 / fp64 CPU tensor in NCHW order, contiguous or a view of one (a dense block's last channels, which
+    the MLP head pools, are a channel slice): where the formulations below equal the kernels bit for bit, and
+    their results come out contiguous, as the kernels' do."""
+    strides = x.stride()
+    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in _EXACT_DTYPES
+            and all(a >= b for a, b in zip(strides, strides[1:])))
 
 
 class SmoothingMaxPool(nn.MaxPool2d):
