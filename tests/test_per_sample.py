@@ -152,10 +152,15 @@ def test_no_gradient_for_the_images_and_every_stem_still_gets_its_own():
         seen.append(images.requires_grad)
         return model(images)
 
+    stem_outputs = []
+    for stem in (model.a, model.b):
+        stem.register_forward_hook(lambda module, inputs, output: stem_outputs.append(output))
     clipper = PerSampleClipper(model)
     clipper.backward(logits, x.requires_grad_(True), y)
     sums = clipper.clipped_sum(1e9)
     assert seen == [False]
+    # the stems' outputs start the graph, and autograd stores no .grad on them (the hooks have the gradients)
+    assert len(stem_outputs) == 2 and all(o.requires_grad and o.is_leaf and o.grad is None for o in stem_outputs)
     assert set(sums) == set(expected)
     for p, total in sums.items():
         torch.testing.assert_close(total, expected[p], rtol=1e-5, atol=1e-6)

@@ -100,6 +100,7 @@ class PerSampleClipper:
         self._inputs: dict[nn.Module, torch.Tensor] = {}
         self._outputs: dict[nn.Module, torch.Tensor] = {}
         self._grads: dict[nn.Module, torch.Tensor] = {}
+        self._leaves: list[torch.Tensor] = []  # the layer outputs that start the backward pass (_save_input)
         self._handles = []
         for layer in self.layers:
             self._handles.append(layer.register_forward_hook(self._save_input))
@@ -116,6 +117,7 @@ class PerSampleClipper:
                 # with respect to the images, which nothing uses: 0.9-1.9 ms of the quickstart's 9-21 ms DP
                 # steps on 2 CPU cores (benchmarks/step_breakdown.py --images-grad).
                 output.requires_grad_(True)
+                self._leaves.append(output)
             # A hook on the output tensor receives the gradient w.r.t. the layer's output, which is what a full
             # backward hook's grad_output[0] is; it skips the identity autograd nodes that full backward hooks
             # wrap around every layer's inputs and outputs (5-15 % of a small model's backward on CPU).
@@ -133,8 +135,16 @@ class PerSampleClipper:
         try:
             # no gradient for the images: the first layers' outputs start the graph (_save_input)
             per_row = F.cross_entropy(logits_fn(images.detach()).float(), labels, reduction="none")
-            per_row.sum().backward()  # summed: each sample's output gradient is its own
+            # Summed: each sample's output gradient is its own. The hooks capture every gradient; asking autograd
+            # for the leaves' gradients instead of calling backward() leaves no .grad on them, which autograd
+            # would otherwise store, copying it first where its layout differs from the leaf's (a max smoothing
+            # pool hands back an NHWC gradient).
+            if self._leaves:
+                torch.autograd.grad(per_row.sum(), self._leaves, allow_unused=True)
+            else:
+                per_row.sum().backward()
         finally:
+            self._leaves.clear()
             self._capturing = False
             for p in self.params:
                 p.requires_grad_(True)
