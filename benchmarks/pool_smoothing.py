@@ -3,14 +3,14 @@
 Four tables, each measured in one process with the candidates taking turns (drift on a shared machine hits all):
 
 * the 3x3 stride-1 smoothing pool alone, forward + backward, at the shapes SmoothNet and the quickstart's points
-  give it: ``nn.MaxPool2d(3, 1, 1)`` (NCHW), the channels-last kernel dpnas uses
-  (:class:`dpnas.arch.pools.SmoothingMaxPool`) and two separable 1-D pools; for ``nn.AvgPool2d(3, 1, 1)`` the
+  give it: ``nn.MaxPool2d(3, 1, 1)`` (NCHW), the channels-last kernel with both passes converted, dpnas's
+  (:class:`dpnas.arch.pools.SmoothingMaxPool`: that forward, an NCHW scatter backward) and two separable 1-D pools; for ``nn.AvgPool2d(3, 1, 1)`` the
   channels-last kernel, the separable pools and dpnas's shifted views (:class:`dpnas.arch.pools.SmoothingAvgPool`);
 * the average pools that downsample (``nn.AvgPool2d(2, 2)`` against :class:`dpnas.arch.pools.HalvingAvgPool`) and
   the head's pool where it is an identity (``nn.AdaptiveAvgPool2d`` against :class:`dpnas.arch.pools.HeadAvgPool`),
   forward alone and forward + backward;
 * a whole non-private step (forward + backward) of each model with PyTorch's pools, with dpnas's max smoothing
-  pool only (dpnas before its average pools) and with all of dpnas's pools, on SmoothNet W80D50 and on seeded
+  pool only and with all of dpnas's pools, on SmoothNet W80D50 and on seeded
   random points of the quickstart's space, both with the smoothing pool `--smoothing` names (max_smooth by
   default; avg_smooth puts average smoothing into the points and SmoothNet);
 * the max pool without a gradient (a validation or test pass), at the quickstart's validation shapes: the NCHW
@@ -61,7 +61,9 @@ def channels_last_avg(x: torch.Tensor) -> torch.Tensor:
 
 POOLS = {
     "max: nn.MaxPool2d (NCHW)": nn.MaxPool2d(3, 1, 1),
-    "max: channels-last (dpnas)": SmoothingMaxPool(),
+    "max: channels-last both ways": lambda x: F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, 1, 1)
+    .contiguous(),
+    "max: channels-last, NCHW scatter backward (dpnas)": SmoothingMaxPool(),
     "max: separable 1-D": separable_max,
     "avg: nn.AvgPool2d (NCHW)": nn.AvgPool2d(3, 1, 1),
     "avg: shifted views (dpnas)": SmoothingAvgPool(),
@@ -177,8 +179,7 @@ def no_grad_rows(rounds: int) -> list[dict]:
 
 
 def with_pytorch_pools(model: nn.Module, *, keep_max_smoothing: bool = False) -> nn.Module:
-    """A copy of `model` with PyTorch's pools for dpnas's (`keep_max_smoothing`: all but the max smoothing pool,
-    as dpnas was before its average pools)."""
+    """A copy of `model` with PyTorch's pools for dpnas's (`keep_max_smoothing`: all but the max smoothing pool)."""
     model = copy.deepcopy(model)
     for parent in list(model.modules()):
         for name, child in parent.named_children():
@@ -245,9 +246,9 @@ def main(argv: list[str] | None = None) -> dict:
     average_pools = average_pool_rows(args.rounds)
     steps = step_rows(models, args.rounds, args.batch_size)
     no_grad = no_grad_rows(args.rounds)
-    print(f"{'shape':<18} {'pool':<32} {'fwd+bwd ms':>10} {'x PyTorch':>9}")
+    print(f"{'shape':<18} {'pool':<50} {'fwd+bwd ms':>10} {'x PyTorch':>9}")
     for r in pools:
-        print(f"{'x'.join(map(str, r['shape'])):<18} {r['pool']:<32} {r['ms']:>10.2f} {r['speedup_vs_pytorch']:>9.2f}")
+        print(f"{'x'.join(map(str, r['shape'])):<18} {r['pool']:<50} {r['ms']:>10.2f} {r['speedup_vs_pytorch']:>9.2f}")
     print(f"\n{'shape':<18} {'PyTorch pool':<18} {'fwd ms':>7} {'dpnas':>7} {'x':>5} {'fwd+bwd ms':>10} {'dpnas':>7} "
           f"{'x':>5}")
     for r in average_pools:

@@ -276,3 +276,23 @@ def test_the_pool_benchmark_compares_each_average_pool_with_pytorchs(monkeypatch
     averaging = build_model(MODELS["tiny"].arch.replace(pool="avg_smooth"), num_classes=4, in_channels=1)
     assert not any(isinstance(m, SmoothingAvgPool) for m in bench.with_pytorch_pools(averaging).modules())
     assert bench.POOLS["avg: shifted views (dpnas)"] is not None
+
+
+@pytest.mark.parametrize("kind", ["normal", "zeros", "special", "tiny", "cancel"])
+@pytest.mark.parametrize("channels", [SmoothingMaxPool.MIN_CHANNELS, 20])
+def test_the_training_max_pool_scatters_its_gradient_with_the_kernels_bits(monkeypatch, kind, channels):
+    """fp32 / fp64 training passes from 8 channels take the channels-last kernel forward and an NCHW scatter
+    backward; its gradient is nn.MaxPool2d's, bit for bit, ties, infinities and NaN included."""
+    calls = []
+    monkeypatch.setattr(pools._ChannelsLastMax3x3, "apply",
+                        lambda x, apply=pools._ChannelsLastMax3x3.apply: calls.append(x.dtype) or apply(x))
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        generator = torch.Generator().manual_seed(channels)
+        x = special_values((3, channels, 7, 9), dtype, kind, generator)
+        if kind == "normal":  # ties everywhere
+            x = torch.randint(-2, 3, x.shape, generator=generator).to(dtype)
+        out, grad_in = forward_backward(SmoothingMaxPool(), x, kind, channels, True)
+        expected, expected_grad = forward_backward(nn.MaxPool2d(3, stride=1, padding=1), x, kind, channels, True)
+        assert_same_bits(out, expected)
+        assert_same_bits(grad_in, expected_grad)
+    assert calls == [torch.float32, torch.float64]  # bf16 keeps the channels-last backward kernel
