@@ -59,10 +59,15 @@ def channels_last_avg(x: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x.contiguous(memory_format=torch.channels_last), 3, 1, 1).contiguous()
 
 
+def channels_last_max(x: torch.Tensor) -> torch.Tensor:
+    """PyTorch's channels-last kernel with the input converted in and the output back (both passes, with a
+    gradient: dpnas's training pool before its NCHW scatter backward)."""
+    return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, 1, 1).contiguous()
+
+
 POOLS = {
     "max: nn.MaxPool2d (NCHW)": nn.MaxPool2d(3, 1, 1),
-    "max: channels-last both ways": lambda x: F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, 1, 1)
-    .contiguous(),
+    "max: channels-last both ways": channels_last_max,
     "max: channels-last, NCHW scatter backward (dpnas)": SmoothingMaxPool(),
     "max: separable 1-D": separable_max,
     "avg: nn.AvgPool2d (NCHW)": nn.AvgPool2d(3, 1, 1),
@@ -153,8 +158,7 @@ def shifted_max_out_of_place(x: torch.Tensor) -> torch.Tensor:
 
 NO_GRAD_POOLS = {
     "nn.MaxPool2d (NCHW)": nn.MaxPool2d(3, 1, 1),
-    "channels-last kernel": lambda x: F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, 1, 1)
-    .contiguous(),
+    "channels-last kernel": channels_last_max,
     "shifted views, out of place": shifted_max_out_of_place,
     "shifted views (dpnas)": shifted_max3,
 }

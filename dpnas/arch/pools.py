@@ -73,7 +73,7 @@ class _ChannelsLastMax3x3(torch.autograd.Function):
     output's gradient to its argmax in the outputs' scan order; ``scatter_add_`` along the plane on the CPU adds
     in the index order, which is that order, so the gradient is the same bits (tests/test_smoothing_pool.py), and
     it arrives in NCHW: the channels-last backward needed the gradient converted in and its result converted
-    out.  Forward + backward 1.2-1.8x faster than converting both ways (benchmarks/pool_smoothing.py).
+    out.  Forward + backward 1.2-2.5x faster than converting both ways (benchmarks/pool_smoothing.py).
     """
 
     @staticmethod
@@ -141,7 +141,7 @@ class SmoothingAvgPool(nn.AvgPool2d):
     """``nn.AvgPool2d(3, stride=1, padding=1)``, the average smoothing pool.
 
     PyTorch's NCHW CPU kernel walks each window separately; nine shifted additions over the whole tensor
-    (:class:`_SmoothingMean3x3`) are 2.4-3.6x faster forward + backward at SmoothNet's and the quickstart's shapes
+    (:class:`_SmoothingMean3x3`) are 1.9-3.8x faster forward + backward at SmoothNet's and the quickstart's shapes
     (benchmarks/pool_smoothing.py), with the same bits.
     """
 

@@ -139,10 +139,7 @@ class PerSampleClipper:
             # for the leaves' gradients instead of calling backward() leaves no .grad on them, which autograd
             # would otherwise store, copying it first where its layout differs from the leaf's (a max smoothing
             # pool hands back an NHWC gradient).
-            if self._leaves:
-                torch.autograd.grad(per_row.sum(), self._leaves, allow_unused=True)
-            else:
-                per_row.sum().backward()
+            torch.autograd.grad(per_row.sum(), self._leaves, allow_unused=True)
         finally:
             self._leaves.clear()
             self._capturing = False
