@@ -139,7 +139,10 @@ class PerSampleClipper:
             # for the leaves' gradients instead of calling backward() leaves no .grad on them, which autograd
             # would otherwise store, copying it first where its layout differs from the leaf's (a max smoothing
             # pool hands back an NHWC gradient).
-            torch.autograd.grad(per_row.sum(), self._leaves, allow_unused=True)
+            if self._leaves:
+                torch.autograd.grad(per_row.sum(), self._leaves, allow_unused=True)
+            else:  # the graph starts elsewhere: a logits_fn that makes its input require a gradient (benchmarks)
+                per_row.sum().backward()
         finally:
             self._leaves.clear()
             self._capturing = False
