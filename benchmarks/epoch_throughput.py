@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> None:
                      "dpnas_options": dpnas_options,
                      "ratio": dpnas_rate / opacus_rate})
         print(f"{name:<20} {opacus_rate:>17.1f} {dpnas_rate:>16.1f} {dpnas_rate / opacus_rate:>14.2f}x", flush=True)
-    write_json(args.json, {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-                           "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
-                           "torch": torch.__version__, "args": vars(args), "rows": rows})
+        # after each model: a run stopped by a time limit (a GPU session's) keeps the models it finished
+        write_json(args.json, {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+                               "machine": platform.machine(), "cpu_threads": torch.get_num_threads(),
+                               "torch": torch.__version__, "args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

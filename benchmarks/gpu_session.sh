@@ -1,57 +1,68 @@
 #!/usr/bin/env bash
-# What a GPU session runs on the device machine (one H200), one part per device call:
+# What a GPU session runs on the device machine (an H200, or an H100), one part per device call:
 #
-#     bash benchmarks/gpu_session.sh PART [OUTDIR]       PART: check | bench | epoch | search
+#     bash benchmarks/gpu_session.sh PART [OUTDIR]       PART: all | check | bench | epoch | search
 #
 # Before the session (here, with network): benchmarks/device_wheels.sh fills .whl/ with what the device
-# lacks (Opacus, Optuna, ...). Then one `run` call per part, in this order; each part stops starting new
-# steps after DPNAS_PART_BUDGET_S (540 s) so that its log and files come back inside the 600 s limit:
+# lacks (Opacus, Optuna, ...). A task now has 15 device minutes in all, its machine's start (a minute or
+# more), idle waits and every retry included, and no machine starts with under 4 minutes left. So the
+# whole table is one call, `all`, that stops starting steps after 330 s and ends within its 390 s limit, so
+# that a machine's start (up to 2 minutes), the call and one rerun of it fit in the 15 minutes:
 #
-# run: {"command": "bash benchmarks/gpu_session.sh check", "carry": [".whl"], "timeout_s": 600}
-# run: {"command": "DPNAS_MODELS=smoothnet bash benchmarks/gpu_session.sh bench", "carry": [".whl"], "timeout_s": 600}
-# run: {"command": "DPNAS_MODELS=resnet9_scalenorm bash benchmarks/gpu_session.sh bench", "carry": [".whl"], "timeout_s": 600}
-# run: {"command": "DPNAS_MODELS=wrn16_4 bash benchmarks/gpu_session.sh bench", "carry": [".whl"], "timeout_s": 600}
-# run: {"command": "bash benchmarks/gpu_session.sh epoch", "carry": [".whl"], "timeout_s": 600}
-# run: {"command": "bash benchmarks/gpu_session.sh search", "carry": [".whl"], "timeout_s": 600}
+# run: {"command": "bash benchmarks/gpu_session.sh all", "carry": [".whl"], "timeout_s": 390, "kind": "nvidia-h200"}
 #
-# Make the calls back to back: the machine stays warm only 30 s after a call, and a fresh start costs a
-# minute or more of the session's 30 device minutes. Six calls of a few minutes each fill most of those 30
-# minutes (estimates below; nothing here has run on the H200 yet): read each call's timings before the next,
-# and where time runs short, narrow a call (e.g. DPNAS_BENCH_VARIANTS=fp32,bf16+channels_last) or drop one.
-# A part that ran out of time prints which steps it skipped (exit 3); rerun just those with DPNAS_MODELS=...
+# (the issue asks for the H200's table; on an H100, which a call that names no kind gets, set DPNAS_TAG=h100)
+#
+# `all` runs, most needed first, each step capped (seconds) so that one slow step cannot starve the rest:
+#   test_gpu (75)         tests/test_gpu.py on the device (privacy properties in CUDA)
+#   smoke_train (45)      dpnas train smoothnet, 1 epoch of synthetic data
+#   bench_smoothnet (100) dpnas bench: nonprivate, opacus, dpnas x fp32, bf16, channels_last, bf16+channels_last
+#                         (the bf16 / channels-last default question), 10 steps at batch 256
+#   epoch (70)            benchmarks/epoch_throughput.py, the three reference models, 5120 samples, B 256
+#   search (90)           benchmarks/search_throughput.py, 8 one-epoch trials on 12800 synthetic samples,
+#                         workers 1,2,4 (trials sharing the GPU against one after another)
+#   bench_resnet9_scalenorm, bench_wrn16_4 (50 each)   dpnas bench: the three modes in fp32 and bf16+channels_last
+# A step that is not reached inside the part's budget (DPNAS_PART_BUDGET_S, 330 s for `all`) is named at the
+# end (exit 3), and a step stopped by its cap keeps the rows it finished (bench, epoch and search rewrite their
+# JSON after each case, model or arm). Rerun what is missing warm, at once (the machine stays warm only 30 s),
+# with the full-size part that holds it, narrowed, e.g. for one model's bench:
+#   DPNAS_MODELS=wrn16_4 DPNAS_BENCH_MODES=nonprivate,opacus,dpnas DPNAS_BENCH_STEPS=10 \
+#   DPNAS_BENCH_VARIANTS=fp32,bf16+channels_last bash benchmarks/gpu_session.sh bench      (timeout_s 300)
+# then `give_back`. Nothing here has run on a GPU yet: every size above is an estimate from the CPU timings in
+# benchmarks/RESULTS.md and a CPU rehearsal (below).
 #
 # Parts (all sizes are the defaults; the environment variables in brackets override them):
+#   all     the steps above, 8 files in OUTDIR (all.log, test_gpu.xml, smoke_train.json, ${TAG}_bench_<model>.json
+#           for the three models, ${TAG}_epoch.json, ${TAG}_search.json)
 #   check   python/torch/CUDA versions and nvidia-smi; tests/test_gpu.py (if present); a GPU smoke run:
 #           dpnas train smoothnet [DPNAS_SMOKE_MODEL] --dataset synthetic --epochs 1 [DPNAS_SMOKE_EPOCHS]
 #   bench   dpnas bench, batch 256 [DPNAS_BENCH_BATCH], 20 steps [DPNAS_BENCH_STEPS], modes
 #           [DPNAS_BENCH_MODES], variants fp32,bf16,channels_last,bf16+channels_last [DPNAS_BENCH_VARIANTS;
 #           empty: no --variants flag]. One `dpnas bench` per model, each with its own JSON: 6 modes x 4
 #           variants, Opacus in fp32 only = 21 subprocess cases per model (each pays Python, torch and CUDA
-#           start-up), so more than one model per call risks the 10-minute limit, and a model stopped by the
-#           time limit loses only its own rows.
+#           start-up), so more than one model per call risks the 10-minute limit; a model stopped by the
+#           time limit keeps the cases it finished.
 #   epoch   benchmarks/epoch_throughput.py per model, 50000 samples [DPNAS_EPOCH_SAMPLES], B 256
 #           [DPNAS_EPOCH_BATCH], physical 256 [DPNAS_EPOCH_PHYSICAL]; DPNAS_EPOCH_SET=amp=true,channels_last=true
 #           gives dpnas's side those TrainConfig fields (Opacus's baseline stays fp32)
 #   search  benchmarks/search_throughput.py, synthetic 50000 [DPNAS_SEARCH_SIZE], 16 trials
 #           [DPNAS_SEARCH_TRIALS] of 1 epoch [DPNAS_SEARCH_EPOCHS], workers 1,2,4 [DPNAS_SEARCH_WORKERS]
-#   Epoch and search are separate parts: from the CPU timings in benchmarks/RESULTS.md (2 cores), one epoch
-#   of 50000 samples for the three models (dpnas + Opacus) is about 16000 CPU-seconds, i.e. 3-9 minutes at a
-#   30-100x GPU speed-up; the search's three arms of 16 one-epoch trials about 3600 CPU-seconds (1-2 minutes),
-#   plus a few seconds of start-up per worker. Together they could pass the 10-minute limit.
+#   check, bench, epoch and search are the full-size parts of a 30-minute session (6 calls), kept for a task
+#   lent more time, and for reruns at a chosen size.
 # Common: DPNAS_MODELS (smoothnet,resnet9_scalenorm,wrn16_4; bench and epoch), DPNAS_DEVICE (cuda),
-# DPNAS_TAG (h200: prefix of the JSON files), DPNAS_PART_BUDGET_S (540), DPNAS_SITE (/tmp/site: where
-# .whl/ is installed), DPNAS_DRY_RUN=1 (print the commands, run nothing, install nothing).
+# DPNAS_TAG (h200: prefix of the JSON files; name the card that ran them), DPNAS_PART_BUDGET_S (330 for
+# `all`, else 540), DPNAS_SITE (/tmp/site: where .whl/ is installed), DPNAS_DRY_RUN=1 (print the commands,
+# run nothing, install nothing).
 #
 # OUTDIR: $OUT on the device (what is written there comes back: at most 8 files), else benchmarks/gpu_out
-# (git-ignored). A CPU rehearsal, e.g. with a Python 3.12 venv holding only what the device has:
-#   DPNAS_DEVICE=cpu DPNAS_TAG=cpu DPNAS_SMOKE_MODEL=tiny DPNAS_MODELS=tiny DPNAS_BENCH_BATCH=8 \
-#   DPNAS_BENCH_STEPS=2 DPNAS_EPOCH_SAMPLES=256 DPNAS_EPOCH_BATCH=64 DPNAS_EPOCH_PHYSICAL=32 \
-#   DPNAS_SEARCH_SIZE=640 DPNAS_SEARCH_TRIALS=2 DPNAS_SEARCH_WORKERS=1,2 bash benchmarks/gpu_session.sh check
-# (the search's smoothnet recipe takes a batch of 256: DPNAS_SEARCH_SIZE must leave more training samples.)
+# (git-ignored). A CPU rehearsal of `all` (4 minutes on 2 cores), e.g. with a Python 3.12 venv holding
+# only what the device has:
+#   DPNAS_DEVICE=cpu DPNAS_TAG=cpu DPNAS_REHEARSAL=1 bash benchmarks/gpu_session.sh all
+# (DPNAS_REHEARSAL=1: `all` at CPU sizes: tiny models, a few steps, a few hundred samples.)
 set -uo pipefail  # no -e: a failed step is reported, and the part goes on to its next step
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-PARTS="check bench epoch search"
+PARTS="all check bench epoch search"
 
 if [[ $# -lt 1 || $# -gt 2 || " $PARTS " != *" $1 "* ]]; then
     [[ ${1:-} == -h || ${1:-} == --help ]] && { sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; }
@@ -64,7 +75,7 @@ OUTDIR=${2:-${OUT:-$REPO/benchmarks/gpu_out}}
 DEVICE=${DPNAS_DEVICE:-cuda}
 TAG=${DPNAS_TAG:-h200}
 MODELS=${DPNAS_MODELS:-smoothnet,resnet9_scalenorm,wrn16_4}
-BUDGET_S=${DPNAS_PART_BUDGET_S:-540}
+BUDGET_S=${DPNAS_PART_BUDGET_S:-$([[ $PART == all ]] && echo 330 || echo 540)}
 MIN_STEP_S=30  # do not start a step with less time than this left
 SITE=${DPNAS_SITE:-/tmp/site}
 DRY_RUN=${DPNAS_DRY_RUN:-}
@@ -76,16 +87,21 @@ export PYTHONPATH=$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
 FAILED=()
 SKIPPED=()
 
-# step NAME COMMAND...: run one command under what is left of the part's time budget, logged with its time.
+# step NAME COMMAND...: run one command under what is left of the part's time budget (and under CAP seconds
+# where CAP is set), logged with its time.
 step() {
     local name=$1; shift
     local left=$((BUDGET_S - SECONDS))
+    local limit=$left
+    if [[ -n ${CAP:-} ]] && ((CAP < left)); then
+        limit=$CAP
+    fi
     if ((left < MIN_STEP_S)); then
         echo "=== SKIPPED $name: ${left} s left of the part's ${BUDGET_S} s"
         SKIPPED+=("$name")
         return
     fi
-    echo "=== $name: $(date -u +%H:%M:%S) UTC, ${left} s left"
+    echo "=== $name: $(date -u +%H:%M:%S) UTC, ${left} s left, at most ${limit} s"
     if [[ -n $DRY_RUN ]]; then
         echo "DRY-RUN: $(printf '%q ' "$@")"
         return
@@ -95,7 +111,7 @@ step() {
     # TERM, not INT: on Ctrl-C `dpnas train` finishes its step and epoch_throughput.py then starts its Opacus
     # epoch; none of these commands writes its JSON before the end, so there is nothing to wait for.
     # timeout signals its whole process group: bench's case processes and search's workers go too.
-    timeout --kill-after=10 "$left" "$@"
+    timeout --kill-after=10 "$limit" "$@"
     rc=$?
     echo "=== $name: exit $rc after $((SECONDS - start)) s"
     if ((rc == 124 || rc == 137)); then
@@ -204,6 +220,43 @@ part_search() {
     step search python3 benchmarks/search_throughput.py --device "$DEVICE" \
         --synthetic-size "${DPNAS_SEARCH_SIZE:-50000}" --trials "${DPNAS_SEARCH_TRIALS:-16}" \
         --epochs "${DPNAS_SEARCH_EPOCHS:-1}" --workers "${DPNAS_SEARCH_WORKERS:-1,2,4}" --json "$OUTDIR/${TAG}_search.json"
+}
+
+# capped SECONDS NAME COMMAND...: one step of `all`, stopped after SECONDS even if the part has more left.
+capped() {
+    local CAP=$1; shift
+    step "$@"
+}
+
+part_all() {
+    # Sizes: the device's, or the CPU's for a rehearsal (DPNAS_REHEARSAL=1).
+    local models=smoothnet,resnet9_scalenorm,wrn16_4 batch=256 steps=10 samples=5120 search_size=12800 trials=8
+    local search_workers=1,2,4 smoke=smoothnet
+    if [[ -n ${DPNAS_REHEARSAL:-} ]]; then
+        models=tiny,smoothnet_w80d10,resnet9 batch=8 steps=2 samples=256 search_size=640 trials=2 search_workers=1,2
+        smoke=tiny
+    fi
+    local first=${models%%,*} rest=${models#*,}
+    local modes=nonprivate,opacus,dpnas
+    if [[ -f tests/test_gpu.py ]]; then
+        DPNAS_TEST_DEVICE=${DPNAS_TEST_DEVICE:-$DEVICE} capped 75 test_gpu \
+            python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml="$OUTDIR/test_gpu.xml"
+    fi
+    capped 45 smoke_train python3 -m dpnas train "$smoke" --dataset synthetic --epochs 1 --device "$DEVICE" \
+        --out "$OUTDIR/smoke_train.json"
+    capped 100 "bench_$first" python3 -m dpnas bench --device "$DEVICE" --batch-size "$batch" --steps "$steps" \
+        --models "$first" --modes "$modes" --variants fp32,bf16,channels_last,bf16+channels_last \
+        --json "$OUTDIR/${TAG}_bench_$first.json"
+    capped 70 epoch python3 benchmarks/epoch_throughput.py --device "$DEVICE" --model "$models" \
+        --samples "$samples" --batch-size "$batch" --physical "$batch" --json "$OUTDIR/${TAG}_epoch.json"
+    capped 90 search python3 benchmarks/search_throughput.py --device "$DEVICE" --synthetic-size "$search_size" \
+        --trials "$trials" --epochs 1 --workers "$search_workers" --json "$OUTDIR/${TAG}_search.json"
+    local model
+    for model in ${rest//,/ }; do
+        capped 50 "bench_$model" python3 -m dpnas bench --device "$DEVICE" --batch-size "$batch" --steps "$steps" \
+            --models "$model" --modes "$modes" --variants fp32,bf16+channels_last \
+            --json "$OUTDIR/${TAG}_bench_$model.json"
+    done
 }
 
 main() {

@@ -10,6 +10,12 @@ one method on the layers that use it.
 
     uv run python benchmarks/per_sample_layers.py --models "" --points studies/quickstart.toml --n 5
     uv run python benchmarks/per_sample_layers.py --models smoothnet,wrn16_4 --batch-size 32 --rounds 5
+    uv run python benchmarks/per_sample_layers.py --models resnet9_scalenorm --candidate shifted
+
+``--candidate shifted`` also times a method dpnas does not have, on every stride-1 convolution: each sample's
+weight gradient as a sum over the kernel's offsets of one batched product of the output gradient with a shifted
+view of the padded input (no unfold copy; the padded rows' extra columns meet zeros in the gradient), followed by
+dpnas's materialised norms and clipped sum. It is checked against ``unfold`` before it is timed.
 
 Prints a table and writes JSON (`--json`, default benchmarks/per_sample_layers.json).
 """
@@ -18,19 +24,29 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import statistics
 import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
+from dpnas.arch.layers import WSConv2d
 from dpnas.arch.models import build_model
 from dpnas.arch.space import ArchConfig
 from dpnas.bench import BenchModel, bench_models
 from dpnas.dp.host_memory import keep_freed_host_memory
 from dpnas.dp.per_sample import PerSampleClipper
-from dpnas.dp.per_sample_layers import clipped_sum, layer_norms, methods_for
+from dpnas.dp.per_sample_layers import (
+    _materialised,
+    _standardisation,
+    _standardised_materialised,
+    clipped_sum,
+    layer_norms,
+    methods_for,
+)
 from dpnas.results import write_json
 
 HEAVY_GHOST_MS = 50.0  # a ghost norm this slow on a layer is never picked; one timing of it is enough
@@ -42,7 +58,48 @@ def layout(t: torch.Tensor) -> str:
     return "NCHW" if t.dim() == 4 else "flat"
 
 
-def layer_rows(model: BenchModel, *, batch_size: int, rounds: int) -> list[dict]:
+SHIFTED = "shifted (not in dpnas)"
+
+
+def takes_shifted(layer: torch.nn.Module) -> bool:
+    return (isinstance(layer, torch.nn.Conv2d) and layer.stride == (1, 1) and layer.dilation == (1, 1)
+            and layer.groups == 1 and not isinstance(layer.padding, str))
+
+
+def shifted_per_sample(conv: torch.nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Each sample's weight gradient (N, C_out, C_in * kh * kw) as kh * kw batched products of the output gradient
+    with shifted views of the padded input, flattened with its padded row width."""
+    n, c_in, h, w = a.shape
+    (kh, kw), (ph, pw) = conv.kernel_size, conv.padding
+    width = w + 2 * pw
+    flat = F.pad(a, (pw, pw, ph, ph)).reshape(n, c_in, -1)
+    ho, wo = g.shape[2:]
+    length = (ho - 1) * width + wo  # output position (i, j) reads flat index i * width + j (+ the offset)
+    grad = F.pad(g, (0, width - wo)).reshape(n, g.shape[1], -1)[:, :, :length]  # zeros in the padded columns
+    out = torch.empty(kh, kw, n, g.shape[1], c_in, dtype=a.dtype, device=a.device)
+    for dy in range(kh):
+        for dx in range(kw):
+            start = dy * width + dx
+            torch.bmm(grad, flat[:, :, start:start + length].transpose(1, 2), out=out[dy, dx])
+    return out.permute(2, 3, 4, 0, 1).reshape(n, g.shape[1], c_in * kh * kw)
+
+
+def shifted_clipped_sum(layer: torch.nn.Conv2d, a: torch.Tensor, g: torch.Tensor, factor: torch.Tensor):
+    """The candidate's norms and clipped sum, through dpnas's materialised path."""
+    a, g = a.float(), g.float()
+    grads = {layer.weight: shifted_per_sample(layer, a, g).reshape(a.shape[0], *layer.weight.shape)}
+    if layer.bias is not None:
+        grads[layer.bias] = g.sum(dim=(2, 3))
+    if isinstance(layer, WSConv2d):
+        standardisation = _standardisation(layer)
+        result = _standardised_materialised(layer, grads, 1, standardisation)
+        result.standardisation = standardisation
+    else:
+        result = _materialised(grads, 1)
+    return result.squared, clipped_sum(layer, result, a, g, factor, 1)
+
+
+def layer_rows(model: BenchModel, *, batch_size: int, rounds: int, candidate: str | None = None) -> list[dict]:
     torch.manual_seed(0)
     net = build_model(ArchConfig.from_dict(model.arch), num_classes=10, in_channels=model.in_channels)
     batch = model.batch_size or batch_size
@@ -62,12 +119,27 @@ def layer_rows(model: BenchModel, *, batch_size: int, rounds: int) -> list[dict]
             clipped_sum(layer, layer_norms(layer, method, a, g, k=1, output=out), a, g, factor, 1)
             return (time.perf_counter() - start) * 1e3
 
+        def run_shifted(layer=layer, a=a, g=g) -> float:  # noqa: ANN001
+            start = time.perf_counter()
+            shifted_clipped_sum(layer, a, g, factor)
+            return (time.perf_counter() - start) * 1e3
+
         methods = methods_for(layer)
         times: dict[str, list[float]] = {m: [run(m)] for m in methods}  # the first call warms each method up
         timed = [m for m in methods if times[m][0] < HEAVY_GHOST_MS or len(methods) == 1]
+        runs = {m: functools.partial(run, m) for m in timed}
+        if candidate == "shifted" and takes_shifted(layer):
+            # exact before it is timed: the same norms and sums as unfold's, to rounding
+            norms, sums = shifted_clipped_sum(layer, a, g, factor)
+            reference = layer_norms(layer, "unfold", a, g, k=1, output=out)
+            torch.testing.assert_close(norms, reference.squared, rtol=1e-4, atol=1e-6)
+            for param, value in clipped_sum(layer, reference, a, g, factor, 1).items():
+                torch.testing.assert_close(sums[param], value, rtol=1e-4, atol=1e-5)
+            times[SHIFTED] = [run_shifted()]
+            runs[SHIFTED] = run_shifted
         for _ in range(rounds):
-            for method in timed:
-                times[method].append(run(method))
+            for method, timing in runs.items():
+                times[method].append(timing())
         rows.append({"model": model.label, "layer": index, "type": type(layer).__name__,
                      "input": list(a.shape[1:]), "output_grad": list(g.shape[1:]),
                      "input_layout": layout(a), "grad_layout": layout(g), "chosen": clipper.chosen[layer],
@@ -85,9 +157,14 @@ def format_table(rows: list[dict]) -> str:
                      f"{'x'.join(map(str, r['output_grad'])):<14} {r['input_layout'] + '/' + r['grad_layout']:<10} "
                      f"{methods}")
     totals: dict[str, float] = {}
+    with_candidate: dict[str, float] = {}
     for r in rows:
         totals[r["model"]] = totals.get(r["model"], 0.0) + r["ms"][r["chosen"]]
+        with_candidate[r["model"]] = with_candidate.get(r["model"], 0.0) + min(r["ms"][r["chosen"]],
+                                                                              r["ms"].get(SHIFTED, float("inf")))
     lines += [f"{model}: the picked methods together {ms:.2f} ms" for model, ms in totals.items()]
+    if any(SHIFTED in r["ms"] for r in rows):
+        lines += [f"{model}: with the candidate where it is faster {ms:.2f} ms" for model, ms in with_candidate.items()]
     return "\n".join(lines)
 
 
@@ -98,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32, help="of named models; points use their study's")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per method (median reported)")
+    parser.add_argument("--candidate", choices=("shifted",),
+                        help="also time a method dpnas does not have (see the module's docstring)")
     parser.add_argument("--json", default="benchmarks/per_sample_layers.json")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.rounds < 1:
@@ -110,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model in models:
         print(f"  {model.label} ...", file=sys.stderr, flush=True)
-        rows += layer_rows(model, batch_size=args.batch_size, rounds=args.rounds)
+        rows += layer_rows(model, batch_size=args.batch_size, rounds=args.rounds, candidate=args.candidate)
     print(format_table(rows))
     write_json(args.json, {"benchmark": "per_sample_layers", "date": datetime.date.today().isoformat(),
                            "command": " ".join(["python", "benchmarks/per_sample_layers.py", *(argv or sys.argv[1:])]),

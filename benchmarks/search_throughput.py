@@ -46,6 +46,7 @@ from optuna.trial import TrialState
 from dpnas import __version__ as dpnas_version
 from dpnas.data.datasets import DEFAULT_SYNTHETIC_SIZE, load_dataset
 from dpnas.dp.recipe_file import toml_value
+from dpnas.results import write_json
 from dpnas.search.runner import search
 from dpnas.search.study_file import load_study_file
 
@@ -354,9 +355,14 @@ def main(argv: list[str] | None = None) -> dict:
         # workers do not race to download into the same directory
         load_dataset("cifar10", data_dir=args.data_dir, image_size=args.image_size, progress=False)
     rows = []
+    argv = sys.argv[1:] if argv is None else argv
     with tempfile.TemporaryDirectory(prefix="search-throughput-") as directory:
         study_path = derive_study(args, Path(directory))
         study_text = study_path.read_text()
+
+        def save() -> dict:  # after every arm: a run stopped by a time limit (a GPU session's) keeps its arms
+            return write_result(args, argv, study_text, rows)
+
         for index, workers in enumerate(args.workers, 1):
             print(f"[{index}/{len(args.workers)}] {workers} worker(s) on {args.device}: {args.trials} trials of "
                   f"{args.epochs} epoch(s), {args.dataset} data", file=sys.stderr, flush=True)
@@ -365,14 +371,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[{index}/{len(args.workers)}] {row['trials']} trials in {row['wall_s']:.1f} s",
                   file=sys.stderr, flush=True)
             rows.append(row)
+            save()
         if args.baseline:
             print(f"[baseline] the user loop (Opacus) on {args.device}: the sequential arm's {rows[0]['trials']} "
                   "trials", file=sys.stderr, flush=True)
             rows.append(in_fresh_process({"kind": "user_loop", "study": str(study_path),
                                           "trials": rows[0]["trial_configs"], "device": args.device}))
-    sequential = rows[0]["trials_per_hour"]
-    for row in rows:
-        row["x_sequential"] = row["trials_per_hour"] / sequential if sequential else None
+        result = save()
 
     print(f"{args.trials} trials x {args.epochs} epoch(s), {args.dataset} data, device {args.device}")
     print(f"{'arm':<20} {'workers':>7} {'trials':>6} {'wall s':>8} {'trials/hour':>11} {'x sequential':>12} "
@@ -393,7 +398,15 @@ def main(argv: list[str] | None = None) -> dict:
         if row["configs"] != rows[0]["configs"]:
             print(f"warning: arm {row['arm']!r} ran other trials than the sequential arm", file=sys.stderr)
 
-    argv = sys.argv[1:] if argv is None else argv
+    print(f"wrote {args.json}", file=sys.stderr)
+    return result
+
+
+def write_result(args: argparse.Namespace, argv: list[str], study_text: str, rows: list[dict]) -> dict:
+    """The JSON of the arms run so far (each with its ratio to the sequential arm), written to --json."""
+    sequential = rows[0]["trials_per_hour"]
+    for row in rows:
+        row["x_sequential"] = row["trials_per_hour"] / sequential if sequential else None
     result = {
         "benchmark": "search_throughput",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -406,9 +419,7 @@ def main(argv: list[str] | None = None) -> dict:
         "study": study_text,
         "rows": rows,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.json}", file=sys.stderr)
+    write_json(args.json, result)
     return result
 
 

@@ -35,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -282,12 +283,15 @@ def run_case(*, model: dict[str, Any], mode: str, batch_size: int, steps: int, w
 def run_benchmark(
     *, models: list[str | BenchModel], modes: list[str], batch_size: int, steps: int, warmup: int = 1, device: str | None = None,
     variants: list[str] = ("fp32",), repeats: int = 1, progress: bool = True,
+    on_case: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (model, variant, mode), each case in its own process.
 
     With ``repeats`` > 1 the whole list of cases runs that many times in turn, and each row reports the median
     of its repeats: on a shared machine a case's speed drifts from one process to the next (by 20-40 % on the
     2-core development machine), and taking turns spreads the drift over every case instead of a few.
+    `on_case` receives the rows of the cases finished so far after each one (``dpnas bench --json`` writes
+    them then: a run stopped by a time limit keeps what it measured).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -314,7 +318,14 @@ def run_benchmark(
             args = dict(model=asdict(model), mode=mode, batch_size=batch_size, steps=steps, warmup=warmup, device=device,
                         variant=variant)
             runs[(name, variant, mode)].append(run_in_own_process(args, label=f"{name}/{mode}/{variant}"))
-    rows = [_median_of_repeats(repeated) for repeated in runs.values()]
+            if on_case is not None:
+                on_case(_rows(runs))
+    return _rows(runs)
+
+
+def _rows(runs: dict[tuple[str, str, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One row per case that has run at least once, with its ratio to the non-private step where that ran."""
+    rows = [_median_of_repeats(repeated) for repeated in runs.values() if repeated]
     _add_ratios(rows)
     return rows
 

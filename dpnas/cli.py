@@ -256,7 +256,7 @@ class Bench(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.bench import DEFAULT_MODELS, bench_models, format_table, run_benchmark
-        from dpnas.results import write_json
+        from dpnas.results import check_writable, write_json
 
         if args.batch_size < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.n < 1:
             raise UsageError("--batch-size, --steps, --repeats and --n must be >= 1 and --warmup >= 0")
@@ -267,9 +267,14 @@ class Bench(Command):
             raise UsageError(str(err)) from err
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if args.json_file:
+            check_writable(args.json_file, what="--json")  # before the first case, not after the last
+        # --json: rewritten after every case, so that a run stopped by a time limit keeps what it measured
+        keep = (lambda rows: write_json(args.json_file, rows)) if args.json_file else None
         try:
             rows = run_benchmark(models=models, modes=modes, batch_size=args.batch_size, steps=args.steps,
-                                 warmup=args.warmup, device=args.device, variants=variants, repeats=args.repeats)
+                                 warmup=args.warmup, device=args.device, variants=variants, repeats=args.repeats,
+                                 on_case=keep)
         except ValueError as err:
             raise UsageError(str(err)) from err
         print(format_table(rows))

@@ -138,6 +138,35 @@ def test_cli_bench_writes_rows(tmp_path, capsys):
     assert "tiny" in capsys.readouterr().out
 
 
+def test_cli_bench_json_keeps_the_cases_measured_before_a_stop(tmp_path, monkeypatch, capsys):
+    """A GPU session's time limit stops `dpnas bench` wherever it is: the JSON already holds every finished case
+    (with its ratio once the non-private case has run), not nothing."""
+    out = tmp_path / "bench.json"
+    seen: list[list[dict]] = []
+
+    def case_then_stop(args, label):
+        if len(seen) == 2:  # the third case: the time limit strikes
+            raise KeyboardInterrupt
+        row = run_case(**args)
+        seen.append(row)
+        return row
+
+    monkeypatch.setattr("dpnas.bench.run_in_own_process", case_then_stop)
+    assert main(["bench", "--models", "tiny", "--modes", "nonprivate,dpnas", "--variants", "fp32,channels_last",
+                 "--steps", "1", "--warmup", "0", "--batch-size", "4", "--device", "cpu", "--json", str(out)]) == 130
+    rows = json.loads(out.read_text())
+    assert [(r["mode"], r["variant"]) for r in rows] == [("nonprivate", "fp32"), ("dpnas", "fp32")]
+    assert rows[0]["slowdown_vs_nonprivate"] == 1.0 and rows[1]["slowdown_vs_nonprivate"] > 0
+    assert rows[1]["step_seconds"] == seen[1]["step_seconds"]
+
+
+def test_cli_bench_refuses_an_unwritable_json_before_any_case(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("dpnas.bench.run_in_own_process", lambda args, label: pytest.fail("a case ran"))
+    (tmp_path / "taken").mkdir()
+    assert main(["bench", "--models", "tiny", "--steps", "1", "--json", str(tmp_path / "taken")]) == 2
+    assert "--json" in capsys.readouterr().err
+
+
 def test_cli_bench_rejects_unknown_names(capsys):
     assert main(["bench", "--models", "nonet", "--steps", "1"]) == 2
     assert "unknown architecture 'nonet'" in capsys.readouterr().err

@@ -1,8 +1,8 @@
 """benchmarks/device_wheels.sh and benchmarks/gpu_session.sh, without a GPU or network.
 
-A GPU session has 30 device minutes and no package registry: these check, here, what would otherwise
+A GPU session has 15 device minutes and no package registry: these check, here, what would otherwise
 fail only there: the scripts' syntax, the wheel list against uv.lock, the documented `run` calls (size,
-carry, time limit) and that every command a part runs takes the flags it is given.
+carry, time limit, what fits in 15 minutes) and that every command a part runs takes the flags it is given.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from bench_helpers import load_benchmark
 ROOT = Path(__file__).resolve().parents[1]
 WHEELS = ROOT / "benchmarks" / "device_wheels.sh"
 SESSION = ROOT / "benchmarks" / "gpu_session.sh"
-PARTS = ("check", "bench", "epoch", "search")
+PARTS = ("all", "check", "bench", "epoch", "search")
+DEVICE_MINUTES = 15  # all of a task's device time: the machine's start, idle waits and reruns included
 REFERENCE_MODELS = {"smoothnet", "resnet9_scalenorm", "wrn16_4"}
 
 
@@ -33,6 +35,14 @@ def documented_calls() -> list[dict]:
     calls = [json.loads(line.split(":", 1)[1]) for line in SESSION.read_text().splitlines() if line.startswith("# run: ")]
     assert calls, "gpu_session.sh documents no `# run: {...}` calls"
     return calls
+
+
+def part_budget(part: str) -> int:
+    """The part's default time budget (DPNAS_PART_BUDGET_S unset), as the script computes it."""
+    env = {k: v for k, v in os.environ.items() if k != "DPNAS_PART_BUDGET_S"} | {"DPNAS_DRY_RUN": "1"}
+    with tempfile.TemporaryDirectory() as out:
+        result = subprocess.run(["bash", str(SESSION), part, out], capture_output=True, text=True, env=env)
+    return int(re.search(r"budget (\d+) s", result.stdout).group(1))
 
 
 def part_of(call: dict) -> str:
@@ -73,10 +83,13 @@ def test_documented_run_calls_fit_the_device_tool():
         assert len(call["command"]) <= 2000, call["command"]
         assert call["carry"] == [".whl"]  # the wheels, or Opacus and Optuna are missing there
         assert 1 <= call["timeout_s"] <= 600
+        assert call.get("kind", "nvidia-h200") in ("nvidia-h200", "nvidia-h100-x1")
+        assert set(call) <= {"command", "carry", "timeout_s", "kind"}  # the run tool's arguments
         assert part_of(call) in PARTS
-    assert {part_of(c) for c in calls} == set(PARTS)
-    budget = int(re.search(r"DPNAS_PART_BUDGET_S:-(\d+)", SESSION.read_text()).group(1))
-    assert budget < min(c["timeout_s"] for c in calls), "a part must stop before the call's time limit"
+        assert part_budget(part_of(call)) < call["timeout_s"], "a part must stop before the call's time limit"
+    # the whole table in one call that leaves, after a machine's start (up to 2 minutes), the time to rerun it
+    assert [part_of(c) for c in calls] == ["all"]
+    assert 2 * 60 + 2 * calls[0]["timeout_s"] <= DEVICE_MINUTES * 60
 
 
 def test_unknown_part_is_refused(tmp_path):
@@ -129,10 +142,16 @@ def argument_error(argv: list[str], monkeypatch) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("call", documented_calls(), ids=lambda c: c["command"])
-def test_each_part_runs_commands_that_take_their_flags(call, tmp_path, monkeypatch):
+# the documented call, and each full-size part a rerun may use
+PART_COMMANDS = [c["command"] for c in documented_calls()] + [
+    f"bash benchmarks/gpu_session.sh {part}" for part in PARTS if part != "all"] + [
+    "DPNAS_REHEARSAL=1 DPNAS_DEVICE=cpu bash benchmarks/gpu_session.sh all"]
+
+
+@pytest.mark.parametrize("command", PART_COMMANDS)
+def test_each_part_runs_commands_that_take_their_flags(command, tmp_path, monkeypatch):
     env = {**os.environ, "DPNAS_DRY_RUN": "1", "OUT": str(tmp_path)}
-    result = subprocess.run(["bash", "-c", call["command"]], capture_output=True, text=True, cwd=ROOT, env=env)
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     commands = [shlex.split(line.removeprefix("DRY-RUN: ")) for line in result.stdout.splitlines()
                 if line.startswith("DRY-RUN: ")]
@@ -151,10 +170,49 @@ def test_each_part_runs_commands_that_take_their_flags(call, tmp_path, monkeypat
     assert not errors, errors
 
 
-def test_bench_calls_cover_the_reference_models():
-    models = set()
-    for call in documented_calls():
-        if part_of(call) == "bench":
-            env = dict(word.split("=", 1) for word in shlex.split(call["command"]) if re.match(r"^[A-Z_]+=", word))
-            models |= set(env.get("DPNAS_MODELS", ",".join(REFERENCE_MODELS)).split(","))
-    assert models == REFERENCE_MODELS
+def dry_run_commands(command: str, out: Path) -> list[list[str]]:
+    """The commands a documented call would run, as the script prints them with DPNAS_DRY_RUN=1."""
+    env = {**os.environ, "DPNAS_DRY_RUN": "1", "OUT": str(out)}
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return [shlex.split(line.removeprefix("DRY-RUN: ")) for line in result.stdout.splitlines()
+            if line.startswith("DRY-RUN: ")]
+
+
+def flag_values(argv: list[str], flag: str) -> str | None:
+    return argv[argv.index(flag) + 1] if flag in argv else None
+
+
+def test_the_one_call_measures_everything_goal_7_asks_for(tmp_path):
+    """Issue 17's GPU table: DP step against non-private and Opacus for the three reference models, bf16 and
+    channels-last (each alone and together) for one of them, epochs against Opacus's, trials sharing the GPU
+    against one after another, and the GPU tests; the checks first, and the CUDA device everywhere."""
+    (call,) = documented_calls()
+    commands = dry_run_commands(call["command"], tmp_path)
+    benches = [argv for argv in commands if argv[:4] == ["python3", "-m", "dpnas", "bench"]]
+    assert {flag_values(argv, "--models") for argv in benches} == REFERENCE_MODELS
+    for argv in benches:
+        assert set(flag_values(argv, "--modes").split(",")) >= {"nonprivate", "opacus", "dpnas"}
+        assert {"fp32", "bf16+channels_last"} <= set(flag_values(argv, "--variants").split(","))
+    assert any({"bf16", "channels_last"} <= set(flag_values(argv, "--variants").split(",")) for argv in benches)
+    (epoch,) = [argv for argv in commands if argv[1] == "benchmarks/epoch_throughput.py"]
+    assert set(flag_values(epoch, "--model").split(",")) == REFERENCE_MODELS
+    (search,) = [argv for argv in commands if argv[1] == "benchmarks/search_throughput.py"]
+    workers = [int(w) for w in flag_values(search, "--workers").split(",")]
+    assert 1 in workers and max(workers) >= 2
+    assert commands[0][:3] == ["python3", "-m", "pytest"] and "tests/test_gpu.py" in commands[0]
+    for argv in commands[1:]:
+        assert flag_values(argv, "--device") == "cuda", argv
+
+
+def test_every_step_of_the_one_call_has_a_cap_and_the_budget_orders_them(tmp_path):
+    """`all` names each step's cap, and a step is only started with at least 30 s of the part's budget left:
+    a budget that ran out skips the rest (exit 3, named) instead of overrunning the call."""
+    (call,) = documented_calls()
+    env = {**os.environ, "DPNAS_DRY_RUN": "1", "OUT": str(tmp_path)}
+    result = subprocess.run(["bash", "-c", call["command"]], capture_output=True, text=True, cwd=ROOT, env=env)
+    caps = [int(m) for m in re.findall(r"at most (\d+) s", result.stdout)]
+    assert len(caps) == len(dry_run_commands(call["command"], tmp_path)) and max(caps) <= part_budget("all")
+    short = subprocess.run(["bash", "-c", call["command"]], capture_output=True, text=True, cwd=ROOT,
+                           env={**env, "DPNAS_PART_BUDGET_S": "20"})
+    assert short.returncode == 3 and "OUT OF TIME, not started: test_gpu smoke_train" in short.stdout

@@ -29,3 +29,21 @@ def test_unknown_models_are_refused_before_any_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load_benchmark("per_sample_layers").main(["--models", "nonet", "--json", str(tmp_path / "x.json")])
     assert "unknown architecture 'nonet'" in capsys.readouterr().err
+
+
+def test_the_shifted_candidate_is_checked_exact_then_timed_on_stride_1_convolutions(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "layers.json"
+    bench = load_benchmark("per_sample_layers")
+    assert bench.main(["--models", "tiny", "--batch-size", "4", "--rounds", "1", "--candidate", "shifted",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    convs = [r for r in rows if r["type"] == "Conv2d"]
+    assert convs and all(bench.SHIFTED in r["ms"] for r in convs)
+    assert not any(bench.SHIFTED in r["ms"] for r in rows if r["type"] != "Conv2d")
+    assert "with the candidate where it is faster" in capsys.readouterr().out
+    # a wrong product is caught before anything is timed
+    exact = bench.shifted_per_sample
+    monkeypatch.setattr(bench, "shifted_per_sample", lambda conv, a, g: 2 * exact(conv, a, g))
+    with pytest.raises(AssertionError):
+        bench.main(["--models", "tiny", "--batch-size", "4", "--rounds", "1", "--candidate", "shifted",
+                    "--json", str(out)])

@@ -53,3 +53,24 @@ def test_axes_outside_the_grid_are_fixed_at_their_middle():
     assert module.fixed_value({"low": 1, "high": 4}) in (2, 3)
     assert module._section_of("lr") == "train" and module._section_of("max_grad_norm") == "privacy"
     assert module._section_of("norm") == "arch"
+
+
+def test_a_run_stopped_after_an_arm_keeps_that_arm_in_its_json(tmp_path, monkeypatch):
+    """A GPU session's time limit can stop the benchmark between arms: the JSON holds the arms that finished."""
+    module = load_script()
+    out = tmp_path / "throughput.json"
+    arms = []
+
+    def arm_then_stop(arm):
+        if arms:
+            raise KeyboardInterrupt  # the time limit, during the second arm
+        arms.append(arm)
+        return {"arm": "sequential", "workers": 1, "trials": 2, "states": {"COMPLETE": 2}, "wall_s": 4.0,
+                "trials_per_hour": 1800.0, "mean_test_accuracy": 0.5, "configs": [], "trial_configs": []}
+
+    monkeypatch.setattr(module, "in_fresh_process", arm_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        module.main(["--trials", "2", "--epochs", "1", "--workers", "1,2", "--device", "cpu", "--synthetic-size",
+                     "512", "--widths", "1", "--depths", "1", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["workers"] == 1 and row["x_sequential"] == 1.0 and arms[0]["workers"] == 1
