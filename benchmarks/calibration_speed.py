@@ -44,7 +44,7 @@ def measure(case: dict, repeats: int) -> dict:
     try:
         seconds = []
         for _ in range(repeats):
-            calibration._calibrate.cache_clear()
+            calibration.clear_cache()
             dp_privacy._step_rdp.cache_clear()
             calls.clear()
             start = time.perf_counter()

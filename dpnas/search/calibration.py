@@ -25,7 +25,6 @@ within about 1 % below E.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from dataclasses import asdict, dataclass, field
 
@@ -34,6 +33,7 @@ import numpy as np
 from dpnas.arch.space import ConfigError
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.privacy import count_rdp, rdp_to_epsilon
+from dpnas.search.forked import ForkedCall
 from dpnas.search.privacy import RunPrivacy, part_curve, rdp_curve
 
 # A study may search batch_size and epochs; each combination is a run shape with its own σ.
@@ -169,12 +169,28 @@ def calibrate(total_epsilon: float, delta: float, *, mode: str, runs: int | None
     forked worker ask for the same calibration, which takes seconds (12 s for the quickstart on a loaded 2-core
     CPU, benchmarks/trial_overhead.py) and was computed twice per search before.
     """
-    return copy.deepcopy(_calibrate(float(total_epsilon), float(delta), mode, runs, mu, eta, gamma,
-                                    tuple((int(b), int(e)) for b, e in shapes), int(train_size), bool(validation_noise),
-                                    None if validations is None else int(validations)))
+    key = _calibration_key(total_epsilon, delta, mode, runs, mu, eta, gamma, shapes, train_size, validation_noise,
+                           validations)
+    if key not in _CALIBRATIONS:
+        _CALIBRATIONS[key] = _calibrate(*key)
+    return copy.deepcopy(_CALIBRATIONS[key])
 
 
-@functools.lru_cache(maxsize=32)
+# calibrate()'s answers in this process (and, through fork, in its workers), by their arguments
+_CALIBRATIONS: dict[tuple, Calibration] = {}
+
+
+def clear_cache() -> None:
+    """Forget the remembered calibrations (benchmarks time them from scratch)."""
+    _CALIBRATIONS.clear()
+
+
+def _calibration_key(total_epsilon, delta, mode, runs, mu, eta, gamma, shapes, train_size, validation_noise,
+                     validations) -> tuple:
+    return (float(total_epsilon), float(delta), mode, runs, mu, eta, gamma, tuple((int(b), int(e)) for b, e in shapes),
+            int(train_size), bool(validation_noise), None if validations is None else int(validations))
+
+
 def _calibrate(total_epsilon: float, delta: float, mode: str, runs: int | None, mu: float | None,
                eta: float | None, gamma: float | None, shapes: tuple[tuple[int, int], ...], train_size: int,
                validation_noise: bool, validations: int | None) -> Calibration:
@@ -228,9 +244,43 @@ def _calibrate(total_epsilon: float, delta: float, mode: str, runs: int | None, 
 
 def calibrate_study(spec, *, runs: int | None, train_size: int) -> Calibration:
     """A total-ε study's calibration (`runs`: its K for a fixed number of trials) on a training split this size."""
-    return calibrate(spec.total_epsilon, spec.privacy.delta, mode=spec.trial_count, runs=runs, mu=spec.mean_trials,
-                     eta=spec.eta, gamma=spec.gamma, shapes=run_shapes(spec), train_size=train_size,
-                     validation_noise=spec.privacy.val_noise != 0, validations=spec.fidelity.validations)
+    return calibrate(**_study_arguments(spec, runs, train_size))
+
+
+def start_study_calibration(spec, *, runs: int | None, train_size: int) -> PendingCalibration:
+    """Begin :func:`calibrate_study` in a forked child process (:class:`dpnas.search.forked.ForkedCall`) unless it
+    is already remembered. Until :meth:`PendingCalibration.result` this process can do other work that holds the
+    GIL (a search imports ``torch._dynamo`` meanwhile); errors (a ConfigError for a budget no noise meets) are
+    raised by the result."""
+    return PendingCalibration(_study_arguments(spec, runs, train_size))
+
+
+class PendingCalibration:
+    """A calibration being computed in a forked child; :meth:`result` waits for it and remembers it here, exactly
+    as :func:`calibrate` would have."""
+
+    def __init__(self, arguments: dict) -> None:
+        self._arguments = arguments
+        self._key = _calibration_key(**arguments)
+        self._call = None if self._key in _CALIBRATIONS else ForkedCall(_calibrate, *self._key)
+
+    def result(self) -> Calibration:
+        if self._call is not None:
+            _CALIBRATIONS[self._key] = self._call.result()
+            self._call = None
+        return calibrate(**self._arguments)
+
+    def cancel(self) -> None:
+        """Nothing more is wanted (the caller was interrupted): end the child."""
+        if self._call is not None:
+            self._call.cancel()
+            self._call = None
+
+
+def _study_arguments(spec, runs: int | None, train_size: int) -> dict:
+    return dict(total_epsilon=spec.total_epsilon, delta=spec.privacy.delta, mode=spec.trial_count, runs=runs,
+                mu=spec.mean_trials, eta=spec.eta, gamma=spec.gamma, shapes=run_shapes(spec), train_size=train_size,
+                validation_noise=spec.privacy.val_noise != 0, validations=spec.fidelity.validations)
 
 
 def run_shapes(spec) -> list[tuple[int, int]]:

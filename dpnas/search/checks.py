@@ -22,7 +22,7 @@ from dpnas.dp.memory import check_training_fits
 from dpnas.dp.preflight import preflight
 from dpnas.dp.privacy import check_budget, plan_privacy
 from dpnas.dp.train import check_device
-from dpnas.search.calibration import calibrate_study
+from dpnas.search.calibration import start_study_calibration
 from dpnas.search.fidelity import load_search_data, search_trial
 from dpnas.search.sampling import ablation_points, grid_points, suggest
 from dpnas.search.study_file import StudySpec
@@ -157,7 +157,17 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
         check_budget(privacy, dataset_size=len(data.train))
     calibration = None
     if spec.total_epsilon is not None:
-        calibration = calibrate_study(spec, runs=_trial_count(spec, n_trials), train_size=len(data.train))
+        pending = start_study_calibration(spec, runs=_trial_count(spec, n_trials), train_size=len(data.train))
+        try:
+            # Meanwhile, what the preflight's optimizer would import anyway: every torch optimizer imports
+            # torch._dynamo on first use (1.2-1.5 s on 2 CPU cores). Both hold the GIL; side by side (the
+            # calibration in a forked child) the search's start takes the longer of the two instead of their sum.
+            import torch._dynamo  # noqa: F401
+
+            calibration = pending.result()
+        except BaseException:
+            pending.cancel()
+            raise
         lines.append(f"budget: total epsilon {spec.total_epsilon:g} → noise multipliers "
                      f"{sorted(set(round(s, 4) for s in calibration.noise_multipliers.values()))}, validation "
                      f"noise {calibration.val_noise:.3g}")
