@@ -107,3 +107,41 @@ def test_an_interrupted_wait_ends_the_child(fresh_calibrations):
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
     assert pending._call is None
+
+
+class _Finalised:
+    """Garbage in a reference cycle whose finaliser leaves a mark: what an old connection object might be."""
+
+    def __init__(self, marks: Path) -> None:
+        self.marks, self.cycle = marks, self
+
+    def __del__(self) -> None:
+        with open(self.marks, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+
+
+def allocate_cycles(n: int) -> int:
+    import gc
+
+    gc.set_threshold(700)  # the usual threshold: new cycles set off automatic collections wherever gc is enabled
+    for _ in range(n):
+        a: list = []
+        a.append(a)
+    return n
+
+
+@needs_fork
+def test_the_child_runs_no_finaliser_of_what_it_inherited(tmp_path):
+    import gc
+
+    marks = tmp_path / "marks"
+    thresholds = gc.get_threshold()
+    gc.set_threshold(10**9)  # this process collects nothing by itself until the end of the test
+    try:
+        _Finalised(marks)  # unreachable at once, but only a collection frees a cycle
+        assert ForkedCall(allocate_cycles, 100_000).result() == 100_000
+        assert not marks.exists()  # the child collected nothing inherited
+    finally:
+        gc.set_threshold(*thresholds)
+    gc.collect()
+    assert marks.read_text().split() == [str(os.getpid())]  # the parent's own collection still does

@@ -160,7 +160,7 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
         pending = start_study_calibration(spec, runs=_trial_count(spec, n_trials), train_size=len(data.train))
         try:
             # Meanwhile, what the preflight's optimizer would import anyway: every torch optimizer imports
-            # torch._dynamo on first use (1.2-1.5 s on 2 CPU cores). Both hold the GIL; side by side (the
+            # torch._dynamo on first use (0.6-1.5 s on 2 CPU cores). Both hold the GIL; side by side (the
             # calibration in a forked child) the search's start takes the longer of the two instead of their sum.
             import torch._dynamo  # noqa: F401
 

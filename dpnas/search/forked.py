@@ -7,6 +7,7 @@ In one process they take the sum of their times; with the calibration in a forke
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import os
 import pickle
@@ -20,7 +21,8 @@ class ForkedCall:
     the result never depends on the child: it only saves time.
 
     The child only computes and writes its pickled answer to a pipe; it never touches a storage, a file or the
-    terminal, and leaves with ``os._exit`` (no atexit handlers, no flushing of buffers it inherited).
+    terminal, collects no garbage, and leaves with ``os._exit`` (no atexit handlers, no finalisers, no flushing of
+    buffers it inherited), so the sockets and files it shares with the parent are left as they were.
     """
 
     def __init__(self, function: Callable[..., Any], *args: Any) -> None:
@@ -37,6 +39,9 @@ class ForkedCall:
             os.close(write)
             return
         if pid == 0:  # the child
+            # no collection of objects inherited from the parent: a finaliser there (an old database connection
+            # in a reference cycle, say) could act on something the parent still uses
+            gc.disable()
             status = 0
             try:
                 os.close(read)
