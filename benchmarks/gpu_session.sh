@@ -87,14 +87,14 @@ export PYTHONPATH=$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
 FAILED=()
 SKIPPED=()
 
-# step NAME COMMAND...: run one command under what is left of the part's time budget (and under CAP seconds
-# where CAP is set), logged with its time.
+# step NAME COMMAND...: run one command under what is left of the part's time budget (and under the cap that
+# `capped` sets), logged with its time.
 step() {
     local name=$1; shift
     local left=$((BUDGET_S - SECONDS))
     local limit=$left
-    if [[ -n ${CAP:-} ]] && ((CAP < left)); then
-        limit=$CAP
+    if [[ -n ${_step_cap_s:-} ]] && ((_step_cap_s < left)); then
+        limit=$_step_cap_s
     fi
     if ((left < MIN_STEP_S)); then
         echo "=== SKIPPED $name: ${left} s left of the part's ${BUDGET_S} s"
@@ -109,7 +109,8 @@ step() {
     echo "\$ $*"
     local start=$SECONDS rc
     # TERM, not INT: on Ctrl-C `dpnas train` finishes its step and epoch_throughput.py then starts its Opacus
-    # epoch; none of these commands writes its JSON before the end, so there is nothing to wait for.
+    # epoch. bench, epoch_throughput.py and search_throughput.py have written (atomically) every case, model or
+    # arm they finished; the rest has nothing on disk to wait for.
     # timeout signals its whole process group: bench's case processes and search's workers go too.
     timeout --kill-after=10 "$limit" "$@"
     rc=$?
@@ -224,7 +225,7 @@ part_search() {
 
 # capped SECONDS NAME COMMAND...: one step of `all`, stopped after SECONDS even if the part has more left.
 capped() {
-    local CAP=$1; shift
+    local _step_cap_s=$1; shift  # seen by step (bash's locals are visible to the functions a function calls)
     step "$@"
 }
 
