@@ -107,6 +107,7 @@ class DPSGDEngine:
             self.optimizer = optimizer
         self.max_grad_norm = max_grad_norm
         self.base_optimizer = optimizer
+        self._empty: list[torch.Tensor] | None = None
 
     @property
     def per_sample_path(self) -> str:
@@ -188,13 +189,26 @@ class DPSGDEngine:
         return loss / k
 
     def _noisy_step(self) -> None:
-        # The clipped sum is already in p.summed_grad: hand DPOptimizer empty per-sample gradients so that it
-        # adds nothing more, then draws the noise, scales by the expected batch size and reports to the
-        # accountant exactly as on Opacus's path.
-        for p in self.optimizer.params:
-            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # The clipped sum is already in p.summed_grad. DPOptimizer.step() would first clip and add the per-sample
+        # gradients it holds: none here, yet about 25 small operations per parameter on empty tensors (0.3-0.4 ms
+        # of a quickstart step on 2 CPU cores, benchmarks/RESULTS.md). What it does next is called here in its
+        # order (DPOptimizer.pre_step, then step): Opacus's noise (one draw per parameter from the noise
+        # generator), its division by the expected batch size, the accountant's hook, the optimizer's step.
+        optimizer = self.optimizer
+        for p, empty in zip(optimizer.params, self._empty_grad_samples()):
+            p.grad_sample = empty  # scale_grad counts accumulated batches from these: one
+        optimizer.add_noise()
+        optimizer.scale_grad()
+        if optimizer.step_hook:
+            optimizer.step_hook(optimizer)
+        optimizer.original_optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def _empty_grad_samples(self) -> list[torch.Tensor]:
+        """One empty per-sample gradient per parameter, made once (nothing ever writes into them)."""
+        if self._empty is None:
+            self._empty = [torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype) for p in self.optimizer.params]
+        return self._empty
 
     def _average_augmentations(self, k: int) -> None:
         for p in self.optimizer.params:

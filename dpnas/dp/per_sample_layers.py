@@ -107,7 +107,10 @@ def layer_norms(layer: nn.Module, method: str, a: torch.Tensor, g: torch.Tensor,
 
 def clipped_sum(layer: nn.Module, result: LayerNorms, a: torch.Tensor, g: torch.Tensor, factor: torch.Tensor, k: int) -> dict[nn.Parameter, torch.Tensor]:
     """The layer's per-sample gradients, each scaled by its sample's clip factor, summed."""
-    sums = {p: torch.einsum("i,i...->...", factor, per_sample) for p, per_sample in result.per_sample.items()}
+    # one matrix-vector product per parameter: the same sum as einsum("i,i...->..."), with a fraction of its
+    # dispatch cost (8 against 15-18 us for a small parameter, 68 against 84 us for a 256 x 32 x 72 conv's)
+    sums = {p: (factor @ per_sample.reshape(len(factor), -1)).view(per_sample.shape[1:])
+            for p, per_sample in result.per_sample.items()}
     if result.standardisation is not None and layer.weight in sums:
         # materialised per-sample gradients are w.r.t. the standardised weight; the chain rule is linear
         sums[layer.weight] = through_standardisation(sums[layer.weight], *result.standardisation)
