@@ -57,3 +57,12 @@ def test_digits_resolution_sets_the_image_size_in_the_data_table():
         assert document["data"]["image_size"] == size and document["data"]["dataset"] == "digits"
         assert tomllib.loads(module.with_image_size(module.with_image_size(quickstart, 32), size))["data"][
             "image_size"] == size  # replaced, not added twice
+
+
+def test_noisy_step_benchmark_times_both_ends_of_a_step_on_one_engine(tmp_path, capsys):
+    out = tmp_path / "noisy.json"
+    assert load_benchmark("noisy_step").main(["--models", "tiny", "--rounds", "3", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["model"] == "tiny" and row["parameters"] > 0
+    assert set(row["ms"]) == {"DPOptimizer.step()", "dpnas"} and row["x"] == row["ms"]["DPOptimizer.step()"] / row["ms"]["dpnas"]
+    assert "DPOptimizer.step() ms" in capsys.readouterr().out
