@@ -165,3 +165,19 @@ def test_no_gradient_for_the_images_and_every_stem_still_gets_its_own():
     for p, total in sums.items():
         torch.testing.assert_close(total, expected[p], rtol=1e-5, atol=1e-6)
     assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["dpnas", "opacus"])
+def test_a_step_trains_every_module_whatever_mode_it_was_left_in(mode):
+    """A validation pass leaves the model in eval mode only if it fails half-way; whichever modules are in eval
+    mode, the next step puts all of them back in training mode (a step checks instead of calling train())."""
+    torch.manual_seed(0)
+    model = build_model(MODELS["tiny"].arch, num_classes=4)
+    plan = PrivacyPlan(sample_rate=0.05, steps=1, noise_multiplier=1.0, expected_batch_size=4.0, dataset_size=80)
+    engine = DPSGDEngine(model, torch.optim.SGD(model.parameters(), lr=0.1), plan=plan, max_grad_norm=1.0,
+                         private=True, accountant=None, physical_batch_size=4, per_sample=mode)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 4, (4,))
+    for leave in (lambda: model.eval(), lambda: list(model.modules())[-1].eval()):
+        leave()
+        engine.step(x, y)
+        assert all(m.training for m in model.modules())
