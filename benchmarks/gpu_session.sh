@@ -87,8 +87,8 @@ export PYTHONPATH=$SITE:$REPO${PYTHONPATH:+:$PYTHONPATH}
 FAILED=()
 SKIPPED=()
 
-# step NAME COMMAND...: run one command under what is left of the part's time budget (and under the cap that
-# `capped` sets), logged with its time.
+# step NAME COMMAND...: run one command under what is left of the part's time budget (and under _step_cap_s
+# seconds where the caller set it, as `all` does), logged with its time.
 step() {
     local name=$1; shift
     local left=$((BUDGET_S - SECONDS))
@@ -223,14 +223,9 @@ part_search() {
         --epochs "${DPNAS_SEARCH_EPOCHS:-1}" --workers "${DPNAS_SEARCH_WORKERS:-1,2,4}" --json "$OUTDIR/${TAG}_search.json"
 }
 
-# capped SECONDS NAME COMMAND...: one step of `all`, stopped after SECONDS even if the part has more left.
-capped() {
-    local _step_cap_s=$1; shift  # seen by step (bash's locals are visible to the functions a function calls)
-    step "$@"
-}
-
 part_all() {
-    # Sizes: the device's, or the CPU's for a rehearsal (DPNAS_REHEARSAL=1).
+    # Sizes: the device's, or the CPU's for a rehearsal (DPNAS_REHEARSAL=1). A step's cap is _step_cap_s, set
+    # for the call in front of it (bash keeps such an assignment for the function it precedes, and step reads it).
     local models=smoothnet,resnet9_scalenorm,wrn16_4 batch=256 steps=10 samples=5120 search_size=12800 trials=8
     local search_workers=1,2,4 smoke=smoothnet
     if [[ -n ${DPNAS_REHEARSAL:-} ]]; then
@@ -240,24 +235,20 @@ part_all() {
     local first=${models%%,*} rest=${models#*,}
     local modes=nonprivate,opacus,dpnas
     if [[ -f tests/test_gpu.py ]]; then
-        DPNAS_TEST_DEVICE=${DPNAS_TEST_DEVICE:-$DEVICE} capped 75 test_gpu \
+        DPNAS_TEST_DEVICE=${DPNAS_TEST_DEVICE:-$DEVICE} _step_cap_s=75 step test_gpu \
             python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py --junitxml="$OUTDIR/test_gpu.xml"
     fi
-    capped 45 smoke_train python3 -m dpnas train "$smoke" --dataset synthetic --epochs 1 --device "$DEVICE" \
+    _step_cap_s=45 step smoke_train python3 -m dpnas train "$smoke" --dataset synthetic --epochs 1 --device "$DEVICE" \
         --out "$OUTDIR/smoke_train.json"
-    capped 100 "bench_$first" python3 -m dpnas bench --device "$DEVICE" --batch-size "$batch" --steps "$steps" \
-        --models "$first" --modes "$modes" --variants fp32,bf16,channels_last,bf16+channels_last \
-        --json "$OUTDIR/${TAG}_bench_$first.json"
-    capped 70 epoch python3 benchmarks/epoch_throughput.py --device "$DEVICE" --model "$models" \
+    _step_cap_s=100 MODELS=$first DPNAS_BENCH_BATCH=$batch DPNAS_BENCH_STEPS=$steps DPNAS_BENCH_MODES=$modes \
+        DPNAS_BENCH_VARIANTS=fp32,bf16,channels_last,bf16+channels_last part_bench
+    # one JSON for the three models (part epoch writes one per model; the device returns at most 8 files)
+    _step_cap_s=70 step epoch python3 benchmarks/epoch_throughput.py --device "$DEVICE" --model "$models" \
         --samples "$samples" --batch-size "$batch" --physical "$batch" --json "$OUTDIR/${TAG}_epoch.json"
-    capped 90 search python3 benchmarks/search_throughput.py --device "$DEVICE" --synthetic-size "$search_size" \
-        --trials "$trials" --epochs 1 --workers "$search_workers" --json "$OUTDIR/${TAG}_search.json"
-    local model
-    for model in ${rest//,/ }; do
-        capped 50 "bench_$model" python3 -m dpnas bench --device "$DEVICE" --batch-size "$batch" --steps "$steps" \
-            --models "$model" --modes "$modes" --variants fp32,bf16+channels_last \
-            --json "$OUTDIR/${TAG}_bench_$model.json"
-    done
+    _step_cap_s=90 DPNAS_SEARCH_SIZE=$search_size DPNAS_SEARCH_TRIALS=$trials DPNAS_SEARCH_EPOCHS=1 \
+        DPNAS_SEARCH_WORKERS=$search_workers part_search
+    _step_cap_s=50 MODELS=$rest DPNAS_BENCH_BATCH=$batch DPNAS_BENCH_STEPS=$steps DPNAS_BENCH_MODES=$modes \
+        DPNAS_BENCH_VARIANTS=fp32,bf16+channels_last part_bench
 }
 
 main() {

@@ -187,8 +187,9 @@ class HalvingAvgPool(nn.AvgPool2d):
     """``nn.AvgPool2d(2, stride=2)``: the downsampling between stages and before the head.
 
     On the CPU PyTorch's kernel walks each window separately; four strided additions over the whole tensor are
-    2.4-3x faster forward at the quickstart's shapes, and forward + backward 1.1-1.4x
-    (benchmarks/pool_downsampling.py), with the same bits (:class:`_WindowMean2x2`).
+    2.1-2.6x faster forward and 2.0-2.1x forward + backward at the quickstart's shapes, 0.86x / 0.97x at
+    SmoothNet W80D50's largest, where both are bound by memory (benchmarks/pool_smoothing.py), with the same bits
+    (:class:`_WindowMean2x2`).
     """
 
     def __init__(self) -> None:
