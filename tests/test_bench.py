@@ -208,7 +208,7 @@ def test_study_points_are_distinct_seeded_and_at_the_studys_shape():
 def test_cli_times_study_points(tmp_path, capsys):
     out = tmp_path / "rows.json"
     study = tmp_path / "small.toml"  # the quickstart at a physical batch of 8, to keep the test quick
-    study.write_text((STUDIES / "quickstart.toml").read_text().replace("physical_batch_size = 256",
+    study.write_text((STUDIES / "quickstart.toml").read_text().replace("physical_batch_size = 320",
                                                                       "physical_batch_size = 8"))
     assert main(["bench", "--points", str(study), "--n", "1", "--modes", "nonprivate",
                  "--steps", "1", "--warmup", "0", "--device", "cpu", "--json", str(out)]) == 0

@@ -66,3 +66,18 @@ def test_noisy_step_benchmark_times_both_ends_of_a_step_on_one_engine(tmp_path, 
     assert row["model"] == "tiny" and row["parameters"] > 0
     assert set(row["ms"]) == {"DPOptimizer.step()", "dpnas"} and row["x"] == row["ms"]["DPOptimizer.step()"] / row["ms"]["dpnas"]
     assert "DPOptimizer.step() ms" in capsys.readouterr().out
+
+
+def test_poisson_chunks_benchmark_counts_the_steps_a_physical_batch_splits(tmp_path, capsys):
+    out = tmp_path / "chunks.json"
+    study = BENCHMARKS.parent / "studies" / "quickstart.toml"
+    assert load_benchmark("poisson_chunks").main(["--study", str(study), "--n", "1", "--physical", "64,4096",
+                                                  "--steps", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["physical"] == [64, 4096] and row["expected_batch"] == 256
+    # batches of about 256 rows: every one is split at 64, none at 4096
+    assert row["split_steps"] == {"64": 2, "4096": 0}
+    assert all(ms > 0 for ms in row["mean_step_ms"].values())
+    assert row["x_first_over_last"] == pytest.approx(row["mean_step_ms"]["64"] / row["mean_step_ms"]["4096"])
+    assert "quickstart#0" in capsys.readouterr().out

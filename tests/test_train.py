@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,6 +155,22 @@ def test_recipes_match_the_reference():
     assert (r9.privacy.epsilon, r9.privacy.max_grad_norm) == (8.0, 1.5)
     de = RECIPES["de-wrn"]
     assert (de.train.batch_size, de.train.aug_multiplicity, de.train.ema_decay, de.privacy.max_grad_norm) == (4096, 16, 0.9999, 1.0)
+
+
+def test_the_quick_recipe_and_the_digits_studies_take_each_poisson_batch_in_one_pass(digits):
+    """A batch larger than the physical batch takes a second pass of a few rows, which costs a whole pass (3-9 % of
+    a quickstart step at a physical batch of 256, benchmarks/poisson_chunks.py): the CPU settings leave room for the
+    Poisson batch's tail, on digits and on a CIFAR-sized training set."""
+    from scipy.stats import binom
+
+    from dpnas.search.study_file import load_study_file
+
+    studies = Path(__file__).resolve().parents[1] / "studies"
+    configs = [RECIPES["quick"].train] + [load_study_file(studies / f).train
+                                          for f in ("quickstart.toml", "ablation_digits.toml")]
+    for cfg in configs:
+        for n in (len(digits.train), 45_000):
+            assert binom.sf(cfg.physical_batch_size, n, cfg.batch_size / n) < 1e-4, (cfg, n)
 
 
 def test_overrides_route_to_the_right_config():

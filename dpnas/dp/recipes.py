@@ -23,7 +23,10 @@ RECIPES: dict[str, Recipe] = {
     for r in (
         Recipe(
             "quick",
-            TrainConfig(epochs=40, batch_size=256, physical_batch_size=256, optimizer="nadam", lr=2e-3,
+            # Poisson batches of mean 256 (sd 14-16) exceed 256 in about half the steps, and each such step took a
+            # second pass of ~11 rows: 3-8 % of a step on the digits points (benchmarks/RESULTS.md). At 320 (4 sd)
+            # every batch is one pass; on the CPU this recipe is for, 320 rows are no memory concern.
+            TrainConfig(epochs=40, batch_size=256, physical_batch_size=320, optimizer="nadam", lr=2e-3,
                         schedule="constant", val_fraction=0.2),
             PrivacyConfig(epsilon=8.0, delta=1e-5, max_grad_norm=1.0),
             "a short run for small data on CPU (digits in a minute or two)",
