@@ -158,7 +158,7 @@ def test_recipes_match_the_reference():
 
 
 def test_the_quick_recipe_and_the_digits_studies_take_each_poisson_batch_in_one_pass(digits):
-    """A batch larger than the physical batch takes a second pass of a few rows, which costs a whole pass (3-9 % of
+    """A batch larger than the physical batch takes a second pass of a few rows, which costs a whole pass (1.03-1.14x
     a quickstart step at a physical batch of 256, benchmarks/poisson_chunks.py): the CPU settings leave room for the
     Poisson batch's tail, on digits and on a CIFAR-sized training set."""
     from scipy.stats import binom
