@@ -24,8 +24,8 @@ RECIPES: dict[str, Recipe] = {
         Recipe(
             "quick",
             # Poisson batches of mean 256 (sd 14-16) exceed 256 in about half the steps, and each such step took a
-            # second pass of ~11 rows: 1.03-1.14x a step on the digits points (benchmarks/poisson_chunks.py). At 320 (4 sd)
-            # every batch is one pass; on the CPU this recipe is for, 320 rows are no memory concern.
+            # second pass of ~11 rows: 1.03-1.14x a step on the digits points (benchmarks/poisson_chunks.py). At
+            # 320 (4 sd) every batch is one pass; on the CPU this recipe is for, 320 rows are no memory concern.
             TrainConfig(epochs=40, batch_size=256, physical_batch_size=320, optimizer="nadam", lr=2e-3,
                         schedule="constant", val_fraction=0.2),
             PrivacyConfig(epsilon=8.0, delta=1e-5, max_grad_norm=1.0),
