@@ -12,12 +12,24 @@ middle of their range (the geometric middle of a log range) or their first choic
 `--baseline` adds the arm a user would write without dpnas: the same trials (the sequential arm's configs, each at
 the ε its dpnas trial was given) trained one after another by a plain loop: a torch DataLoader over host memory,
 Opacus's `make_private_with_epsilon` with Poisson sampling and hooks, fp32, exact validation accuracy each epoch.
-Both report the mean test accuracy of their trials, so that speed is compared at equal accuracy. Prints a table and
-writes JSON (compare the ratio, measured in the same run, not absolute numbers across machines).
+Both report the mean test accuracy of their trials, so that speed is compared at equal accuracy.
+
+`--floor` adds what these trials cost without privacy, two ways. The non-private floor: the sequential arm's
+trials by dpnas's own training loop at epsilon = inf (no per-sample gradients, clipping or noise; exact validation
+scores), one after another in one process, without Optuna or storage: the model's forward, backward and optimizer
+steps at the same batch sizes, with the same validation and test passes. And the non-private search: the same
+study at epsilon = inf, run by `dpnas search` with the largest `--workers` count. A DP step can undercut a
+non-private one only by the few percent that skipping the batch weight gradients saves, so floor / user loop (in
+trials per hour) is about the most that any private search of these trials can gain over the user loop on this
+machine, and non-private search / user loop the most that dpnas's search can, however cheap its privacy gets.
+Prints a table and writes JSON (compare the ratio,
+measured in the same run, not absolute numbers across machines).
 
     uv run python benchmarks/search_throughput.py --trials 6 --epochs 1 --workers 1,2
     uv run python benchmarks/search_throughput.py --study studies/quickstart.toml --dataset digits --epochs 8 \
         --trials 6 --workers 1,2 --baseline                  # at the quickstart's 16 px (--image-size 32: as before)
+    uv run python benchmarks/search_throughput.py --study studies/quickstart.toml --dataset digits --epochs 8 \
+        --trials 6 --workers 1,2 --baseline --floor          # and the ceiling of goal 5: user loop / floor
     uv run python benchmarks/search_throughput.py --device cuda --synthetic-size 50000 --trials 16 --workers 1,2,4
     uv run python benchmarks/search_throughput.py --dataset cifar10 --data-dir ~/data --device cuda --workers 1,4
 """
@@ -98,6 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                 "dataset's default)")
     parser.add_argument("--baseline", action="store_true",
                         help="add the arm a user would write: a plain Opacus loop over the sequential arm's trials")
+    parser.add_argument("--floor", action="store_true",
+                        help="add the non-private floor: the sequential arm's trials by dpnas's loop without privacy")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/search_throughput.json"))
     args = parser.parse_args(argv)
     if args.data_dir and args.dataset != "cifar10":
@@ -146,6 +160,19 @@ def derive_study(args: argparse.Namespace, directory: Path) -> Path:
     path = directory / "study.toml"
     path.write_text(to_toml(document))
     load_study_file(path)  # checked here, with the file's own error messages, before any arm starts
+    return path
+
+
+def derive_nonprivate_study(study_path: Path) -> Path:
+    """The derived study at epsilon = inf: the same grid, recipe and data, trained without privacy."""
+    document = tomllib.loads(study_path.read_text())
+    document["study"]["name"] += "_nonprivate"
+    privacy = {key: value for key, value in document.get("privacy", {}).items()
+               if key not in ("epsilon", "total_epsilon", "noise_multiplier", "val_noise")}
+    document["privacy"] = privacy | {"epsilon": math.inf}
+    path = study_path.with_name("study_nonprivate.toml")
+    path.write_text(to_toml(document))
+    load_study_file(path)
     return path
 
 
@@ -214,6 +241,11 @@ def arm_main(arm: dict) -> dict:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if arm["kind"] == "user_loop":
         return run_user_loop(Path(arm["study"]), arm["trials"], arm["device"])
+    if arm["kind"] == "floor":
+        return run_floor(Path(arm["study"]), arm["trials"], arm["device"])
+    if arm["kind"] == "nonprivate_search":
+        row = run_arm(Path(arm["study"]), arm["workers"], arm["device"])
+        return row | {"arm": f"non-private search ({arm['workers']} worker{'s' if arm['workers'] > 1 else ''})"}
     return run_arm(Path(arm["study"]), arm["workers"], arm["device"])
 
 
@@ -240,6 +272,35 @@ def run_user_loop(study_path: Path, trials: list[dict], device: str) -> dict:
             "mean_trial_s": sum(r["seconds"] for r in results) / len(results) if results else None,
             "mean_test_accuracy": sum(r["test_accuracy"] for r in results) / len(results) if results else None,
             "epsilon": [r["epsilon"] for r in results],
+            "configs": sorted(json.dumps(t["params"], sort_keys=True) for t in trials)}
+
+
+def run_floor(study_path: Path, trials: list[dict], device: str) -> dict:
+    """The same trials by dpnas's training loop without privacy: the compute no private search of them avoids."""
+    import dataclasses
+
+    from dpnas.arch.space import ArchConfig
+    from dpnas.dp.config import PrivacyConfig, TrainConfig
+    from dpnas.dp.train import train
+
+    start = time.perf_counter()  # from the same point as the user loop: the study file and the data included
+    spec = load_study_file(study_path)
+    data = load_dataset(spec.dataset, data_dir=spec.data_dir, val_fraction=spec.val_fraction, seed=spec.train.seed,
+                        image_size=spec.image_size, synthetic_size=spec.synthetic_size, progress=False)
+    results = []
+    for trial in trials:
+        # epsilon = inf: no per-sample gradients, clipping or noise, exact validation scores (val_noise "auto" is 0)
+        privacy = dataclasses.replace(PrivacyConfig.from_dict(trial["privacy_config"]), epsilon=math.inf,
+                                      noise_multiplier=0.0, val_noise="auto")
+        result = train(ArchConfig.from_dict(trial["config"]), data, train_cfg=TrainConfig.from_dict(trial["train_config"]),
+                       privacy=privacy, device=device, progress=False)
+        results.append(result)
+    wall = time.perf_counter() - start
+    return {"arm": "non-private floor", "workers": 1, "trials": len(results), "states": {"COMPLETE": len(results)},
+            "wall_s": wall, "trials_per_hour": len(results) / wall * 3600,
+            "mean_trial_s": sum(r["wall_seconds"] for r in results) / len(results) if results else None,
+            "mean_test_accuracy": sum(r["test_accuracy"] for r in results) / len(results) if results else None,
+            "steps": [r["steps"] for r in results], "private": [r["private"] for r in results],
             "configs": sorted(json.dumps(t["params"], sort_keys=True) for t in trials)}
 
 
@@ -319,6 +380,7 @@ def run_arm(study_path: Path, workers: int, device: str) -> dict:
         "mean_trial_s": sum(t.user_attrs["wall_seconds"] for t in complete) / len(complete) if complete else None,
         "mean_test_accuracy": sum(t.user_attrs["test_accuracy"] for t in complete) / len(complete) if complete else None,
         "configs": sorted(json.dumps(t.params, sort_keys=True) for t in trials),
+        "steps": [t.user_attrs["steps"] for t in sorted(complete, key=lambda t: t.number)],
         # what the user loop needs to train the same trials at the same per-run epsilon
         "trial_configs": [{key: t.user_attrs[key] for key in ("config", "train_config", "privacy_config")}
                           | {"params": t.params} for t in sorted(complete, key=lambda t: t.number)],
@@ -377,20 +439,43 @@ def main(argv: list[str] | None = None) -> dict:
                   "trials", file=sys.stderr, flush=True)
             rows.append(in_fresh_process({"kind": "user_loop", "study": str(study_path),
                                           "trials": rows[0]["trial_configs"], "device": args.device}))
+            save()
+        if args.floor:
+            print(f"[floor] the same {rows[0]['trials']} trials without privacy (dpnas's loop, epsilon = inf) on "
+                  f"{args.device}", file=sys.stderr, flush=True)
+            rows.append(in_fresh_process({"kind": "floor", "study": str(study_path),
+                                          "trials": rows[0]["trial_configs"], "device": args.device}))
+            save()
+            workers = max(args.workers)
+            print(f"[floor] the same study without privacy (epsilon = inf), {workers} worker(s) on {args.device}",
+                  file=sys.stderr, flush=True)
+            rows.append(in_fresh_process({"kind": "nonprivate_search", "study": str(derive_nonprivate_study(study_path)),
+                                          "workers": workers, "device": args.device}))
         result = save()
 
     print(f"{args.trials} trials x {args.epochs} epoch(s), {args.dataset} data, device {args.device}")
-    print(f"{'arm':<20} {'workers':>7} {'trials':>6} {'wall s':>8} {'trials/hour':>11} {'x sequential':>12} "
+    print(f"{'arm':<30} {'workers':>7} {'trials':>6} {'wall s':>8} {'trials/hour':>11} {'x sequential':>12} "
           f"{'test acc':>8}")
     for row in rows:
         ratio = f"{row['x_sequential']:.2f}" if row["x_sequential"] is not None else "-"
         accuracy = f"{row['mean_test_accuracy']:.3f}" if row.get("mean_test_accuracy") is not None else "-"
-        print(f"{row['arm']:<20} {row['workers']:>7} {row['trials']:>6} {row['wall_s']:>8.1f} "
+        print(f"{row['arm']:<30} {row['workers']:>7} {row['trials']:>6} {row['wall_s']:>8.1f} "
               f"{row['trials_per_hour']:>11.1f} {ratio:>12} {accuracy:>8}")
-    if args.baseline and rows[-1]["trials_per_hour"]:
-        best = max(rows[:-1], key=lambda r: r["trials_per_hour"])
-        print(f"dpnas ({best['arm']}) / user loop: {best['trials_per_hour'] / rows[-1]['trials_per_hour']:.2f}x the "
-              f"trials per hour; sequential dpnas alone {rows[0]['trials_per_hour'] / rows[-1]['trials_per_hour']:.2f}x")
+    private = rows[:len(args.workers)]
+    best = max(private, key=lambda r: r["trials_per_hour"])
+    user = next((row for row in rows if row["arm"] == "user loop (Opacus)"), None)
+    floor = next((row for row in rows if row["arm"] == "non-private floor"), None)
+    free = next((row for row in rows if row["arm"].startswith("non-private search")), None)
+    if user and user["trials_per_hour"]:
+        print(f"dpnas ({best['arm']}) / user loop: {best['trials_per_hour'] / user['trials_per_hour']:.2f}x the "
+              f"trials per hour; sequential dpnas alone {rows[0]['trials_per_hour'] / user['trials_per_hour']:.2f}x")
+    for bound, what in ((floor, "any private search of these trials"), (free, "dpnas's search, privacy aside")):
+        if bound and bound["trials_per_hour"]:
+            line = f"{bound['arm']} / dpnas ({best['arm']}): {bound['trials_per_hour'] / best['trials_per_hour']:.2f}x"
+            if user and user["trials_per_hour"]:
+                line += (f"; / user loop: {bound['trials_per_hour'] / user['trials_per_hour']:.2f}x (about the most "
+                         f"{what} can gain over the user loop)")
+            print(line)
     for row in rows:
         if row["trials"] != args.trials:
             print(f"warning: arm {row['arm']!r} completed {row['trials']} of {args.trials} trials "

@@ -35,6 +35,30 @@ def test_both_arms_complete_the_same_trials_and_report_consistent_rates(tmp_path
     assert rows[0]["configs"] == rows[1]["configs"] and len(set(rows[0]["configs"])) == 2
 
 
+def test_the_floors_train_the_same_trials_without_privacy(tmp_path, capsys):
+    """`--floor`: the sequential arm's trials by dpnas's loop at epsilon = inf, with as many steps, and the same
+    study searched at epsilon = inf."""
+    out = tmp_path / "throughput.json"
+    load_script().main(["--trials", "2", "--epochs", "1", "--workers", "1", "--device", "cpu", "--synthetic-size",
+                        "512", "--image-size", "16", "--widths", "1", "--depths", "1", "--floor", "--json", str(out)])
+    result = json.loads(out.read_text())
+    sequential, floor, free = result["rows"]
+    assert floor["arm"] == "non-private floor" and floor["trials"] == 2 and floor["private"] == [False, False]
+    assert floor["configs"] == sequential["configs"]
+    # as many steps as the private trials were planned (the same epochs at the same sample rate)
+    assert floor["steps"] == sequential["steps"] and all(steps >= 1 for steps in floor["steps"])
+    assert floor["x_sequential"] == pytest.approx(floor["trials_per_hour"] / sequential["trials_per_hour"])
+    assert free["arm"] == "non-private search (1 worker)" and free["states"] == {"COMPLETE": 2}
+    assert free["configs"] == sequential["configs"] and free["steps"] == sequential["steps"]
+    for trial in free["trial_configs"]:  # trained without noise; the private arm's with it
+        # epsilon = inf, which the journal stores as null
+        assert trial["privacy_config"]["epsilon"] in (None, float("inf"))
+        assert trial["privacy_config"]["noise_multiplier"] == 0
+    assert all(0 < t["privacy_config"]["epsilon"] < float("inf") for t in sequential["trial_configs"])
+    printed = capsys.readouterr().out
+    assert "non-private floor / dpnas (sequential)" in printed and "/ user loop" not in printed
+
+
 def test_bad_arguments_are_refused(capsys):
     module = load_script()
     with pytest.raises(SystemExit):
