@@ -1,6 +1,7 @@
 """benchmarks/step_breakdown.py end to end, tiny: both models take turns and the ratio is their own."""
 
 import json
+import platform
 
 import pytest
 from bench_helpers import BENCHMARKS, load_benchmark
@@ -81,3 +82,23 @@ def test_poisson_chunks_benchmark_counts_the_steps_a_physical_batch_splits(tmp_p
     assert all(ms > 0 for ms in row["mean_step_ms"].values())
     assert row["x_first_over_last"] == pytest.approx(row["mean_step_ms"]["64"] / row["mean_step_ms"]["4096"])
     assert "quickstart#0" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_mapped_blocks_times_both_allocator_settings_in_turn_and_leaves_the_heap_setting(tmp_path, monkeypatch):
+    module = load_benchmark("mapped_blocks")
+    settings = []
+    real_set = module.set_mmap_max
+    monkeypatch.setattr(module, "set_mmap_max", lambda value: settings.append(value) or real_set(value))
+    out = tmp_path / "mapped.json"
+    assert module.main(["--models", "tiny", "--batch-size", "8", "--steps", "1", "--rounds", "2",
+                        "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    # mapped then heap, then heap then mapped, and dpnas's own setting (no mapped blocks) at the end
+    assert settings == [65536, 0, 0, 65536, 0]
+    for name in ("mapped", "heap"):
+        assert row[f"{name}_dpnas_ms"] == pytest.approx(row[f"{name}_dpnas_forward_backward_ms"]
+                                                        + row[f"{name}_dpnas_norms_and_sums_ms"])
+        assert row[f"{name}_dpnas_vs_nonprivate"] == pytest.approx(
+            row[f"{name}_dpnas_ms"] / row[f"{name}_nonprivate_forward_backward_ms"])
+    assert row["dpnas_ms_mapped_over_heap"] == pytest.approx(row["mapped_dpnas_ms"] / row["heap_dpnas_ms"])
