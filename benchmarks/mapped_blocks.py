@@ -1,15 +1,19 @@
 """Large blocks from mmap or from the heap: dpnas's step and a non-private one, both ways in one process.
 
 glibc serves a block above its mmap threshold with a fresh mapping, which the OS zero-fills page by page on first
-touch, and unmaps it when freed; `dpnas.dp.host_memory` raises that threshold to its largest (32 MiB) and, since
-issue 17's eighth pass, allows no mapped blocks at all, so larger blocks come from the heap too and are reused
-step after step. Which blocks exceed 32 MiB depends on the shapes: the unfolded patches of a 3x3 conv over a
-16x16 map of 17 channels are 40 MB at batch 256, a 64-channel 32x32 activation is 8 MB per 32 images.
+touch, and unmaps it when freed. `dpnas.dp.host_memory` raises that threshold to its largest, 32 MiB; larger
+blocks are still mapped, every time. Allowing no mapped blocks at all (``mallopt(M_MMAP_MAX, 0)``) serves them
+from the heap too, and they are reused step after step. Which blocks exceed 32 MiB depends on the shapes: a
+batch's unfolded patches (32 x 161 x 9 x 16 x 16 floats in SmoothNet, 45 MB), a grouped convolution's per-sample
+weight gradients, a wide dense block's activations. Issue 17's eighth pass measured this lever and did not keep
+it: the reference networks' DP steps got 4-8 % faster, and dpnas's peak memory moved by -1 to +13 % (SmoothNet's
+above Opacus's in one of two runs), as the heap fragments around blocks of many sizes (benchmarks/RESULTS.md).
 
 For each model this times `step_breakdown.breakdown` (a non-private forward + backward and dpnas's forward,
 backward, norms and clipped sums, taking turns step by step) with large blocks mapped (M_MMAP_MAX at glibc's
 default, 65536) and from the heap (0), the two settings taking turns for `--rounds` rounds in one process, and
-reports the medians. Everything else is dpnas's own setting (32 MiB threshold, 1 GiB trim).
+reports the medians. Everything else is dpnas's own setting (32 MiB threshold, 1 GiB trim), and the process
+leaves with glibc's default M_MMAP_MAX, which dpnas keeps.
 
     uv run python benchmarks/mapped_blocks.py --models smoothnet,resnet9_scalenorm,wrn16_4 --batch-size 32
     uv run python benchmarks/mapped_blocks.py --models "" --points studies/quickstart.toml --n 5
@@ -31,9 +35,10 @@ from pathlib import Path
 import torch
 
 from dpnas.bench import bench_models
-from dpnas.dp.host_memory import M_MMAP_MAX, keep_freed_host_memory
+from dpnas.dp.host_memory import keep_freed_host_memory
 from dpnas.results import write_json
 
+M_MMAP_MAX = -4  # mallopt's parameter number (glibc's malloc.h)
 GLIBC_DEFAULT_MMAP_MAX = 65536
 SETTINGS = {"mapped": GLIBC_DEFAULT_MMAP_MAX, "heap": 0}
 PARTS = ("nonprivate_forward_backward_ms", "dpnas_forward_backward_ms", "dpnas_norms_and_sums_ms")
@@ -62,7 +67,7 @@ def compare(model, *, batch_size: int, steps: int, rounds: int, device: str, bre
         for name in order:
             set_mmap_max(SETTINGS[name])
             runs[name].append(breakdown(model, batch_size=batch_size, steps=steps, device=device))
-    set_mmap_max(0)
+    set_mmap_max(GLIBC_DEFAULT_MMAP_MAX)  # back to dpnas's own setting
     row: dict = {"model": model.label, "batch_size": model.batch_size or batch_size, "rounds": rounds}
     for name, results in runs.items():
         for part in PARTS:

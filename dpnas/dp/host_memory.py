@@ -7,14 +7,11 @@ gradients, per-sample gradients, unfolded patches), so the OS maps and zero-fill
 step. On the 2-core development machine that took a quickstart point with max-pool smoothing from 16 to 28 ms a
 DP step and from 14 to 24 ms a non-private one (benchmarks/RESULTS.md, issue 17's fourth pass).
 
-:func:`keep_freed_host_memory` sets three of malloc's parameters for the whole process: blocks under 32 MiB
-(glibc's largest threshold on 64-bit) come from the heap, larger ones too (no block is served by ``mmap`` at all:
-the threshold cannot go higher, and a 40 MB block of unfolded patches or a 67 MB activation was mapped and
-zero-filled again on every call, which made a ReLU over 67 MB 3.7x and unfolding 40 MB 5x slower than from the
-heap, benchmarks/RESULTS.md, issue 17's eighth pass), and free memory is kept until more than 1 GiB of it sits at
-the heap's top. The price is that a process's resident memory does not shrink after its peak, which a training
-process returns to every step anyway. Values and arithmetic are unchanged. It is a no-op off glibc (macOS, musl)
-and with ``DPNAS_KEEP_FREED_MEMORY=0``, which measures the difference.
+:func:`keep_freed_host_memory` sets two of malloc's parameters for the whole process: blocks under 32 MiB (glibc's
+largest threshold on 64-bit) come from the heap, and free memory is kept until more than 1 GiB of it sits at the
+heap's top. The price is that a process's resident memory does not shrink after its peak, which a training process
+returns to every step anyway. Values and arithmetic are unchanged. It is a no-op off glibc (macOS, musl) and
+with ``DPNAS_KEEP_FREED_MEMORY=0``, which measures the difference.
 """
 
 from __future__ import annotations
@@ -27,7 +24,6 @@ import platform
 # mallopt's parameter numbers (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
-M_MMAP_MAX = -4
 MMAP_THRESHOLD = 32 * 2**20  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit: glibc refuses a larger one
 TRIM_THRESHOLD = 2**30
 OPT_OUT = "DPNAS_KEEP_FREED_MEMORY"
@@ -47,8 +43,5 @@ def keep_freed_host_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # mallopt returns 1 on success; setting either threshold also ends glibc's dynamic thresholds, so set both or
-    # neither. M_MMAP_MAX = 0: no block is mapped on its own, whatever its size (a thread's arena that cannot hold
-    # one hands it to the main heap)
-    return (bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-            and bool(mallopt(M_MMAP_MAX, 0)))
+    # mallopt returns 1 on success; setting either also ends glibc's dynamic thresholds, so set both or neither
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
