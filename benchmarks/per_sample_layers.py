@@ -12,6 +12,12 @@ one method on the layers that use it.
     uv run python benchmarks/per_sample_layers.py --models smoothnet,wrn16_4 --batch-size 32 --rounds 5
     uv run python benchmarks/per_sample_layers.py --models resnet9_scalenorm --candidate shifted
 
+``--tuner-repeats R`` also runs the tuner's choice R times on each layer with several candidates, both as dpnas
+does it (the methods close on a 32-sample batch timed again on the whole batch) and on the 32 samples alone (as
+before issue 17's eighth pass), and sums the whole-batch times of what each picked: the cost of a wrong pick.
+
+    uv run python benchmarks/per_sample_layers.py --models "" --points studies/quickstart.toml --n 5 --tuner-repeats 3
+
 ``--candidate shifted`` also times a method dpnas does not have, on every stride-1 convolution: each sample's
 weight gradient as a sum over the kernel's offsets of one batched product of the output gradient with a shifted
 view of the padded input (no unfold copy; the padded rows' extra columns meet zeros in the gradient), followed by
@@ -38,7 +44,8 @@ from dpnas.arch.models import build_model
 from dpnas.arch.space import ArchConfig
 from dpnas.bench import BenchModel, bench_models
 from dpnas.dp.host_memory import keep_freed_host_memory
-from dpnas.dp.per_sample import PerSampleClipper
+import dpnas.dp.per_sample as per_sample
+from dpnas.dp.per_sample import PerSampleClipper, worth_timing
 from dpnas.dp.per_sample_layers import (
     _materialised,
     _standardisation,
@@ -99,7 +106,28 @@ def shifted_clipped_sum(layer: torch.nn.Conv2d, a: torch.Tensor, g: torch.Tensor
     return result.squared, clipped_sum(layer, result, a, g, factor, 1)
 
 
-def layer_rows(model: BenchModel, *, batch_size: int, rounds: int, candidate: str | None = None) -> list[dict]:
+def tuner_picks(layer, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None, repeats: int) -> dict[str, list[str]]:  # noqa: ANN001
+    """What the tuner picks on this layer, `repeats` times: as dpnas tunes ("whole": the close methods timed again
+    on the whole batch) and on the sample alone ("sample": no method is close enough to be timed again)."""
+    candidates = methods_for(layer)
+    if len(candidates) > 1:
+        candidates = worth_timing(layer, candidates, a, g)
+    if len(candidates) < 2:
+        return {}
+    picks: dict[str, list[str]] = {"sample": [], "whole": []}
+    ratio = per_sample.FINALIST_RATIO
+    try:
+        for _ in range(repeats):
+            for mode, finalist_ratio in (("sample", 1.0), ("whole", ratio)):
+                per_sample.FINALIST_RATIO = finalist_ratio
+                picks[mode].append(per_sample._fastest(layer, candidates, a, g, out, 1))
+    finally:
+        per_sample.FINALIST_RATIO = ratio
+    return picks
+
+
+def layer_rows(model: BenchModel, *, batch_size: int, rounds: int, candidate: str | None = None,
+               tuner_repeats: int = 0) -> list[dict]:
     torch.manual_seed(0)
     net = build_model(ArchConfig.from_dict(model.arch), num_classes=10, in_channels=model.in_channels)
     batch = model.batch_size or batch_size
@@ -144,8 +172,24 @@ def layer_rows(model: BenchModel, *, batch_size: int, rounds: int, candidate: st
                      "input": list(a.shape[1:]), "output_grad": list(g.shape[1:]),
                      "input_layout": layout(a), "grad_layout": layout(g), "chosen": clipper.chosen[layer],
                      "ms": {m: statistics.median(t[1:] if len(t) > 1 else t) for m, t in times.items()}})
+        if tuner_repeats:
+            rows[-1]["tuner_picks"] = tuner_picks(layer, a, g, out, tuner_repeats)
     clipper.close()
     return rows
+
+
+def tuner_cost(rows: list[dict]) -> dict[str, float]:
+    """Per mode, the mean over the tuner's repeats of the summed whole-batch ms of what it picked (every layer;
+    a layer with one candidate adds that method's time to both)."""
+    if not any(r.get("tuner_picks") is not None for r in rows):
+        return {}
+    cost = {"sample": 0.0, "whole": 0.0}
+    for r in rows:
+        timed = {m: ms for m, ms in r["ms"].items() if m != SHIFTED}
+        for mode in cost:
+            picks = (r.get("tuner_picks") or {}).get(mode)
+            cost[mode] += statistics.mean(timed[p] for p in picks) if picks else timed[r["chosen"]]
+    return cost
 
 
 def format_table(rows: list[dict]) -> str:
@@ -167,6 +211,11 @@ def format_table(rows: list[dict]) -> str:
         fastest[r["model"]] = fastest.get(r["model"], 0.0) + min(ms for m, ms in r["ms"].items() if m != SHIFTED)
     lines += [f"{model}: the picked methods together {ms:.2f} ms (each layer's fastest here: {fastest[model]:.2f} ms)"
               for model, ms in totals.items()]
+    for model in totals:
+        mean_picks = tuner_cost([r for r in rows if r["model"] == model])
+        if mean_picks:
+            lines.append(f"{model}: the tuner's picks, mean over its repeats: {mean_picks['whole']:.2f} ms as dpnas "
+                         f"tunes, {mean_picks['sample']:.2f} ms tuned on 32 samples alone")
     if any(SHIFTED in r["ms"] for r in rows):
         lines += [f"{model}: with the candidate where it is faster {ms:.2f} ms" for model, ms in with_candidate.items()]
     return "\n".join(lines)
@@ -181,10 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per method (median reported)")
     parser.add_argument("--candidate", choices=("shifted",),
                         help="also time a method dpnas does not have (see the module's docstring)")
+    parser.add_argument("--tuner-repeats", type=int, default=0, metavar="R",
+                        help="also run the tuner R times per layer, with and without its whole-batch timings")
     parser.add_argument("--json", default="benchmarks/per_sample_layers.json")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.rounds < 1:
-        parser.error("--batch-size and --rounds must be >= 1")
+    if args.batch_size < 1 or args.rounds < 1 or args.tuner_repeats < 0:
+        parser.error("--batch-size and --rounds must be >= 1, --tuner-repeats >= 0")
     try:  # unknown names fail before any model runs
         models = bench_models(args.models, args.points, args.n)
     except (ValueError, OSError) as err:
@@ -193,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model in models:
         print(f"  {model.label} ...", file=sys.stderr, flush=True)
-        rows += layer_rows(model, batch_size=args.batch_size, rounds=args.rounds, candidate=args.candidate)
+        rows += layer_rows(model, batch_size=args.batch_size, rounds=args.rounds, candidate=args.candidate,
+                           tuner_repeats=args.tuner_repeats)
     print(format_table(rows))
     write_json(args.json, {"benchmark": "per_sample_layers", "date": datetime.date.today().isoformat(),
                            "command": " ".join(["python", "benchmarks/per_sample_layers.py", *(argv or sys.argv[1:])]),

@@ -120,6 +120,50 @@ def test_tuner_times_only_plausible_methods_and_remembers_the_choice(monkeypatch
     assert timed == []  # the only candidate: nothing to time
 
 
+def test_tuner_times_the_close_methods_again_on_the_whole_batch(monkeypatch):
+    """A sample's ranking need not hold for the whole batch (a working set that leaves the cache): the methods
+    close on the sample are timed on the whole batch, and the fastest there is kept."""
+    import dpnas.dp.per_sample as per_sample
+
+    timed = []
+    # unfold wins on the 32-sample tuning batch and loses on all 96 rows; ghost is far behind on the sample
+    seconds = {(32, "unfold"): 1.0, (32, "grouped"): 1.2, (32, "ghost"): 5.0, (96, "unfold"): 9.0, (96, "grouped"): 3.6}
+
+    def fake_seconds(layer, method, a, *rest):
+        timed.append((a.shape[0], method))
+        return seconds[a.shape[0], method]
+
+    monkeypatch.setattr(per_sample, "_seconds", fake_seconds)
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+    a, g = torch.randn(96, 2, 6, 6), torch.randn(96, 2, 6, 6)
+    assert per_sample._fastest(conv, ["unfold", "grouped", "ghost"], a, g, None, 1) == "grouped"
+    # a warm-up and three rounds on the sample, then two rounds of the finalists on every row; ghost is not one
+    assert timed == [(32, m) for m in ("unfold", "grouped", "ghost")] * 4 + [(96, "unfold"), (96, "grouped")] * 2
+    # where the sample's ranking holds, the sample's fastest is kept
+    seconds[96, "unfold"] = 3.0
+    assert per_sample._fastest(conv, ["unfold", "grouped", "ghost"], a, g, None, 1) == "unfold"
+
+
+def test_tuner_never_picks_a_method_that_ran_out_of_gpu_memory(monkeypatch):
+    import dpnas.dp.per_sample as per_sample
+
+    calls = []
+
+    def fake_seconds(layer, method, a, *rest):
+        calls.append((a.shape[0], method))
+        if method == "grouped" and a.shape[0] > 32:  # fits the sample, not the whole batch
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return {"unfold": 1.2, "grouped": 1.0}[method]
+
+    monkeypatch.setattr(per_sample, "_seconds", fake_seconds)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    conv = torch.nn.Conv2d(2, 2, 3, padding=1)
+    a, g = torch.randn(64, 2, 6, 6), torch.randn(64, 2, 6, 6)
+    assert per_sample._fastest(conv, ["unfold", "grouped"], a, g, None, 1) == "unfold"
+    # the method that failed is not run again, and the cache it left is freed
+    assert calls.count((64, "grouped")) == 1 and "empty_cache" in calls and calls.count((64, "unfold")) == 2
+
+
 class _TwoStems(torch.nn.Module):
     """Two trainable layers that both read the images, then one that reads both."""
 

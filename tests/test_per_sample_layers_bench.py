@@ -25,6 +25,29 @@ def test_every_trainable_layer_gets_each_of_its_methods_timed(tmp_path, capsys):
     assert "the picked methods together" in capsys.readouterr().out
 
 
+def test_tuner_repeats_record_both_ways_of_picking_and_what_the_picks_cost(tmp_path, capsys, monkeypatch):
+    """`--tuner-repeats`: each layer with several candidates records the picks with and without the whole-batch
+    timings, and the summary sums the whole-batch times of what was picked."""
+    bench = load_benchmark("per_sample_layers")
+    out = tmp_path / "layers.json"
+    # batch 64: beyond the tuner's 32 samples, so dpnas's way also times the close methods on the whole batch
+    assert bench.main(["--models", "tiny", "--batch-size", "64", "--rounds", "1", "--tuner-repeats", "2",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    tuned = [r for r in rows if r["tuner_picks"]]
+    assert tuned and all(r["tuner_picks"] == {} for r in rows if len(r["ms"]) == 1)
+    for row in tuned:
+        assert set(row["tuner_picks"]) == {"sample", "whole"}
+        assert all(len(p) == 2 and set(p) <= set(row["ms"]) for p in row["tuner_picks"].values())
+    cost = bench.tuner_cost(rows)
+    expected = sum(sum(r["ms"][p] for p in r["tuner_picks"]["whole"]) / 2 if r["tuner_picks"] else r["ms"][r["chosen"]]
+                   for r in rows)
+    assert cost["whole"] == pytest.approx(expected)
+    assert "the tuner's picks, mean over its repeats" in capsys.readouterr().out
+    import dpnas.dp.per_sample as per_sample
+    assert per_sample.FINALIST_RATIO == 1.5  # restored after the sample-only runs
+
+
 def test_unknown_models_are_refused_before_any_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load_benchmark("per_sample_layers").main(["--models", "nonet", "--json", str(tmp_path / "x.json")])

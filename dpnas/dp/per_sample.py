@@ -19,6 +19,7 @@ otherwise use Opacus's path.
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections import Counter
 
@@ -41,6 +42,8 @@ METHODS = ("auto", *CONV_METHODS)
 # the fastest method per layer shape and device, found once per process (see PerSampleClipper._method)
 _TUNED: dict[tuple, str] = {}
 TUNING_SAMPLES = 32
+# methods that the sample's timings put within this factor of the fastest are timed again on the whole batch
+FINALIST_RATIO = 1.5
 
 
 @contextlib.contextmanager
@@ -181,15 +184,7 @@ class PerSampleClipper:
                layer.dilation, layer.bias is not None, k, a.device, a.dtype,
                a.is_contiguous(memory_format=torch.channels_last))  # NHWC can change which method is fastest
         if key not in _TUNED:
-            # only methods within 3x of the cheapest estimate, and whose scratch memory is bounded, are worth timing
-            costs = {m: estimated_cost(layer, m, a, g) for m in candidates}
-            worth_timing = [m for m in candidates
-                            if costs[m] <= 3 * min(costs.values()) and (m != "ghost" or ghost_memory_bounded(layer, a))]
-            # timed on at most TUNING_SAMPLES samples: every method's cost grows linearly with the batch, so the
-            # ranking holds, and unfolding a full batch of 256 can take seconds on the CPU (once per layer shape,
-            # i.e. once per trial of a search that varies widths)
-            rows = min(a.shape[0], TUNING_SAMPLES * k)
-            _TUNED[key] = _fastest(layer, worth_timing, a[:rows], g[:rows], None if out is None else out[:rows], k)
+            _TUNED[key] = _fastest(layer, worth_timing(layer, candidates, a, g), a, g, out, k)
         return _TUNED[key]
 
     def method_counts(self) -> dict[str, int]:
@@ -201,23 +196,60 @@ class PerSampleClipper:
             handle.remove()
 
 
-def _fastest(layer: nn.Module, methods: list[str], a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None,
-             k: int, rounds: int = 3) -> str:
-    """The fastest of `methods` on this layer, by the best of `rounds` timings each.
+def worth_timing(layer: nn.Module, candidates: list[str], a: torch.Tensor, g: torch.Tensor) -> list[str]:
+    """The methods worth timing on this layer: within 3x of the cheapest estimate, and a ghost norm only where its
+    scratch memory is bounded."""
+    costs = {m: estimated_cost(layer, m, a, g) for m in candidates}
+    return [m for m in candidates
+            if costs[m] <= 3 * min(costs.values()) and (m != "ghost" or ghost_memory_bounded(layer, a))]
 
-    The methods take turns, round by round, so that a shared machine's drift reaches all of them alike (timed
-    one after another, WRN-16-4's 16x16 layers got ghost norms in one run and the slower grouped ones in the
-    next).  A lone candidate is not timed at all.
+
+def _fastest(layer: nn.Module, methods: list[str], a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None,
+             k: int) -> str:
+    """The fastest of `methods` on this layer: timed on a sample of the batch, then the close ones on all of it.
+
+    Every method is timed on the first TUNING_SAMPLES samples (a warm-up, then the best of three rounds):
+    unfolding a whole batch of 256 can take seconds on the CPU, once per layer shape, i.e. once per trial of a
+    search that varies widths. A sample's ranking does not always hold for the whole batch, though: where a
+    method's working set leaves the cache, or a block grows past glibc's 32 MiB mmap threshold and is mapped
+    and zero-filled anew on every call, its time grows faster than the batch (unfolding a 17-channel 16x16 map
+    writes 5 MB for 32 samples and 40 MB for 256: it took 4.4x the sample's time scaled to the batch, 3x the
+    grouped convolution's, which the sample had put 14 % behind; benchmarks/RESULTS.md). So the methods within
+    FINALIST_RATIO of the fastest on the sample are timed again on the whole batch (best of two rounds, the
+    first of which also allocates), and the fastest there is kept. A lone candidate is not timed at all.
     """
     if len(methods) == 1:
         return methods[0]
-    for method in methods:
-        _seconds(layer, method, a, g, out, k)  # sets up kernels and caches
-    best = dict.fromkeys(methods, float("inf"))
-    for _ in range(rounds):
+    rows = min(a.shape[0], TUNING_SAMPLES * k)
+    sample = _best_seconds(layer, methods, a[:rows], g[:rows], None if out is None else out[:rows], k, rounds=3,
+                           warm_up=True)
+    finalists = [m for m in methods if sample[m] <= FINALIST_RATIO * min(sample.values())]
+    if len(finalists) == 1 or rows == a.shape[0]:
+        return min(finalists, key=sample.__getitem__)
+    whole = _best_seconds(layer, finalists, a, g, out, k, rounds=2, warm_up=False)
+    return min(finalists, key=whole.__getitem__)
+
+
+def _best_seconds(layer: nn.Module, methods: list[str], a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None,
+                  k: int, *, rounds: int, warm_up: bool) -> dict[str, float]:
+    """Each method's best time over `rounds` rounds in which the methods take turns, so that a shared machine's
+    drift reaches all of them alike (timed one after another, WRN-16-4's 16x16 layers got ghost norms in one run
+    and the slower grouped ones in the next). A method that runs out of GPU memory is never the fastest."""
+    best = dict.fromkeys(methods, math.inf)
+    out_of_memory: set[str] = set()
+    for round_ in range(rounds + warm_up):
         for method in methods:
-            best[method] = min(best[method], _seconds(layer, method, a, g, out, k))
-    return min(methods, key=best.__getitem__)
+            if method in out_of_memory:
+                continue
+            try:
+                seconds = _seconds(layer, method, a, g, out, k)
+            except torch.cuda.OutOfMemoryError:
+                out_of_memory.add(method)
+                torch.cuda.empty_cache()
+                continue
+            if round_ >= warm_up:  # the warm-up round sets up kernels and caches
+                best[method] = min(best[method], seconds)
+    return best
 
 
 def _seconds(layer: nn.Module, method: str, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | None, k: int) -> float:
