@@ -18,6 +18,9 @@ before issue 17's eighth pass), and sums the whole-batch times of what each pick
 
     uv run python benchmarks/per_sample_layers.py --models "" --points studies/quickstart.toml --n 5 --tuner-repeats 3
 
+``--one-piece`` also times each method with no bound on its temporaries (unfolded patches and squares in one
+piece, as before issue 17's eighth pass), the two taking turns, in the JSON's ``ms_one_piece``.
+
 ``--candidate shifted`` also times a method dpnas does not have, on every stride-1 convolution: each sample's
 weight gradient as a sum over the kernel's offsets of one batched product of the output gradient with a shifted
 view of the padded input (no unfold copy; the padded rows' extra columns meet zeros in the gradient), followed by
@@ -29,6 +32,7 @@ Prints a table and writes JSON (`--json`, default benchmarks/per_sample_layers.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import platform
@@ -45,6 +49,7 @@ from dpnas.arch.space import ArchConfig
 from dpnas.bench import BenchModel, bench_models
 from dpnas.dp.host_memory import keep_freed_host_memory
 import dpnas.dp.per_sample as per_sample
+import dpnas.dp.per_sample_layers as per_sample_layers
 from dpnas.dp.per_sample import PerSampleClipper, worth_timing
 from dpnas.dp.per_sample_layers import (
     _materialised,
@@ -126,8 +131,19 @@ def tuner_picks(layer, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor | Non
     return picks
 
 
+@contextlib.contextmanager
+def unbounded_temporaries():
+    """dpnas's per-sample arithmetic as before issue 17's eighth pass: every temporary in one piece."""
+    saved = per_sample_layers._TEMPORARY_BYTES
+    per_sample_layers._TEMPORARY_BYTES = 2**62
+    try:
+        yield
+    finally:
+        per_sample_layers._TEMPORARY_BYTES = saved
+
+
 def layer_rows(model: BenchModel, *, batch_size: int, rounds: int, candidate: str | None = None,
-               tuner_repeats: int = 0) -> list[dict]:
+               tuner_repeats: int = 0, one_piece_ab: bool = False) -> list[dict]:
     torch.manual_seed(0)
     net = build_model(ArchConfig.from_dict(model.arch), num_classes=10, in_channels=model.in_channels)
     batch = model.batch_size or batch_size
@@ -165,13 +181,20 @@ def layer_rows(model: BenchModel, *, batch_size: int, rounds: int, candidate: st
                 torch.testing.assert_close(sums[param], value, rtol=1e-4, atol=1e-5)
             times[SHIFTED] = [run_shifted()]
             runs[SHIFTED] = run_shifted
-        for _ in range(rounds):
+        one_piece: dict[str, list[float]] = {m: [] for m in runs if m != SHIFTED} if one_piece_ab else {}
+        for round_ in range(rounds):
             for method, timing in runs.items():
                 times[method].append(timing())
+            if one_piece_ab:  # the same methods with no bound on a temporary, taking turns with the bounded ones
+                with unbounded_temporaries():
+                    for method in one_piece:
+                        one_piece[method].append(runs[method]())
         rows.append({"model": model.label, "layer": index, "type": type(layer).__name__,
                      "input": list(a.shape[1:]), "output_grad": list(g.shape[1:]),
                      "input_layout": layout(a), "grad_layout": layout(g), "chosen": clipper.chosen[layer],
                      "ms": {m: statistics.median(t[1:] if len(t) > 1 else t) for m, t in times.items()}})
+        if one_piece_ab:
+            rows[-1]["ms_one_piece"] = {m: statistics.median(t) for m, t in one_piece.items()}
         if tuner_repeats:
             rows[-1]["tuner_picks"] = tuner_picks(layer, a, g, out, tuner_repeats)
     clipper.close()
@@ -196,7 +219,9 @@ def format_table(rows: list[dict]) -> str:
     lines = [f"{'model':<18} {'#':>2} {'layer':<10} {'input':<14} {'grad':<14} {'layouts':<10} methods, ms "
              "(* = the tuner's pick)"]
     for r in rows:
-        methods = "  ".join(f"{m}{'*' if m == r['chosen'] else ''} {ms:.2f}" for m, ms in r["ms"].items())
+        one_piece = r.get("ms_one_piece", {})
+        methods = "  ".join(f"{m}{'*' if m == r['chosen'] else ''} {ms:.2f}"
+                            + (f" ({one_piece[m]:.2f} one piece)" if m in one_piece else "") for m, ms in r["ms"].items())
         lines.append(f"{r['model']:<18} {r['layer']:>2} {r['type']:<10} {'x'.join(map(str, r['input'])):<14} "
                      f"{'x'.join(map(str, r['output_grad'])):<14} {r['input_layout'] + '/' + r['grad_layout']:<10} "
                      f"{methods}")
@@ -232,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time a method dpnas does not have (see the module's docstring)")
     parser.add_argument("--tuner-repeats", type=int, default=0, metavar="R",
                         help="also run the tuner R times per layer, with and without its whole-batch timings")
+    parser.add_argument("--one-piece", action="store_true",
+                        help="also time each method with every temporary in one piece (no 8 MiB bound), in turn")
     parser.add_argument("--json", default="benchmarks/per_sample_layers.json")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.rounds < 1 or args.tuner_repeats < 0:
@@ -245,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         print(f"  {model.label} ...", file=sys.stderr, flush=True)
         rows += layer_rows(model, batch_size=args.batch_size, rounds=args.rounds, candidate=args.candidate,
-                           tuner_repeats=args.tuner_repeats)
+                           tuner_repeats=args.tuner_repeats, one_piece_ab=args.one_piece)
     print(format_table(rows))
     write_json(args.json, {"benchmark": "per_sample_layers", "date": datetime.date.today().isoformat(),
                            "command": " ".join(["python", "benchmarks/per_sample_layers.py", *(argv or sys.argv[1:])]),

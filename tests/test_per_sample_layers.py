@@ -34,10 +34,18 @@ def brute_force(layer, a, g, k):
     return per_row.view(a.shape[0] // k, k, -1).mean(1)
 
 
+# None: dpnas's bound on a temporary (8 MiB, more than these layers need); 600 bytes: unfolded one sample at a
+# time and squared a few columns at a time, so the blocked paths are checked against autograd too
+TEMPORARY_BYTES = [None, 600]
+
+
+@pytest.mark.parametrize("temporary_bytes", TEMPORARY_BYTES)
 @pytest.mark.parametrize("k", [1, 3])
 @pytest.mark.parametrize("method", CONV_METHODS)
 @pytest.mark.parametrize("name", list(CONVS))
-def test_conv_norms_and_weighted_sum_are_exact(name, method, k):
+def test_conv_norms_and_weighted_sum_are_exact(name, method, k, temporary_bytes, monkeypatch):
+    if temporary_bytes:
+        monkeypatch.setattr("dpnas.dp.per_sample_layers._TEMPORARY_BYTES", temporary_bytes)
     torch.manual_seed(0)
     layer = CONVS[name]()
     with torch.no_grad():
@@ -78,8 +86,11 @@ def test_a_channels_last_output_gradient_gives_the_same_norms_and_sum(name, meth
     assert (got - reference).norm() / reference.norm() < 1e-5
 
 
+@pytest.mark.parametrize("temporary_bytes", [None, 8])
 @pytest.mark.parametrize("k", [1, 2])
-def test_linear_and_group_norm_are_exact(k):
+def test_linear_and_group_norm_are_exact(k, temporary_bytes, monkeypatch):
+    if temporary_bytes:  # GroupNorm's per-sample gradients squared two columns at a time
+        monkeypatch.setattr("dpnas.dp.per_sample_layers._TEMPORARY_BYTES", temporary_bytes)
     torch.manual_seed(0)
     for layer, shape in [(nn.Linear(6, 4), (6,)), (nn.GroupNorm(2, 6), (6, 3, 3))]:
         with torch.no_grad():
@@ -152,3 +163,21 @@ def test_both_orders_of_the_unfold_product_agree_and_the_faster_one_is_remembere
                               g.contiguous(memory_format=torch.channels_last).flatten(2))
     assert len(timed) == 2 and len(layers._PRODUCT_ORDER) == 2
 
+
+
+def test_the_bound_on_temporaries_splits_the_work_on_the_cpu_only(monkeypatch):
+    """On the CPU the patches are unfolded a few samples at a time under the bound; elsewhere (CUDA's caching
+    allocator has no mapped blocks to avoid) in one piece, as smaller pieces would only add kernel launches."""
+    import dpnas.dp.per_sample_layers as layers
+
+    monkeypatch.setattr(layers, "_TEMPORARY_BYTES", 4 * 45 * 90 * 2)  # two samples' patches (fp32)
+    pieces = []
+    real_unfold = layers.unfold
+    monkeypatch.setattr(layers, "unfold", lambda conv, a: pieces.append(a.shape[0]) or real_unfold(conv, a))
+    conv = nn.Conv2d(5, 7, 3, padding=1, bias=False)
+    for device in ("cpu", "meta"):
+        pieces.clear()
+        a = torch.randn(5, 5, 9, 10, device=device)
+        grad = layers._conv_weight_per_sample(conv.to(device), "unfold", a, torch.randn(5, 7, 9, 10, device=device))
+        assert grad.shape == (5, 7, 5, 3, 3)
+        assert pieces == ([2, 2, 1] if device == "cpu" else [5])

@@ -70,3 +70,16 @@ def test_the_shifted_candidate_is_checked_exact_then_timed_on_stride_1_convoluti
     with pytest.raises(AssertionError):
         bench.main(["--models", "tiny", "--batch-size", "4", "--rounds", "1", "--candidate", "shifted",
                     "--json", str(out)])
+
+
+def test_one_piece_times_each_method_without_the_bound_and_restores_it(tmp_path, capsys):
+    import dpnas.dp.per_sample_layers as per_sample_layers
+
+    bench = load_benchmark("per_sample_layers")
+    out = tmp_path / "layers.json"
+    bound = per_sample_layers._TEMPORARY_BYTES
+    assert bench.main(["--models", "tiny", "--batch-size", "4", "--rounds", "2", "--one-piece",
+                       "--json", str(out)]) == 0
+    for row in json.loads(out.read_text())["rows"]:
+        assert set(row["ms_one_piece"]) == set(row["ms"]) and all(ms > 0 for ms in row["ms_one_piece"].values())
+    assert per_sample_layers._TEMPORARY_BYTES == bound and "one piece)" in capsys.readouterr().out

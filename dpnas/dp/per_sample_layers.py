@@ -37,6 +37,17 @@ CONV_METHODS = ("unfold", "grouped", "ghost")
 LINEAR_METHODS = ("ghost",)  # a flat Linear layer's ghost norm is ||a||^2 ||g||^2: always the cheapest
 GROUP_NORM_METHODS = ("materialise",)  # per-sample gradients are only (N, C)
 _CHANNEL_BLOCK = 16
+# The largest temporary the per-sample arithmetic makes in one piece on the CPU. glibc maps blocks above 32 MiB
+# (its largest mmap threshold) afresh on every call and the OS zero-fills them page by page: squaring 36 MB of
+# per-sample gradients in one piece took 16-17 ms, in 8 MiB column blocks 1.9 ms; the unfold method on a width-2
+# quickstart layer at batch 320 took 31.7 ms in one piece, 9.4 ms in blocks (benchmarks/RESULTS.md, issue 17's
+# eighth pass). CUDA's caching allocator reuses its blocks, and more, smaller kernels would only cost launches.
+_TEMPORARY_BYTES = 8 * 2**20
+
+
+def _unbounded(t: torch.Tensor) -> bool:
+    """Whether `t`'s temporaries may be made in one piece, whatever their size: everywhere but on the CPU."""
+    return t.device.type != "cpu"
 
 
 Standardisation = tuple[torch.Tensor, torch.Tensor]  # a WSConv2d's w_hat (C_out, D) and per-filter std (C_out, 1)
@@ -137,8 +148,17 @@ def weighted_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor, row_weigh
 
 def _materialised(grads: dict[nn.Parameter, torch.Tensor], k: int) -> LayerNorms:
     grads = _mean_over_augmentations(grads, k)
-    squared = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
+    squared = sum(_row_squares(g.flatten(1)) for g in grads.values())
     return LayerNorms(squared=squared, per_sample=grads)
+
+
+def _row_squares(rows: torch.Tensor) -> torch.Tensor:
+    """Each row's sum of squares, the squares made in column blocks of at most _TEMPORARY_BYTES on the CPU (the same
+    squares, summed block by block in fp32)."""
+    columns = max(1, _TEMPORARY_BYTES // max(1, rows.shape[0] * rows.element_size()))
+    if _unbounded(rows) or columns >= rows.shape[1]:
+        return rows.pow(2).sum(1)
+    return sum(block.pow(2).sum(1) for block in rows.split(columns, dim=1))
 
 
 def _mean_over_augmentations(grads: dict[nn.Parameter, torch.Tensor], k: int) -> dict[nn.Parameter, torch.Tensor]:
@@ -172,7 +192,7 @@ def _variance_share(conv: WSConv2d, std: torch.Tensor) -> torch.Tensor:
 def _conv_weight_per_sample(conv: nn.Conv2d, method: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     n = a.shape[0]
     if method == "unfold":
-        grad = per_sample_product(unfold(conv, a), g.flatten(2))  # g's flatten is a view in either memory layout
+        grad = _unfolded_per_sample(conv, a, g.flatten(2))  # g's flatten is a view in either memory layout
     elif method == "grouped":
         c_in = a.shape[1]
         padded = F.pad(a, (0, 0, 0, 0, 0, -c_in % _CHANNEL_BLOCK))
@@ -185,6 +205,21 @@ def _conv_weight_per_sample(conv: nn.Conv2d, method: str, a: torch.Tensor, g: to
     else:
         raise ValueError(f"unknown convolution method {method!r}; expected one of: {', '.join(CONV_METHODS)}")
     return grad.reshape(n, *conv.weight.shape)  # w.r.t. the standardised weight for a WSConv2d
+
+
+def _unfolded_per_sample(conv: nn.Conv2d, a: torch.Tensor, out_grad: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients from the unfolded input, unfolded a few samples at a time on the CPU so that no
+    block of patches exceeds _TEMPORARY_BYTES (a 1x1 stride-1 convolution's patches are its input, a view)."""
+    n = a.shape[0]
+    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
+    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+        return per_sample_product(unfold(conv, a), out_grad)
+    patch_bytes = a.shape[1] * kh * kw * out_grad.shape[2] * a.element_size()  # one sample's patches
+    rows = max(1, _TEMPORARY_BYTES // patch_bytes)
+    if _unbounded(a) or rows >= n:
+        return per_sample_product(unfold(conv, a), out_grad)
+    return torch.cat([per_sample_product(unfold(conv, a[i:i + rows]), out_grad[i:i + rows])
+                      for i in range(0, n, rows)])
 
 
 # which order of unfold's batched product is faster, per layer geometry and gradient layout (found by timing)
