@@ -213,10 +213,10 @@ def _fastest(layer: nn.Module, methods: list[str], a: torch.Tensor, g: torch.Ten
     search that varies widths. A sample's ranking does not always hold for the whole batch, though: where a
     method's working set leaves the cache, or a block grows past glibc's 32 MiB mmap threshold and is mapped
     and zero-filled anew on every call, its time grows faster than the batch (unfolding a 17-channel 16x16 map
-    writes 5 MB for 32 samples and 40 MB for 256: it took 4.4x the sample's time scaled to the batch, 3x the
-    grouped convolution's, which the sample had put 14 % behind; benchmarks/RESULTS.md). So the methods within
-    FINALIST_RATIO of the fastest on the sample are timed again on the whole batch (best of two rounds, the
-    first of which also allocates), and the fastest there is kept. A lone candidate is not timed at all.
+    writes 5 MB for 32 samples and 40 MB for 256: in one piece, as dpnas did then, it took 4.4x the sample's time
+    scaled to the batch, 3x the grouped convolution's, which the sample had put 14 % behind; benchmarks/RESULTS.md).
+    So the methods within FINALIST_RATIO of the fastest on the sample are timed again on the whole batch (best of
+    two rounds, the first of which also allocates), and the fastest there is kept. A lone candidate is not timed.
     """
     if len(methods) == 1:
         return methods[0]
