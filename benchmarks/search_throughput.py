@@ -22,14 +22,13 @@ study at epsilon = inf, run by `dpnas search` with the largest `--workers` count
 non-private one only by the few percent that skipping the batch weight gradients saves, so floor / user loop (in
 trials per hour) is about the most that any private search of these trials can gain over the user loop on this
 machine, and non-private search / user loop the most that dpnas's search can, however cheap its privacy gets.
-Prints a table and writes JSON (compare the ratio,
-measured in the same run, not absolute numbers across machines).
+Prints a table and writes JSON (compare the ratio, measured in the same run, not absolute numbers across machines).
 
     uv run python benchmarks/search_throughput.py --trials 6 --epochs 1 --workers 1,2
     uv run python benchmarks/search_throughput.py --study studies/quickstart.toml --dataset digits --epochs 8 \
         --trials 6 --workers 1,2 --baseline                  # at the quickstart's 16 px (--image-size 32: as before)
     uv run python benchmarks/search_throughput.py --study studies/quickstart.toml --dataset digits --epochs 8 \
-        --trials 6 --workers 1,2 --baseline --floor          # and the ceiling of goal 5: user loop / floor
+        --trials 6 --workers 1,2 --baseline --floor          # and the ceiling: floor / user loop
     uv run python benchmarks/search_throughput.py --device cuda --synthetic-size 50000 --trials 16 --workers 1,2,4
     uv run python benchmarks/search_throughput.py --dataset cifar10 --data-dir ~/data --device cuda --workers 1,4
 """
