@@ -210,13 +210,10 @@ def _conv_weight_per_sample(conv: nn.Conv2d, method: str, a: torch.Tensor, g: to
 def _unfolded_per_sample(conv: nn.Conv2d, a: torch.Tensor, out_grad: torch.Tensor) -> torch.Tensor:
     """Per-sample weight gradients from the unfolded input, unfolded a few samples at a time on the CPU so that no
     block of patches exceeds _TEMPORARY_BYTES (a 1x1 stride-1 convolution's patches are its input, a view)."""
-    n = a.shape[0]
-    (kh, kw), (sh, sw), (ph, pw) = conv.kernel_size, conv.stride, conv.padding
-    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
-        return per_sample_product(unfold(conv, a), out_grad)
+    n, (kh, kw) = a.shape[0], conv.kernel_size
     patch_bytes = a.shape[1] * kh * kw * out_grad.shape[2] * a.element_size()  # one sample's patches
     rows = max(1, _TEMPORARY_BYTES // patch_bytes)
-    if _unbounded(a) or rows >= n:
+    if _pointwise(conv) or _unbounded(a) or rows >= n:
         return per_sample_product(unfold(conv, a), out_grad)
     return torch.cat([per_sample_product(unfold(conv, a[i:i + rows]), out_grad[i:i + rows])
                       for i in range(0, n, rows)])
@@ -265,6 +262,11 @@ def _transposed_is_faster(patches: torch.Tensor, out_grad: torch.Tensor, rounds:
     return best[True] < best[False]
 
 
+def _pointwise(conv: nn.Conv2d) -> bool:
+    """A 1x1, stride-1, unpadded convolution: its patches are its input, a view."""
+    return (*conv.kernel_size, *conv.stride, *conv.padding) == (1, 1, 1, 1, 0, 0)
+
+
 def unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """``F.unfold(a)`` for `conv`'s geometry, (N, C_in * kh * kw, positions), the same values in the same order.
 
@@ -276,7 +278,7 @@ def unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """
     n, c_in = a.shape[:2]
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
-    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+    if _pointwise(conv):
         return a.flatten(2)
     padded = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
     ho = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1
