@@ -12,6 +12,8 @@ takes the same fixed batch. The optimizer step and the noise (the same for every
     uv run python benchmarks/step_breakdown.py --models "" --points studies/quickstart.toml --n 5 --steps 5
     uv run python benchmarks/step_breakdown.py --models "" --points studies/quickstart.toml --n 5 --steps 40 \
         --images-grad
+    uv run python benchmarks/step_breakdown.py --models "" --points studies/quickstart.toml --n 5 --steps 30 \
+        --stock-pointwise
 
 Models are what `dpnas bench --models` takes (names, ArchConfig or recipe files) and `--points STUDY --n K`
 seeded random points of a study's space, at the study's input shape and physical batch size.
@@ -40,10 +42,12 @@ from dpnas.results import write_json
 
 
 def breakdown(model: BenchModel, *, batch_size: int, steps: int, device: str, warmup: int = 2,
-              images_grad: bool = False) -> dict:
+              images_grad: bool = False, stock_pointwise: bool = False) -> dict:
     """Median milliseconds of each part over `steps` alternating steps (after `warmup` untimed ones).
     `images_grad`: also time dpnas's forward + backward with the images requiring a gradient, as it was before
-    the first layers' outputs started the graph (the lever's before and after, in one process)."""
+    the first layers' outputs started the graph (the lever's before and after, in one process).
+    `stock_pointwise`: also time it with oneDNN's 1x1 convolutions instead of dpnas's products
+    (:mod:`dpnas.dp.pointwise`), likewise."""
     dev = torch.device(device)
     torch.manual_seed(0)
     arch = ArchConfig.from_dict(model.arch)
@@ -72,11 +76,23 @@ def breakdown(model: BenchModel, *, batch_size: int, steps: int, device: str, wa
                                      "dpnas_norms_and_sums": []}
     if images_grad:
         parts["dpnas_images_grad_forward_backward"] = []
+    if stock_pointwise:
+        parts["dpnas_stock_pointwise_forward_backward"] = []
+
+    def stock_pointwise_backward() -> None:
+        clipper.pointwise_products = False
+        try:
+            clipper.backward(private, images, labels)
+        finally:
+            clipper.pointwise_products = True
+
     def dpnas_parts() -> tuple[float, ...]:
         times = (timed(lambda: clipper.backward(private, images, labels)), timed(lambda: clipper.clipped_sum(1.0)))
-        if images_grad:
-            times += (timed(lambda: clipper.backward(with_images_grad, images, labels)),)
-            clipper.clipped_sum(1.0)  # consumes what that backward captured (untimed)
+        for wanted, variant in ((images_grad, lambda: clipper.backward(with_images_grad, images, labels)),
+                                (stock_pointwise, stock_pointwise_backward)):
+            if wanted:
+                times += (timed(variant),)
+                clipper.clipped_sum(1.0)  # consumes what that backward captured (untimed)
         return times
 
     for step in range(warmup + steps):  # the first clipped sum also times each layer's methods (not counted)
@@ -96,24 +112,27 @@ def breakdown(model: BenchModel, *, batch_size: int, steps: int, device: str, wa
            "per_sample_methods": clipper.method_counts()}
     dpnas_ms = row["dpnas_forward_backward_ms"] + row["dpnas_norms_and_sums_ms"]
     row["dpnas_vs_nonprivate"] = dpnas_ms / row["nonprivate_forward_backward_ms"]
-    if images_grad:
-        row["images_grad_vs_nonprivate"] = ((row["dpnas_images_grad_forward_backward_ms"]
-                                             + row["dpnas_norms_and_sums_ms"]) / row["nonprivate_forward_backward_ms"])
+    for variant in ("images_grad", "stock_pointwise"):
+        if f"dpnas_{variant}_forward_backward_ms" in row:
+            row[f"{variant}_vs_nonprivate"] = ((row[f"dpnas_{variant}_forward_backward_ms"]
+                                                + row["dpnas_norms_and_sums_ms"]) / row["nonprivate_forward_backward_ms"])
     return row
 
 
 def format_table(rows: list[dict]) -> str:
     header = f"{'model':<18} {'batch':>5} {'nonprivate ms':>14} {'dpnas fwd+bwd ms':>17} {'norms+sums ms':>14} {'x nonpriv':>9}"
+    variants = [(variant, title) for variant, title in (("images_grad", "with images grad ms"),
+                                                        ("stock_pointwise", "oneDNN 1x1 fwd+bwd ms"))
+                if any(f"{variant}_vs_nonprivate" in r for r in rows)]
+    for _, title in variants:
+        header += f" {title:>21} {'x nonpriv':>9}"
     lines = [header, "-" * len(header)]
-    if any("images_grad_vs_nonprivate" in r for r in rows):
-        lines[0] += f" {'with images grad ms':>20} {'x nonpriv':>9}"
-        lines[1] = "-" * len(lines[0])
     for r in rows:
         line = (f"{r['model']:<18} {r['batch_size']:>5} {r['nonprivate_forward_backward_ms']:>14.1f} "
                 f"{r['dpnas_forward_backward_ms']:>17.1f} {r['dpnas_norms_and_sums_ms']:>14.1f} "
                 f"{r['dpnas_vs_nonprivate']:>9.2f}")
-        if "images_grad_vs_nonprivate" in r:
-            line += f" {r['dpnas_images_grad_forward_backward_ms']:>20.1f} {r['images_grad_vs_nonprivate']:>9.2f}"
+        for variant, _ in variants:
+            line += f" {r[f'dpnas_{variant}_forward_backward_ms']:>21.1f} {r[f'{variant}_vs_nonprivate']:>9.2f}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -128,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--images-grad", action="store_true",
                         help="also time dpnas's forward + backward with a gradient for the images (as before)")
+    parser.add_argument("--stock-pointwise", action="store_true",
+                        help="also time dpnas's forward + backward with oneDNN's 1x1 convolutions (as before)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="benchmarks/step_breakdown.json", help="where the rows go, with the machine and command")
     args = parser.parse_args(argv)
@@ -143,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in models:
         print(f"  {model.label} ...", file=sys.stderr, flush=True)
         rows.append(breakdown(model, batch_size=args.batch_size, steps=args.steps, device=args.device,
-                              warmup=args.warmup, images_grad=args.images_grad))
+                              warmup=args.warmup, images_grad=args.images_grad,
+                              stock_pointwise=args.stock_pointwise))
     print(format_table(rows))
     write_json(args.json, {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
                            "machine": platform.machine(), "torch": torch.__version__, "args": vars(args),

@@ -1,10 +1,10 @@
-"""benchmarks/unfold_patches.py and benchmarks/calibration_speed.py end to end: what they print and write is what
-they measured, and a candidate that got the answer wrong is refused rather than timed."""
+"""benchmarks/unfold_patches.py, calibration_speed.py and pointwise_conv.py end to end: what they print and write
+is what they measured, and a candidate that got the answer wrong is refused rather than timed."""
 
 import json
 
 import pytest
-from bench_helpers import load_benchmark
+from bench_helpers import BENCHMARKS, load_benchmark
 
 
 def test_unfold_patches_times_every_candidate_on_every_case(tmp_path, capsys):
@@ -36,3 +36,30 @@ def test_calibration_speed_counts_the_rdp_curves_of_a_calibration_that_meets_the
     assert len(shapes["noise_multipliers"]) == 6 and shapes["rdp_curves"] >= 6
     for row in (quickstart, shapes):
         assert 0.99 * 8.0 <= row["training_epsilon"] <= 8.0 and row["validation_epsilon"] <= 8.0
+
+
+def test_pointwise_conv_times_both_ways_for_every_gradient_a_step_asks(tmp_path, capsys):
+    out = tmp_path / "pointwise.json"
+    bench = load_benchmark("pointwise_conv")
+    quickstart = str(BENCHMARKS.parent / "studies" / "quickstart.toml")
+    assert bench.main(["--rounds", "1", "--eval-points", quickstart, "--n", "1", "--eval-rows", "16",
+                       "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [tuple(r["case"]) for r in rows] == bench.CASES
+    (point,) = result["eval_rows"]  # every quickstart point has a 1x1 transition
+    assert point["model"] == "quickstart#0" and point["rows"] == 16 and point["pointwise_convs"] == 1
+    assert point["oneDNN_over_products"] == pytest.approx(point["oneDNN"] / point["products"])
+    for row in rows:
+        for task in ("input grad", "both grads", "forward"):
+            cell = row[task]
+            assert cell["oneDNN"] > 0 and cell["products"] > 0
+            assert cell["oneDNN_over_products"] == pytest.approx(cell["oneDNN"] / cell["products"])
+    assert "input grad oneDNN / products ms" in capsys.readouterr().out
+
+
+def test_pointwise_conv_refuses_products_with_other_values(tmp_path, monkeypatch):
+    bench = load_benchmark("pointwise_conv")
+    monkeypatch.setattr(bench, "_product_forward", lambda x, weight: bench.F.conv2d(x, weight) + 1e-2)
+    with pytest.raises(AssertionError, match="products differ"):
+        bench.main(["--rounds", "1", "--json", str(tmp_path / "x.json")])

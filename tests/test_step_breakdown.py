@@ -31,15 +31,20 @@ def test_breakdown_times_both_models_and_writes_rows(tmp_path, capsys):
     assert "dpnas_images_grad_forward_backward_ms" not in row
 
 
-def test_breakdown_also_times_the_backward_with_a_gradient_for_the_images(tmp_path, capsys):
+@pytest.mark.parametrize(("flag", "variant", "other", "title"), [
+    ("--images-grad", "images_grad", "stock_pointwise", "with images grad ms"),  # the images requiring a gradient
+    ("--stock-pointwise", "stock_pointwise", "images_grad", "oneDNN 1x1 fwd+bwd ms"),  # 1x1 convs not as products
+])
+def test_breakdown_also_times_dpnas_backward_as_it_was_before_a_lever(tmp_path, capsys, flag, variant, other, title):
     out = tmp_path / "breakdown.json"
-    assert _load().main(["--models", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1", "--images-grad",
+    assert _load().main(["--models", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1", flag,
                          "--device", "cpu", "--json", str(out)]) == 0
     (row,) = json.loads(out.read_text())["rows"]
-    with_grad = row["dpnas_images_grad_forward_backward_ms"]
-    assert with_grad > 0 and row["images_grad_vs_nonprivate"] == pytest.approx(
-        (with_grad + row["dpnas_norms_and_sums_ms"]) / row["nonprivate_forward_backward_ms"])
-    assert "with images grad ms" in capsys.readouterr().out
+    before = row[f"dpnas_{variant}_forward_backward_ms"]
+    assert before > 0 and row[f"{variant}_vs_nonprivate"] == pytest.approx(
+        (before + row["dpnas_norms_and_sums_ms"]) / row["nonprivate_forward_backward_ms"])
+    assert f"dpnas_{other}_forward_backward_ms" not in row
+    assert title in capsys.readouterr().out
 
 
 def test_breakdown_rejects_unknown_models(tmp_path, capsys):

@@ -37,6 +37,7 @@ from dpnas.dp.per_sample_layers import (
     methods_for,
 )
 from dpnas.dp.per_sample_layers import clipped_sum as layer_clipped_sum
+from dpnas.dp.pointwise import is_pointwise, pointwise_as_products
 
 METHODS = ("auto", *CONV_METHODS)
 # the fastest method per layer shape and device, found once per process (see PerSampleClipper._method)
@@ -90,7 +91,7 @@ class PerSampleClipper:
     benchmarks use to measure each one.
     """
 
-    def __init__(self, model: nn.Module, *, method: str = "auto") -> None:
+    def __init__(self, model: nn.Module, *, method: str = "auto", pointwise_products: bool = True) -> None:
         if not supports(model):
             raise ValueError("model has layers without a dpnas per-sample gradient; use Opacus's path")
         if method not in METHODS:
@@ -99,6 +100,9 @@ class PerSampleClipper:
         self.method = method
         self.layers = _trainable_leaves(model)
         self.params = [p for m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]
+        self._pointwise = [m for m in self.layers if is_pointwise(m)]
+        # False: oneDNN's 1x1 convolutions in the backward pass too, as before (benchmarks compare the two)
+        self.pointwise_products = pointwise_products
         self.chosen: dict[nn.Module, str] = {}  # what each layer used last, for reports
         self._inputs: dict[nn.Module, torch.Tensor] = {}
         self._outputs: dict[nn.Module, torch.Tensor] = {}
@@ -137,7 +141,9 @@ class PerSampleClipper:
         self._capturing = True
         try:
             # no gradient for the images: the first layers' outputs start the graph (_save_input)
-            per_row = F.cross_entropy(logits_fn(images.detach()).float(), labels, reduction="none")
+            # no weight needs a gradient here: 1x1 convolutions run as products (dpnas.dp.pointwise)
+            with pointwise_as_products(self._pointwise if self.pointwise_products else []):
+                per_row = F.cross_entropy(logits_fn(images.detach()).float(), labels, reduction="none")
             # Summed: each sample's output gradient is its own. The hooks capture every gradient; asking autograd
             # for the leaves' gradients instead of calling backward() leaves no .grad on them, which autograd
             # would otherwise store, copying it first where its layout differs from the leaf's (a max smoothing
