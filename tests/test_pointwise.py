@@ -76,6 +76,8 @@ def test_only_plain_pointwise_convolutions_qualify():
     assert not is_pointwise(nn.Conv2d(4, 2, 1, stride=2))
     assert not is_pointwise(nn.Conv2d(4, 2, 1, padding=1))
     assert not is_pointwise(nn.Conv2d(4, 2, 1, groups=2))
+    assert not is_pointwise(nn.Conv2d(4, 2, 1, padding="same"))  # a string padding: left to the convolution
+    assert not is_pointwise(nn.Conv2d(4, 2, 1, padding_mode="reflect"))
     from dpnas.arch.layers import WSConv2d
     assert not is_pointwise(WSConv2d(4, 2, 1))  # its forward standardises the weight
 

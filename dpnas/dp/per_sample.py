@@ -4,7 +4,8 @@ Opacus's GradSampleModule lets autograd compute every parameter's ordinary ``.gr
 builds per-sample gradients from hooks; DP-SGD never uses that ``.grad``.  Here the parameters
 stop requiring gradients during the backward pass. The output of each trainable layer that nothing
 before it makes require one (the first conv, for these networks) is made an autograd leaf instead,
-so autograd still carries gradients through every layer but computes none for the images.  Hooks
+so autograd still carries gradients through every layer but computes none for the images (and, on the CPU,
+1x1 convolutions run as matrix products then, :mod:`dpnas.dp.pointwise`).  Hooks
 capture each layer's input and output gradient.  From those, :mod:`dpnas.dp.per_sample_layers` gives
 each layer's per-sample squared norms by the fastest exact method for that layer's shape, which this
 module finds by timing the candidates once per layer shape (like cuDNN's autotuner); the clipped sum
@@ -88,7 +89,8 @@ class PerSampleClipper:
 
     ``method`` is ``"auto"`` (per layer, the fastest of the exact methods, timed on first use) or one
     convolution method of :data:`dpnas.dp.per_sample_layers.CONV_METHODS` for every convolution, which
-    benchmarks use to measure each one.
+    benchmarks use to measure each one. ``pointwise_products``: during the backward pass, 1x1 convolutions on the
+    CPU run as matrix products (:mod:`dpnas.dp.pointwise`); False keeps oneDNN's, for benchmarks.
     """
 
     def __init__(self, model: nn.Module, *, method: str = "auto", pointwise_products: bool = True) -> None:
@@ -101,7 +103,6 @@ class PerSampleClipper:
         self.layers = _trainable_leaves(model)
         self.params = [p for m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]
         self._pointwise = [m for m in self.layers if is_pointwise(m)]
-        # False: oneDNN's 1x1 convolutions in the backward pass too, as before (benchmarks compare the two)
         self.pointwise_products = pointwise_products
         self.chosen: dict[nn.Module, str] = {}  # what each layer used last, for reports
         self._inputs: dict[nn.Module, torch.Tensor] = {}
