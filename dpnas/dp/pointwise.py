@@ -6,7 +6,7 @@ its input's gradient. For a 1x1, stride-1, unpadded convolution (a DenseNet / Sm
 every quickstart point has), oneDNN reorders the NCHW input into 16-channel blocks and back on each call, forward
 and backward (``ONEDNN_VERBOSE=1`` shows the reorders). One matrix product per sample, ``W @ x_n``, and
 ``W^T @ g_n`` for the input's gradient, is the same arithmetic without them: dpnas's forward and backward of the
-quickstart's points 0-2.2 ms (up to 16 %) faster on 2 CPU cores, of its throughput grid's 1.8-2.5 ms, SmoothNet's
+quickstart's points up to 2.2 ms (16 %) faster on 2 CPU cores, of its throughput grid's 1.8-2.5 ms, SmoothNet's
 at batch 32 1 % (benchmarks/step_breakdown.py --stock-pointwise; RESULTS.md, issue 17's ninth pass). The values are
 the convolution's to float32 rounding (the sums run in another order).
 
