@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from dpnas.bench import bench_models
+from dpnas.bench import add_model_options, models_from_options
 from dpnas.dp.host_memory import keep_freed_host_memory
 from dpnas.results import write_json
 
@@ -95,10 +95,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="smoothnet,resnet9_scalenorm,wrn16_4")
-    parser.add_argument("--points", metavar="STUDY_FILE", help="also --n seeded random points of this study's space")
-    parser.add_argument("--n", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32, help="of named models; points use their study's")
+    add_model_options(parser, default="smoothnet,resnet9_scalenorm,wrn16_4")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per breakdown (median)")
     parser.add_argument("--rounds", type=int, default=4, help="breakdowns per setting, taking turns (median)")
     parser.add_argument("--json", default="benchmarks/mapped_blocks.json")
@@ -107,10 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size, --steps and --rounds must be >= 1")
     if not keep_freed_host_memory():
         parser.error("needs glibc's malloc, with DPNAS_KEEP_FREED_MEMORY unset (the setting this compares against)")
-    try:  # unknown names fail before any model runs
-        models = bench_models(args.models, args.points, args.n)
-    except (ValueError, OSError) as err:
-        parser.error(str(err))
+    models = models_from_options(parser, args)  # unknown names fail before any model runs
     breakdown = load_step_breakdown().breakdown
     rows = []
     for model in models:

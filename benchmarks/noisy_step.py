@@ -27,7 +27,7 @@ import torch
 
 from dpnas.arch.models import build_model
 from dpnas.arch.space import ArchConfig
-from dpnas.bench import BenchModel, bench_models
+from dpnas.bench import BenchModel, add_model_options, models_from_options
 from dpnas.dp.config import PrivacyConfig
 from dpnas.dp.engine import DPSGDEngine
 from dpnas.dp.host_memory import keep_freed_host_memory
@@ -75,18 +75,13 @@ def model_row(model: BenchModel, *, rounds: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tiny", help="names, ArchConfig or recipe files (default tiny)")
-    parser.add_argument("--points", metavar="STUDY_FILE", help="also --n seeded random points of this study's space")
-    parser.add_argument("--n", type=int, default=5)
+    add_model_options(parser, default="tiny", batch_size=False)
     parser.add_argument("--rounds", type=int, default=200, help="timed rounds (median reported)")
     parser.add_argument("--json", default="benchmarks/noisy_step.json")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
-    try:  # unknown names fail before any model runs
-        models = bench_models(args.models, args.points, args.n)
-    except (ValueError, OSError) as err:
-        parser.error(str(err))
+    models = models_from_options(parser, args)  # unknown names fail before any model runs
     warnings.filterwarnings("ignore")
     keep_freed_host_memory()
     rows = [model_row(model, rounds=args.rounds) for model in models]

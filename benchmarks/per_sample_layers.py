@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from dpnas.arch.layers import WSConv2d
 from dpnas.arch.models import build_model
 from dpnas.arch.space import ArchConfig
-from dpnas.bench import BenchModel, bench_models
+from dpnas.bench import BenchModel, add_model_options, models_from_options
 from dpnas.dp.host_memory import keep_freed_host_memory
 import dpnas.dp.per_sample as per_sample
 import dpnas.dp.per_sample_layers as per_sample_layers
@@ -248,10 +248,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tiny", help="names, ArchConfig or recipe files (default tiny)")
-    parser.add_argument("--points", metavar="STUDY_FILE", help="also --n seeded random points of this study's space")
-    parser.add_argument("--n", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32, help="of named models; points use their study's")
+    add_model_options(parser, default="tiny")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per method (median reported)")
     parser.add_argument("--candidate", choices=("shifted",),
                         help="also time a method dpnas does not have (see the module's docstring)")
@@ -263,10 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.rounds < 1 or args.tuner_repeats < 0:
         parser.error("--batch-size and --rounds must be >= 1, --tuner-repeats >= 0")
-    try:  # unknown names fail before any model runs
-        models = bench_models(args.models, args.points, args.n)
-    except (ValueError, OSError) as err:
-        parser.error(str(err))
+    models = models_from_options(parser, args)  # unknown names fail before any model runs
     kept = keep_freed_host_memory()  # as dpnas's training engine does (DPNAS_KEEP_FREED_MEMORY=0: glibc's default)
     rows = []
     for model in models:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from dpnas.arch.models import build_model
 from dpnas.arch.space import ArchConfig
-from dpnas.bench import BenchModel, bench_models, synchronize
+from dpnas.bench import BenchModel, add_model_options, models_from_options, synchronize
 from dpnas.dp.host_memory import keep_freed_host_memory
 from dpnas.dp.per_sample import PerSampleClipper
 from dpnas.results import write_json
@@ -139,10 +139,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="smoothnet,resnet9_scalenorm,wrn16_4")
-    parser.add_argument("--points", metavar="STUDY_FILE", help="also --n seeded random points of this study's space")
-    parser.add_argument("--n", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=32, help="of named models; points use their study's")
+    add_model_options(parser, default="smoothnet,resnet9_scalenorm,wrn16_4")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model (median reported)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--images-grad", action="store_true",
@@ -154,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 1:
         parser.error("--batch-size, --steps and --warmup must be >= 1 (the first step times the methods)")
-    try:  # unknown names fail before any model runs
-        models = bench_models(args.models, args.points, args.n)
-    except (ValueError, OSError) as err:
-        parser.error(str(err))
+    models = models_from_options(parser, args)  # unknown names fail before any model runs
     # as dpnas's training engine does, for both models (DPNAS_KEEP_FREED_MEMORY=0: glibc's default, to compare)
     kept = keep_freed_host_memory()
     rows = []

@@ -29,6 +29,7 @@ case cannot warm another's caches.  Ratios are only meaningful within one run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import resource
 import statistics
@@ -91,6 +92,25 @@ def bench_models(names: str, points: str | Path | None = None, n: int = 5, *, se
     if points:
         models += study_points(points, n, seed=seed)
     return models
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, default: str, batch_size: bool = True) -> None:
+    """The options that pick a per-model benchmark's models: ``--models``, ``--points STUDY --n K`` (what
+    :func:`bench_models` takes) and, unless `batch_size` is False, ``--batch-size`` for the named models."""
+    parser.add_argument("--models", default=default, help=f"names, ArchConfig or recipe files (default {default})")
+    parser.add_argument("--points", metavar="STUDY_FILE", help="also --n seeded random points of this study's space")
+    parser.add_argument("--n", type=int, default=5)
+    if batch_size:
+        parser.add_argument("--batch-size", type=int, default=32, help="of named models; points use their study's")
+
+
+def models_from_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[BenchModel]:
+    """The models :func:`add_model_options`'s options name, all resolved before anything runs; an unknown name or a
+    broken file is a usage error (``parser.error``)."""
+    try:
+        return bench_models(args.models, args.points, args.n)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
 
 
 def study_points(study_file: str | Path, n: int, *, seed: int = 0) -> list[BenchModel]:
