@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpnas.arch.layers import WSConv2d
+from dpnas.dp.pointwise import pointwise_geometry
 
 CONV_METHODS = ("unfold", "grouped", "ghost")
 LINEAR_METHODS = ("ghost",)  # a flat Linear layer's ghost norm is ||a||^2 ||g||^2: always the cheapest
@@ -213,7 +214,7 @@ def _unfolded_per_sample(conv: nn.Conv2d, a: torch.Tensor, out_grad: torch.Tenso
     n, (kh, kw) = a.shape[0], conv.kernel_size
     patch_bytes = a.shape[1] * kh * kw * out_grad.shape[2] * a.element_size()  # one sample's patches
     rows = max(1, _TEMPORARY_BYTES // patch_bytes)
-    if _pointwise(conv) or _unbounded(a) or rows >= n:
+    if pointwise_geometry(conv) or _unbounded(a) or rows >= n:
         return per_sample_product(unfold(conv, a), out_grad)
     return torch.cat([per_sample_product(unfold(conv, a[i:i + rows]), out_grad[i:i + rows])
                       for i in range(0, n, rows)])
@@ -262,11 +263,6 @@ def _transposed_is_faster(patches: torch.Tensor, out_grad: torch.Tensor, rounds:
     return best[True] < best[False]
 
 
-def _pointwise(conv: nn.Conv2d) -> bool:
-    """A 1x1, stride-1, unpadded convolution: its patches are its input, a view."""
-    return (*conv.kernel_size, *conv.stride, *conv.padding) == (1, 1, 1, 1, 0, 0)
-
-
 def unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """``F.unfold(a)`` for `conv`'s geometry, (N, C_in * kh * kw, positions), the same values in the same order.
 
@@ -278,7 +274,7 @@ def unfold(conv: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     """
     n, c_in = a.shape[:2]
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
-    if _pointwise(conv):
+    if pointwise_geometry(conv):
         return a.flatten(2)
     padded = F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
     ho = (padded.shape[2] - dh * (kh - 1) - 1) // sh + 1

@@ -43,11 +43,17 @@ class _PointwiseProduct(torch.autograd.Function):
         return torch.matmul(weight.view(o, -1).t(), grad.reshape(n, o, h * w)).view(n, -1, h, w), None
 
 
+def pointwise_geometry(conv: nn.Conv2d) -> bool:
+    """A 1x1, stride-1, unpadded convolution (numeric padding): its patches are its input, each output position one
+    input position."""
+    return (*conv.kernel_size, *conv.stride, *conv.padding) == (1, 1, 1, 1, 0, 0)
+
+
 def is_pointwise(conv: nn.Module) -> bool:
-    """A plain 1x1, stride-1, unpadded, ungrouped convolution (a weight-standardised one keeps its own forward)."""
+    """A plain convolution of :func:`pointwise_geometry`, ungrouped, zero-padded (a weight-standardised one keeps its
+    own forward)."""
     return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros"
-            and not isinstance(conv.padding, str)
-            and (*conv.kernel_size, *conv.stride, *conv.padding, *conv.dilation) == (1, 1, 1, 1, 0, 0, 1, 1))
+            and not isinstance(conv.padding, str) and pointwise_geometry(conv))
 
 
 def _takes_product(conv: nn.Conv2d, x: torch.Tensor) -> bool:
