@@ -24,7 +24,10 @@ points of a study's space (``--points STUDY --n K``); a study's points train on 
 channel) at its physical batch size, which is what the search itself runs.
 
 Each (model, mode, variant) runs in a fresh subprocess, so its peak memory is its own and one
-case cannot warm another's caches.  Ratios are only meaningful within one run.
+case cannot warm another's caches.  Ratios are only meaningful within one run.  On a shared machine one process
+can run 20-40 % slower than the next, and that moves a ratio as much; ``--interleave`` runs the modes of each
+model and variant in one process instead, their whole steps taking turns on the same Poisson batch sizes
+(:func:`run_interleaved`), which steadies the ratios and gives up the per-mode peak memory.
 """
 
 from __future__ import annotations
@@ -173,144 +176,187 @@ def run_case(*, model: dict[str, Any], mode: str, batch_size: int, steps: int, w
              variant: str = "fp32") -> dict[str, Any]:
     """Time `steps` training steps of one model (a BenchModel's fields) in one mode and variant (after `warmup`
     untimed ones)."""
-    import contextlib
-    import warnings
-
-    import torch.nn.functional as F
-
-    from dpnas.arch.models import build_model
-    from dpnas.dp.config import PrivacyConfig
-    from dpnas.dp.engine import DPSGDEngine
-    from dpnas.dp.host_memory import keep_freed_host_memory
-    from dpnas.dp.privacy import plan_privacy, poisson_sample
-
-    warnings.filterwarnings("ignore")
     dev = torch.device(device)
-    torch.manual_seed(0)
-    spec = BenchModel(**model)
-    batch_size = spec.batch_size or batch_size
-    n = batch_size * 16  # 16 expected batches per epoch: sample rate 1/16
-    images = torch.randn(n, spec.in_channels, spec.image_size, spec.image_size)
-    labels = torch.randint(0, 10, (n,))
-    model = build_model(ArchConfig.from_dict(spec.arch), num_classes=10, in_channels=spec.in_channels).to(dev)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    privacy = PrivacyConfig(epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
-    options = parse_variant(variant)
-    if mode in OPACUS_MODES and options:
-        raise ValueError(f"mode {mode} runs in the fp32 variant only, not {variant}")
-    torch.backends.cudnn.benchmark = "cudnn_benchmark" in options
-    bf16 = "bf16" in options
-    channels_last = "channels_last" in options
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-
-    if mode == "opacus":
-        from opacus import PrivacyEngine
-        from torch.utils.data import DataLoader, TensorDataset
-
-        engine = PrivacyEngine(accountant="rdp")
-        loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
-        model, optimizer, loader = engine.make_private_with_epsilon(
-            module=model, optimizer=optimizer, data_loader=loader, target_epsilon=8.0, target_delta=1e-5,
-            epochs=1, max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode="hooks",
-        )
-        batches = iter(())
-
-        def step() -> int:
-            nonlocal batches
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                x, y = next(batches)
-            x, y = x.to(dev), y.to(dev)
-            optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
-            optimizer.step()
-            return len(y)
-
-    elif mode.startswith("dpnas"):
-        images, labels = images.to(dev), labels.to(dev)
-        plan = plan_privacy(privacy, dataset_size=n, batch_size=batch_size, epochs=1)
-        dp = DPSGDEngine(model, optimizer, plan=plan, max_grad_norm=1.0, private=True, accountant=None,
-                         # the whole Poisson batch at once, as Opacus's default mode takes it (no chunking)
-                         physical_batch_size=n, noise_generator=torch.Generator(dev).manual_seed(0),
-                         per_sample="opacus" if mode == "dpnas_opacus_hooks" else "auto",
-                         per_sample_method=FIXED_METHOD_MODES.get(mode, "auto"),
-                         autocast=bf16, channels_last=channels_last)
-        sampler = torch.Generator(dev).manual_seed(0)
-
-        def step() -> int:
-            idx = poisson_sample(n, plan.sample_rate, generator=sampler, device=dev)
-            dp.step(images[idx], labels[idx])
-            return len(idx)
-
-    elif mode == "nonprivate":
-        # dpnas's modes keep freed host memory (their engine sets it); the floor they are compared with does too
-        keep_freed_host_memory()
-        images, labels = images.to(dev), labels.to(dev)
-        sampler = torch.Generator(dev).manual_seed(0)
-        layout = torch.channels_last if channels_last else torch.contiguous_format
-        model.to(memory_format=layout)
-
-        def step() -> int:
-            # the same Poisson batches (same seed, same sizes) as dpnas's modes, so step times compare like with like
-            idx = poisson_sample(n, batch_size / n, generator=sampler, device=dev)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
-                logits = model(images[idx].contiguous(memory_format=layout))
-            F.cross_entropy(logits.float(), labels[idx]).backward()
-            optimizer.step()
-            return len(idx)
-
-    else:
-        raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
-
+    case = _Case(model, mode, batch_size=batch_size, device=dev, variant=variant)
     for _ in range(warmup):
-        step()
+        case.step()
     synchronize(dev)
-    times, sizes = [], []
     for _ in range(steps):
+        case.timed_step()
+    return case.row(peak_memory=True)
+
+
+def run_interleaved(*, model: dict[str, Any], modes: list[str], batch_size: int, steps: int, warmup: int,
+                    device: str, variant: str = "fp32") -> list[dict[str, Any]]:
+    """Time several modes of one model in one process, their steps taking turns (which mode goes first rotates
+    from round to round): a machine's drift then reaches every mode alike, where separate processes can differ
+    by 20-40 % on a shared machine. The modes sample the same Poisson batch sizes (the same seed), and each
+    timed step is a whole one (the optimizer, and the noise where there is some). Peak memory is the process's,
+    shared by the modes, so it is not reported (None): separate processes measure it."""
+    dev = torch.device(device)
+    cases = [_Case(model, mode, batch_size=batch_size, device=dev, variant=variant) for mode in modes]
+    for _ in range(warmup):
+        for case in cases:
+            case.step()
+    synchronize(dev)
+    for round_ in range(steps):
+        first = round_ % len(cases)
+        for case in cases[first:] + cases[:first]:
+            case.timed_step()
+    return [case.row(peak_memory=False) for case in cases]
+
+
+class _Case:
+    """One model in one mode and variant, with its own data, model, optimizer and Poisson sampler, ready to step."""
+
+    def __init__(self, model: dict[str, Any], mode: str, *, batch_size: int, device: torch.device, variant: str):
+        import contextlib
+        import warnings
+
+        import torch.nn.functional as F
+
+        from dpnas.arch.models import build_model
+        from dpnas.dp.config import PrivacyConfig
+        from dpnas.dp.engine import DPSGDEngine
+        from dpnas.dp.host_memory import keep_freed_host_memory
+        from dpnas.dp.privacy import plan_privacy, poisson_sample
+
+        warnings.filterwarnings("ignore")
+        dev = device
+        torch.manual_seed(0)
+        self.spec = spec = BenchModel(**model)
+        self.mode, self.variant, self.device = mode, variant, dev
+        self.batch_size = batch_size = spec.batch_size or batch_size
+        self.times: list[float] = []
+        self.sizes: list[int] = []
+        self.dp = None
+        n = batch_size * 16  # 16 expected batches per epoch: sample rate 1/16
+        images = torch.randn(n, spec.in_channels, spec.image_size, spec.image_size)
+        labels = torch.randint(0, 10, (n,))
+        model = build_model(ArchConfig.from_dict(spec.arch), num_classes=10, in_channels=spec.in_channels).to(dev)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        privacy = PrivacyConfig(epsilon=8.0, delta=1e-5, max_grad_norm=1.0)
+        options = parse_variant(variant)
+        if mode in OPACUS_MODES and options:
+            raise ValueError(f"mode {mode} runs in the fp32 variant only, not {variant}")
+        torch.backends.cudnn.benchmark = "cudnn_benchmark" in options
+        bf16 = "bf16" in options
+        channels_last = "channels_last" in options
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        if mode == "opacus":
+            from opacus import PrivacyEngine
+            from torch.utils.data import DataLoader, TensorDataset
+
+            engine = PrivacyEngine(accountant="rdp")
+            loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
+            model, optimizer, loader = engine.make_private_with_epsilon(
+                module=model, optimizer=optimizer, data_loader=loader, target_epsilon=8.0, target_delta=1e-5,
+                epochs=1, max_grad_norm=1.0, poisson_sampling=True, grad_sample_mode="hooks",
+            )
+            batches = iter(())
+
+            def step() -> int:
+                nonlocal batches
+                try:
+                    x, y = next(batches)
+                except StopIteration:
+                    batches = iter(loader)
+                    x, y = next(batches)
+                x, y = x.to(dev), y.to(dev)
+                optimizer.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                return len(y)
+
+        elif mode.startswith("dpnas"):
+            images, labels = images.to(dev), labels.to(dev)
+            plan = plan_privacy(privacy, dataset_size=n, batch_size=batch_size, epochs=1)
+            self.dp = dp = DPSGDEngine(
+                model, optimizer, plan=plan, max_grad_norm=1.0, private=True, accountant=None,
+                # the whole Poisson batch at once, as Opacus's default mode takes it (no chunking)
+                physical_batch_size=n, noise_generator=torch.Generator(dev).manual_seed(0),
+                per_sample="opacus" if mode == "dpnas_opacus_hooks" else "auto",
+                per_sample_method=FIXED_METHOD_MODES.get(mode, "auto"), autocast=bf16, channels_last=channels_last)
+            sampler = torch.Generator(dev).manual_seed(0)
+
+            def step() -> int:
+                idx = poisson_sample(n, plan.sample_rate, generator=sampler, device=dev)
+                dp.step(images[idx], labels[idx])
+                return len(idx)
+
+        elif mode == "nonprivate":
+            # dpnas's modes keep freed host memory (their engine sets it); the floor they are compared with does too
+            keep_freed_host_memory()
+            images, labels = images.to(dev), labels.to(dev)
+            sampler = torch.Generator(dev).manual_seed(0)
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            model.to(memory_format=layout)
+
+            def step() -> int:
+                # the same Poisson batches (same seed, same sizes) as dpnas's modes, so step times compare like
+                # with like
+                idx = poisson_sample(n, batch_size / n, generator=sampler, device=dev)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():
+                    logits = model(images[idx].contiguous(memory_format=layout))
+                F.cross_entropy(logits.float(), labels[idx]).backward()
+                optimizer.step()
+                return len(idx)
+
+        else:
+            raise ValueError(f"unknown mode {mode!r}; expected one of: {', '.join(MODES)}")
+        self.step = step
+
+    def timed_step(self) -> None:
         start = time.perf_counter()
-        sizes.append(step())
-        synchronize(dev)
-        times.append(time.perf_counter() - start)
-    step_seconds = statistics.median(times)
-    # which method each layer ended up with
-    methods = dp.clipper.method_counts() if mode.startswith("dpnas") and dp.clipper is not None else {}
-    if dev.type == "cuda":
-        peak_mb = torch.cuda.max_memory_allocated(dev) / 2**20
-    else:  # ru_maxrss is in KiB on Linux: the whole process, torch itself included
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {
-        "model": spec.label,
-        "arch": spec.arch,
-        "input_shape": [spec.in_channels, spec.image_size, spec.image_size],
-        "mode": mode,
-        "variant": variant,
-        "batch_size": batch_size,
-        "device": str(dev),
-        "steps": steps,
-        "step_seconds": step_seconds,
-        "samples_per_second": statistics.mean(sizes) / step_seconds,
-        "timed_batch_sizes": sizes,  # Poisson: the realised size of each timed batch
-        "peak_memory_mb": peak_mb,
-        "memory_kind": "cuda_max_allocated" if dev.type == "cuda" else "process_peak_rss",
-        "per_sample_methods": methods,
-    }
+        self.sizes.append(self.step())
+        synchronize(self.device)
+        self.times.append(time.perf_counter() - start)
+
+    def row(self, *, peak_memory: bool) -> dict[str, Any]:
+        """The case's row: the median of its timed steps; the process's peak memory if `peak_memory`, else None."""
+        step_seconds = statistics.median(self.times)
+        # which method each layer ended up with
+        methods = self.dp.clipper.method_counts() if self.dp is not None and self.dp.clipper is not None else {}
+        peak_mb = None
+        if peak_memory and self.device.type == "cuda":
+            peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif peak_memory:  # ru_maxrss is in KiB on Linux: the whole process, torch itself included
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return {
+            "model": self.spec.label,
+            "arch": self.spec.arch,
+            "input_shape": [self.spec.in_channels, self.spec.image_size, self.spec.image_size],
+            "mode": self.mode,
+            "variant": self.variant,
+            "batch_size": self.batch_size,
+            "device": str(self.device),
+            "steps": len(self.times),
+            "step_seconds": step_seconds,
+            "samples_per_second": statistics.mean(self.sizes) / step_seconds,
+            "timed_batch_sizes": self.sizes,  # Poisson: the realised size of each timed batch
+            "peak_memory_mb": peak_mb,
+            "memory_kind": None if peak_mb is None else "cuda_max_allocated" if self.device.type == "cuda"
+            else "process_peak_rss",
+            "per_sample_methods": methods,
+        }
 
 
 def run_benchmark(
     *, models: list[str | BenchModel], modes: list[str], batch_size: int, steps: int, warmup: int = 1, device: str | None = None,
-    variants: list[str] = ("fp32",), repeats: int = 1, progress: bool = True,
+    variants: list[str] = ("fp32",), repeats: int = 1, progress: bool = True, interleave: bool = False,
     on_case: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (model, variant, mode), each case in its own process.
+    """One row per (model, variant, mode), each case in its own process; with `interleave`, the modes of one
+    model and variant in one process, their steps taking turns (:func:`run_interleaved`: steadier ratios, no
+    peak memory).
 
     With ``repeats`` > 1 the whole list of cases runs that many times in turn, and each row reports the median
     of its repeats: on a shared machine a case's speed drifts from one process to the next (by 20-40 % on the
     2-core development machine), and taking turns spreads the drift over every case instead of a few.
-    `on_case` receives the rows of the cases finished so far after each one (``dpnas bench --json`` writes
+    `on_case` receives the rows of the cases finished so far after each process (``dpnas bench --json`` writes
     them then: a run stopped by a time limit keeps what it measured).
     """
     if repeats < 1:
@@ -329,15 +375,22 @@ def run_benchmark(
     cases = [(m, variant, mode) for m in models for variant in variants for mode in modes
              if variant == "fp32" or mode not in OPACUS_MODES]  # Opacus's pipeline is fp32 NCHW
     runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {(m.label, v, mode): [] for m, v, mode in cases}
+    # what each process runs: one case, or with `interleave` every mode of one model and variant
+    processes: dict[tuple[str, str, str], tuple[BenchModel, str, list[str]]] = {}
+    for model, variant, mode in cases:
+        key = (model.label, variant, "" if interleave else mode)
+        processes.setdefault(key, (model, variant, []))[2].append(mode)
     for repeat in range(repeats):
-        for model, variant, mode in cases:
-            name = model.label
+        for model, variant, process_modes in processes.values():
+            name, what = model.label, "+".join(process_modes)
             if progress:
                 of = f" (repeat {repeat + 1}/{repeats})" if repeats > 1 else ""
-                print(f"  running {name} / {mode} / {variant}{of} ...", file=sys.stderr, flush=True)
-            args = dict(model=asdict(model), mode=mode, batch_size=batch_size, steps=steps, warmup=warmup, device=device,
-                        variant=variant)
-            runs[(name, variant, mode)].append(run_in_own_process(args, label=f"{name}/{mode}/{variant}"))
+                print(f"  running {name} / {what} / {variant}{of} ...", file=sys.stderr, flush=True)
+            args = dict(model=asdict(model), batch_size=batch_size, steps=steps, warmup=warmup, device=device,
+                        variant=variant, **({"modes": process_modes} if interleave else {"mode": process_modes[0]}))
+            result = run_in_own_process(args, label=f"{name}/{what}/{variant}")
+            for row in result if interleave else [result]:
+                runs[(name, variant, row["mode"])].append(row)
             if on_case is not None:
                 on_case(_rows(runs))
     return _rows(runs)
@@ -350,9 +403,10 @@ def _rows(runs: dict[tuple[str, str, str], list[dict[str, Any]]]) -> list[dict[s
     return rows
 
 
-def run_in_own_process(args: dict[str, Any], *, label: str) -> dict[str, Any]:
-    """One case (:func:`run_case`) in a fresh interpreter: no tuned per-sample methods, caches or allocator state
-    carried over from another case, and its own peak memory."""
+def run_in_own_process(args: dict[str, Any], *, label: str) -> dict[str, Any] | list[dict[str, Any]]:
+    """One case (:func:`run_case`), or with ``modes`` in `args` several taking turns (:func:`run_interleaved`), in
+    a fresh interpreter: no tuned per-sample methods, caches or allocator state carried over from another
+    process, and its own peak memory."""
     result = subprocess.run([sys.executable, "-m", "dpnas.bench", json.dumps(args)], capture_output=True, text=True,
                             check=False)
     if result.returncode != 0:
@@ -366,7 +420,8 @@ def _median_of_repeats(repeats: list[dict[str, Any]]) -> dict[str, Any]:
     ranked = sorted(repeats, key=lambda r: r["step_seconds"])
     row = dict(ranked[(len(ranked) - 1) // 2])
     row["repeat_step_seconds"] = [r["step_seconds"] for r in repeats]
-    row["peak_memory_mb"] = max(r["peak_memory_mb"] for r in repeats)
+    peaks = [r["peak_memory_mb"] for r in repeats if r["peak_memory_mb"] is not None]
+    row["peak_memory_mb"] = max(peaks) if peaks else None  # None: interleaved modes share one process
     return row
 
 
@@ -384,9 +439,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         ratio = f"{r['slowdown_vs_nonprivate']:.2f}" if r.get("slowdown_vs_nonprivate") else "-"
+        peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         lines.append(
             f"{r['model']:<18} {r['mode']:<18} {r.get('variant', 'fp32'):<18} {r['batch_size']:>5} "
-            f"{r['step_seconds']:>8.3f} {r['samples_per_second']:>10.1f} {r['peak_memory_mb']:>9.0f} {ratio:>9}"
+            f"{r['step_seconds']:>8.3f} {r['samples_per_second']:>10.1f} {peak:>9} {ratio:>9}"
         )
     opacus = {r["model"]: r for r in rows if r["mode"] == "opacus"}
     for r in rows:
@@ -397,5 +453,6 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # one case, in its own process (see run_benchmark)
-    print(json.dumps(run_case(**json.loads(sys.argv[1]))))
+if __name__ == "__main__":  # one case, or interleaved modes, in its own process (see run_benchmark)
+    _args = json.loads(sys.argv[1])
+    print(json.dumps(run_interleaved(**_args) if "modes" in _args else run_case(**_args)))

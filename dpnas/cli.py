@@ -225,7 +225,8 @@ class Bench(Command):
     """Measure time per training step, samples/s and peak memory: nonprivate vs Opacus's default vs dpnas.
 
     Each case runs in its own process on synthetic data of the model's input shape (CIFAR's, or a study's or a
-    recipe's dataset); compare ratios within one run only.
+    recipe's dataset); compare ratios within one run only. --interleave runs a model's modes in one process,
+    their steps taking turns (steadier ratios on a shared machine, no peak memory).
     """
 
     name = "bench"
@@ -248,6 +249,9 @@ class Bench(Command):
         parser.add_argument("--repeats", type=int, default=1, metavar="R",
                             help="run every case R times in turn and report each case's median (steadier ratios "
                                  "on a shared machine)")
+        parser.add_argument("--interleave", action="store_true",
+                            help="run the modes of each model in one process, their steps taking turns: ratios "
+                                 "free of one process's drift against another's, no peak memory")
         parser.add_argument("--variants", default="fp32", metavar="V,...",
                             help="comma-separated: fp32, or a '+'-joined set of bf16, channels_last, cudnn_benchmark "
                                  "(e.g. fp32,bf16+channels_last); Opacus's modes run in fp32 only")
@@ -274,7 +278,7 @@ class Bench(Command):
         try:
             rows = run_benchmark(models=models, modes=modes, batch_size=args.batch_size, steps=args.steps,
                                  warmup=args.warmup, device=args.device, variants=variants, repeats=args.repeats,
-                                 on_case=keep)
+                                 interleave=args.interleave, on_case=keep)
         except ValueError as err:
             raise UsageError(str(err)) from err
         print(format_table(rows))

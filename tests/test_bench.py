@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dpnas import bench
 from dpnas.bench import (
     MODES,
     _add_ratios,
@@ -16,6 +17,7 @@ from dpnas.bench import (
     resolve_model,
     run_benchmark,
     run_case,
+    run_interleaved,
     study_points,
 )
 from dpnas.cli import main
@@ -217,3 +219,61 @@ def test_cli_times_study_points(tmp_path, capsys):
     assert rows[0]["batch_size"] == 8
     assert main(["bench", "--points", str(tmp_path / "missing.toml"), "--device", "cpu"]) == 2
     assert main(["bench", "--models", "tiny", "--points", str(STUDIES / "quickstart.toml"), "--n", "0"]) == 2
+
+
+def test_interleaved_modes_take_turns_on_the_same_poisson_batches(monkeypatch):
+    """Whole steps of every mode in one process, the first mode rotating from round to round, so that a machine's
+    drift reaches each mode alike; the process's peak memory belongs to no one mode and is not reported."""
+    order = []
+    timed_step = bench._Case.timed_step
+
+    def recording(case):
+        order.append(case.mode)
+        timed_step(case)
+
+    monkeypatch.setattr(bench._Case, "timed_step", recording)
+    rows = run_interleaved(model=TINY, modes=["nonprivate", "opacus", "dpnas"], batch_size=8, steps=4, warmup=1,
+                           device="cpu")
+    assert order == ["nonprivate", "opacus", "dpnas", "opacus", "dpnas", "nonprivate",
+                     "dpnas", "nonprivate", "opacus", "nonprivate", "opacus", "dpnas"]
+    assert [r["mode"] for r in rows] == ["nonprivate", "opacus", "dpnas"]
+    assert rows[0]["timed_batch_sizes"] == rows[2]["timed_batch_sizes"]
+    assert len(set(rows[0]["timed_batch_sizes"])) > 1  # Poisson
+    for r in rows:
+        assert FIELDS <= set(r) and r["steps"] == 4 and r["step_seconds"] > 0
+        assert r["peak_memory_mb"] is None and r["memory_kind"] is None
+
+
+def test_interleave_runs_each_model_and_variant_in_one_process(monkeypatch):
+    processes = []
+
+    def in_process(args, label):
+        processes.append((label, args.get("modes")))
+        return bench.run_interleaved(**args) if "modes" in args else run_case(**args)
+
+    monkeypatch.setattr("dpnas.bench.run_in_own_process", in_process)
+    rows = run_benchmark(models=["tiny"], modes=["opacus", "nonprivate", "dpnas"], batch_size=4, steps=1, warmup=0,
+                         device="cpu", variants=["fp32", "channels_last"], repeats=2, interleave=True,
+                         progress=False)
+    assert processes == 2 * [("tiny/opacus+nonprivate+dpnas/fp32", ["opacus", "nonprivate", "dpnas"]),
+                             ("tiny/nonprivate+dpnas/channels_last", ["nonprivate", "dpnas"])]
+    assert [(r["mode"], r["variant"]) for r in rows] == [("opacus", "fp32"), ("nonprivate", "fp32"), ("dpnas", "fp32"),
+                                                         ("nonprivate", "channels_last"), ("dpnas", "channels_last")]
+    for r in rows:
+        assert len(r["repeat_step_seconds"]) == 2 and r["peak_memory_mb"] is None
+        assert r["slowdown_vs_nonprivate"] == pytest.approx(
+            r["step_seconds"] / next(n["step_seconds"] for n in rows
+                                     if n["mode"] == "nonprivate" and n["variant"] == r["variant"]))
+    table = format_table(rows)
+    assert " - " in table.splitlines()[2]  # no peak memory
+
+
+def test_cli_bench_interleave_runs_the_modes_in_one_process(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--models", "tiny", "--modes", "nonprivate,dpnas", "--steps", "2", "--warmup", "0",
+                 "--batch-size", "4", "--device", "cpu", "--interleave", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["mode"] for r in rows] == ["nonprivate", "dpnas"]
+    assert rows[0]["timed_batch_sizes"] == rows[1]["timed_batch_sizes"]
+    assert all(r["peak_memory_mb"] is None for r in rows) and rows[1]["slowdown_vs_nonprivate"] > 0
+    assert "tiny / nonprivate+dpnas / fp32" in capsys.readouterr().err
