@@ -14,6 +14,8 @@ takes the same fixed batch. The optimizer step and the noise (the same for every
         --images-grad
     uv run python benchmarks/step_breakdown.py --models "" --points studies/quickstart.toml --n 5 --steps 30 \
         --stock-pointwise
+    uv run python benchmarks/step_breakdown.py --models "" --points studies/scalenorm_cifar10.toml --n 2 --steps 4 \
+        --whole-batch-sums
 
 Models are what `dpnas bench --models` takes (names, ArchConfig or recipe files) and `--points STUDY --n K`
 seeded random points of a study's space, at the study's input shape and physical batch size.
@@ -42,12 +44,13 @@ from dpnas.results import write_json
 
 
 def breakdown(model: BenchModel, *, batch_size: int, steps: int, device: str, warmup: int = 2,
-              images_grad: bool = False, stock_pointwise: bool = False) -> dict:
+              images_grad: bool = False, stock_pointwise: bool = False, whole_batch_sums: bool = False) -> dict:
     """Median milliseconds of each part over `steps` alternating steps (after `warmup` untimed ones).
     `images_grad`: also time dpnas's forward + backward with the images requiring a gradient, as it was before
     the first layers' outputs started the graph (the lever's before and after, in one process).
     `stock_pointwise`: also time it with oneDNN's 1x1 convolutions instead of dpnas's products
-    (:mod:`dpnas.dp.pointwise`), likewise."""
+    (:mod:`dpnas.dp.pointwise`), likewise. `whole_batch_sums`: also time the norms and sums with the whole batch at
+    once instead of in chunks of samples (:func:`dpnas.dp.per_sample.sample_chunks`), likewise."""
     dev = torch.device(device)
     torch.manual_seed(0)
     arch = ArchConfig.from_dict(model.arch)
@@ -78,6 +81,8 @@ def breakdown(model: BenchModel, *, batch_size: int, steps: int, device: str, wa
         parts["dpnas_images_grad_forward_backward"] = []
     if stock_pointwise:
         parts["dpnas_stock_pointwise_forward_backward"] = []
+    if whole_batch_sums:
+        parts["dpnas_whole_batch_norms_and_sums"] = []
 
     def stock_pointwise_backward() -> None:
         clipper.pointwise_products = False
@@ -86,6 +91,14 @@ def breakdown(model: BenchModel, *, batch_size: int, steps: int, device: str, wa
         finally:
             clipper.pointwise_products = True
 
+    def whole_batch_norms_and_sums() -> float:
+        clipper.backward(private, images, labels)  # captures the layers' inputs and gradients (untimed)
+        clipper.chunked_sums = False
+        try:
+            return timed(lambda: clipper.clipped_sum(1.0))
+        finally:
+            clipper.chunked_sums = True
+
     def dpnas_parts() -> tuple[float, ...]:
         times = (timed(lambda: clipper.backward(private, images, labels)), timed(lambda: clipper.clipped_sum(1.0)))
         for wanted, variant in ((images_grad, lambda: clipper.backward(with_images_grad, images, labels)),
@@ -93,6 +106,8 @@ def breakdown(model: BenchModel, *, batch_size: int, steps: int, device: str, wa
             if wanted:
                 times += (timed(variant),)
                 clipper.clipped_sum(1.0)  # consumes what that backward captured (untimed)
+        if whole_batch_sums:
+            times += (whole_batch_norms_and_sums(),)
         return times
 
     for step in range(warmup + steps):  # the first clipped sum also times each layer's methods (not counted)
@@ -116,23 +131,30 @@ def breakdown(model: BenchModel, *, batch_size: int, steps: int, device: str, wa
         if f"dpnas_{variant}_forward_backward_ms" in row:
             row[f"{variant}_vs_nonprivate"] = ((row[f"dpnas_{variant}_forward_backward_ms"]
                                                 + row["dpnas_norms_and_sums_ms"]) / row["nonprivate_forward_backward_ms"])
+    if whole_batch_sums:
+        row["whole_batch_sums_vs_nonprivate"] = ((row["dpnas_forward_backward_ms"]
+                                                  + row["dpnas_whole_batch_norms_and_sums_ms"])
+                                                 / row["nonprivate_forward_backward_ms"])
     return row
 
 
 def format_table(rows: list[dict]) -> str:
     header = f"{'model':<18} {'batch':>5} {'nonprivate ms':>14} {'dpnas fwd+bwd ms':>17} {'norms+sums ms':>14} {'x nonpriv':>9}"
-    variants = [(variant, title) for variant, title in (("images_grad", "with images grad ms"),
-                                                        ("stock_pointwise", "oneDNN 1x1 fwd+bwd ms"))
-                if any(f"{variant}_vs_nonprivate" in r for r in rows)]
-    for _, title in variants:
+    # (ratio key, the part it swaps in, column title)
+    variants = [(variant, part, title) for variant, part, title in (
+        ("images_grad", "dpnas_images_grad_forward_backward_ms", "with images grad ms"),
+        ("stock_pointwise", "dpnas_stock_pointwise_forward_backward_ms", "oneDNN 1x1 fwd+bwd ms"),
+        ("whole_batch_sums", "dpnas_whole_batch_norms_and_sums_ms", "whole-batch sums ms"))
+        if any(f"{variant}_vs_nonprivate" in r for r in rows)]
+    for _, _, title in variants:
         header += f" {title:>21} {'x nonpriv':>9}"
     lines = [header, "-" * len(header)]
     for r in rows:
         line = (f"{r['model']:<18} {r['batch_size']:>5} {r['nonprivate_forward_backward_ms']:>14.1f} "
                 f"{r['dpnas_forward_backward_ms']:>17.1f} {r['dpnas_norms_and_sums_ms']:>14.1f} "
                 f"{r['dpnas_vs_nonprivate']:>9.2f}")
-        for variant, _ in variants:
-            line += f" {r[f'dpnas_{variant}_forward_backward_ms']:>21.1f} {r[f'{variant}_vs_nonprivate']:>9.2f}"
+        for variant, part, _ in variants:
+            line += f" {r[part]:>21.1f} {r[f'{variant}_vs_nonprivate']:>9.2f}"
         lines.append(line)
     return "\n".join(lines)
 
@@ -146,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time dpnas's forward + backward with a gradient for the images (as before)")
     parser.add_argument("--stock-pointwise", action="store_true",
                         help="also time dpnas's forward + backward with oneDNN's 1x1 convolutions (as before)")
+    parser.add_argument("--whole-batch-sums", action="store_true",
+                        help="also time dpnas's norms and sums with the whole batch at once (as before), not in "
+                             "chunks of samples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="benchmarks/step_breakdown.json", help="where the rows go, with the machine and command")
     args = parser.parse_args(argv)
@@ -159,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {model.label} ...", file=sys.stderr, flush=True)
         rows.append(breakdown(model, batch_size=args.batch_size, steps=args.steps, device=args.device,
                               warmup=args.warmup, images_grad=args.images_grad,
-                              stock_pointwise=args.stock_pointwise))
+                              stock_pointwise=args.stock_pointwise, whole_batch_sums=args.whole_batch_sums))
     print(format_table(rows))
     write_json(args.json, {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
                            "machine": platform.machine(), "torch": torch.__version__, "args": vars(args),

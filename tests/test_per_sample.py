@@ -225,3 +225,54 @@ def test_a_step_trains_every_module_whatever_mode_it_was_left_in(mode):
         leave()
         engine.step(x, y)
         assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize(("name", "method"), [("tiny", "auto"), ("resnet9_scalenorm", "auto"), ("wrn16_4", "ghost"),
+                                              ("smoothnet_w80d10", "grouped"), ("tiny", "unfold")])
+def test_clipped_sums_in_chunks_of_samples_equal_opacus(name, method, monkeypatch):
+    """Norms and sums formed chunk by chunk (here one or two samples at a time, with K = 1 and K = 2 rows each)
+    still clip each sample by its norm over every layer: the step equals Opacus's whole-batch one."""
+    from dpnas.dp import per_sample
+
+    monkeypatch.setattr(per_sample, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(per_sample, "MIN_CHUNKS", 1)
+    monkeypatch.setattr(per_sample, "MIN_CHUNK_SAMPLES", 1 if name == "tiny" else 2)
+    chunked = []  # (samples, their chunks) per clipped sum
+    sample_chunks = per_sample.sample_chunks
+
+    def recorded(captured, k):
+        chunked.append((len(captured[0][1]) // k, sample_chunks(captured, k)))
+        return chunked[-1][1]
+
+    monkeypatch.setattr(per_sample, "sample_chunks", recorded)
+    torch.manual_seed(0)
+    model = build_model(MODELS[name].arch, num_classes=4, in_channels=3)
+    assert_same_step(model, method=method, C=0.05)  # C small enough that every sample is clipped
+    for k in (1, 2) if name == "tiny" else ():
+        assert_same_step(model, method=method, k=k, sigma=0.7)
+    samples = 1 if name == "tiny" else 2
+    # batch 5 in physical batches of 3 and 2 samples
+    assert [(n, len(chunks)) for n, chunks in chunked[:2]] == [(3, -(-3 // samples)), (2, -(-2 // samples))]
+
+
+def test_sample_chunks_keep_large_batches_temporaries_small_on_the_cpu():
+    """Chunks of whole samples only where a whole CPU batch's per-sample temporaries would pass 32 MiB and make at
+    least four chunks; they cover every row once, in order, K rows per sample."""
+    from dpnas.dp.per_sample import sample_chunks
+
+    def captured(model, n, size, k=1, device="cpu"):
+        layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.Linear))]
+        # expanded tensors: the shapes of a batch of n * k rows without its memory
+        return [(layer, torch.empty(1, 64, size, size, device=device).expand(n * k, -1, -1, -1),
+                 torch.empty(1, 64, size, size, device=device).expand(n * k, -1, -1, -1), None) for layer in layers]
+
+    resnet9 = build_model(MODELS["resnet9_scalenorm"].arch, num_classes=10)
+    tiny = build_model(MODELS["tiny"].arch, num_classes=10)
+    whole = [slice(None)]
+    chunks = sample_chunks(captured(resnet9, 256, 32), 1)
+    assert [(c.start, c.stop) for c in chunks] == [(i, i + 32) for i in range(0, 256, 32)]
+    chunks = sample_chunks(captured(resnet9, 130, 32, k=2), 2)  # a Poisson batch: the last chunk is smaller
+    assert [(c.start, c.stop) for c in chunks] == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 260)]
+    assert sample_chunks(captured(resnet9, 96, 32), 1) == whole  # three chunks: not worth it
+    assert sample_chunks(captured(tiny, 256, 4), 1) == whole  # small temporaries
+    assert sample_chunks(captured(resnet9, 256, 32, device="meta"), 1) == whole  # not the CPU

@@ -47,6 +47,25 @@ def test_breakdown_also_times_dpnas_backward_as_it_was_before_a_lever(tmp_path, 
     assert title in capsys.readouterr().out
 
 
+def test_breakdown_also_times_the_norms_and_sums_of_the_whole_batch_at_once(tmp_path, capsys, monkeypatch):
+    from dpnas.dp import per_sample
+
+    chunked = []
+    monkeypatch.setattr(per_sample, "CHUNK_BYTES", 1)  # tiny's batch of 8 in chunks of 2 samples
+    monkeypatch.setattr(per_sample, "MIN_CHUNK_SAMPLES", 2)
+    sample_chunks = per_sample.sample_chunks
+    monkeypatch.setattr(per_sample, "sample_chunks", lambda captured, k: chunked.append(1) or sample_chunks(captured, k))
+    out = tmp_path / "breakdown.json"
+    assert _load().main(["--models", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
+                         "--whole-batch-sums", "--device", "cpu", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    whole = row["dpnas_whole_batch_norms_and_sums_ms"]
+    assert whole > 0 and row["whole_batch_sums_vs_nonprivate"] == pytest.approx(
+        (row["dpnas_forward_backward_ms"] + whole) / row["nonprivate_forward_backward_ms"])
+    assert len(chunked) == 3  # the chunked sums (a warm-up and two timed steps) ask for chunks; the others do not
+    assert "whole-batch sums ms" in capsys.readouterr().out
+
+
 def test_breakdown_rejects_unknown_models(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _load().main(["--models", "nonet", "--json", str(tmp_path / "x.json")])

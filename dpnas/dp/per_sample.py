@@ -10,7 +10,8 @@ capture each layer's input and output gradient.  From those, :mod:`dpnas.dp.per_
 each layer's per-sample squared norms by the fastest exact method for that layer's shape, which this
 module finds by timing the candidates once per layer shape (like cuDNN's autotuner); the clipped sum
 then comes either from the materialised per-sample gradients or from one batched weight gradient
-weighted by the clip factors.
+weighted by the clip factors. On the CPU a large batch's norms and sums go chunk of samples by chunk of samples
+(:func:`sample_chunks`), so that their temporaries stay small.
 
 Supported layers: Conv2d (groups = 1, zero padding given as numbers) and its weight-standardised
 variant, Linear on flat inputs, GroupNorm.  :func:`supports` says whether a model is covered;
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpnas.arch.layers import WSConv2d
+from dpnas.dp.host_memory import MMAP_THRESHOLD
 from dpnas.dp.per_sample_layers import (
     CONV_METHODS,
     LayerNorms,
@@ -46,6 +48,10 @@ _TUNED: dict[tuple, str] = {}
 TUNING_SAMPLES = 32
 # methods that the sample's timings put within this factor of the fastest are timed again on the whole batch
 FINALIST_RATIO = 1.5
+# on the CPU, clipped sums in chunks of samples whose per-sample temporaries stay under glibc's mmap threshold
+CHUNK_BYTES = MMAP_THRESHOLD
+MIN_CHUNK_SAMPLES = 32
+MIN_CHUNKS = 4
 
 
 @contextlib.contextmanager
@@ -91,9 +97,12 @@ class PerSampleClipper:
     convolution method of :data:`dpnas.dp.per_sample_layers.CONV_METHODS` for every convolution, which
     benchmarks use to measure each one. ``pointwise_products``: during the backward pass, 1x1 convolutions on the
     CPU run as matrix products (:mod:`dpnas.dp.pointwise`); False keeps oneDNN's, for benchmarks.
+    ``chunked_sums``: on the CPU, large batches' clipped sums are formed in chunks of samples (:func:`sample_chunks`);
+    False takes the whole batch at once, for benchmarks.
     """
 
-    def __init__(self, model: nn.Module, *, method: str = "auto", pointwise_products: bool = True) -> None:
+    def __init__(self, model: nn.Module, *, method: str = "auto", pointwise_products: bool = True,
+                 chunked_sums: bool = True) -> None:
         if not supports(model):
             raise ValueError("model has layers without a dpnas per-sample gradient; use Opacus's path")
         if method not in METHODS:
@@ -104,6 +113,7 @@ class PerSampleClipper:
         self.params = [p for m in self.layers for p in m.parameters(recurse=False) if p.requires_grad]
         self._pointwise = [m for m in self.layers if is_pointwise(m)]
         self.pointwise_products = pointwise_products
+        self.chunked_sums = chunked_sums
         self.chosen: dict[nn.Module, str] = {}  # what each layer used last, for reports
         self._inputs: dict[nn.Module, torch.Tensor] = {}
         self._outputs: dict[nn.Module, torch.Tensor] = {}
@@ -168,6 +178,16 @@ class PerSampleClipper:
     def _clipped_sum(self, max_grad_norm: float, k: int) -> dict[nn.Parameter, torch.Tensor]:
         captured = [(layer, self._inputs.pop(layer), self._grads.pop(layer), self._outputs.pop(layer, None))
                     for layer in self.layers]
+        sums: dict[nn.Parameter, torch.Tensor] = {}
+        for rows in sample_chunks(captured, k) if self.chunked_sums else [slice(None)]:
+            chunk = [(layer, a[rows], g[rows], None if out is None else out[rows]) for layer, a, g, out in captured]
+            for p, chunk_sum in self._chunk_clipped_sum(chunk, max_grad_norm, k).items():
+                sums[p] = chunk_sum if p not in sums else sums[p] + chunk_sum
+        return sums
+
+    def _chunk_clipped_sum(self, captured: list, max_grad_norm: float, k: int) -> dict[nn.Parameter, torch.Tensor]:
+        """The clipped sum over the samples of `captured`: every layer's norms, each sample's clip factor from all
+        of them, then every layer's sum."""
         norms: list[LayerNorms] = []
         for layer, a, g, out in captured:
             method = self._method(layer, a, g, out, k)
@@ -201,6 +221,38 @@ class PerSampleClipper:
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def sample_chunks(captured: list, k: int) -> list[slice]:
+    """The row ranges whose clipped sums are formed one after another: the whole batch, or on the CPU, where a
+    layer's per-sample temporaries for the whole batch would pass CHUNK_BYTES, chunks of whole samples (K rows
+    each) that keep them under it, of at least MIN_CHUNK_SAMPLES samples, and at least MIN_CHUNKS of them.
+
+    Each sample's clip factor needs its norms in every layer, so a chunk takes every layer's norms of its samples,
+    their factors and every layer's sum, and the chunks' sums add up: the same clipped sum, to rounding. On the CPU,
+    glibc maps a block of 32 MiB or more afresh on every allocation (zero-filled pages, :mod:`dpnas.dp.host_memory`),
+    and a whole batch's materialised per-sample gradients outgrow the caches: ResNet-9's 128-channel layers at
+    256 samples hold 151 MB each. In chunks of 32 samples the norms and sums of the scalenorm study's ResNet-9
+    points at batch 256 take 1.19-1.21 s against 1.76-1.81 s, and ResNet-9 ScaleNorm's and WRN-16-4's at batch 128
+    0.55 and 0.91 s against 0.77 and 0.98 s; a batch of 64 in two chunks gained on ResNet-9 (0.31 against 0.34 s)
+    but lost on WRN-16-4 and SmoothNet points (3-15 % slower), hence MIN_CHUNKS (benchmarks/RESULTS.md, issue 17's
+    tenth pass). Smaller chunks would pay each layer's fixed dispatch cost too often; the GPU keeps the whole batch.
+    """
+    a = captured[0][1]
+    n = a.shape[0] // k
+    if a.device.type != "cpu" or n < MIN_CHUNKS * MIN_CHUNK_SAMPLES:
+        return [slice(None)]
+    # per sample: its rows' activations and output gradients (GroupNorm's normalised input, a grouped convolution's
+    # padded input) and its gradient of each layer's parameters (materialised per-sample gradients)
+    per_sample = k * a.element_size() * max(
+        max(inputs[0].numel(), grads[0].numel()) + sum(p.numel() for p in layer.parameters(recurse=False))
+        for layer, inputs, grads, _ in captured)
+    if n * per_sample <= CHUNK_BYTES:
+        return [slice(None)]
+    samples = max(MIN_CHUNK_SAMPLES, CHUNK_BYTES // per_sample)
+    if math.ceil(n / samples) < MIN_CHUNKS:
+        return [slice(None)]
+    return [slice(start * k, min(start + samples, n) * k) for start in range(0, n, samples)]
 
 
 def worth_timing(layer: nn.Module, candidates: list[str], a: torch.Tensor, g: torch.Tensor) -> list[str]:
