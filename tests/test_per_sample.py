@@ -275,4 +275,7 @@ def test_sample_chunks_keep_large_batches_temporaries_small_on_the_cpu():
     assert [(c.start, c.stop) for c in chunks] == [(0, 64), (64, 128), (128, 192), (192, 256), (256, 260)]
     assert sample_chunks(captured(resnet9, 96, 32), 1) == whole  # three chunks: not worth it
     assert sample_chunks(captured(tiny, 256, 4), 1) == whole  # small temporaries
+    # a Linear layer's norms are ghost norms: its 4 M weights are no per-sample temporary
+    wide_head = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8192, 512))
+    assert sample_chunks(captured(wide_head, 256, 4), 1) == whole
     assert sample_chunks(captured(resnet9, 256, 32, device="meta"), 1) == whole  # not the CPU

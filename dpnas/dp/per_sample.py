@@ -243,9 +243,11 @@ def sample_chunks(captured: list, k: int) -> list[slice]:
     if a.device.type != "cpu" or n < MIN_CHUNKS * MIN_CHUNK_SAMPLES:
         return [slice(None)]
     # per sample: its rows' activations and output gradients (GroupNorm's normalised input, a grouped convolution's
-    # padded input) and its gradient of each layer's parameters (materialised per-sample gradients)
+    # padded input) and its gradient of the layer's parameters where it may be materialised (a Linear layer's norms
+    # are always ghost norms, from its input and output gradient alone)
     per_sample = k * a.element_size() * max(
-        max(inputs[0].numel(), grads[0].numel()) + sum(p.numel() for p in layer.parameters(recurse=False))
+        max(inputs[0].numel(), grads[0].numel())
+        + (0 if isinstance(layer, nn.Linear) else sum(p.numel() for p in layer.parameters(recurse=False)))
         for layer, inputs, grads, _ in captured)
     if n * per_sample <= CHUNK_BYTES:
         return [slice(None)]
