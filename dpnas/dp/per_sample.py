@@ -178,8 +178,11 @@ class PerSampleClipper:
     def _clipped_sum(self, max_grad_norm: float, k: int) -> dict[nn.Parameter, torch.Tensor]:
         captured = [(layer, self._inputs.pop(layer), self._grads.pop(layer), self._outputs.pop(layer, None))
                     for layer in self.layers]
+        chunks = sample_chunks(captured, k) if self.chunked_sums else [slice(None)]
+        if len(chunks) == 1:  # the whole batch: no slices, no sums to add up
+            return self._chunk_clipped_sum(captured, max_grad_norm, k)
         sums: dict[nn.Parameter, torch.Tensor] = {}
-        for rows in sample_chunks(captured, k) if self.chunked_sums else [slice(None)]:
+        for rows in chunks:
             chunk = [(layer, a[rows], g[rows], None if out is None else out[rows]) for layer, a, g, out in captured]
             for p, chunk_sum in self._chunk_clipped_sum(chunk, max_grad_norm, k).items():
                 sums[p] = chunk_sum if p not in sums else sums[p] + chunk_sum
@@ -246,7 +249,7 @@ def sample_chunks(captured: list, k: int) -> list[slice]:
     # padded input) and its gradient of the layer's parameters where it may be materialised (a Linear layer's norms
     # are always ghost norms, from its input and output gradient alone)
     per_sample = k * a.element_size() * max(
-        max(inputs[0].numel(), grads[0].numel())
+        max(inputs.numel(), grads.numel()) // len(inputs)
         + (0 if isinstance(layer, nn.Linear) else sum(p.numel() for p in layer.parameters(recurse=False)))
         for layer, inputs, grads, _ in captured)
     if n * per_sample <= CHUNK_BYTES:
