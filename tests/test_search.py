@@ -1,7 +1,10 @@
 """Architecture search end to end on tiny real data: trials, budgets, failures, resumption, readers."""
 
+import contextlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -128,12 +131,51 @@ def test_two_worker_processes_share_one_journal_and_finish_exactly(tmp_path, mon
 def test_spawned_workers_as_with_cuda_finish_the_study_too(tmp_path, monkeypatch):
     assert not search_module._can_fork(["cuda:0", "cuda:1"]) and not search_module._can_fork(["cpu", "cuda"])
     used = _spy_start_method(monkeypatch)
-    monkeypatch.setattr(search_module, "_can_fork", lambda devices: False)  # what a CUDA machine does
+    monkeypatch.setattr(search_module, "_can_fork", lambda devices, threads: False)  # what a CUDA machine does
     spec = load_study_file(write_study(tmp_path, n_trials=2))
     search(spec, workers=2, device="cpu", progress=False)
     assert used == ["spawn"]
     trials = trained(load(spec))
     assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
+
+
+CPU_WORKERS_OF_TWO_THREADS = """
+import multiprocessing, os, sys
+import optuna
+import dpnas.search.runner as runner
+from dpnas.search.study_file import load_study_file
+os.cpu_count = lambda: 4  # two cores per worker: each worker runs 2 threads
+used = []
+real = multiprocessing.get_context
+runner.multiprocessing.get_context = lambda method: used.append(method) or real(method)
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # as `dpnas search` does: the workers keep it
+runner.search(load_study_file(sys.argv[1]), workers=2, progress=False)
+print("start methods:", used)
+"""
+
+
+def test_cpu_workers_of_several_threads_are_spawned_and_finish(tmp_path):
+    # Forked after the search's own process has run a team of OpenMP threads (the data, the preflight step), a
+    # worker of 2 threads hangs in its first parallel region: they are spawned instead, one-thread workers forked.
+    assert search_module._can_fork(["cpu", "cpu"], 1) and search_module._can_fork([None, None]) == (
+        not search_module.torch.cuda.is_available())
+    assert not search_module._can_fork(["cpu", "cpu"], 2) and not search_module._can_fork([None], 8)
+    spec = load_study_file(write_study(tmp_path, n_trials=2))
+    # its own interpreter and session, with a deadline: a hung worker fails this test instead of stalling the suite
+    search_process = subprocess.Popen([sys.executable, "-c", CPU_WORKERS_OF_TWO_THREADS, str(spec.path)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                      start_new_session=True)
+    try:
+        out, err = search_process.communicate(timeout=240)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(search_process.pid, signal.SIGKILL)  # the search and any worker it left behind
+    assert search_process.returncode == 0, err[-3000:]
+    assert "start methods: ['spawn']" in out
+    assert "Using an existing study" not in err  # Optuna's info lines stay off in the spawned workers too
+    trials = trained(load(spec))
+    assert len(trials) == 2 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({t.user_attrs["worker"] for t in trials}) == 2
 
 
 def test_grid_points_are_enqueued_once_for_every_worker(tmp_path):

@@ -49,7 +49,7 @@ from dpnas.search.fidelity import load_search_data, search_trial
 from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
 from dpnas.search.storage import storage_kind, trial_slot_lock
-from dpnas.search.study_file import StudySpec, load_study_file
+from dpnas.search.study_file import StudySpec
 from dpnas.search.study_state import (
     _EXHAUSTED,
     _recover_orphans,
@@ -310,22 +310,32 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
 # --- the whole search ----------------------------------------------------------------------------
 
 
-def _worker_process(spec: StudySpec | str, storage_url: str, study_name: str, worker_index: int,
+def _worker_process(spec: StudySpec, storage_url: str, study_name: str, worker_index: int,
                     device: str | None, timeout: float | None, threads: int, artifacts: str | None,
-                    data: DatasetSplits | None, lines: Any = None) -> None:
-    """One worker of ``--workers K``: forked, it gets the spec and the loaded data; spawned, the study file's path
-    (and it loads the data itself). Either way it opens its own storage: inherited connections are never used."""
-    if not isinstance(spec, StudySpec):
-        spec = load_study_file(spec)
+                    data: DatasetSplits | None, lines: Any = None, optuna_verbosity: int | None = None) -> None:
+    """One worker of ``--workers K``: forked, it gets the spec and the loaded data; spawned, the spec (pickled: the
+    one the search checked) and Optuna's log level, and it loads the data itself. Either way it opens its own
+    storage: inherited connections are never used."""
+    if optuna_verbosity is not None:
+        optuna.logging.set_verbosity(optuna_verbosity)
     torch.set_num_threads(threads)  # workers share the cores instead of each claiming all of them
     run_worker(spec, storage_url, study_name=study_name, worker_index=worker_index, device=device, timeout=timeout,
                artifacts=artifacts, data=data, on_line=lines.put if lines is not None else None)
 
 
-def _can_fork(devices: list[str | None]) -> bool:
-    """Fork only on the CPU: CUDA cannot be used in a child forked from a process that has initialised it."""
+def _can_fork(devices: list[str | None], threads: int = 1) -> bool:
+    """Fork only CPU workers of one thread each.
+
+    CUDA cannot be used in a child forked from a process that has initialised it. And torch's CPU threads are a
+    GNU OpenMP team, which does not survive a fork: in a child forked from a process that has run a team of
+    several threads, the first parallel region of several threads waits forever for threads that were never
+    forked (GCC bug 60035; pytorch/pytorch#58962). A search's process always has run one (loading the data, the
+    preflight step), so a forked worker of 2 threads hung before its first step (tests/test_search.py), where a
+    worker of one thread runs no team at all.
+    """
     on_cpu = all((d is None and not torch.cuda.is_available()) or str(d).startswith("cpu") for d in devices)
-    return on_cpu and "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
+    return (on_cpu and threads == 1 and "fork" in multiprocessing.get_all_start_methods()
+            and not torch.cuda.is_initialized())
 
 
 def worker_devices(workers: int, device: str | None) -> list[str | None]:
@@ -364,16 +374,16 @@ def search(
         return study
     devices = worker_devices(workers, device)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    context = multiprocessing.get_context("fork" if _can_fork(devices) else "spawn")
+    context = multiprocessing.get_context("fork" if _can_fork(devices, threads) else "spawn")
     # With a bar, the workers send their lines to this process, which prints them above the one bar it draws.
     lines = context.Queue() if bar else None
     # A forked worker starts at once, with torch, Opacus and the data already in memory (shared copy-on-write):
     # a spawned one imports them again and reloads the data, about 12 s on the 2-core CPU, which cost more than
     # 2 workers gained there (benchmarks/RESULTS.md, search throughput).
-    forked = context.get_start_method() == "fork"
-    shared = (spec, checked.data) if forked else (str(spec.path), None)
+    data = checked.data if context.get_start_method() == "fork" else None
     processes = [context.Process(target=_worker_process, daemon=False,
-                                 args=(shared[0], url, name, i, dev, timeout, threads, artifacts, shared[1], lines))
+                                 args=(spec, url, name, i, dev, timeout, threads, artifacts, data, lines,
+                                       optuna.logging.get_verbosity()))
                  for i, dev in enumerate(devices)]
     for p in processes:
         p.start()
