@@ -130,7 +130,8 @@ def test_the_search_command_exits_non_zero_when_a_worker_died(tmp_path, capsys, 
 
 
 def test_more_cpu_workers_than_cores_warns(tmp_path, monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's cores; this process may run on 2 of them
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5})
     spec = load_study_file(write_study(tmp_path, n_trials=1))
     with pytest.warns(UserWarning, match="--workers 3 on 2 CPU cores"):
         check_search(spec, str(tmp_path / "x.journal"), workers=3, device="cpu")

@@ -144,7 +144,7 @@ import multiprocessing, os, sys
 import optuna
 import dpnas.search.runner as runner
 from dpnas.search.study_file import load_study_file
-os.cpu_count = lambda: 4  # two cores per worker: each worker runs 2 threads
+os.sched_getaffinity = lambda pid: {0, 1, 2, 3}  # two cores per worker: each worker runs 2 threads
 used = []
 real = multiprocessing.get_context
 runner.multiprocessing.get_context = lambda method: used.append(method) or real(method)
@@ -152,6 +152,15 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)  # as `dpnas search` does: 
 runner.search(load_study_file(sys.argv[1]), workers=2, progress=False)
 print("start methods:", used)
 """
+
+
+def test_workers_share_the_cores_this_process_may_run_on(monkeypatch):
+    # taskset or a cluster job's cpuset: 2 of the machine's 64 cores, and each of 2 workers gets one thread
+    monkeypatch.setattr(search_module.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(search_module.os, "sched_getaffinity", lambda pid: {3, 7})
+    assert search_module.usable_cores() == 2
+    monkeypatch.delattr(search_module.os, "sched_getaffinity")  # an OS without affinity: the machine's count
+    assert search_module.usable_cores() == 64
 
 
 def test_cpu_workers_of_several_threads_are_spawned_and_finish(tmp_path):

@@ -338,6 +338,14 @@ def _can_fork(devices: list[str | None], threads: int = 1) -> bool:
             and not torch.cuda.is_initialized())
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on: its affinity (``taskset``, a cluster job's cpuset), which can be far
+    fewer than the machine's ``os.cpu_count()``; that count where the OS has no affinity."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def worker_devices(workers: int, device: str | None) -> list[str | None]:
     """One GPU per worker where there are several; otherwise every worker shares the one device."""
     if device is None and torch.cuda.is_available() and torch.cuda.device_count() > 1:
@@ -373,7 +381,7 @@ def search(
             raise KeyboardInterrupt
         return study
     devices = worker_devices(workers, device)
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = max(1, usable_cores() // workers)
     context = multiprocessing.get_context("fork" if _can_fork(devices, threads) else "spawn")
     # With a bar, the workers send their lines to this process, which prints them above the one bar it draws.
     lines = context.Queue() if bar else None
@@ -452,9 +460,9 @@ def check_search(spec: StudySpec, url: str, *, study_name: str | None = None, n_
     if study_name is not None and not study_name.strip():
         raise ConfigError("--study-name: must not be empty")
     devices = worker_devices(workers, device)
-    if workers > (os.cpu_count() or 1) and all(d is None or str(d).startswith("cpu") for d in devices) \
+    if workers > usable_cores() and all(d is None or str(d).startswith("cpu") for d in devices) \
             and not torch.cuda.is_available():
-        warnings.warn(f"--workers {workers} on {os.cpu_count()} CPU cores: the workers will share cores and each "
+        warnings.warn(f"--workers {workers} on {usable_cores()} CPU cores: the workers will share cores and each "
                       "trial will run slower", stacklevel=2)
     for d in sorted(set(map(str, devices)) - {"None"}):
         check_device(d)
