@@ -176,9 +176,10 @@ def test_cpu_workers_of_several_threads_are_spawned_and_finish(tmp_path):
                                       start_new_session=True)
     try:
         out, err = search_process.communicate(timeout=240)
-    finally:
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(search_process.pid, signal.SIGKILL)  # the search and any worker it left behind
+            os.killpg(search_process.pid, signal.SIGKILL)  # the search and the workers it is waiting for
+        raise
     assert search_process.returncode == 0, err[-3000:]
     assert "start methods: ['spawn']" in out
     assert "Using an existing study" not in err  # Optuna's info lines stay off in the spawned workers too

@@ -386,8 +386,8 @@ def search(
     # With a bar, the workers send their lines to this process, which prints them above the one bar it draws.
     lines = context.Queue() if bar else None
     # A forked worker starts at once, with torch, Opacus and the data already in memory (shared copy-on-write):
-    # a spawned one imports them again and reloads the data, about 12 s on the 2-core CPU, which cost more than
-    # 2 workers gained there (benchmarks/RESULTS.md, search throughput).
+    # a spawned one imports them again and reloads the data, 3.2 s more before the first trials of the quickstart
+    # on the 2-core CPU, more than 2 workers gain there (benchmarks/RESULTS.md, issue 17's eleventh pass).
     data = checked.data if context.get_start_method() == "fork" else None
     processes = [context.Process(target=_worker_process, daemon=False,
                                  args=(spec, url, name, i, dev, timeout, threads, artifacts, data, lines,
