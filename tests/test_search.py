@@ -120,6 +120,7 @@ def _spy_start_method(monkeypatch) -> list:
 
 def test_two_worker_processes_share_one_journal_and_finish_exactly(tmp_path, monkeypatch):
     used = _spy_start_method(monkeypatch)
+    monkeypatch.setattr(search_module.os, "sched_getaffinity", lambda pid: {0, 1})  # one core per worker, any machine
     spec = load_study_file(write_study(tmp_path, n_trials=4))
     search(spec, workers=2, progress=False)
     assert used == ["fork"]  # on the CPU: the workers start at once, with the data already loaded
