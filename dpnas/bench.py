@@ -192,7 +192,9 @@ def run_interleaved(*, model: dict[str, Any], modes: list[str], batch_size: int,
     from round to round): a machine's drift then reaches every mode alike, where separate processes can differ
     by 20-40 % on a shared machine. The modes sample the same Poisson batch sizes (the same seed), and each
     timed step is a whole one (the optimizer, and the noise where there is some). Peak memory is the process's,
-    shared by the modes, so it is not reported (None): separate processes measure it."""
+    shared by the modes, so it is not reported (None): separate processes measure it. So is glibc's heap setting:
+    once a dpnas or non-private case has set it (:func:`dpnas.dp.host_memory.keep_freed_host_memory`), Opacus's
+    mode runs with it too, where in its own process it keeps glibc's default, as a user's script would."""
     dev = torch.device(device)
     cases = [_Case(model, mode, batch_size=batch_size, device=dev, variant=variant) for mode in modes]
     for _ in range(warmup):
