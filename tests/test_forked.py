@@ -7,6 +7,7 @@ import multiprocessing
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from dpnas.arch.space import ConfigError
@@ -89,6 +90,39 @@ def test_a_study_calibrated_in_a_child_is_the_one_calibrated_here_and_is_remembe
     monkeypatch.setattr(calibration, "_calibrate", lambda *key: pytest.fail("computed again"))
     assert calibration.calibrate_study(spec, runs=6, train_size=1150) == here  # remembered, as if computed here
     assert calibration.start_study_calibration(spec, runs=6, train_size=1150).result() == here  # no second child
+
+
+@needs_fork
+def test_the_child_hands_back_the_one_step_curves_each_trial_is_checked_on(fresh_calibrations, monkeypatch):
+    """The first trial checks its run's ε on the calibrated σ's RDP curve: the child computed it, and hands it over
+    bit for bit, so this process does not compute it again."""
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from dpnas.dp import privacy as dp_privacy
+    from dpnas.dp.config import PrivacyConfig, TrainConfig
+
+    spec = load_study_file(QUICKSTART)
+    dp_privacy.forget_step_rdp()
+    here = os.getpid()
+
+    def compute_in_the_child_only(**kwargs):
+        if os.getpid() == here:
+            pytest.fail("computed here, not in the child")
+        return compute_rdp(**kwargs)
+
+    monkeypatch.setattr(dp_privacy, "compute_rdp", compute_in_the_child_only)
+    calibrated = calibration.start_study_calibration(spec, runs=6, train_size=1150).result()
+    train_cfg = TrainConfig(batch_size=spec.train.batch_size, epochs=spec.train.epochs)
+    trial_privacy = calibrated.privacy_for(PrivacyConfig(epsilon=8.0), train_cfg)
+    plan = dp_privacy.plan_privacy(trial_privacy, dataset_size=1150, batch_size=train_cfg.batch_size,
+                                   epochs=train_cfg.epochs)  # checks the run's ε on the handed-over curve
+    assert plan.noise_multiplier == trial_privacy.noise_multiplier
+    monkeypatch.undo()
+    handed = dp_privacy.subsampled_gaussian_rdp(plan.noise_multiplier, plan.sample_rate, 1)
+    orders = [float(a) for a in dp_privacy.ORDERS]
+    assert np.array_equal(handed, compute_rdp(q=plan.sample_rate, noise_multiplier=plan.noise_multiplier, steps=1,
+                                              orders=orders))
+    dp_privacy.forget_step_rdp()
 
 
 def test_a_budget_the_child_cannot_meet_is_refused_by_the_wait(fresh_calibrations):

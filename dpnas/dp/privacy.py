@@ -224,12 +224,43 @@ def _noise_multiplier(epsilon: float, delta: float, accountant: str, sample_rate
     )
 
 
-@functools.lru_cache(maxsize=1024)
+# (σ, q) -> Opacus's one-step RDP curve at ORDERS, read-only (shared by every caller)
+_STEP_RDP: dict[tuple[float, float], np.ndarray] = {}
+_STEP_RDP_LIMIT = 4096  # curves of 60 floats: a bound on a long process's memory, far above a search's needs
+
+
 def _step_rdp(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    curve = np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-                                   orders=_accountant_options("rdp")["alphas"]), dtype=float)
-    curve.setflags(write=False)  # shared by every caller of the cache
+    key = (noise_multiplier, sample_rate)
+    curve = _STEP_RDP.get(key)
+    if curve is None:
+        curve = np.asarray(compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                       orders=_accountant_options("rdp")["alphas"]), dtype=float)
+        curve.setflags(write=False)
+        if len(_STEP_RDP) >= _STEP_RDP_LIMIT:
+            _STEP_RDP.clear()
+        _STEP_RDP[key] = curve
     return curve
+
+
+def step_rdp_curves(runs) -> dict[tuple[float, float], np.ndarray]:
+    """The one-step curves of `runs` ((σ, q) pairs) as this process remembers them (computing any it lacks): what
+    :func:`remember_step_rdp` takes in another process."""
+    return {(float(sigma), float(q)): _step_rdp(float(sigma), float(q)) for sigma, q in runs}
+
+
+def remember_step_rdp(curves: dict[tuple[float, float], np.ndarray]) -> None:
+    """Take one-step curves computed by :func:`step_rdp_curves` elsewhere (a forked child of this process: the same
+    code on the same numbers, so the same bits), so that this process does not compute them again."""
+    for (sigma, q), curve in curves.items():
+        if (float(sigma), float(q)) not in _STEP_RDP:
+            kept = np.array(curve, dtype=float)
+            kept.setflags(write=False)
+            _STEP_RDP[(float(sigma), float(q))] = kept
+
+
+def forget_step_rdp() -> None:
+    """Forget the remembered one-step curves (benchmarks time them from scratch)."""
+    _STEP_RDP.clear()
 
 
 def subsampled_gaussian_rdp(noise_multiplier: float, sample_rate: float, steps: int) -> np.ndarray:
