@@ -21,6 +21,7 @@ Reads never modify the file: they stop quietly at the first damage, so the whole
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -28,7 +29,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator
+from typing import Any, Generator, Iterator
 
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.storages.journal._file import BaseJournalFileLock, get_lock_file
@@ -111,6 +112,33 @@ class WholeJournalFileBackend(JournalFileBackend):
         self._writers_lock = JournalFileSymlinkLock(file_path)  # the lock Optuna's own backend takes for appends
         super().__init__(file_path, lock_obj=_CutDamageOnAcquire(self._writers_lock, self))
         self._whole_size = 0  # bytes from the start already found whole: later checks read only what follows
+        self._held: list[dict[str, Any]] | None = None  # records of an appending_together() block, not yet written
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        if self._held is None:
+            super().append_logs(logs)
+            return
+        for log in logs:
+            json.dumps(log)  # a value JSON cannot hold is refused by the call that set it, as it would be unheld
+        self._held.extend(logs)
+
+    @contextlib.contextmanager
+    def appending_together(self) -> Iterator[None]:
+        """Records appended inside the block are written at its end, in order, as one append: one lock, one write
+        and one fsync instead of one each (0.4 ms apiece on a local disk, more on a network one). They are written
+        even when the block raises; only a process killed inside the block loses them, as it would the records it
+        had not reached yet. Inside the block this process's reads do not see them yet, so use it for writes
+        nothing reads back before the block ends (a trial's user attributes)."""
+        if self._held is not None:  # nested: the outer block writes them
+            yield
+            return
+        self._held = []
+        try:
+            yield
+        finally:
+            held, self._held = self._held, None
+            if held:
+                super().append_logs(held)
 
     def repair(self) -> None:
         """Cut damage off now, under the writers' lock, instead of at the first append."""

@@ -48,7 +48,7 @@ from dpnas.search.checks import check_study
 from dpnas.search.fidelity import load_search_data, search_trial
 from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
-from dpnas.search.storage import storage_kind, trial_slot_lock
+from dpnas.search.storage import storage_kind, trial_slot_lock, writes_together
 from dpnas.search.study_file import StudySpec
 from dpnas.search.study_state import (
     _EXHAUSTED,
@@ -162,9 +162,13 @@ def run_worker(
                     break
                 if waiting or used < target:
                     trial = study.ask()
+                    # at once: a trial of a worker that died is found by it (_recover_orphans)
                     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
                     try:
-                        configs, repeated = _propose(study, spec, trial, data.image_size)
+                        # its parameters and config key in one append, before the slot is released (the next
+                        # worker reads the key)
+                        with writes_together(storage):
+                            configs, repeated = _propose(study, spec, trial, data.image_size)
                     except ConfigError as err:  # a combination no rule covers: pruned before it touches data
                         line = _prune_invalid(study, trial, err)
                     if repeated is not None:
@@ -222,26 +226,29 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
                           full_train_size=data.full_train_size)
     train_cfg, privacy, steps = scaled.train, scaled.privacy, scaled.steps
     settings = spec.data_settings()
-    if spec.fidelity.active:
-        # The trial trains at the search's fidelity; what it stands for (and `dpnas best` exports) is the target.
-        trial.set_user_attr("fidelity", scaled.record)
-        trial.set_user_attr("target_train_config", target_train.to_dict())
-        trial.set_user_attr("target_privacy_config", target_privacy.to_dict())
-        trial.set_user_attr("target_data", settings.to_dict())
-        settings = dataclasses.replace(settings, image_size=data.image_size)
-    trial.set_user_attr("config", arch.to_dict())
-    trial.set_user_attr("train_config", train_cfg.to_dict())
-    trial.set_user_attr("privacy_config", privacy.to_dict())
-    trial.set_user_attr("data", settings.to_dict())
-    trial.set_user_attr("epsilon_target", privacy.epsilon if privacy.private else "inf (non-private)")
+    # A trial's attributes are written in a few groups, each one append to a journal (writes_together)
+    with writes_together(study._storage):
+        if spec.fidelity.active:
+            # The trial trains at the search's fidelity; what it stands for (and `dpnas best` exports) is the target.
+            trial.set_user_attr("fidelity", scaled.record)
+            trial.set_user_attr("target_train_config", target_train.to_dict())
+            trial.set_user_attr("target_privacy_config", target_privacy.to_dict())
+            trial.set_user_attr("target_data", settings.to_dict())
+            settings = dataclasses.replace(settings, image_size=data.image_size)
+        trial.set_user_attr("config", arch.to_dict())
+        trial.set_user_attr("train_config", train_cfg.to_dict())
+        trial.set_user_attr("privacy_config", privacy.to_dict())
+        trial.set_user_attr("data", settings.to_dict())
+        trial.set_user_attr("epsilon_target", privacy.epsilon if privacy.private else "inf (non-private)")
 
     def record_plan(plan: PrivacyPlan) -> None:
-        # Written before any step touches the data: the search-level accounting counts this run.
-        trial.set_user_attr("privacy_plan", {"noise_multiplier": plan.noise_multiplier,
-                                             "sample_rate": plan.sample_rate, "steps": plan.steps,
-                                             "val_noise": plan.val_noise, "val_releases": plan.val_releases})
-        for part in ("train", "val", "test"):
-            trial.set_user_attr(f"{part}_size", len(getattr(data, part)))
+        # Written (the block's end) before any step touches the data: the search-level accounting counts this run.
+        with writes_together(study._storage):
+            trial.set_user_attr("privacy_plan", {"noise_multiplier": plan.noise_multiplier,
+                                                 "sample_rate": plan.sample_rate, "steps": plan.steps,
+                                                 "val_noise": plan.val_noise, "val_releases": plan.val_releases})
+            for part in ("train", "val", "test"):
+                trial.set_user_attr(f"{part}_size", len(getattr(data, part)))
 
     def report(record: dict[str, Any]) -> None:
         if spec.multi_objective:  # Optuna cannot prune multi-objective trials
@@ -287,8 +294,9 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
         "test_accuracy": result["test_accuracy"],  # recorded for the report; never used to select
         "device": result["device"],
     }
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
+    with writes_together(study._storage):
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
     values = [attrs[o] for o in spec.objectives]
     if not all(math.isfinite(v) for v in values):
         trial.set_user_attr("failure_reason", f"objective not finite: {values}")

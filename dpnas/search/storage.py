@@ -259,6 +259,15 @@ def trial_slot_lock(storage: BaseStorage, url: str) -> Iterator[None]:
     yield
 
 
+def writes_together(storage: BaseStorage) -> contextlib.AbstractContextManager:
+    """A block whose journal writes reach the file as one append at its end (see
+    :meth:`WholeJournalFileBackend.appending_together`); other storages write each at once, as before."""
+    backend = getattr(storage, "_backend", None) if isinstance(storage, JournalStorage) else None
+    if isinstance(backend, WholeJournalFileBackend):
+        return backend.appending_together()
+    return contextlib.nullcontext()
+
+
 def dashboard_command(url: str, artifact_dir: str | None = None) -> str:
     """The stock optuna-dashboard command line for a storage (with its artifact directory, so it lists weights).
 
