@@ -11,10 +11,10 @@ from search_helpers import write_study
 
 import dpnas.search.runner as runner
 from dpnas.arch.models import build_model
-from dpnas.arch.space import ArchConfig
+from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.search.runner import exhausted_message, search, trial_budget
-from dpnas.search.sampling import ablation_points, config_key, grid_points, space_size, suggest
+from dpnas.search.sampling import ablation_points, axis_distribution, config_key, grid_points, space_size, suggest
 from dpnas.search.storage import open_storage
 from dpnas.search.study_file import load_study_file
 from dpnas.search.study_privacy import study_privacy
@@ -222,3 +222,24 @@ def test_every_shipped_study_searches_the_learning_rate_and_clip_norm(study):
         return
     assert axes["lr"].log and axes["max_grad_norm"].log
     assert axes["lr"].target == "train" and axes["max_grad_norm"].target == "privacy"
+
+
+@pytest.mark.parametrize("study_file", sorted((Path(__file__).resolve().parents[1] / "studies").glob("*.toml")),
+                         ids=lambda p: p.stem)
+def test_axis_distribution_is_what_suggest_gives_every_shipped_study(study_file):
+    """The resume check (dpnas.search.checks.space_mismatches) compares stored distributions with these."""
+    spec = load_study_file(study_file)
+    axes = {axis.name: axis for axis in spec.axes}
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(30):
+        trial = scratch.ask()
+        try:
+            suggest(trial, spec)
+        except ConfigError:
+            pass
+        for name, distribution in trial.distributions.items():
+            if name in axes:
+                assert distribution == axis_distribution(axes[name]), name
+                seen.add(name)
+    assert seen  # every shipped study searches something

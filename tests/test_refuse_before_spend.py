@@ -88,6 +88,38 @@ def test_editing_data_or_objectives_of_a_study_is_refused(tmp_path, capsys):
     assert len(study.get_trials()) == 1  # nothing new was trained
 
 
+@pytest.mark.parametrize("old,new,match", [
+    ("width = { low = 0.5, high = 1.0, step = 0.5 }", "width = [0.5, 1.0]",
+     "search.width {low 0.5, high 1, step 0.5} → [0.5, 1.0]"),  # a range became a list
+    ('activation = ["selu", "relu", "mish"]', 'activation = ["selu", "relu", "mish", "elu"]',
+     "search.activation ['selu', 'relu', 'mish'] → ['selu', 'relu', 'mish', 'elu']"),  # a choice added
+    ('activation = ["selu", "relu", "mish"]', 'activation = ["relu", "selu", "mish"]', "search.activation"),
+    ("width = { low = 0.5, high = 1.0, step = 0.5 }", "width = { low = 0.5, high = 1.0, log = true }",
+     "search.width {low 0.5, high 1, step 0.5} → {low 0.5, high 1, log}"),
+])
+def test_a_search_space_optuna_cannot_mix_is_refused_before_a_trial_takes_a_slot(tmp_path, capsys, old, new, match):
+    """Optuna keeps one distribution per parameter for a whole study; it used to refuse another only when a trial
+    suggested it, with a traceback, leaving that trial running in the study."""
+    path = write_study(tmp_path, n_trials=1)
+    assert main(["search", str(path), "--quiet"]) == 0
+    _edit(path, old, new)
+    err = _refused(capsys, ["search", str(path), "--quiet", "--n-trials", "2"], match)
+    assert "start a new study" in err
+    study = optuna.load_study(study_name="tiny", storage=open_storage(str(path.with_suffix(".journal"))))
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE]  # no slot taken
+
+
+def test_a_search_space_optuna_can_mix_goes_on(tmp_path, capsys):
+    """A range's bounds or step may change (Optuna keeps them per trial); an axis may be added or dropped."""
+    path = write_study(tmp_path, n_trials=1)
+    assert main(["search", str(path), "--quiet"]) == 0
+    _edit(path, "width = { low = 0.5, high = 1.0, step = 0.5 }", 'width = { low = 0.5, high = 2.0, step = 0.25 }\n'
+          'pool = ["max_smooth", "none"]')
+    assert main(["search", str(path), "--quiet", "--n-trials", "2"]) == 0
+    study = optuna.load_study(study_name="tiny", storage=open_storage(str(path.with_suffix(".journal"))))
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE] * 2
+
+
 def test_the_preflight_needs_no_data_and_catches_engine_combinations():
     arch = MODELS["tiny"].arch
     preflight(arch, TrainConfig(physical_batch_size=4), PrivacyConfig(), num_classes=10, in_channels=1, image_size=16,

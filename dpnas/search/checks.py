@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
+from optuna.distributions import CategoricalDistribution, check_distribution_compatibility
 
 from dpnas.arch.models import check_image_size
 from dpnas.arch.space import ConfigError
@@ -24,7 +25,7 @@ from dpnas.dp.privacy import check_budget, plan_privacy
 from dpnas.dp.train import check_device
 from dpnas.search.calibration import start_study_calibration
 from dpnas.search.fidelity import load_search_data, search_trial
-from dpnas.search.sampling import ablation_points, grid_points, suggest
+from dpnas.search.sampling import ablation_points, axis_distribution, grid_points, suggest
 from dpnas.search.study_file import StudySpec
 
 BUDGET_ATTR = "dpnas:budget"
@@ -79,6 +80,42 @@ def objective_mismatch(study: optuna.Study, spec: StudySpec) -> list[str]:
     if (stored is not None and list(stored) != list(spec.objectives)) or directions != list(spec.directions):
         return [f"objectives {list(stored) if stored is not None else directions} became {list(spec.objectives)}"]
     return []
+
+
+def space_mismatches(study: optuna.Study, spec: StudySpec) -> list[str]:
+    """Searched parameters that the study's trials hold with a distribution Optuna cannot mix with the study file's:
+    another kind (a range became a list), another log scaling, or other choices (or order) of a list. Optuna
+    refuses such a parameter only when a trial suggests it, with a traceback, after the trial took a slot."""
+    axes = {axis.name: axis for axis in spec.axes}
+    stored: dict[str, Any] = {}
+    for trial in study.get_trials(deepcopy=False):
+        for name, distribution in trial.distributions.items():
+            stored.setdefault(name, distribution)
+    problems = []
+    for name, old in sorted(stored.items()):
+        axis = axes.get(name)
+        if axis is None:  # not searched any more, or FIELD[a,b]: a name that carries its own choices
+            continue
+        new = axis_distribution(axis)
+        try:
+            check_distribution_compatibility(old, new)
+        except ValueError:
+            problems.append(f"search.{name} {_describe(old)} → {_describe(new)}")
+    return problems
+
+
+def _describe(distribution: Any) -> str:
+    if isinstance(distribution, CategoricalDistribution):
+        return repr(list(distribution.choices))
+    log = ", log" if distribution.log else ""
+    step = f", step {distribution.step:g}" if distribution.step is not None and not distribution.log else ""
+    return f"{{low {distribution.low:g}, high {distribution.high:g}{step}{log}}}"
+
+
+def refuse_space_change(study: optuna.Study, problems: list[str]) -> None:
+    raise ConfigError(f"study {study.study_name!r} holds trials of another search space ({'; '.join(problems)}); "
+                      "Optuna cannot keep both in one study. Restore those axes in the study file, or start a new "
+                      "study (--study-name NAME or a new storage)")
 
 
 def stored_data(spec: StudySpec) -> dict[str, Any]:
@@ -144,6 +181,8 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
     if stored is not None and (problems := stored_mismatches(stored, spec)) and (
             runs_charged(stored) or objective_mismatch(stored, spec)):
         refuse_mismatch(stored, problems)
+    if stored is not None and (problems := space_mismatches(stored, spec)):
+        refuse_space_change(stored, problems)
     if spec.val_fraction == 0:
         raise ConfigError(f"{spec.path}: data.val_fraction: the objective val_accuracy is read on the validation "
                           "split; set val_fraction > 0 (0.2 is customary)")

@@ -22,6 +22,8 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
 from dpnas.arch.conditions import ARCH_RELEVANCE, ARCH_VALUE_RULES, effective, matters, neutralise, value_allowed
 from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.dp.config import DP_RELEVANCE, PrivacyConfig, TrainConfig
@@ -108,6 +110,16 @@ def configs_from_values(values: dict[str, Any]) -> Configs:
         TrainConfig.from_dict({k: v for k, v in values.items() if k in fields["train"]}),
         PrivacyConfig.from_dict({k: v for k, v in values.items() if k in fields["privacy"]}),
     )
+
+
+def axis_distribution(axis: Axis, allowed: list | None = None) -> BaseDistribution:
+    """The distribution :func:`suggest` gives the axis's parameter (`allowed`: the choices offered where only some
+    are; default all of a categorical axis's)."""
+    if axis.categorical:
+        return CategoricalDistribution(list(axis.choices) if allowed is None else allowed)
+    if axis.integer:
+        return IntDistribution(int(axis.low), int(axis.high), step=int(axis.step or 1), log=axis.log)
+    return FloatDistribution(axis.low, axis.high, step=axis.step, log=axis.log)
 
 
 def suggest(trial: Any, spec: StudySpec) -> Configs:
