@@ -112,11 +112,11 @@ def configs_from_values(values: dict[str, Any]) -> Configs:
     )
 
 
-def axis_distribution(axis: Axis, allowed: list | None = None) -> BaseDistribution:
-    """The distribution :func:`suggest` gives the axis's parameter (`allowed`: the choices offered where only some
-    are; default all of a categorical axis's)."""
+def axis_distribution(axis: Axis) -> BaseDistribution:
+    """The distribution :func:`suggest` gives the parameter named after the axis (a categorical one where all its
+    choices are offered)."""
     if axis.categorical:
-        return CategoricalDistribution(list(axis.choices) if allowed is None else allowed)
+        return CategoricalDistribution(list(axis.choices))
     if axis.integer:
         return IntDistribution(int(axis.low), int(axis.high), step=int(axis.step or 1), log=axis.log)
     return FloatDistribution(axis.low, axis.high, step=axis.step, log=axis.log)
