@@ -120,6 +120,38 @@ def test_a_search_space_optuna_can_mix_goes_on(tmp_path, capsys):
     assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE] * 2
 
 
+def _total_epsilon_study(tmp_path, n_trials):
+    return _edit(write_study(tmp_path, n_trials=n_trials), "epsilon = 4.0", "total_epsilon = 8.0")
+
+
+def test_a_run_shape_a_total_epsilon_study_was_not_calibrated_for_is_refused_before_a_trial_takes_a_slot(tmp_path,
+                                                                                                      capsys):
+    """The noise of a total-ε study is calibrated per (batch_size, epochs) when it is created: a trial of another
+    shape used to take a slot and then stop the search ("not a run shape this study was calibrated for")."""
+    path = _total_epsilon_study(tmp_path, n_trials=3)
+    assert main(["search", str(path), "--quiet", "--timeout", "0.1"]) == 0  # one trial: runs are charged
+    journal = str(path.with_suffix(".journal"))
+    before = [t.state for t in optuna.load_study(study_name="tiny", storage=open_storage(journal)).get_trials()]
+    _edit(path, "epochs = 1", "epochs = 2")
+    _refused(capsys, ["search", str(path), "--quiet"],
+             "run shapes: (batch_size=256,epochs=1) → (batch_size=256,epochs=2)")
+    after = [t.state for t in optuna.load_study(study_name="tiny", storage=open_storage(journal)).get_trials()]
+    assert after == before and optuna.trial.TrialState.RUNNING not in after  # no slot taken
+
+
+def test_a_new_run_shape_is_calibrated_afresh_while_nothing_is_spent(tmp_path):
+    from dpnas.search.study_state import open_study, study_calibration
+
+    path = _total_epsilon_study(tmp_path, n_trials=2)
+    url = str(path.with_suffix(".journal"))
+    study = open_study(load_study_file(path), url)  # created and calibrated (as a worker does), nothing trained
+    assert set(study_calibration(study, load_study_file(path), 1152).noise_multipliers) == {"batch_size=256,epochs=1"}
+    _edit(path, "epochs = 1", "epochs = 2")
+    study = search(load_study_file(path), progress=False)
+    assert [t.state for t in study.get_trials()] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert all(t.user_attrs["train_config"]["epochs"] == 2 for t in study.get_trials())
+
+
 def test_the_preflight_needs_no_data_and_catches_engine_combinations():
     arch = MODELS["tiny"].arch
     preflight(arch, TrainConfig(physical_batch_size=4), PrivacyConfig(), num_classes=10, in_channels=1, image_size=16,

@@ -23,10 +23,11 @@ from dpnas.dp.memory import check_training_fits
 from dpnas.dp.preflight import preflight
 from dpnas.dp.privacy import check_budget, plan_privacy
 from dpnas.dp.train import check_device
-from dpnas.search.calibration import start_study_calibration
+from dpnas.search.calibration import run_shapes, shape_key, start_study_calibration
 from dpnas.search.fidelity import load_search_data, search_trial
 from dpnas.search.sampling import ablation_points, axis_distribution, grid_points, suggest
 from dpnas.search.study_file import StudySpec
+from dpnas.search.study_privacy import CALIBRATION_ATTR
 
 BUDGET_ATTR = "dpnas:budget"
 DATA_ATTR = "dpnas:data"
@@ -50,6 +51,14 @@ def stored_mismatches(study: optuna.Study, spec: StudySpec) -> list[str]:
         changed = sorted(k for k in set(stored) | set(asked) if stored.get(k) != asked.get(k))
         if changed:
             problems.append(f"{what}: " + ", ".join(f"{k} {stored.get(k)!r} → {asked.get(k)!r}" for k in changed))
+    # A total-epsilon study's noise was calibrated per run shape when it was created; a trial of another shape
+    # has no noise that keeps the total (its trial used to fail after taking a slot)
+    calibration = system.get(CALIBRATION_ATTR)
+    if spec.total_epsilon is not None and calibration is not None:
+        calibrated = sorted(calibration["noise_multipliers"])
+        asked_shapes = sorted({shape_key(b, e) for b, e in run_shapes(spec)})
+        if not set(asked_shapes) <= set(calibrated):
+            problems.append(f"run shapes: ({'; '.join(calibrated)}) → ({'; '.join(asked_shapes)})")
     return problems
 
 
