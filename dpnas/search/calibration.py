@@ -242,13 +242,12 @@ def _calibrate(total_epsilon: float, delta: float, mode: str, runs: int | None, 
         validation_epsilon=float(validation_epsilon), notes=notes)
 
 
-def _calibrate_with_curves(*key) -> tuple[Calibration, dict]:
-    """:func:`_calibrate`, and the one-step RDP curves of the σ it chose: every trial's accounting checks its run's
-    ε on them, and the child that computed them hands them back (0.04-0.1 s on 2 cores that the first trial would
-    spend computing them again)."""
-    calibrated = _calibrate(*key)
-    shapes, train_size = key[7], key[8]
-    runs = [(calibrated.noise_multipliers[shape_key(b, e)], b / train_size) for b, e in shapes]
+def _calibrate_with_curves(arguments: dict) -> tuple[Calibration, dict]:
+    """:func:`calibrate`'s computation for `arguments`, and the one-step RDP curves of the σ it chose: every trial's
+    accounting checks its run's ε on them, and the child that computed them hands them back (0.04-0.1 s on 2 cores
+    that the first trial would spend computing them again)."""
+    calibrated = _calibrate(*_calibration_key(**arguments))
+    runs = [(calibrated.noise_multipliers[shape_key(b, e)], b / calibrated.train_size) for b, e in arguments["shapes"]]
     return calibrated, step_rdp_curves(runs)
 
 
@@ -272,7 +271,7 @@ class PendingCalibration:
     def __init__(self, arguments: dict) -> None:
         self._arguments = arguments
         self._key = _calibration_key(**arguments)
-        self._call = None if self._key in _CALIBRATIONS else ForkedCall(_calibrate_with_curves, *self._key)
+        self._call = None if self._key in _CALIBRATIONS else ForkedCall(_calibrate_with_curves, arguments)
 
     def result(self) -> Calibration:
         if self._call is not None:

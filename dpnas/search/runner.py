@@ -468,9 +468,10 @@ def check_search(spec: StudySpec, url: str, *, study_name: str | None = None, n_
     if study_name is not None and not study_name.strip():
         raise ConfigError("--study-name: must not be empty")
     devices = worker_devices(workers, device)
-    if workers > usable_cores() and all(d is None or str(d).startswith("cpu") for d in devices) \
+    cores = usable_cores()
+    if workers > cores and all(d is None or str(d).startswith("cpu") for d in devices) \
             and not torch.cuda.is_available():
-        warnings.warn(f"--workers {workers} on {usable_cores()} CPU cores: the workers will share cores and each "
+        warnings.warn(f"--workers {workers} on {cores} CPU cores: the workers will share cores and each "
                       "trial will run slower", stacklevel=2)
     for d in sorted(set(map(str, devices)) - {"None"}):
         check_device(d)
