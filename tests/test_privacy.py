@@ -203,6 +203,26 @@ def test_poisson_sampler_draws_each_sample_independently_with_rate_q():
     assert (rate - q).abs().max() < 5 * math.sqrt(q * (1 - q) / draws)
 
 
+@pytest.mark.parametrize("q", [256 / 40_000, 256 / 1_150, 0.1, 1 / 3, 2.0**-24 * 107_374.2, 1.0])
+def test_poisson_sampling_never_joins_a_record_more_often_than_the_accountant_is_told(q):
+    """Each record joins when a float64 uniform (k · 2^-53, or (k + 1/2) · 2^-53 on CUDA) falls below q rounded
+    down to that grid: probability exactly join_probability(q) <= q. Float32 uniforms (steps of 2^-24) against q
+    rounded to float32 joined records up to 2^-24 more often: 7.6e-6 too often, relatively, at 256 / 40,000."""
+    from dpnas.dp.privacy import join_probability
+
+    p = join_probability(q)
+    assert p <= q and q - p < 2.0**-53 and (p * 2.0**53).is_integer()
+    # the mask is exactly `float64 uniform < join_probability(q)`, from the same generator
+    g = torch.Generator().manual_seed(1)
+    replay = torch.Generator().set_state(g.get_state())
+    idx = poisson_sample(5000, q, generator=g, device="cpu")
+    expected = (torch.rand(5000, generator=replay, dtype=torch.float64) < p).nonzero().squeeze(1)
+    assert torch.equal(idx, expected)
+    # what float32 sampling allowed: a probability above q for a q between two float32 grid points
+    if q == 2.0**-24 * 107_374.2:
+        assert math.ceil(float(torch.tensor(q, dtype=torch.float32)) * 2**24) / 2**24 > q
+
+
 def test_cached_epsilon_and_calibration_are_the_exact_values():
     from dpnas.dp.privacy import _accountant_options, _noise_multiplier
 

@@ -33,6 +33,8 @@ from dpnas.dp.train import count_correct, train
 from dpnas.search.calibration import calibrate, run_shapes
 from dpnas.search.runner import best_trials, search
 from dpnas.search.study_file import OBJECTIVES, load_study_file
+from dpnas.search.study_privacy import CALIBRATION_ATTR as _CALIBRATION
+from dpnas.search.weights import _ARTIFACT
 from dpnas.search.study_privacy import RunPrivacy, account, study_privacy
 
 DELTA = 1e-5
@@ -291,6 +293,85 @@ def test_a_total_epsilon_study_never_runs_past_its_total(tmp_path, monkeypatch):
     assert runner.runs_charged(study) == 2 and "total_epsilon = 6 is spent" in runner.exhausted_message(study)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 1
     assert study_privacy(study).epsilon <= 6.0
+
+
+def test_more_trials_for_a_study_that_spent_nothing_split_its_total_again(tmp_path):
+    """A study created (and calibrated) for 2 runs that spent nothing may be resumed with --n-trials 3: its noise
+    is derived again for 3 runs. It used to keep the noise for 2 and spend more than its total."""
+    from dpnas.search.study_state import open_study, study_calibration
+
+    path = _tiny(tmp_path, privacy="total_epsilon = 6.0", n_trials=2, epochs=1)
+    spec = load_study_file(path)
+    study = open_study(spec, spec.default_storage())  # created and calibrated, then stopped before any trial
+    assert study_calibration(study, spec, 1152).runs == 2
+    search(spec, n_trials=3, progress=False)
+    study = load(spec)
+    assert runner.runs_charged(study) == 3 and len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    assert study_privacy(study).epsilon <= 6.0
+    # a stored calibration for another count is derived again while nothing is spent, refused once runs are charged
+    assert study_calibration(study, spec, 1152).runs == 3
+    runner._set_system_attr(study, _CALIBRATION, {**runner._system_attrs(study)[_CALIBRATION], "runs": 2})
+    with pytest.raises(ConfigError, match="over 2 runs and has spent some of it"):
+        study_calibration(study, spec, 1152)
+
+
+def test_a_second_worker_counts_the_run_another_worker_is_starting(tmp_path, monkeypatch):
+    """Once a charged run was retried, the slots no longer count the runs: a worker that took a slot between
+    another worker's `ask` and that trial's privacy plan used to start one run too many (4 runs for a total split
+    over 3). Two workers are interleaved by hand: B takes its turn right after A asked its trial."""
+    spec = load_study_file(_tiny(tmp_path, privacy="total_epsilon = 6.0", n_trials=3, epochs=1))
+    real_train, real_run_trial = runner.train, runner.run_trial
+
+    def interrupted(*args, on_plan=None, **kwargs):
+        on_plan(plan_privacy(kwargs["privacy"], dataset_size=len(args[1].train), batch_size=256, epochs=1))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        search(spec, progress=False)  # trial 0 touched the data, then Ctrl-C: charged, and queued for a retry
+    monkeypatch.setattr(runner, "train", real_train)
+    search(spec, timeout=0.1, progress=False)  # the retry (trial 1) runs
+    assert runner.runs_charged(load(spec)) == 2
+    seen = []
+
+    def worker_b_takes_its_turn(study, trial, *args, **kwargs):
+        if not seen:
+            seen.append(runner.runs_charged(study))
+            runner.run_worker(spec, spec.default_storage(), worker_index=1, progress=False)
+        return real_run_trial(study, trial, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_trial", worker_b_takes_its_turn)
+    search(spec, progress=False)
+    study = load(spec)
+    assert seen == [3]  # A's trial counts before its plan is written
+    assert runner.runs_charged(study) == 3 and study_privacy(study).epsilon <= 6.0
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2  # one run was the interrupted one
+
+
+def test_ctrl_c_while_a_trained_trial_is_recorded_stops_the_search_after_recording_it(tmp_path, monkeypatch):
+    """A trial that trained to its end has spent its budget and released its scores: a Ctrl-C landing while its
+    weights or state are written used to leave it RUNNING, and the resumed study retrained it as an orphan."""
+    import os
+    import signal
+
+    spec = load_study_file(_tiny(tmp_path, privacy="total_epsilon = 6.0", n_trials=2, epochs=1))
+    real_keep = runner.keep_trial_weights
+
+    def keep_then_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # delivered here, in the middle of recording
+        return real_keep(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "keep_trial_weights", keep_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        search(spec, progress=False)
+    trials = load(spec).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] and _ARTIFACT in trials[0].user_attrs
+    monkeypatch.setattr(runner, "keep_trial_weights", real_keep)
+    search(spec, progress=False)  # resumed: trial 0 is kept, one more trains
+    study = load(spec)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 2 and runner.runs_charged(study) == 2
+    assert study.get_trials()[0].state == TrialState.COMPLETE  # not failed as an orphan
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_validation_noise_off_is_reported_as_unprotected(tmp_path, capsys):

@@ -328,6 +328,24 @@ def test_random_trial_count_uses_papernot_steinke(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["mode"] == "poisson"
 
 
+def test_a_random_trial_count_cut_short_is_composed_not_selected(tmp_path):
+    """Papernot & Steinke bound the best of all K runs, K drawn in secret; a search stopped before its K (a
+    timeout, Ctrl-C) has no such guarantee, and its runs so far are composed until it finishes."""
+    from dpnas.search.study_privacy import TRIAL_TARGET_ATTR
+
+    spec = load_study_file(write_study(tmp_path, sampler="random", extra='trial_count = "poisson"\nmean_trials = 2.0'))
+    study = search_module.open_study(spec, spec.default_storage())
+    study._storage.set_study_system_attr(study._study_id, TRIAL_TARGET_ATTR, 3)  # as if K = 3 had been drawn
+    search(spec, timeout=0.1, progress=False)  # one trial, then the time is up
+    study = load(spec)
+    report = study_privacy(study)
+    assert report.runs == 1 and report.mode == "fixed"
+    assert any("has not run them all yet" in note for note in report.notes)
+    study._storage.set_study_system_attr(study._study_id, TRIAL_TARGET_ATTR, 1)  # K = 1: all of them done
+    report = study_privacy(load(spec))
+    assert report.mode == "poisson" and not any("has not run them all" in note for note in report.notes)
+
+
 def test_storage_urls_are_explicit():
     assert storage_kind("a/b.journal") == "journal"
     assert storage_kind("sqlite:///x.db") == "sqlite"

@@ -129,9 +129,28 @@ def test_non_private_mode_uses_no_noise(digits):
 
 
 def test_divergence_is_reported(digits):
-    with pytest.raises(DivergedError, match="training loss became"):
+    with pytest.raises(DivergedError, match="parameters became NaN or infinite in epoch 1"):
         train(TINY, digits, train_cfg=quick(epochs=1, optimizer="sgd", lr=1e30), privacy=PrivacyConfig(epsilon=math.inf),
               progress=False)
+
+
+def test_divergence_is_judged_from_the_private_parameters_not_the_exact_training_loss(digits, monkeypatch):
+    """The training loss is an exact statistic of the batches: a search that pruned a trial for it would release
+    whether it was finite. Divergence is read from the parameters (DP-SGD's output) instead."""
+    real_step = train_module.DPSGDEngine.step
+
+    def exact_loss_not_finite(self, *args, **kwargs):
+        real_step(self, *args, **kwargs)
+        return torch.tensor(math.nan)
+
+    monkeypatch.setattr(train_module.DPSGDEngine, "step", exact_loss_not_finite)
+    result = train(TINY, digits, train_cfg=quick(epochs=2), privacy=PrivacyConfig(epsilon=4.0), progress=False)
+    assert len(result["history"]) == 2 and math.isnan(result["history"][0]["train_loss"])
+    assert train_module.parameters_finite(torch.nn.Linear(2, 2))
+    broken = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        broken.bias[1] = math.inf
+    assert not train_module.parameters_finite(broken)
 
 
 @pytest.mark.parametrize("name", list(RECIPES))

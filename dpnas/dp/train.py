@@ -35,13 +35,19 @@ from dpnas.dp.privacy import (
     plan_privacy,
     poisson_sample,
     steps_per_epoch,
+    validation_epsilon,
 )
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
 
 class DivergedError(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """The model's parameters became NaN or infinite."""
+
+
+def parameters_finite(model: nn.Module) -> bool:
+    """No parameter holds a NaN or an infinity (one host sync)."""
+    return bool(torch.stack([p.isfinite().all() for p in model.parameters()]).all())
 
 
 def release_seeds(seed: int, privacy: PrivacyConfig) -> tuple[int, int, int]:
@@ -253,8 +259,11 @@ def train(
             state.samples += n_samples
             state.train_seconds += time.perf_counter() - epoch_start
             train_loss = float(loss_sum) / max(n_samples, 1)
-            if not math.isfinite(train_loss):
-                raise DivergedError(f"training loss became {train_loss} in epoch {epoch}")
+            # Judged from the parameters, DP-SGD's private output, not from the training loss: an exact statistic
+            # of the batches, whose finiteness would be released by the trial a search prunes for it. (A loss
+            # that is not finite makes the clipped, noised update, and so the parameters, not finite too.)
+            if not parameters_finite(model):
+                raise DivergedError(f"the model's parameters became NaN or infinite in epoch {epoch}")
             if epoch not in validated:  # a search's [fidelity] validations: no score released, none recorded
                 _step_scheduler(scheduler, math.nan)
                 continue
@@ -308,6 +317,9 @@ def train(
         "noise_multiplier": plan.noise_multiplier,
         "val_noise": plan.val_noise,
         "val_releases": plan.val_releases,
+        # what the noisy validation scores released so far cost the validation records
+        "validation_epsilon": (validation_epsilon(plan.val_noise, len(state.history), privacy.delta)
+                               if len(data.val) else 0.0),
         "sample_rate": plan.sample_rate,
         "expected_batch_size": plan.expected_batch_size,
         "steps": state.steps,

@@ -63,13 +63,20 @@ def stored_mismatches(study: optuna.Study, spec: StudySpec) -> list[str]:
 
 
 def runs_charged(study: optuna.Study) -> int:
-    """Trials that recorded a privacy plan, i.e. touched (or were about to touch) the data, whatever became of them.
+    """Trials that recorded a privacy plan, i.e. touched (or were about to touch) the data, whatever became of them,
+    and RUNNING trials that have not recorded it yet: a worker asked for them and is about to.
+
+    Without the second kind, a worker that takes a slot between another worker's `ask` and its plan would not see
+    that run, and two workers could start the last run of a total-ε study's budget (once a failed run was
+    retried, the slots no longer count the runs). A RUNNING trial that ends before its plan (its worker died, the
+    data did not fit the device) stops counting when it is failed.
 
     A WAITING trial has not run: when it is Optuna's retry of a failed one, it carries a copy of the original's
     user attributes, privacy plan included, and must not be charged twice.
     """
     return sum(1 for t in study.get_trials(deepcopy=False)
-               if "privacy_plan" in t.user_attrs and t.state != optuna.trial.TrialState.WAITING)
+               if t.state == optuna.trial.TrialState.RUNNING
+               or ("privacy_plan" in t.user_attrs and t.state != optuna.trial.TrialState.WAITING))
 
 
 def refuse_other_repeats(study: optuna.Study, spec: StudySpec) -> None:

@@ -46,6 +46,7 @@ from dpnas.dp.train import DivergedError, check_device, train
 from dpnas.search.calibration import Calibration
 from dpnas.search.checks import check_study
 from dpnas.search.fidelity import load_search_data, search_trial
+from dpnas.search.interrupts import interrupts_held
 from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
 from dpnas.search.storage import storage_kind, trial_slot_lock, writes_together
@@ -264,8 +265,9 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
                        on_epoch=report, on_plan=record_plan, catch_interrupt=False, on_trained=trained.append,
                        steps=steps, validations=scaled.validations)
     except (optuna.TrialPruned, DivergedError) as err:
-        trial.set_user_attr("failure_reason" if isinstance(err, DivergedError) else "pruned_reason", str(err))
-        study.tell(trial, state=TrialState.PRUNED)
+        with interrupts_held():
+            trial.set_user_attr("failure_reason" if isinstance(err, DivergedError) else "pruned_reason", str(err))
+            study.tell(trial, state=TrialState.PRUNED)
         return f"trial {trial.number} pruned: {err}"
     except KeyboardInterrupt:
         trial.set_user_attr("failure_reason", "interrupted (Ctrl-C); retried when the study resumes")
@@ -279,40 +281,42 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
         study.tell(trial, state=TrialState.FAIL)
         return f"trial {trial.number} failed: {type(err).__name__}: {err}"
 
-    epochs = max(result["history"][-1]["epoch"] if result["history"] else 0, 1)
-    attrs = {
-        "epsilon_spent": result["epsilon_spent"] if result["private"] else "inf (non-private)",
-        "noise_multiplier": result["noise_multiplier"],
-        "val_noise": result["val_noise"],
-        "sample_rate": result["sample_rate"],
-        "steps": result["steps"],
-        "params": result["params"],
-        "samples_per_second": result["samples_per_second"],
-        "wall_seconds": result["wall_seconds"],
-        "epoch_seconds": result["wall_seconds"] / epochs,
-        "val_accuracy": result["val_accuracy"],  # the noisy release (exact only where val_noise = 0)
-        "test_accuracy": result["test_accuracy"],  # recorded for the report; never used to select
-        "device": result["device"],
-    }
-    with writes_together(study._storage):
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-    values = [attrs[o] for o in spec.objectives]
-    if not all(math.isfinite(v) for v in values):
-        trial.set_user_attr("failure_reason", f"objective not finite: {values}")
-        study.tell(trial, state=TrialState.FAIL)
-        return f"trial {trial.number} failed: objective not finite"
-    with trial_slot_lock(study._storage, storage_url):
-        if store is not None and trained:
-            checkpoint = checkpoint_dict(
-                trained[0], arch=arch, train_cfg=train_cfg, privacy=privacy, data=data,
-                data_settings=settings, results={k: v for k, v in attrs.items() if k != "device"},
-                provenance={"study": study.study_name, "trial": trial.number, "dpnas_version": _version()})
-            keep_trial_weights(study, trial, checkpoint, values=values, keep=spec.keep_weights, store=store)
-        study.tell(trial, values=values)
-    changed = ", ".join(f"{k}={v}" for k, v in trial.params.items())
-    return (f"trial {trial.number} done: val accuracy {result['val_accuracy']:.4f}, "
-            f"eps {result['epsilon_spent']:.2f}, {result['params']:,} params ({changed})")
+    # Trained to its end: its privacy is spent and its scores released. Recorded whole, whenever Ctrl-C comes.
+    with interrupts_held():
+        epochs = max(result["history"][-1]["epoch"] if result["history"] else 0, 1)
+        attrs = {
+            "epsilon_spent": result["epsilon_spent"] if result["private"] else "inf (non-private)",
+            "noise_multiplier": result["noise_multiplier"],
+            "val_noise": result["val_noise"],
+            "sample_rate": result["sample_rate"],
+            "steps": result["steps"],
+            "params": result["params"],
+            "samples_per_second": result["samples_per_second"],
+            "wall_seconds": result["wall_seconds"],
+            "epoch_seconds": result["wall_seconds"] / epochs,
+            "val_accuracy": result["val_accuracy"],  # the noisy release (exact only where val_noise = 0)
+            "test_accuracy": result["test_accuracy"],  # recorded for the report; never used to select
+            "device": result["device"],
+        }
+        with writes_together(study._storage):
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+        values = [attrs[o] for o in spec.objectives]
+        if not all(math.isfinite(v) for v in values):
+            trial.set_user_attr("failure_reason", f"objective not finite: {values}")
+            study.tell(trial, state=TrialState.FAIL)
+            return f"trial {trial.number} failed: objective not finite"
+        with trial_slot_lock(study._storage, storage_url):
+            if store is not None and trained:
+                checkpoint = checkpoint_dict(
+                    trained[0], arch=arch, train_cfg=train_cfg, privacy=privacy, data=data,
+                    data_settings=settings, results={k: v for k, v in attrs.items() if k != "device"},
+                    provenance={"study": study.study_name, "trial": trial.number, "dpnas_version": _version()})
+                keep_trial_weights(study, trial, checkpoint, values=values, keep=spec.keep_weights, store=store)
+            study.tell(trial, values=values)
+        changed = ", ".join(f"{k}={v}" for k, v in trial.params.items())
+        return (f"trial {trial.number} done: val accuracy {result['val_accuracy']:.4f}, "
+                f"eps {result['epsilon_spent']:.2f}, {result['params']:,} params ({changed})")
 
 
 # --- the whole search ----------------------------------------------------------------------------

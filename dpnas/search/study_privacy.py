@@ -38,6 +38,8 @@ from dpnas.search.privacy import (
 )
 
 CALIBRATION_ATTR = "dpnas:calibration"
+TRIAL_TARGET_ATTR = "dpnas:n_trials"
+"""The number of trials the study runs; for a random count, the K drawn in secret."""
 
 
 @dataclass(frozen=True)
@@ -103,14 +105,24 @@ def _run_curves(run: RunPrivacy) -> tuple[np.ndarray, np.ndarray]:
 
 
 def account(runs: list[RunPrivacy], *, mode: str, delta: float, mu=None, eta=None, gamma=None,
-            random_search: bool = True) -> tuple[str, float, float, float, list[str]]:
-    """(mode used, training ε, validation ε, per-run ε, notes) for these runs."""
+            random_search: bool = True, all_drawn_runs: bool = True) -> tuple[str, float, float, float, list[str]]:
+    """(mode used, training ε, validation ε, per-run ε, notes) for these runs.
+
+    `all_drawn_runs`: a random-count search has run every trial of the count it drew (False while it is cut short).
+    """
     _check_delta(delta)
     notes = []
     if mode != "fixed" and not random_search:
         notes.append(f"The {mode.replace('_', ' ')} accounting (Papernot & Steinke) holds only for a random search "
                      "with independent trials; this search was adaptive (a sampler or pruner used other trials' "
                      "results), so its runs are composed instead.")
+        mode = "fixed"
+    elif mode != "fixed" and not all_drawn_runs:
+        # Stopped early (a timeout, Ctrl-C, a budget), the number of runs is no longer the secret random count the
+        # bound is about: the best of fewer runs has no Papernot-Steinke guarantee, so the runs done are composed.
+        notes.append(f"The {mode.replace('_', ' ')} accounting (Papernot & Steinke) covers the best of all the "
+                     "trials the search drew in secret, and it has not run them all yet, so the runs so far are "
+                     "composed instead. Run the same search again to finish it before releasing its best trial.")
         mode = "fixed"
     options = dict(mode=mode, mu=mu, eta=eta, gamma=gamma)
     curves = [_run_curves(r) for r in runs]
@@ -144,9 +156,11 @@ def study_privacy(study: optuna.Study) -> StudyPrivacy:
     delta = float(attrs.get("delta", 1e-5))
     asked = attrs.get("trial_count", "fixed")
     random_search = attrs.get("sampler") == "random" and attrs.get("pruner") == "none"
+    system_attrs = study._storage.get_study_system_attrs(study._study_id)
+    drawn = system_attrs.get(TRIAL_TARGET_ATTR)
     mode, training, validation, per_run, notes = account(
         runs, mode=asked, delta=delta, mu=attrs.get("mean_trials"), eta=attrs.get("eta"), gamma=attrs.get("gamma"),
-        random_search=random_search)
+        random_search=random_search, all_drawn_runs=drawn is None or len(runs) >= int(drawn))
     sizes = _sizes(trials)
     whole = max(training, validation)
     covers = [
@@ -168,7 +182,7 @@ def study_privacy(study: optuna.Study) -> StudyPrivacy:
     if runs:
         not_covered.append(f"the {_count(sizes['test_size'])} test records: every trial's exact "
                            "test accuracy is stored for the report (it steers nothing)")
-    calibration = study._storage.get_study_system_attrs(study._study_id).get(CALIBRATION_ATTR)
+    calibration = system_attrs.get(CALIBRATION_ATTR)
     budget = _budget(runs, mode, attrs, calibration)
     fidelity = attrs.get("fidelity") or {}
     if calibration is not None and whole > calibration["total_epsilon"] * (1 + 1e-9):
@@ -241,7 +255,8 @@ def _explain(mode, runs, delta, training, validation, whole, budget, attrs) -> s
     else:
         k = budget["trial_count"]
         how = (f"releasing only the best trial of a random search whose number of trials was drawn in secret from a "
-               f"{k['distribution'].replace('_', ' ')} distribution (mean {k['mean']:.3g}; this study ran {len(runs)}); "
+               f"{k['distribution'].replace('_', ' ')} distribution (mean {k['mean']:.3g}; this study ran "
+               f"{len(runs)}, a count to keep private as well); "
                "it assumes every trial's settings were drawn independently from the same distribution and that "
                "nothing but the best trial (model, recipe and noisy score) is published (Papernot & Steinke, "
                "ICLR 2022)")

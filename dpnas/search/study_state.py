@@ -34,10 +34,10 @@ from dpnas.search.privacy import draw_trial_count
 from dpnas.search.sampling import ablation_plan, grid_points, repeat_seed
 from dpnas.search.storage import open_storage, trial_slot_lock
 from dpnas.search.study_file import StudySpec
-from dpnas.search.study_privacy import CALIBRATION_ATTR
+from dpnas.search.study_privacy import CALIBRATION_ATTR, TRIAL_TARGET_ATTR
 
 # Study attributes dpnas keeps in the storage (system attributes: not shown as results).
-_TARGET = "dpnas:n_trials"
+_TARGET = TRIAL_TARGET_ATTR
 _INITIALISED = "dpnas:initialised"
 _GRID_ENQUEUED = "dpnas:grid_enqueued"
 _EXHAUSTED = "dpnas:exhausted"
@@ -106,6 +106,9 @@ def open_study(spec: StudySpec, storage_url: str, *, study_name: str | None = No
                 raise ConfigError(f"--n-trials: study {name!r} split its total_epsilon = {spec.total_epsilon:g} "
                                   f"over {trial_budget(study)[0]} trials when it was created; more trials would "
                                   "spend more than that total. Start a new study (--study-name) for more trials")
+            if spec.total_epsilon is not None and n_trials != trial_budget(study)[0]:
+                # nothing is charged yet (above): the noise was derived for the old count and is derived again
+                _set_system_attr(study, CALIBRATION_ATTR, None)
             _set_system_attr(study, _TARGET, n_trials)
             if spec.sampler == "grid":
                 _enqueue_grid(study, spec, n_trials)
@@ -223,13 +226,20 @@ def study_calibration(study: optuna.Study, spec: StudySpec, train_size: int) -> 
     if spec.total_epsilon is None:
         return None
     stored = _system_attrs(study).get(CALIBRATION_ATTR)
+    runs = trial_budget(study)[0] if spec.trial_count == "fixed" else None
     if stored is not None:
         calibration = Calibration.from_dict(stored)
         if calibration.train_size != train_size:
             raise ConfigError(f"study {study.study_name!r} was calibrated for {calibration.train_size} training "
                               f"records; this worker's data has {train_size}. Every worker must see the same data")
-        return calibration
-    runs = trial_budget(study)[0] if spec.trial_count == "fixed" else None
+        if calibration.runs == runs:
+            return calibration
+        # The total was split over another number of runs (a target changed by a path that kept the calibration):
+        # its noise is too small for more runs. Derived again while nothing is spent; refused after.
+        if runs_charged(study):
+            raise ConfigError(f"study {study.study_name!r} split its total_epsilon = {calibration.total_epsilon:g} "
+                              f"over {calibration.runs} runs and has spent some of it; it now targets {runs}. "
+                              "Start a new study (--study-name) for another number of trials")
     calibration = calibrate_study(spec, runs=runs, train_size=train_size)
     _set_system_attr(study, CALIBRATION_ATTR, calibration.to_dict())
     return calibration
