@@ -143,10 +143,10 @@ class Train(Command):
         from dpnas.data.datasets import load_dataset
         from dpnas.dp.checkpoint import checkpoint_dict, save_checkpoint
         from dpnas.dp.memory import check_training_fits
-        from dpnas.dp.recipe_file import load_recipe_file, retrain_data_settings
+        from dpnas.dp.recipe_file import check_recipe_budget, load_recipe_file, retrain_data_settings
         from dpnas.dp.recipes import DEFAULT_RECIPE, get_recipe, split_overrides
         from dpnas.dp.train import DivergedError, check_device, train
-        from dpnas.results import check_writable, default_result_path, write_json
+        from dpnas.results import check_distinct, check_writable, default_result_path, write_json
 
         # Everything that can be refused is, before the data is loaded: a run refused after training has spent ε
         device = check_device(args.device)
@@ -157,8 +157,8 @@ class Train(Command):
             recipe_file = load_recipe_file(args.arch)
         recipe = get_recipe(args.recipe or DEFAULT_RECIPE)
         base_train, base_privacy = recipe.train, recipe.privacy
-        if recipe_file is not None and recipe_file.complete and args.recipe is None:
-            base_train, base_privacy = recipe_file.train, recipe_file.privacy
+        if recipe_file is not None and args.recipe is None:  # the file's sections, over the default recipe's
+            base_train, base_privacy = recipe_file.train or base_train, recipe_file.privacy or base_privacy
         settings = recipe_file.data if recipe_file is not None else None
         arch_changes, train_changes, privacy_changes = split_overrides(args.assignments)
         flags = {"epochs": args.epochs, "batch_size": args.batch_size, "physical_batch_size": args.physical_batch_size,
@@ -170,6 +170,7 @@ class Train(Command):
         arch = recipe_file.arch.replace(**arch_changes) if recipe_file is not None else load_arch(args.arch, arch_changes)
         train_cfg = base_train.replace(**train_changes)
         privacy = base_privacy.replace(**privacy_changes)
+        check_recipe_budget(base_privacy, privacy, privacy_changes, epochs=train_cfg.epochs)
         data_settings = retrain_data_settings(
             settings, dataset=args.dataset, train_seed=train_cfg.seed, val_fraction=train_cfg.val_fraction,
             keep_split_seed=args.seed is None,
@@ -181,6 +182,7 @@ class Train(Command):
                             device=device, synthetic_size=data_settings.synthetic_size)
         check_writable(out, what="--out")
         weights = check_writable(args.weights, what="--weights") if args.weights else None
+        check_distinct(out=out, weights=weights)
         data = load_dataset(data_settings.dataset, data_dir=data_settings.data_dir,
                             val_fraction=data_settings.val_fraction, seed=data_settings.split_seed,
                             image_size=data_settings.image_size, synthetic_size=data_settings.synthetic_size)
@@ -190,8 +192,8 @@ class Train(Command):
                            on_trained=trained.append)
         except DivergedError as err:
             raise UsageError(f"{err}; try a smaller --lr or --max-grad-norm") from err
-        result["recipe"] = args.arch if recipe_file is not None and recipe_file.complete and args.recipe is None \
-            else recipe.name
+        from_file = recipe_file is not None and args.recipe is None and (recipe_file.train or recipe_file.privacy)
+        result["recipe"] = args.arch if from_file else recipe.name
         result["data"] = data_settings.to_dict()
         write_json(out, result)
         if weights is not None:
@@ -202,7 +204,8 @@ class Train(Command):
             print(f"weights written to {weights}")
         eps = "non-private" if not result["private"] else f"epsilon spent {result['epsilon_spent']:.3f} of {privacy.epsilon:g} (delta {privacy.delta:g})"
         status = "interrupted after" if result["interrupted"] else "finished"
-        val = (f"noisy: std {result['val_noise']:.3g} on the correct count" if result["val_noise"] else
+        val = (f"noisy: std {result['val_noise']:.3g} on the correct count, epsilon "
+               f"{result['validation_epsilon']:.3f} for the validation records" if result["val_noise"] else
                "exact: the validation records are not protected" if result["private"] else "exact")
         print(f"{status} {result['steps']} steps: val accuracy {result['val_accuracy']:.4f} ({val}), "
               f"test accuracy {result['test_accuracy']:.4f}, {eps}")
@@ -264,6 +267,10 @@ class Bench(Command):
 
         if args.batch_size < 1 or args.steps < 1 or args.repeats < 1 or args.warmup < 0 or args.n < 1:
             raise UsageError("--batch-size, --steps, --repeats and --n must be >= 1 and --warmup >= 0")
+        if args.device is not None:
+            from dpnas.dp.train import check_device
+
+            check_device(args.device)  # one line for a device this machine lacks, not a traceback mid-run
         names = args.models if args.models is not None else ("" if args.points else ",".join(DEFAULT_MODELS))
         try:  # every name, file and point is resolved before the first case runs
             models = bench_models(names, args.points, args.n, seed=args.points_seed)
@@ -398,10 +405,15 @@ class Best(Command):
         parser.add_argument("--artifacts", metavar="DIR_OR_S3", help="where the weights are, if not where the study says")
 
     def run(self, args: argparse.Namespace) -> int:
+        from dpnas.results import check_distinct, check_writable
         from dpnas.search.study_report import export_best, export_best_weights, resolve_study
 
         study, url = resolve_study(args.study, args.study_name)
         out = Path(args.out) if args.out else Path("runs") / f"best-{study.study_name}.toml"
+        check_writable(out, what="--out")  # both before either is written
+        if args.weights:
+            check_writable(args.weights, what="--weights")
+        check_distinct(out=out, weights=args.weights)
         for path in export_best(study, out):
             print(f"wrote {path}")
         if args.weights:
@@ -491,6 +503,8 @@ class Dashboard(Command):
         from dpnas.search.study_file import load_study_file
         from dpnas.search.weights import default_location, open_store
 
+        if not 0 <= args.port <= 65535:
+            raise UsageError(f"--port: must be from 0 to 65535, got {args.port}")
         url = load_study_file(args.storage).default_storage() if args.storage.endswith(".toml") else args.storage
         storage = open_storage(url, must_exist=True)
         location = args.artifacts or default_location(url)
@@ -541,6 +555,8 @@ class Plot(Command):
                 check_static_export()
         except (ValueError, StaticExportError) as err:
             raise UsageError(f"--format: {err}") from err
+        if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+            raise UsageError(f"--out {args.out}: is a file; give a folder for the figures")
         study, _ = resolve_study(args.study, args.study_name)
         frame = trials_frame(study)
         if args.companion:

@@ -47,7 +47,7 @@ from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.data.datasets import DEFAULT_DATA_DIR, DataError, DatasetSplits, ImageData, load_dataset, stratified_split
 from dpnas.dp.config import TrainConfig
 from dpnas.dp.recipes import RECIPES, Recipe
-from dpnas.results import default_result_path, write_json
+from dpnas.results import check_folder, default_result_path, write_json
 
 QUICK_LABEL = "QUICK RUN - not comparable to the paper"
 QUICK_EPOCHS = 2
@@ -354,6 +354,8 @@ def run_reproduction(
         raise ConfigError(f"image_size: must be a positive integer, got {image_size!r}")
     root = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR).expanduser()
     out_dir = Path(out_dir)
+    # before the data and the first run: a result that cannot be written after training loses the ε it spent
+    check_folder(out_dir, what="--out-dir")
     recipe = repro.recipe_obj
 
     def log(message: str) -> None:

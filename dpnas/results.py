@@ -53,6 +53,30 @@ def check_writable(path: str | Path, *, what: str = "--out") -> Path:
     return path
 
 
+def check_folder(path: str | Path, *, what: str = "--out-dir") -> Path:
+    """Make sure `path` is, or can become, a folder to write results in; nothing is created yet."""
+    path = Path(path)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise OutputError(f"{what} {path}: {existing} is a file, not a folder; choose another path")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {path}: cannot write in {existing}; choose another path")
+    return path
+
+
+def check_distinct(**paths: str | Path | None) -> None:
+    """Refuse two outputs of one command that name the same file: the later write would replace the earlier."""
+    seen: dict[Path, str] = {}
+    for what, path in paths.items():
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise OutputError(f"--{what.replace('_', '-')} and --{seen[resolved].replace('_', '-')} name the same file "
+                              f"({path}); give each its own")
+        seen[resolved] = what
+
+
 def write_json(path: str | Path, record: Any) -> Path:
     """Write `record` to `path` atomically, so an interrupted write never leaves half a file."""
     path = Path(path)

@@ -293,3 +293,116 @@ def test_structure_bounds_are_checked_by_the_config_itself():
         ArchConfig(stages=17)
     with pytest.raises(ConfigError, match="dpnas builds at most 2,000"):
         ArchConfig(depth=5.0, block_convs=300)
+
+
+# --- 8. what a review found (2026-12-07): outputs, recipes with fixed noise, damaged checkpoints ---------------
+
+def test_two_outputs_naming_one_file_are_refused_before_training(capsys, no_data, tmp_path):
+    same = str(tmp_path / "x.out")
+    one_line_error(capsys, ["train", "tiny", "--quiet", "--out", same, "--weights", same], "name the same file")
+
+
+def test_best_refuses_its_outputs_before_writing_either(capsys, tmp_path):
+    from search_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=1)
+    assert main(["search", str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    same = str(tmp_path / "best.out")
+    one_line_error(capsys, ["best", str(path), "--out", same, "--weights", same], "name the same file")
+    one_line_error(capsys, ["best", str(path), "--out", str(tmp_path / "b.toml"), "--weights", str(tmp_path)],
+                   "is a directory")
+    assert not (tmp_path / "b.toml").exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_reproduce_into_a_file_is_refused_before_the_data(capsys, no_data, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    one_line_error(capsys, ["reproduce", "smoothnet", "--quick", "--out-dir", str(tmp_path / "a_file")],
+                   "is a file, not a folder")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "--models", "tiny", "--device", "cuda:3"], "--device 'cuda:3'"),
+    (["bench", "--models", "tiny", "--device", "gpu"], "--device 'gpu'"),
+    (["dashboard", "x.journal", "--port", "70000"], "--port: must be from 0 to 65535"),
+])
+def test_bad_ports_and_devices_are_one_line(capsys, argv, needle):
+    one_line_error(capsys, argv, needle)
+
+
+def test_plot_into_a_file_is_one_line(capsys, tmp_path):
+    (tmp_path / "README.md").write_text("x")
+    one_line_error(capsys, ["plot", str(tmp_path / "study.toml"), "--out", str(tmp_path / "README.md")],
+                   "is a file; give a folder")
+
+
+def test_a_val_fraction_set_twice_differently_in_a_study_is_refused(capsys, tmp_path):
+    refused_study(capsys, tmp_path, edit("epochs = 1", "epochs = 1\nval_fraction = 0.5").replace(
+        'dataset = "digits"', 'dataset = "digits"\nval_fraction = 0.2'), "train.val_fraction: 0.5 differs")
+
+
+def tiny_arch_table() -> str:
+    from dpnas.dp.recipe_file import _table
+
+    return "\n".join(_table("arch", MODELS["tiny"].arch.to_dict()))
+
+
+RECIPE_WITH_FIXED_NOISE = """
+[train]
+epochs = 1
+batch_size = 256
+physical_batch_size = 320
+[privacy]
+epsilon = 6.0
+delta = 1e-5
+noise_multiplier = {sigma}
+val_noise = {val_noise}
+"""
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--epsilon", "30"], "the recipe fixes noise_multiplier = 3"),
+    (["--set", "delta=1e-6"], "the recipe fixes noise_multiplier = 3"),
+    (["--epochs", "40", "--set", "noise_multiplier=0"], "val_noise: 2 on the correct count over 40 validation"),
+])
+def test_a_recipe_whose_fixed_noise_misses_the_budget_asked_for_is_refused(capsys, no_data, tmp_path, flags, needle):
+    """A recipe from a total-ε study fixes the noise its study derived: a new --epsilon used to leave it in place
+    silently, and a val_noise derived for 1 release, reused over 40, cost the validation records more than ε."""
+    from dpnas.dp.privacy import validation_epsilon
+
+    path = tmp_path / "best.toml"
+    path.write_text(tiny_arch_table() + RECIPE_WITH_FIXED_NOISE.format(sigma=3.0, val_noise=2.0))
+    assert validation_epsilon(2.0, 40, 1e-5) > 6.0 >= validation_epsilon(2.0, 1, 1e-5)
+    one_line_error(capsys, ["train", str(path), "--quiet", *flags], needle)
+
+
+def test_a_recipe_file_with_some_sections_keeps_them(capsys, tmp_path):
+    """A recipe file with [arch] and [privacy] but no [train] used to have its [privacy] dropped for the default
+    recipe's (ε = 8 at δ = 1e-5, where the file asked for ε = 2 at δ = 1e-6)."""
+    import json
+
+    path = tmp_path / "partial.toml"
+    path.write_text(tiny_arch_table() + '[privacy]\nepsilon = 2.0\ndelta = 1e-6\n')
+    out = tmp_path / "r.json"
+    assert main(["train", str(path), "--quiet", "--epochs", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["epsilon_target"] == 2.0 and result["delta"] == 1e-6 and result["recipe"] == str(path)
+    assert 0 < result["validation_epsilon"] <= 2.0 and "for the validation records" in capsys.readouterr().out
+
+
+def test_a_checkpoint_with_damaged_bytes_is_refused(capsys, tmp_path):
+    """torch.load does not check the zip entries' CRCs: flipped bytes inside a tensor loaded as other weights."""
+    import zipfile
+
+    path = tmp_path / "w.pt"
+    assert main(["train", "tiny", "--quiet", "--epochs", "1", "--out", str(tmp_path / "r.json"),
+                 "--weights", str(path)]) == 0
+    assert main(["evaluate", str(path)]) == 0
+    capsys.readouterr()
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda e: e.file_size)
+    raw = bytearray(path.read_bytes())
+    middle = entry.header_offset + 30 + len(entry.filename) + len(entry.extra) + entry.file_size // 2
+    raw[middle] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    one_line_error(capsys, ["evaluate", str(path)], "damaged")

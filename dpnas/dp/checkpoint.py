@@ -74,6 +74,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         # torch's own message suggests weights_only=False, which would run whatever code the file holds
         raise CheckpointError(f"{path}: not a dpnas checkpoint (torch.load(weights_only=True) cannot read it as "
                               f"tensors and plain data: {type(err).__name__})") from None
+    damaged = _damaged_entry(path)
+    if damaged is not None:
+        raise CheckpointError(f"{path}: damaged ({damaged} does not match its checksum); fetch or train it again")
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a dpnas checkpoint (no '{FORMAT}' marker); "
                               "weights come from `dpnas best --weights FILE`")
@@ -81,6 +84,18 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: dpnas checkpoint format {checkpoint.get('format_version')!r}; this dpnas "
                               f"reads format {FORMAT_VERSION}")
     return checkpoint
+
+
+def _damaged_entry(path: Path) -> str | None:
+    """The first entry of a torch zip file whose bytes fail their CRC-32 (torch.load does not check them: flipped
+    bytes inside a tensor load as other weights)."""
+    if not zipfile.is_zipfile(path):  # torch's legacy format: no checksums to check
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip()
+    except (zipfile.BadZipFile, OSError) as err:
+        return f"the archive ({type(err).__name__})"
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any], *, source: str = "checkpoint") -> nn.Module:

@@ -23,6 +23,7 @@ from typing import Any
 from dpnas.arch.space import ArchConfig, ConfigError, read_config_document
 from dpnas.data.datasets import DATASETS, DEFAULT_SYNTHETIC_SIZE
 from dpnas.dp.config import PrivacyConfig, TrainConfig, check_seed
+from dpnas.dp.privacy import validation_epsilon
 
 DATA_KEYS = {"dataset": str, "val_fraction": (int, float), "split_seed": int, "image_size": int,
              "synthetic_size": int, "data_dir": str}
@@ -76,6 +77,29 @@ class RecipeFile:
     @property
     def complete(self) -> bool:
         return self.train is not None and self.privacy is not None
+
+
+def check_recipe_budget(recipe: PrivacyConfig, privacy: PrivacyConfig, changes: dict[str, Any], *, epochs: int) -> None:
+    """Refuse, before any data is touched, a run whose fixed noise would not give the budget it asks for.
+
+    A recipe exported from a total-ε study pins the noise its study derived (`noise_multiplier`, `val_noise`):
+    a new epsilon or delta would leave that noise in place, and a `val_noise` derived for another number of
+    validation releases can cost the validation records more than the run's epsilon (one release per epoch).
+    """
+    if not privacy.private:
+        return
+    budget_changed = any(k in changes and changes[k] != getattr(recipe, k) for k in ("epsilon", "delta"))
+    if recipe.noise_multiplier > 0 and "noise_multiplier" not in changes and budget_changed:
+        raise ConfigError(f"the recipe fixes noise_multiplier = {recipe.noise_multiplier:g} (the noise its study "
+                          f"derived), which a new epsilon or delta does not change; add --set noise_multiplier=0 "
+                          f"--set val_noise=auto to derive the noise for epsilon = {privacy.epsilon:g}")
+    if privacy.val_noise != "auto" and float(privacy.val_noise) > 0:
+        cost = validation_epsilon(float(privacy.val_noise), epochs, privacy.delta)
+        if cost > privacy.epsilon * (1 + 1e-9):
+            raise ConfigError(f"val_noise: {float(privacy.val_noise):g} on the correct count over {epochs} "
+                              f"validation releases (one per epoch) costs the validation records epsilon "
+                              f"{cost:.4g} > epsilon = {privacy.epsilon:g}; --set val_noise=auto derives it for the "
+                              "budget")
 
 
 def toml_value(value: Any) -> str:

@@ -325,6 +325,9 @@ def load_study_file(path: str | Path) -> StudySpec:
         raise _fail(path, "arch.base", f"unknown architecture {base_name!r}; expected one of: {', '.join(MODELS)}")
     base_arch = MODELS[base_name].arch if base_name else ArchConfig()
     if "val_fraction" in data:
+        if "val_fraction" in train_table and train_table["val_fraction"] != data["val_fraction"]:
+            raise _fail(path, "train.val_fraction", f"{train_table['val_fraction']!r} differs from [data] val_fraction "
+                                                    f"= {data['val_fraction']!r}; set it once, in [data]")
         train_table.setdefault("val_fraction", data["val_fraction"])
     arch = _build(path, "arch", base_arch, arch_table)
     train = _build(path, "train", recipe.train, train_table)
