@@ -32,17 +32,18 @@ from dpnas.dp.recipe_file import load_recipe_file
 from dpnas.dp.train import count_correct, train
 from dpnas.search.calibration import calibrate, run_shapes
 from dpnas.search.runner import best_trials, search
+from dpnas.search.storage import open_storage
 from dpnas.search.study_file import OBJECTIVES, load_study_file
 from dpnas.search.study_privacy import CALIBRATION_ATTR as _CALIBRATION
-from dpnas.search.weights import _ARTIFACT
 from dpnas.search.study_privacy import RunPrivacy, account, study_privacy
+from dpnas.search.weights import _ARTIFACT
 
 DELTA = 1e-5
 TINY = MODELS["tiny"].arch
 
 
 def load(spec):
-    return optuna.load_study(study_name=spec.name, storage=runner._storage(spec, spec.default_storage()))
+    return optuna.load_study(study_name=spec.name, storage=open_storage(spec.default_storage()))
 
 
 # ------------------------------------------------------------------ the Gaussian mechanism on a count

@@ -7,10 +7,12 @@ line, and through a broken line that nothing follows, but stops with an error at
 after it.)
 
 Damage is the first line that has no newline, is not JSON, or is not a journal record (a dict with a known
-``op_code``). Everything from there on is cut, whole records after it included: Optuna replays records in order
-and numbers studies and trials by the order of their creation records, so skipping a bad line in the middle
-would attach the records after it to the wrong trial. What is cut stays in the backup, ``NAME.damaged-YYYYmmdd-HHMMSS``
-(the original bytes; an earlier backup is never overwritten), and one log line says what was dropped.
+``op_code``). Damage at the end (nothing whole after it: a cut write, a zero-filled tail) is cut off; what is cut
+stays in the backup, ``NAME.damaged-YYYYmmdd-HHMMSS`` (the original bytes; an earlier backup is never overwritten),
+and one log line says what was dropped. Damage with whole records after it (bytes changed in place) is refused,
+and the file left as it is: Optuna replays records in order and numbers studies and trials by the order of their
+creation records, so skipping the bad line would attach the records after it to the wrong trial, and cutting
+there would drop finished trials and the record of the privacy they spent (a total-ε study would spend it again).
 
 Locking: every journal writer appends under Optuna's lock file (``PATH.lock``, a ``JournalFileSymlinkLock``). The
 check and the cut happen under that lock, right after it is taken for each append, so no writer appends between
@@ -34,6 +36,8 @@ from typing import Any, Generator, Iterator
 from optuna.storages.journal import JournalFileBackend, JournalFileSymlinkLock
 from optuna.storages.journal._file import BaseJournalFileLock, get_lock_file
 from optuna.storages.journal._storage import JournalOperation
+
+from dpnas.arch.space import ConfigError
 
 _logger = logging.getLogger(__name__)
 _OP_CODES = frozenset(int(op) for op in JournalOperation)
@@ -105,6 +109,19 @@ def _save_backup(path: Path, data: bytes) -> Path:
     raise FileExistsError(f"{stem}: too many backups with this name")
 
 
+class JournalDamagedInside(ConfigError):
+    """Damage with whole records after it: not cut, since they would be lost with it."""
+
+    def __init__(self, path: Path, damage: Damage) -> None:
+        self.damage = damage
+        super().__init__(
+            f"journal {path}: {damage.describe()}. dpnas does not cut whole records off: they may hold finished "
+            f"trials and the privacy they spent, and they cannot be replayed without the damaged one. Restore the "
+            f"file from a copy; or keep the {damage.kept_records} records before the damage (`cp {path} "
+            f"{path}.orig && truncate -s {damage.offset} {path}`) and, for a study with a total_epsilon, go on in a "
+            "new study instead, since the spending recorded after the damage would be lost")
+
+
 class WholeJournalFileBackend(JournalFileBackend):
     """Optuna's journal file backend, except that it cuts damage off before each append and reads stop at damage."""
 
@@ -159,6 +176,8 @@ class WholeJournalFileBackend(JournalFileBackend):
             data = handle.read()
         damage = find_damage(data, start)
         assert damage is not None
+        if damage.dropped_records:
+            raise JournalDamagedInside(path, damage)
         backup = _save_backup(path, data)
         with open(path, "r+b") as handle:
             handle.truncate(damage.offset)
@@ -169,6 +188,10 @@ class WholeJournalFileBackend(JournalFileBackend):
         self._log_number_offset = {n: at for n, at in self._log_number_offset.items() if at <= damage.offset}
         _logger.warning(f"journal {path}: {damage.describe()}; dropped them (records after a damaged one cannot be "
                         f"replayed without it) and kept the {damage.kept_records} before; the original is in {backup}")
+
+    def damage(self) -> Damage | None:
+        """The file's damage now, if any (reads the whole file; changes nothing)."""
+        return find_damage(Path(self._file_path).read_bytes())
 
     def read_logs(self, log_number_from: int) -> Generator[dict[str, Any], None, None]:
         try:
@@ -204,6 +227,8 @@ def report_damage(path: Path) -> Damage | None:
     """Say (without changing the file) that a journal is damaged and what reads of it will see."""
     damage = find_damage(path.read_bytes())
     if damage is not None:
+        then = ("the next `dpnas search` refuses it: whole records after the damage cannot be replayed without it"
+                if damage.dropped_records else "the next `dpnas search` saves it aside and cuts the damage off")
         _logger.warning(f"journal {path}: {damage.describe()}; reading the {damage.kept_records} records before it and "
-                        "leaving the file as it is (the next `dpnas search` saves it aside and cuts the damage off)")
+                        f"leaving the file as it is ({then})")
     return damage

@@ -23,7 +23,6 @@ import math
 import multiprocessing
 import os
 import queue
-import socket
 import time
 import warnings
 from dataclasses import dataclass
@@ -49,21 +48,23 @@ from dpnas.search.fidelity import load_search_data, search_trial
 from dpnas.search.interrupts import interrupts_held
 from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
-from dpnas.search.storage import storage_kind, trial_slot_lock, writes_together
+from dpnas.search.storage import open_storage, slot_lock_excludes_all, storage_kind, trial_slot_lock, writes_together
 from dpnas.search.study_file import StudySpec
 from dpnas.search.study_state import (
     _EXHAUSTED,
     _recover_orphans,
     _set_system_attr,
-    _storage,
     _system_attrs,
     _version,
     open_study,
     runs_charged,
     study_calibration,
     trial_budget,
+    worker_identity,
 )
 from dpnas.search.weights import default_location, keep_trial_weights, open_store, record_location, study_location
+
+_IDLE_POLL_S = 5.0  # how often an idle worker looks again at trials running elsewhere
 
 # --- one worker ----------------------------------------------------------------------------------
 
@@ -141,6 +142,7 @@ def run_worker(
     if data is None:
         data = load_search_data(spec, progress=progress)
     storage = study._storage
+    slot_locked = slot_lock_excludes_all(storage, storage_url)
     with trial_slot_lock(storage, storage_url):
         calibration = study_calibration(study, spec, len(data.train))  # before any trial: an impossible total stops here
     report = WorkerReport()
@@ -151,7 +153,7 @@ def run_worker(
     try:
         while timeout is None or time.monotonic() - started < timeout:
             with trial_slot_lock(storage, storage_url):
-                _recover_orphans(study, spec)
+                _recover_orphans(study, spec, slot_locked=slot_locked)
                 fail_stale_trials(study)
                 target, used, waiting, running = trial_budget(study)
                 trial, configs, repeated, line = None, None, None, None
@@ -164,7 +166,9 @@ def run_worker(
                 if waiting or used < target:
                     trial = study.ask()
                     # at once: a trial of a worker that died is found by it (_recover_orphans)
-                    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+                    with writes_together(storage):
+                        for key, value in worker_identity().items():
+                            trial.set_user_attr(key, value)
                     try:
                         # its parameters and config key in one append, before the slot is released (the next
                         # worker reads the key)
@@ -186,8 +190,10 @@ def run_worker(
                     consecutive_repeats = 0
             if trial is None:
                 if running and is_heartbeat_enabled(storage):
-                    # a trial elsewhere may be stale: wait for its heartbeat to lapse, then retry it here
-                    time.sleep(spec.heartbeat_interval)
+                    # a trial elsewhere may be stale: wait for its heartbeat to lapse, then retry it here. Looked
+                    # at every few seconds, so a worker whose last trial is still running elsewhere stops soon
+                    # after it ends, not up to a whole heartbeat interval later.
+                    time.sleep(min(spec.heartbeat_interval, _IDLE_POLL_S))
                     continue
                 break
             if line is None:
@@ -489,7 +495,9 @@ def existing_study(spec: StudySpec, url: str, study_name: str | None = None) -> 
     if kind in ("journal", "sqlite") and not Path(url.split("sqlite:///", 1)[-1]).exists():
         return None
     try:
-        return optuna.load_study(study_name=study_name or spec.name, storage=_storage(spec, url))
+        # read only: a damaged journal is repaired by the search that goes on, not by a check or a refusal
+        storage = open_storage(url, must_exist=True, quiet=True)
+        return optuna.load_study(study_name=study_name or spec.name, storage=storage)
     except KeyError:
         return None
 

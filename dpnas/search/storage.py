@@ -35,7 +35,7 @@ from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartb
 from sqlalchemy.engine import make_url
 
 from dpnas.arch.space import ConfigError
-from dpnas.search.journal_repair import WholeJournalFileBackend, report_damage
+from dpnas.search.journal_repair import Damage, WholeJournalFileBackend, report_damage
 
 JOURNAL_SUFFIXES = (".journal", ".log")
 RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+pymysql")
@@ -97,7 +97,7 @@ def storage_kind(url: str) -> str:
 
 def open_storage(
     url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None, max_retries: int = 2,
-    must_exist: bool = False,
+    must_exist: bool = False, quiet: bool = False,
 ) -> BaseStorage:
     """Open (or create) the storage at `url`; with a heartbeat, crashed trials are retried up to `max_retries` times."""
     kind = storage_kind(url)
@@ -107,9 +107,10 @@ def open_storage(
             raise ConfigError(f"storage {url!r}: no such journal file")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(_whole_journal(url, path, repair=not must_exist))
-        except OSError as err:  # a folder that cannot be created or written: one line, before any trial
-            raise ConfigError(f"storage {url!r}: cannot write there ({err.strerror or err})") from err
+            return JournalStorage(_whole_journal(url, path, repair=not must_exist, quiet=quiet))
+        except OSError as err:  # a folder that cannot be created, written or read: one line, before any trial
+            action = "read it" if must_exist else "write there"
+            raise ConfigError(f"storage {url!r}: cannot {action} ({err.strerror or err}: {err.filename})") from err
     if kind == "sqlite":
         db = Path(url.split("sqlite:///", 1)[-1])
         if must_exist and not db.exists():
@@ -188,18 +189,22 @@ def _wait_for_server(engine: sqlalchemy.engine.Engine, patience_s: float) -> Non
                 time.sleep(0.5)
 
 
-def _whole_journal(url: str, path: Path, *, repair: bool) -> WholeJournalFileBackend:
-    """The journal's backend, its damaged end cut off first (`repair`) or only reported (reading leaves it as is)."""
+def _whole_journal(url: str, path: Path, *, repair: bool, quiet: bool = False) -> WholeJournalFileBackend:
+    """The journal's backend, its damaged end cut off first (`repair`) or only reported (reading leaves it as is;
+    `quiet`: a read the same command's repair follows, which says it once)."""
     backend = WholeJournalFileBackend(str(path))
     if not repair:
-        report_damage(path)
+        if not quiet:
+            report_damage(path)
         return backend
     try:
         # dpnas's own lock too, so a repair never runs while another worker holds a trial slot
         with _dpnas_file_lock(path):
             backend.repair()
-    except OSError as err:  # the backup could not be written (a full disk?): nothing was cut
-        raise ConfigError(f"storage {url!r}: it is damaged and cannot be repaired ({err}); nothing was changed") from err
+    except OSError as err:  # the lock, the read, or a damaged file's backup failed (permissions, a full disk)
+        damaged = "it is damaged and " if err.errno is None else ""
+        raise ConfigError(f"storage {url!r}: {damaged}cannot be locked, read or repaired ({err.strerror or err}: "
+                          f"{err.filename or path}); nothing was changed") from err
     return backend
 
 
@@ -257,6 +262,18 @@ def trial_slot_lock(storage: BaseStorage, url: str) -> Iterator[None]:
                 connection.exec_driver_sql(f"SELECT pg_advisory_unlock({_SLOT_LOCK_KEY})")
         return
     yield
+
+
+def journal_damage(storage: BaseStorage) -> Damage | None:
+    """A journal storage's damage now (see :mod:`dpnas.search.journal_repair`); None for other storages."""
+    backend = getattr(storage, "_backend", None) if isinstance(storage, JournalStorage) else None
+    return backend.damage() if isinstance(backend, WholeJournalFileBackend) else None
+
+
+def slot_lock_excludes_all(storage: BaseStorage, url: str) -> bool:
+    """Whether :func:`trial_slot_lock` excludes every other worker of the study (all but MySQL)."""
+    return storage_kind(url) in ("journal", "sqlite") or (
+        isinstance(storage, RDBStorage) and storage.engine.dialect.name == "postgresql")
 
 
 def writes_together(storage: BaseStorage) -> contextlib.AbstractContextManager:

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import optuna
 
+from dpnas.arch.space import ConfigError
 from dpnas.dp.privacy import rdp_to_epsilon
 from dpnas.search.fidelity import Fidelity
 from dpnas.search.privacy import (
@@ -36,6 +37,7 @@ from dpnas.search.privacy import (
     rdp_curve,
     validation_curve,
 )
+from dpnas.search.storage import journal_damage
 
 CALIBRATION_ATTR = "dpnas:calibration"
 TRIAL_TARGET_ATTR = "dpnas:n_trials"
@@ -148,6 +150,11 @@ def _count(n: int | None) -> str:
 
 def study_privacy(study: optuna.Study) -> StudyPrivacy:
     """The study's guarantee, from the privacy plans its trials recorded before touching the data."""
+    damage = journal_damage(study._storage)
+    if damage is not None and damage.dropped_records:
+        raise ConfigError(f"study {study.study_name!r}: its journal is {damage.describe()}; the records after the "
+                          "damage may hold runs that spent privacy, so no statement is made from the records before "
+                          "it. Restore the journal from a copy")
     trials = study.get_trials(deepcopy=False)
     # A WAITING retry carries its failed original's plan but has not run: the original is the one charged.
     runs = [run_privacy(t.user_attrs["privacy_plan"]) for t in trials

@@ -12,6 +12,7 @@ import os
 import random
 import socket
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -245,23 +246,64 @@ def study_calibration(study: optuna.Study, spec: StudySpec, train_size: int) -> 
     return calibration
 
 
-def _recover_orphans(study: optuna.Study, spec: StudySpec) -> None:
-    """RUNNING trials of a worker process on this host that no longer exists: fail them and retry them.
+def worker_identity() -> dict[str, str]:
+    """The user attributes that name this process as a trial's owner: `worker` (host:pid, as shown to users) and
+    `worker_process` (when this pid started, where Linux tells: a restarted container reuses its pids)."""
+    identity = {"worker": f"{socket.gethostname()}:{os.getpid()}"}
+    started = _process_start(os.getpid())
+    if started is not None:
+        identity["worker_process"] = started
+    return identity
 
-    (Server storages find such trials by heartbeat instead; this covers the journal file.)
+
+def _recover_orphans(study: optuna.Study, spec: StudySpec, *, slot_locked: bool = True) -> None:
+    """RUNNING trials whose worker process no longer exists: fail them and retry them.
+
+    Call under the slot lock. A trial is an orphan when its worker on this host is gone (its pid is not running,
+    or is running a process that started later), or, where the slot lock excludes every other worker
+    (`slot_locked`), when it has no owner at all: a worker takes a trial and records itself under that lock, so
+    a trial seen without an owner lost its worker in between. Server storages also find orphans by heartbeat.
     """
     host = socket.gethostname()
     retry = RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker", "")
-        worker_host, _, pid = worker.rpartition(":")
-        if worker_host == host and pid.isdigit() and not _process_alive(int(pid)):
-            try:
-                study._storage.set_trial_user_attr(t._trial_id, "failure_reason", f"worker process {pid} died")
-                study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-            except optuna.exceptions.UpdateFinishedTrialError:
+        worker = t.user_attrs.get("worker")
+        if worker is None:
+            if not slot_locked:
                 continue
-            retry(study, study._storage.get_trial(t._trial_id))
+            reason = "its worker process died before it recorded itself"
+        else:
+            worker_host, _, pid = worker.rpartition(":")
+            if worker_host != host or not pid.isdigit() or _owner_alive(int(pid), t.user_attrs.get("worker_process")):
+                continue
+            reason = f"worker process {pid} died"
+        try:
+            study._storage.set_trial_user_attr(t._trial_id, "failure_reason", reason)
+            study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        retry(study, study._storage.get_trial(t._trial_id))
+
+
+def _owner_alive(pid: int, started: str | None) -> bool:
+    """The process `pid` runs, and is the one that started at `started` (when that was recorded and can be read)."""
+    if not _process_alive(pid):
+        return False
+    if started is None:
+        return True
+    now = _process_start(pid)
+    return now is None or now == started
+
+
+def _process_start(pid: int) -> str | None:
+    """This boot's id and the process's start time in clock ticks since boot (Linux), else None."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": the command may hold spaces
+    return f"{boot}:{fields[19]}" if len(fields) > 19 else None
 
 
 def _process_alive(pid: int) -> bool:
