@@ -5,6 +5,7 @@ make some 30 of them. Inside a writes_together block the records are held and wr
 order; a block that raises still writes them, and a value JSON cannot hold is still refused by its own call.
 """
 
+import contextlib
 import json
 
 import optuna
@@ -136,3 +137,31 @@ def test_a_search_appends_each_trial_in_a_few_writes_and_its_plan_before_the_fir
     of_trials = [logs for logs in appends[before:] if all("trial_id" in log or log["op_code"] == 4 for log in logs)]
     records = sum(map(len, of_trials))
     assert records >= 50 and len(of_trials) <= 12 * 2, (len(of_trials), records)
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_ctrl_c_waits_for_a_journal_append(tmp_path, monkeypatch, together):
+    """A Ctrl-C landing between Optuna taking its lock file and the write left the lock file behind: the
+    interrupted trial's last records (its failure, its retry) then waited out the lock's 30 s grace period."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    path = str(tmp_path / "s.journal")
+    study = optuna.create_study(storage=open_storage(path), study_name="s")
+    real = JournalFileSymlinkLock.acquire
+
+    def acquire_then_ctrl_c(self):
+        real(self)
+        os.kill(os.getpid(), signal.SIGINT)
+        return True
+
+    monkeypatch.setattr(JournalFileSymlinkLock, "acquire", acquire_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        with writes_together(study._storage) if together else contextlib.nullcontext():
+            study.set_user_attr("x", 1)
+    monkeypatch.undo()
+    assert not Path(path + ".lock").exists()
+    assert optuna.load_study(study_name="s", storage=open_storage(path)).user_attrs["x"] == 1

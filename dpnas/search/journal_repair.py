@@ -38,6 +38,7 @@ from optuna.storages.journal._file import BaseJournalFileLock, get_lock_file
 from optuna.storages.journal._storage import JournalOperation
 
 from dpnas.arch.space import ConfigError
+from dpnas.search.interrupts import interrupts_held
 
 _logger = logging.getLogger(__name__)
 _OP_CODES = frozenset(int(op) for op in JournalOperation)
@@ -133,7 +134,8 @@ class WholeJournalFileBackend(JournalFileBackend):
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         if self._held is None:
-            super().append_logs(logs)
+            with interrupts_held():  # see appending_together
+                super().append_logs(logs)
             return
         for log in logs:
             json.dumps(log)  # a value JSON cannot hold is refused by the call that set it, as it would be unheld
@@ -155,7 +157,10 @@ class WholeJournalFileBackend(JournalFileBackend):
         finally:
             held, self._held = self._held, None
             if held:
-                super().append_logs(held)
+                # Ctrl-C waits for the append: landing between Optuna taking its lock file and the write, it left
+                # the lock behind, and the interrupted trial's own last records waited out its 30 s grace period
+                with interrupts_held():
+                    super().append_logs(held)
 
     def repair(self) -> None:
         """Cut damage off now, under the writers' lock, instead of at the first append."""
