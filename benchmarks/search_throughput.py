@@ -30,6 +30,7 @@ Prints a table and writes JSON (compare the ratio, measured in the same run, not
     uv run python benchmarks/search_throughput.py --study studies/quickstart.toml --dataset digits --epochs 8 \
         --trials 6 --workers 1,2 --baseline --floor          # and the ceiling: floor / user loop
     uv run python benchmarks/search_throughput.py --device cuda --synthetic-size 50000 --trials 16 --workers 1,2,4
+    uv run python benchmarks/search_throughput.py --study studies/quickstart.toml --dataset digits --storage sqlite
     uv run python benchmarks/search_throughput.py --dataset cifar10 --data-dir ~/data --device cuda --workers 1,4
 """
 
@@ -111,6 +112,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="add the arm a user would write: a plain Opacus loop over the sequential arm's trials")
     parser.add_argument("--floor", action="store_true",
                         help="add the non-private floor: the sequential arm's trials by dpnas's loop without privacy")
+    parser.add_argument("--storage", choices=("journal", "sqlite"), default="journal",
+                        help="each arm's fresh storage: a journal file (default) or an SQLite file (heartbeats)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/search_throughput.json"))
     args = parser.parse_args(argv)
     if args.data_dir and args.dataset != "cifar10":
@@ -243,9 +246,9 @@ def arm_main(arm: dict) -> dict:
     if arm["kind"] == "floor":
         return run_floor(Path(arm["study"]), arm["trials"], arm["device"])
     if arm["kind"] == "nonprivate_search":
-        row = run_arm(Path(arm["study"]), arm["workers"], arm["device"])
+        row = run_arm(Path(arm["study"]), arm["workers"], arm["device"], arm.get("storage", "journal"))
         return row | {"arm": f"non-private search ({arm['workers']} worker{'s' if arm['workers'] > 1 else ''})"}
-    return run_arm(Path(arm["study"]), arm["workers"], arm["device"])
+    return run_arm(Path(arm["study"]), arm["workers"], arm["device"], arm.get("storage", "journal"))
 
 
 def run_user_loop(study_path: Path, trials: list[dict], device: str) -> dict:
@@ -357,10 +360,11 @@ def user_loop_trial(configs, data, device: str) -> dict:  # noqa: ANN001
             "seconds": time.perf_counter() - start}
 
 
-def run_arm(study_path: Path, workers: int, device: str) -> dict:
+def run_arm(study_path: Path, workers: int, device: str, storage: str = "journal") -> dict:
     spec = load_study_file(study_path)
     with tempfile.TemporaryDirectory(prefix=f"search-throughput-w{workers}-") as directory:
-        url = str(Path(directory) / "study.journal")  # a fresh storage: no trial of another arm is reused
+        # a fresh storage: no trial of another arm is reused
+        url = f"sqlite:///{Path(directory) / 'study.db'}" if storage == "sqlite" else str(Path(directory) / "study.journal")
         start = time.perf_counter()
         with stdout_to_stderr():
             study = search(spec, storage_url=url, workers=workers, device=device, progress=True)
@@ -428,7 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[{index}/{len(args.workers)}] {workers} worker(s) on {args.device}: {args.trials} trials of "
                   f"{args.epochs} epoch(s), {args.dataset} data", file=sys.stderr, flush=True)
             row = in_fresh_process({"kind": "dpnas", "study": str(study_path), "workers": workers,
-                                    "device": args.device})
+                                    "device": args.device, "storage": args.storage})
             print(f"[{index}/{len(args.workers)}] {row['trials']} trials in {row['wall_s']:.1f} s",
                   file=sys.stderr, flush=True)
             rows.append(row)
@@ -449,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[floor] the same study without privacy (epsilon = inf), {workers} worker(s) on {args.device}",
                   file=sys.stderr, flush=True)
             rows.append(in_fresh_process({"kind": "nonprivate_search", "study": str(derive_nonprivate_study(study_path)),
-                                          "workers": workers, "device": args.device}))
+                                          "workers": workers, "device": args.device, "storage": args.storage}))
         result = save()
 
     print(f"{args.trials} trials x {args.epochs} epoch(s), {args.dataset} data, device {args.device}")

@@ -173,7 +173,7 @@ class Train(Command):
         check_recipe_budget(base_privacy, privacy, privacy_changes, epochs=train_cfg.epochs)
         data_settings = retrain_data_settings(
             settings, dataset=args.dataset, train_seed=train_cfg.seed, val_fraction=train_cfg.val_fraction,
-            keep_split_seed=args.seed is None,
+            keep_split_seed="seed" not in train_changes,  # --seed and --set seed= alike
             keep_val_fraction=args.val_fraction is None and "val_fraction" not in train_changes,
             image_size=args.image_size, data_dir=args.data_dir)
         train_cfg = train_cfg.replace(val_fraction=data_settings.val_fraction)

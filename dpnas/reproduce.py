@@ -44,7 +44,15 @@ import torch
 from dpnas.arch.models import build_model, count_parameters
 from dpnas.arch.registry import MODELS
 from dpnas.arch.space import ArchConfig, ConfigError
-from dpnas.data.datasets import DEFAULT_DATA_DIR, DataError, DatasetSplits, ImageData, load_dataset, stratified_split
+from dpnas.data.datasets import (
+    DEFAULT_DATA_DIR,
+    DataError,
+    DatasetSplits,
+    ImageData,
+    hash_split,
+    load_dataset,
+    stratified_split,
+)
 from dpnas.dp.config import TrainConfig
 from dpnas.dp.recipes import RECIPES, Recipe
 from dpnas.results import check_folder, default_result_path, write_json
@@ -250,15 +258,24 @@ def _subset(split: ImageData, limit: int, *, seed: int) -> ImageData:
     return split.subset(keep)
 
 
+def _hashed_subset(split: ImageData, ids: torch.Tensor | None, limit: int, *, key: str):
+    """About `limit` records of a private split, each kept by a hash of its own id: whether a record is in the
+    quick run depends on no other record (a stratified draw of exactly `limit` would), as the privacy of the run
+    it trains or scores needs. Returns (records, their ids)."""
+    if ids is None or len(split) <= limit:
+        return split, ids
+    _, keep = hash_split(ids, limit / len(split), key=key)
+    return split.subset(keep), ids[keep]
+
+
 def shrink_splits(data: DatasetSplits, *, seed: int = 0, train: int = QUICK_TRAIN_SIZE, val: int = QUICK_VAL_SIZE,
                   test: int = QUICK_TEST_SIZE) -> DatasetSplits:
-    """Stratified, seeded subsets of at most `train`/`val`/`test` images (quick mode)."""
-    return replace(
-        data,
-        train=_subset(data.train, train, seed=seed),
-        val=_subset(data.val, val, seed=seed + 1),
-        test=_subset(data.test, test, seed=seed + 2),
-    )
+    """Quick mode's subsets: about `train` / `val` training and validation records, each kept by a hash of its
+    own id, and a stratified, seeded subset of at most `test` test images (the test set steers nothing)."""
+    train_split, train_ids = _hashed_subset(data.train, data.train_ids, train, key=f"quick-train:{seed}")
+    val_split, val_ids = _hashed_subset(data.val, data.val_ids, val, key=f"quick-val:{seed}")
+    return replace(data, train=train_split, train_ids=train_ids, val=val_split, val_ids=val_ids,
+                   test=_subset(data.test, test, seed=seed + 2))
 
 
 @dataclass(frozen=True)
@@ -409,7 +426,7 @@ def _row(repro: Reproduction, run: ReproRun, *, data: _Data, quick: bool, result
         notes.append(f"{STAND_IN_DATASET} stand-in: {data.stand_in_reason}")
     if quick:
         changes = ", ".join(f"{k}={v}" for k, v in run.quick_changes.items())
-        notes.append(f"{QUICK_LABEL}: trained {trained_label} ({changes}), at most {QUICK_TRAIN_SIZE} training "
+        notes.append(f"{QUICK_LABEL}: trained {trained_label} ({changes}), about {QUICK_TRAIN_SIZE} training "
                      f"images, {train_cfg.epochs} epochs, batch {train_cfg.batch_size}")
     if error:
         notes.append(f"diverged: {error}")

@@ -217,6 +217,44 @@ def test_imagenette_missing_test_class_and_corrupt_image(tmp_path):
         load_dataset("imagenette", data_dir=tmp_path, image_size=8, progress=False)
 
 
+def test_an_imagenette_record_s_part_depends_on_its_own_file_alone(tmp_path):
+    """Parallel composition needs each record's part (training or validation) to depend on that record only. Keyed
+    on a position in the sorted file list, removing one file moved many others between the parts."""
+    release = tmp_path / "imagenette2-160"
+    write_imagenette(release, per_class=12)
+    for i, path in enumerate(sorted((release / "train").rglob("*.JPEG"))):  # every image its own colour
+        Image.new("RGB", (40, 40), (i * 7 % 256, i * 13 % 256, i * 29 % 256)).save(path, quality=100)
+
+    def parts(data):
+        key = lambda image: tuple(image.float().mean(dim=(1, 2)).round().int().tolist())  # noqa: E731
+        return {key(image): part for part, split in (("train", data.train), ("val", data.val)) for image in split.images}
+
+    before = parts(load_dataset("imagenette", data_dir=release, image_size=8, val_fraction=0.3, progress=False))
+    removed = sorted((release / "train").rglob("*.JPEG"))[0]
+    removed.unlink()
+    after = parts(load_dataset("imagenette", data_dir=release, image_size=8, val_fraction=0.3, progress=False))
+    assert len(after) == len(before) - 1 and "val" in after.values() and "train" in after.values()
+    assert all(before[key] == part for key, part in after.items())
+
+
+def test_imagenette_refuses_what_it_would_read_wrongly(tmp_path):
+    """A 16-bit image was clipped by convert("RGB"); a class folder only in val/ (the test split) was skipped."""
+    import numpy as np
+
+    release = tmp_path / "imagenette2-160"
+    write_imagenette(release)
+    deep = release / "train" / "n01440764" / "deep.png"
+    Image.fromarray(np.full((40, 40), 15_000, dtype=np.uint16)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    with pytest.raises(DataError, match="deep.png: mode I"):
+        load_dataset("imagenette", data_dir=tmp_path, image_size=8, progress=False)
+    deep.unlink()
+    (release / "val" / "n09999999").mkdir()
+    Image.new("RGB", (40, 40)).save(release / "val" / "n09999999" / "x.JPEG")
+    with pytest.raises(DataError, match="n09999999 are in only one of train/ and val/"):
+        load_dataset("imagenette", data_dir=tmp_path, image_size=8, progress=False)
+
+
 # --- digits -----------------------------------------------------------------------------------
 
 

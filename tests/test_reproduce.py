@@ -10,6 +10,7 @@ import io
 import json
 
 import pytest
+import torch
 
 import dpnas.reproduce as reproduce
 from dpnas import MODELS, build_model, count_parameters
@@ -53,7 +54,7 @@ def test_smoothnet_quick_runs_offline_on_the_digits_stand_in(smoothnet_quick):
     trained = build_model(MODELS["smoothnet"].arch.replace(width=1.0, depth=1.0), num_classes=10, in_channels=1)
     assert row["params_trained"] == count_parameters(trained) < 3_391_853
     assert row["epochs"] == row["epochs_planned"] == 2 and row["epochs_recipe"] == 90
-    assert row["train_size"] <= QUICK_TRAIN_SIZE
+    assert row["train_size"] <= QUICK_TRAIN_SIZE + 5 * 18  # about 512 (a hash keeps each record on its own)
 
 
 def test_each_run_writes_its_full_result(smoothnet_quick):
@@ -125,7 +126,8 @@ def test_quick_uses_a_dataset_that_is_present_without_downloading(tmp_path, monk
     assert [(name, kw["download"]) for name, kw in calls] == [("cifar10", False)]
     (row,) = rows
     assert row["dataset"] == "cifar10" and not row["stand_in"] and row["label"] == QUICK_LABEL
-    assert row["train_size"] == QUICK_TRAIN_SIZE  # shrunk from 1440
+    # shrunk from 1440 by a hash of each record's id: Binomial(1440, 512 / 1440), sd 18
+    assert abs(row["train_size"] - QUICK_TRAIN_SIZE) < 5 * 18
     assert row["published_accuracy_percent"] == 81.4 and row["params_paper"] is None
     table = format_comparison(rows)
     assert "81.4 % (WRN-40-4)" in table and "WRN-40-4, a deeper network" in table
@@ -165,3 +167,18 @@ def test_unknown_reproductions_and_datasets_are_refused(tmp_path, name, dataset,
     with pytest.raises(ConfigError, match=needle):
         run_reproduction(name, dataset=dataset, quick=True, data_dir=tmp_path, out_dir=tmp_path, progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_quick_subsets_keep_each_record_by_its_own_id():
+    """Quick mode trains on a subset: a stratified draw of exactly 512 made whether a record is in it depend on the
+    other records (removing one unused record changed hundreds of others); now each is kept by a hash of its id."""
+    from dpnas.reproduce import shrink_splits
+
+    data = load_dataset("digits", val_fraction=0.2, seed=0)
+    small = shrink_splits(data, train=300, val=100)
+    assert abs(len(small.train) - 300) < 60 and abs(len(small.val) - 100) < 40
+    without = dataclasses.replace(data, train=data.train.subset(torch.arange(1, len(data.train))),
+                                  train_ids=data.train_ids[1:])
+    again = shrink_splits(without, train=300 * (len(data.train) - 1) / len(data.train), val=100)
+    assert set(again.train_ids.tolist()) == set(small.train_ids.tolist()) - {int(data.train_ids[0])}
+    assert torch.equal(again.val_ids, small.val_ids)

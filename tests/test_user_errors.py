@@ -406,3 +406,26 @@ def test_a_checkpoint_with_damaged_bytes_is_refused(capsys, tmp_path):
     raw[middle] ^= 0xFF
     path.write_bytes(bytes(raw))
     one_line_error(capsys, ["evaluate", str(path)], "damaged")
+
+
+@pytest.mark.parametrize("flags", [["--seed", "3"], ["--set", "seed=3"]])
+def test_a_new_seed_resplits_a_recipe_s_data_however_it_is_given(tmp_path, monkeypatch, flags):
+    """`--seed 3` re-split a recipe's data and `--set seed=3` kept the recorded split: the same run, two splits."""
+    from dpnas.dp.recipe_file import DataSettings, RecipeFile, write_recipe
+
+    recipe = RecipeFile(MODELS["tiny"].arch, RECIPES["quick"].train, RECIPES["quick"].privacy,
+                        DataSettings(dataset="digits", split_seed=0))
+    path = write_recipe(recipe, tmp_path / "r.toml")
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def record(name, **kwargs):
+        seen.append(kwargs["seed"])
+        raise Loaded  # enough: the split it would load
+
+    monkeypatch.setattr(datasets, "load_dataset", record)
+    with pytest.raises(Loaded):
+        main(["train", str(path), "--quiet", *flags])
+    assert seen == [3]

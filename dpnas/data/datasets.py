@@ -103,7 +103,9 @@ class DatasetSplits:
     std: tuple[float, ...]
     synthetic: bool = False
     train_ids: torch.Tensor | None = None
-    """Each training record's index in the source dataset (what :func:`hash_split` keys on), in `train`'s order."""
+    """Each training record's id in the source dataset (what :func:`hash_split` keys on), in `train`'s order."""
+    val_ids: torch.Tensor | None = None
+    """The same for the validation records, in `val`'s order."""
     full_train_size: int | None = None
     """The training records before a search kept a subset of them ([fidelity] data_fraction); None: all kept."""
 
@@ -196,7 +198,7 @@ def load_dataset(
         pool, test, num_classes = _load_cifar10(root, download=download, size=size, given=data_dir is not None)
         mean, std = CIFAR10_MEAN, CIFAR10_STD
     elif key == "imagenette":
-        pool, test, num_classes = _load_imagenette(root, size=size, progress=progress)
+        pool, test, num_classes, pool_ids = _load_imagenette(root, size=size, progress=progress)
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     elif key == "digits":
         pool, test, num_classes, pool_ids = _load_digits(size=size)
@@ -224,6 +226,7 @@ def load_dataset(
         std=tuple(std),
         synthetic=key == "synthetic",
         train_ids=ids[train_idx],
+        val_ids=ids[val_idx],
     )
 
 
@@ -355,12 +358,19 @@ def _imagenette_root(root: Path, size: int) -> Path:
     return next((path for path, resolution in found if resolution >= size), found[-1][0])
 
 
-def _load_imagenette(root: Path, *, size: int, progress: bool) -> tuple[ImageData, ImageData, int]:
+def _load_imagenette(root: Path, *, size: int, progress: bool) -> tuple[ImageData, ImageData, int, torch.Tensor]:
+    """(train, test, classes, each training image's id): the id is a hash of its path in the release, so a record's
+    validation part depends on that record alone, not on which other files the folder holds (a position in the
+    sorted file list would shift when one file is added or removed, and move many records between parts)."""
     from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
     release = _imagenette_root(root, size)
     try:
         classes, class_to_idx = find_classes(release / "train")
+        test_classes, _ = find_classes(release / "val")
+        if test_classes != classes:
+            missing = sorted(set(test_classes) ^ set(classes))
+            raise ValueError(f"class folders {', '.join(missing[:5])} are in only one of train/ and val/")
         samples = {
             split: make_dataset(release / split, class_to_idx, extensions=IMG_EXTENSIONS) for split in ("train", "val")
         }
@@ -372,7 +382,17 @@ def _load_imagenette(root: Path, *, size: int, progress: bool) -> tuple[ImageDat
     # The release's "val" folder is our test split; validation is held out from train.
     train = _decode(samples["train"], size, progress=progress, split="train")
     test = _decode(samples["val"], size, progress=progress, split="test")
-    return train, test, len(classes)
+    ids = torch.tensor([_path_id(Path(path).relative_to(release)) for path, _ in samples["train"]], dtype=torch.int64)
+    return train, test, len(classes), ids
+
+
+def _path_id(relative: Path) -> int:
+    """A record id from a file's path inside its dataset folder (63 bits of BLAKE2b)."""
+    digest = hashlib.blake2b(relative.as_posix().encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+_EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "La", "RGBa"})
 
 
 def _decode(samples: list[tuple[str, int]], size: int, *, progress: bool, split: str) -> ImageData:
@@ -383,6 +403,9 @@ def _decode(samples: list[tuple[str, int]], size: int, *, progress: bool, split:
     for i, (path, _) in enumerate(tqdm(samples, desc=f"imagenette {split}", unit="img", disable=not progress)):
         try:
             with Image.open(path) as img:
+                if img.mode not in _EIGHT_BIT_MODES:  # convert("RGB") clips 16-bit and float images, silently
+                    raise DataError(f"image {path}: mode {img.mode} (more than 8 bits a channel); dpnas reads 8-bit "
+                                    "images: convert it first")
                 img.draft("RGB", (size, size))  # let the JPEG decoder downscale by 2^k; keeps short side >= size
                 img = img.convert("RGB")
                 scale = size / min(img.size)
