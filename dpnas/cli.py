@@ -170,7 +170,8 @@ class Train(Command):
         arch = recipe_file.arch.replace(**arch_changes) if recipe_file is not None else load_arch(args.arch, arch_changes)
         train_cfg = base_train.replace(**train_changes)
         privacy = base_privacy.replace(**privacy_changes)
-        check_recipe_budget(base_privacy, privacy, privacy_changes, epochs=train_cfg.epochs)
+        check_recipe_budget(base_privacy, privacy, privacy_changes, epochs=train_cfg.epochs,
+                            recipe_epochs=base_train.epochs)
         data_settings = retrain_data_settings(
             settings, dataset=args.dataset, train_seed=train_cfg.seed, val_fraction=train_cfg.val_fraction,
             keep_split_seed="seed" not in train_changes,  # --seed and --set seed= alike

@@ -179,3 +179,15 @@ def test_tiny_ablation_with_two_repeats_end_to_end(tmp_path):
     assert table.iloc[1]["paired_seeds"] == 2 and table.attrs["method"] == PAIRED_TEST
     figures = study_figures(study)
     assert "t-interval over 2 seeds" in figures["component_activation"].layout.title.text
+
+
+def test_a_total_epsilon_ablation_calibrates_its_base_point_off_the_range_s_grid(tmp_path):
+    """The base point trains at [train] batch_size = 100; a range stepped 64..192 used to calibrate only 64, 128
+    and 192, and the search stopped at its first trial ("not a run shape this study was calibrated for")."""
+    from dpnas.search.calibration import run_shapes
+
+    text = (ABLATION.replace("epsilon = 4.0", "total_epsilon = 8.0").replace("batch_size = 256", "batch_size = 100")
+            .replace("repeats = 2", "repeats = 1")
+            + "batch_size = { low = 64, high = 192, step = 64 }\n")
+    spec = load_study_file(write(tmp_path, text))
+    assert run_shapes(spec) == [(64, 1), (100, 1), (128, 1), (192, 1)]

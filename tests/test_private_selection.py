@@ -448,3 +448,38 @@ def test_statistics_of_default_runs_are_not_reproducible_from_the_record(tmp_pat
                     progress=False) for _ in range(2)]
     assert statistics.mean(h["val_accuracy"] for h in seeded[0]["history"]) == \
         statistics.mean(h["val_accuracy"] for h in seeded[1]["history"])
+
+
+def test_a_random_number_of_runs_trains_a_repeated_draw(tmp_path):
+    """Papernot & Steinke's bound is for runs drawn independently from one distribution: a random-K search that
+    turned repeats away drew its runs without replacement. Two points, K = 3: a repeat must train."""
+    from dpnas.search.study_privacy import TRIAL_TARGET_ATTR
+    from dpnas.search.study_state import open_study
+
+    path = _tiny(tmp_path, n_trials=2, epochs=1, sampler="random", extra='trial_count = "poisson"\nmean_trials = 2.0')
+    path.write_text(path.read_text().replace('activation = ["selu", "relu", "mish"]', 'activation = ["relu"]'))
+    spec = load_study_file(path)
+    study = open_study(spec, spec.default_storage())
+    study._storage.set_study_system_attr(study._study_id, TRIAL_TARGET_ATTR, 3)  # as if K = 3 had been drawn
+    search(spec, progress=False)
+    trials = load(spec).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3 and not any("duplicate_of" in t.user_attrs
+                                                                             for t in trials)
+    assert len({t.user_attrs["config_key"] for t in trials}) < 3
+    assert study_privacy(load(spec)).mode == "poisson"
+
+
+def test_validations_alone_export_the_run_the_trial_trained(tmp_path):
+    """[fidelity] validations alone train the target itself: its recipe is the trained run, at its calibrated noise
+    (the placeholder budget with noise 0 used to be exported), its validation noise derived for every epoch."""
+    from dpnas.search.study_report import trial_recipe
+
+    path = _tiny(tmp_path, privacy="total_epsilon = 6.0", n_trials=1, epochs=2)
+    path.write_text(path.read_text() + "\n[fidelity]\nvalidations = 1\n")
+    search(load_study_file(path), progress=False)
+    study = load(load_study_file(path))
+    trial = study.get_trials()[0]
+    recipe = trial_recipe(study, trial)
+    assert recipe.privacy.noise_multiplier == trial.user_attrs["privacy_plan"]["noise_multiplier"] > 0
+    assert recipe.privacy.epsilon == trial.user_attrs["privacy_config"]["epsilon"] < 6.0
+    assert recipe.privacy.val_noise == "auto" and recipe.train.epochs == 2

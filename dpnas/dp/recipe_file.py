@@ -79,12 +79,14 @@ class RecipeFile:
         return self.train is not None and self.privacy is not None
 
 
-def check_recipe_budget(recipe: PrivacyConfig, privacy: PrivacyConfig, changes: dict[str, Any], *, epochs: int) -> None:
+def check_recipe_budget(recipe: PrivacyConfig, privacy: PrivacyConfig, changes: dict[str, Any], *, epochs: int,
+                        recipe_epochs: int) -> None:
     """Refuse, before any data is touched, a run whose fixed noise would not give the budget it asks for.
 
-    A recipe exported from a total-ε study pins the noise its study derived (`noise_multiplier`, `val_noise`):
-    a new epsilon or delta would leave that noise in place, and a `val_noise` derived for another number of
-    validation releases can cost the validation records more than the run's epsilon (one release per epoch).
+    A recipe exported from a total-ε study fixes the noise its study derived (`noise_multiplier`, `val_noise`):
+    a new epsilon or delta would leave that noise in place, and a `val_noise` derived for the recipe's number of
+    validation releases (one per epoch), spread over more epochs, can cost the validation records more than the
+    run's epsilon.
     """
     if not privacy.private:
         return
@@ -93,13 +95,15 @@ def check_recipe_budget(recipe: PrivacyConfig, privacy: PrivacyConfig, changes: 
         raise ConfigError(f"the recipe fixes noise_multiplier = {recipe.noise_multiplier:g} (the noise its study "
                           f"derived), which a new epsilon or delta does not change; add --set noise_multiplier=0 "
                           f"--set val_noise=auto to derive the noise for epsilon = {privacy.epsilon:g}")
-    if privacy.val_noise != "auto" and float(privacy.val_noise) > 0:
-        cost = validation_epsilon(float(privacy.val_noise), epochs, privacy.delta)
-        if cost > privacy.epsilon * (1 + 1e-9):
-            raise ConfigError(f"val_noise: {float(privacy.val_noise):g} on the correct count over {epochs} "
-                              f"validation releases (one per epoch) costs the validation records epsilon "
-                              f"{cost:.4g} > epsilon = {privacy.epsilon:g}; --set val_noise=auto derives it for the "
-                              "budget")
+    if privacy.val_noise != "auto" and float(privacy.val_noise) > 0 and epochs > recipe_epochs:
+        noise = float(privacy.val_noise)
+        cost, recorded = validation_epsilon(noise, epochs, privacy.delta), validation_epsilon(noise, recipe_epochs,
+                                                                                                privacy.delta)
+        if cost > max(privacy.epsilon, recorded) * (1 + 1e-9):
+            raise ConfigError(f"val_noise: {noise:g} on the correct count over {epochs} validation releases (one "
+                              f"per epoch; the recipe's {recipe_epochs} cost {recorded:.4g}) costs the validation "
+                              f"records epsilon {cost:.4g} > epsilon = {privacy.epsilon:g}; --set val_noise=auto "
+                              "derives it for the budget")
 
 
 def toml_value(value: Any) -> str:

@@ -301,10 +301,13 @@ def run_shapes(spec) -> list[tuple[int, int]]:
     for axis in spec.axes:
         if axis.name not in values:
             continue
+        base = values[axis.name]
         if axis.categorical or axis.step is not None:
             values[axis.name] = sorted(set(axis.grid_values()))
         else:
             values[axis.name] = list(range(int(axis.low), int(axis.high) + 1))
+        if spec.sampler == "ablation":  # the base point trains at the base value, on the range's grid or not
+            values[axis.name] = sorted(set(values[axis.name]) | set(base))
     shapes = [(b, e) for b in values["batch_size"] for e in values["epochs"]]
     if len(shapes) > MAX_SHAPES:
         raise ConfigError(f"total_epsilon: the study searches {len(shapes)} (batch_size, epochs) combinations; "

@@ -105,7 +105,9 @@ def _propose(study: optuna.Study, spec: StudySpec, trial: Trial, image_size: int
     if target_size != image_size:  # a search at another resolution ([fidelity]): the exported recipe must build too
         check_image_size(configs[0], target_size)
     key = config_key(configs)
-    repeated = _trained_keys(study, exclude=trial.number).get(key)
+    # A random number of runs (Papernot & Steinke) needs each run drawn independently from the same distribution:
+    # a repeat is a fresh draw and trains; turning it away would make the runs draws without replacement.
+    repeated = _trained_keys(study, exclude=trial.number).get(key) if spec.trial_count == "fixed" else None
     trial.set_user_attr("config_key", key)
     return configs, repeated
 
@@ -229,8 +231,13 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
     user attributes, the printed line) is the run's noisy validation release; the exact one never exists here.
     """
     arch, target_train, target_privacy = configs
-    scaled = search_trial(spec, target_train, target_privacy, calibration=calibration, train_size=len(data.train),
-                          full_train_size=data.full_train_size)
+    try:
+        scaled = search_trial(spec, target_train, target_privacy, calibration=calibration, train_size=len(data.train),
+                              full_train_size=data.full_train_size)
+    except ConfigError as err:  # a study-wide problem (a shape not calibrated): the trial is not left RUNNING
+        trial.set_user_attr("failure_reason", str(err))
+        study.tell(trial, state=TrialState.FAIL)
+        raise
     train_cfg, privacy, steps = scaled.train, scaled.privacy, scaled.steps
     settings = spec.data_settings()
     # A trial's attributes are written in a few groups, each one append to a journal (writes_together)
@@ -239,7 +246,10 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
             # The trial trains at the search's fidelity; what it stands for (and `dpnas best` exports) is the target.
             trial.set_user_attr("fidelity", scaled.record)
             trial.set_user_attr("target_train_config", target_train.to_dict())
-            trial.set_user_attr("target_privacy_config", target_privacy.to_dict())
+            # Validations alone train the target itself: it stands for the run it trained, at its (calibrated)
+            # noise, its validation noise derived again for the recipe's one release per epoch.
+            stands_for = target_privacy if spec.fidelity.trains_proxy else dataclasses.replace(privacy, val_noise="auto")
+            trial.set_user_attr("target_privacy_config", stands_for.to_dict())
             trial.set_user_attr("target_data", settings.to_dict())
             settings = dataclasses.replace(settings, image_size=data.image_size)
         trial.set_user_attr("config", arch.to_dict())
