@@ -479,7 +479,12 @@ class Privacy(Command):
         study, _ = resolve_study(args.study, args.study_name)
         report = study_privacy(study)
         if args.json:
-            print(json.dumps(json_safe({**report.to_dict(), "reproducible_trials": reproducible_trials(study)}), indent=2))
+            # strict JSON has no infinity: ε = inf is written null, and `protected` says which parts have a finite ε
+            protected = {"training": math.isfinite(report.training_epsilon),
+                         "validation": math.isfinite(report.validation_epsilon),
+                         "dataset": math.isfinite(report.epsilon)}
+            print(json.dumps(json_safe({**report.to_dict(), "protected": protected,
+                                        "reproducible_trials": reproducible_trials(study)}), indent=2))
             return 0
         for line in privacy_statement(study, report):
             print(line)
@@ -537,8 +542,6 @@ class Plot(Command):
         parser.add_argument("--no-attach", action="store_true", help="do not save the figures into the study")
 
     def run(self, args: argparse.Namespace) -> int:
-        import pandas as pd
-
         from dpnas.analysis.figures import (
             attach_to_dashboard,
             default_plot_dir,
@@ -560,13 +563,12 @@ class Plot(Command):
             raise UsageError(f"--out {args.out}: is a file; give a folder for the figures")
         study, _ = resolve_study(args.study, args.study_name)
         frame = trials_frame(study)
-        if args.companion:
+        extra = None
+        if args.companion:  # its trials join the DP-gap figure only
             companion, _ = resolve_study(args.companion, args.companion_name)
             extra = trials_frame(companion)
             extra["number"] = extra["number"] + 100_000  # keep trial numbers apart
-            frame = pd.concat([frame, extra], ignore_index=True).assign()
-            frame.attrs["searched"] = trials_frame(study).attrs["searched"]
-        figures = study_figures(study, frame)
+        figures = study_figures(study, frame, companion=extra)
         out = Path(args.out) if args.out else default_plot_dir(study)
         try:
             written = write_figures(figures, out, formats=formats)
@@ -609,7 +611,8 @@ class Report(Command):
             raise UsageError(f"--out {args.out}: the report is an HTML page; give a .html file name")
         study, url = resolve_study(args.study, args.study_name)
         out = check_writable(Path(args.out) if args.out else default_plot_dir(study) / REPORT_FILE, what="--out")
-        path = write_report(study, out, storage_url=url, where=args.study, artifacts=args.artifacts)
+        path = write_report(study, out, storage_url=url, where=args.study, artifacts=args.artifacts,
+                            named=bool(args.study_name))
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB; opens offline in any browser)")
         if not args.no_attach:
             location = study_location(study, url, args.artifacts)

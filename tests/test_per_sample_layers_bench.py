@@ -81,5 +81,8 @@ def test_one_piece_times_each_method_without_the_bound_and_restores_it(tmp_path,
     assert bench.main(["--models", "tiny", "--batch-size", "4", "--rounds", "2", "--one-piece",
                        "--json", str(out)]) == 0
     for row in json.loads(out.read_text())["rows"]:
-        assert set(row["ms_one_piece"]) == set(row["ms"]) and all(ms > 0 for ms in row["ms_one_piece"].values())
+        # a ghost method whose warm-up call took longer than HEAVY_GHOST_MS (a loaded machine) is timed once only,
+        # and not one piece: every method that was is in "ms" too
+        assert row["ms_one_piece"] and set(row["ms_one_piece"]) <= set(row["ms"])
+        assert all(ms > 0 for ms in row["ms_one_piece"].values())
     assert per_sample_layers._TEMPORARY_BYTES == bound and "one piece)" in capsys.readouterr().out

@@ -63,7 +63,7 @@ def test_report_holds_question_privacy_trials_and_every_figure(tiny, page):
     assert "digits" in page and "one of selu, relu, mish" in page  # the question: data and search space
     for name, figure in study_figures(study).items():
         assert html.escape(figure_title(figure, name)) in page
-        assert html.escape(figure_caption(name)) in page
+        assert html.escape(figure_caption(name, figure)) in page
     rows = re.findall(r'<tr class="state-(\w+)">', page)
     assert sorted(rows) == ["COMPLETE", "COMPLETE", "FAIL"]
     best = study.best_trial
@@ -221,3 +221,58 @@ def test_png_and_svg_export(tiny, tmp_path):
     png = (tmp_path / f"{name}.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
     assert "<svg" in (tmp_path / f"{name}.svg").read_text()[:500]
+
+
+# --- what a review found (2026-12-07) --------------------------------------------------------------------------
+
+def test_report_names_the_study_in_its_commands_and_counts_the_stored_trials(tiny):
+    """With --study-name, the printed `dpnas best` fetched the file's own study's weights; the trial count came
+    from the file's n_trials, not the study's target (--n-trials, a grid's, an ablation's)."""
+    study, url, path = tiny
+    named = report_html(study, storage_url=url, where=str(path), named=True)
+    assert f"--study-name {study.study_name} --weights best.pt" in named
+    assert "--study-name" not in report_html(study, storage_url=url, where=str(path))
+    assert ">2 trials, sampler random" in named
+
+
+def test_titles_carry_no_markup_and_an_ablation_caption_says_what_it_shows():
+    import plotly.graph_objects as go
+
+    figure = go.Figure().update_layout(title="activation against the base point<br><sup>mean and 95% t-interval "
+                                             "over 2 seeds</sup>")
+    assert figure_title(figure, "component_activation") == "activation against the base point"
+    caption = figure_caption("component_activation", figure)
+    assert "mean over seeds" in caption and "mean and 95% t-interval over 2 seeds" in caption and "<" not in caption
+
+
+def test_searched_budgets_are_named_as_such(tmp_path, capsys):
+    """A study searching epsilon = [4.0, inf] was described as "every trial trains with DP-SGD at ε = 4"."""
+    from dpnas.search.study_report import budget_words
+
+    path = write_study(tmp_path, n_trials=2, sampler="grid", extra="")
+    path.write_text(path.read_text().replace('activation = ["selu", "relu", "mish"]', 'epsilon = [4.0, inf]'))
+    search(load_study_file(path), progress=False)
+    study, _ = resolve_study(str(path))
+    words = budget_words(study)
+    assert "ε searched per trial" in words and "1 trial so far" in words
+    assert main(["privacy", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["epsilon"] is None and report["protected"] == {"training": False, "validation": False,
+                                                                 "dataset": False}
+
+
+def test_a_companion_joins_the_dp_gap_figure_only(tiny):
+    """`dpnas plot --companion` drew every figure from both studies: a non-private companion's trial became the
+    private study's Pareto front."""
+    from dpnas.analysis.frame import trials_frame
+
+    study, _, _ = tiny
+    frame = trials_frame(study)
+    extra = frame.copy()
+    extra["number"] += 100_000
+    extra["private"], extra["val_accuracy"] = False, 0.999
+    alone, joined = study_figures(study, frame), study_figures(study, frame, companion=extra)
+    assert "dp_gap" in joined and "dp_gap" not in alone
+    for name, figure in alone.items():
+        if not name.startswith("optuna"):
+            assert joined[name].to_json() == figure.to_json(), name

@@ -398,3 +398,14 @@ def test_optuna_dashboard_http_api_reads_a_dpnas_study(finished):
     keys = {a["key"] for a in detail["union_user_attrs"]}
     assert {"epsilon_spent", "noise_multiplier", "params", "test_accuracy"} <= keys
     assert "Privacy cost of the search" in detail["note"]["body"]
+
+
+@pytest.mark.parametrize("epochs, state", [(1, TrialState.COMPLETE), (2, TrialState.PRUNED)])
+def test_a_trial_is_never_pruned_after_its_last_release(tmp_path, monkeypatch, epochs, state):
+    """After its last validation release a run has spent its whole budget and has its final score: it used to be
+    pruned there (thrown out of the choice of the best, its weights not kept)."""
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda self: True)
+    spec = load_study_file(write_study(tmp_path, n_trials=1, pruner="median", epochs=epochs))
+    search(spec, progress=False)
+    (trial,) = load(spec).get_trials()
+    assert trial.state == state

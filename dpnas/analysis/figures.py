@@ -31,8 +31,11 @@ def _empty(title: str, reason: str) -> go.Figure:
     return figure
 
 
-def study_figures(study: optuna.Study, frame: pd.DataFrame | None = None) -> dict[str, go.Figure]:
-    """Every figure that the study has data for; an empty study gives one empty figure and a warning."""
+def study_figures(study: optuna.Study, frame: pd.DataFrame | None = None,
+                  companion: pd.DataFrame | None = None) -> dict[str, go.Figure]:
+    """Every figure that the study has data for; an empty study gives one empty figure and a warning.
+
+    `companion`: another study's trials (its numbers kept apart), which join the DP-gap figure only."""
     frame = trials_frame(study) if frame is None else frame
     done = finished(frame)
     if done.empty:
@@ -47,7 +50,11 @@ def study_figures(study: optuna.Study, frame: pd.DataFrame | None = None) -> dic
             figures[f"component_{component}"] = component_figure(component_info(frame, component))
     if done["width"].nunique() > 1 or done["depth"].nunique() > 1:
         figures["width_depth"] = width_depth_figure(width_depth_info(frame))
-    gap = dp_gap_info(frame)
+    both = frame
+    if companion is not None:
+        both = pd.concat([frame, companion], ignore_index=True)
+        both.attrs = dict(frame.attrs)  # the study's searched axes label the bars
+    gap = dp_gap_info(both)
     if gap.labels:
         figures["dp_gap"] = dp_gap_figure(gap)
     for cost in ("params", "epoch_seconds"):

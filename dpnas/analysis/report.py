@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import re
 import tempfile
 import tomllib
 from pathlib import Path
@@ -30,7 +31,8 @@ from dpnas.analysis.report_page import esc, facts, page, sortable_table
 from dpnas.dp.recipe_file import recipe_to_toml
 from dpnas.search.runner import best_trials
 from dpnas.search.storage import command_url
-from dpnas.search.study_report import privacy_statement, trial_recipe
+from dpnas.search.study_privacy import TRIAL_TARGET_ATTR
+from dpnas.search.study_report import budget_words, privacy_statement, trial_recipe
 from dpnas.search.weights import open_store, study_location, weights_available
 
 REPORT_FILE = "report.html"
@@ -53,14 +55,28 @@ _CAPTIONS = {
 }
 
 
-def figure_caption(name: str) -> str:
+_ABLATION_CAPTION = ("Validation accuracy at each value of {what}, every other axis at the base point: the mean over "
+                     "seeds with its 95 % t-interval, the base point first.")
+
+
+def figure_caption(name: str, figure: go.Figure | None = None) -> str:
     if name.startswith("component_"):
-        return _CAPTIONS["component_"].format(what=name.removeprefix("component_"))
+        ablation = figure is not None and _subtitle(figure) is not None
+        caption = (_ABLATION_CAPTION if ablation else _CAPTIONS["component_"]).format(
+            what=name.removeprefix("component_"))
+        return f"{caption} {_subtitle(figure)}." if ablation else caption
     return _CAPTIONS.get(name, name.replace("_", " "))
 
 
 def figure_title(figure: go.Figure, name: str) -> str:
-    return figure.layout.title.text or name.replace("_", " ")
+    """The figure's title as text: its first line, without Plotly's markup (a subtitle goes to the caption)."""
+    title = figure.layout.title.text or name.replace("_", " ")
+    return re.sub(r"<[^>]+>", "", title.split("<br>")[0]).strip()
+
+
+def _subtitle(figure: go.Figure) -> str | None:
+    title = figure.layout.title.text or ""
+    return re.sub(r"<[^>]+>", "", title.split("<br>", 1)[1]).strip() if "<br>" in title else None
 
 
 def _question(study: optuna.Study) -> str:
@@ -72,11 +88,9 @@ def _question(study: optuna.Study) -> str:
         spec = {}
     section = spec.get("study", {})
     data = spec.get("data", {}) or {"dataset": attrs.get("dataset")}
-    budget = (f"total ε = {attrs['total_epsilon']:g} for the whole search" if attrs.get("total_epsilon") else
-              f"ε = {attrs.get('epsilon')} for every trial")
     items = [("data", ", ".join(f"{k} = {v}" for k, v in data.items())),
-             ("privacy budget", f"{budget}, δ = {attrs.get('delta')}"),
-             ("trials", f"{_trial_count(section, attrs)}, sampler {attrs.get('sampler')}, pruner {attrs.get('pruner')}"),
+             ("privacy budget", f"{budget_words(study)}, δ = {attrs.get('delta')}"),
+             ("trials", f"{_trial_count(study, attrs)}, sampler {attrs.get('sampler')}, pruner {attrs.get('pruner')}"),
              ("objectives", ", ".join(attrs.get("objectives") or study.metric_names or ["value"])),
              ("base", ", ".join(f"{part}: {spec[part].get('base') or spec[part].get('recipe')}"
                                 for part in ("arch", "train") if isinstance(spec.get(part), dict)
@@ -97,10 +111,11 @@ def _question(study: optuna.Study) -> str:
     return "\n".join(html_parts)
 
 
-def _trial_count(section: dict[str, Any], attrs: dict[str, Any]) -> str:
+def _trial_count(study: optuna.Study, attrs: dict[str, Any]) -> str:
     mode = attrs.get("trial_count") or "fixed"
-    if mode == "fixed":
-        return f"{section.get('n_trials', '?')} trials"
+    if mode == "fixed":  # the stored target: --n-trials, a grid's or an ablation's count, not only the file's
+        target = study._storage.get_study_system_attrs(study._study_id).get(TRIAL_TARGET_ATTR)
+        return f"{target if target is not None else '?'} trials"
     shape = ", ".join(f"{k} {attrs[k]}" for k in ("mean_trials", "eta", "gamma") if attrs.get(k) is not None)
     return f"a random number of trials ({mode}{', ' + shape if shape else ''}; drawn once, kept secret)"
 
@@ -190,17 +205,18 @@ def _figures(figures: dict[str, go.Figure]) -> str:
         untitled = go.Figure(figure).update_layout(title_text=None, margin_t=40)  # the heading above says it
         div = untitled.to_html(full_html=False, include_plotlyjs=False, div_id=f"figure-{i}", default_height="480px")
         parts.append(f'<figure id="{esc(name)}"><h3>{esc(figure_title(figure, name))}</h3>{div}'
-                     f"<figcaption>{esc(figure_caption(name))}</figcaption></figure>")
+                     f"<figcaption>{esc(figure_caption(name, figure))}</figcaption></figure>")
     return "\n".join(parts)
 
 
 def report_html(study: optuna.Study, *, storage_url: str | None = None, where: str | None = None,
-                artifacts: str | None = None, figures: dict[str, go.Figure] | None = None) -> str:
+                artifacts: str | None = None, figures: dict[str, go.Figure] | None = None,
+                named: bool = False) -> str:
     """The whole report page as a string. `where` is how commands on the page name the study (a study file
-    or a storage URL, printed without its password)."""
+    or a storage URL, printed without its password); `named`: with --study-name (not the file's own study)."""
     frame = trials_frame(study)
     figures = study_figures(study, frame) if figures is None else figures
-    where = command_url(where) if where else None
+    where = command_url(where) + (f" --study-name {study.study_name}" if named else "") if where else None
     version = study.user_attrs.get("dpnas_version", "?")
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = "\n".join([
@@ -214,9 +230,9 @@ def report_html(study: optuna.Study, *, storage_url: str | None = None, where: s
 
 
 def write_report(study: optuna.Study, out: Path, *, storage_url: str | None = None, where: str | None = None,
-                 artifacts: str | None = None) -> Path:
+                 artifacts: str | None = None, named: bool = False) -> Path:
     """Write the report to `out` atomically (a scratch file beside it, renamed at the end)."""
-    text = report_html(study, storage_url=storage_url, where=where, artifacts=artifacts)
+    text = report_html(study, storage_url=storage_url, where=where, artifacts=artifacts, named=named)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = out.with_name(f".{out.name}.{os.getpid()}.partial")

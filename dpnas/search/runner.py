@@ -258,7 +258,10 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
         trial.set_user_attr("data", settings.to_dict())
         trial.set_user_attr("epsilon_target", privacy.epsilon if privacy.private else "inf (non-private)")
 
+    last_release: list[int] = []  # the epoch of the run's last validation release, once planned
+
     def record_plan(plan: PrivacyPlan) -> None:
+        last_release.append(max(plan.validated_periods(), default=0))
         # Written (the block's end) before any step touches the data: the search-level accounting counts this run.
         with writes_together(study._storage):
             trial.set_user_attr("privacy_plan", {"noise_multiplier": plan.noise_multiplier,
@@ -271,7 +274,8 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
         if spec.multi_objective:  # Optuna cannot prune multi-objective trials
             return
         trial.report(record["val_accuracy"], record["epoch"])
-        if trial.should_prune():
+        # After its last release a run has spent its budget and has its final score: it completes, never pruned
+        if record["epoch"] < last_release[-1] and trial.should_prune():
             raise optuna.TrialPruned(f"pruned by the {spec.pruner} pruner after epoch {record['epoch']} "
                                      f"(val accuracy {record['val_accuracy']:.4f})")
 

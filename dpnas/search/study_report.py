@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
+import tomllib
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -121,6 +123,23 @@ def export_best_weights(study: optuna.Study, storage_url: str, out: Path, *, art
     return [fetch_weights(study, t, store, _numbered(out, t, len(trials) > 1)) for t in trials]
 
 
+def budget_words(study: optuna.Study) -> str:
+    """The study's privacy budget in words: a total, one ε for every trial, or the ε values it searched."""
+    attrs = study.user_attrs
+    if attrs.get("total_epsilon"):
+        return f"total ε = {attrs['total_epsilon']:g} for the whole search"
+    try:
+        searched = tomllib.loads(attrs.get("study_file") or "").get("search", {}).get("epsilon")
+    except tomllib.TOMLDecodeError:
+        searched = None
+    if searched is not None:
+        nonprivate = sum(1 for t in study.get_trials(deepcopy=False)
+                         if (t.user_attrs.get("privacy_config") or {}).get("epsilon") == math.inf)
+        return (f"ε searched per trial ({searched}; inf trains without privacy: {nonprivate} trial"
+                f"{'s' if nonprivate != 1 else ''} so far)")
+    return f"ε = {attrs.get('epsilon')} for every trial (DP-SGD)"
+
+
 def study_note(study: optuna.Study, privacy: StudyPrivacy, storage_url: str) -> str:
     """A markdown note for optuna-dashboard: budget, the search's privacy cost, the best architecture."""
     attrs = study.user_attrs
@@ -131,9 +150,7 @@ def study_note(study: optuna.Study, privacy: StudyPrivacy, storage_url: str) -> 
         f"# dpnas study `{study.study_name}`",
         "",
         f"- **Data**: {attrs.get('dataset')} (selection on the validation split; test accuracy recorded, never used to select).",
-        (f"- **Budget**: total ε = {attrs.get('total_epsilon')} for the whole search, δ = {attrs.get('delta')}."
-         if attrs.get("total_epsilon") else
-         f"- **Per-trial budget**: every trial trains with DP-SGD at ε = {attrs.get('epsilon')}, δ = {attrs.get('delta')}."),
+        f"- **Budget**: {budget_words(study)}, δ = {attrs.get('delta')}.",
         f"- **Trials**: {', '.join(f'{k.lower()} {v}' for k, v in states.items() if v)}; sampler {attrs.get('sampler')}, "
         f"pruner {attrs.get('pruner')}, trial count {attrs.get('trial_count')}.",
         "",
