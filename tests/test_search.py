@@ -409,3 +409,4 @@ def test_a_trial_is_never_pruned_after_its_last_release(tmp_path, monkeypatch, e
     search(spec, progress=False)
     (trial,) = load(spec).get_trials()
     assert trial.state == state
+    assert 0 < trial.user_attrs["epsilon_spent"] <= 4.0  # a pruned run's too: what it spent before the stop

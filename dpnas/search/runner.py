@@ -270,7 +270,10 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
             for part in ("train", "val", "test"):
                 trial.set_user_attr(f"{part}_size", len(getattr(data, part)))
 
+    reported: list[dict[str, Any]] = []  # the last epoch's record: what a pruned run had spent
+
     def report(record: dict[str, Any]) -> None:
+        reported[:] = [record]
         if spec.multi_objective:  # Optuna cannot prune multi-objective trials
             return
         trial.report(record["val_accuracy"], record["epoch"])
@@ -286,7 +289,11 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
                        steps=steps, validations=scaled.validations)
     except (optuna.TrialPruned, DivergedError) as err:
         with interrupts_held():
-            trial.set_user_attr("failure_reason" if isinstance(err, DivergedError) else "pruned_reason", str(err))
+            with writes_together(study._storage):
+                trial.set_user_attr("failure_reason" if isinstance(err, DivergedError) else "pruned_reason", str(err))
+                if reported:  # what DP-SGD spent before the stop (the search charges the run its whole plan)
+                    spent = reported[0]["epsilon_spent"]
+                    trial.set_user_attr("epsilon_spent", spent if math.isfinite(spent) else "inf (non-private)")
             study.tell(trial, state=TrialState.PRUNED)
         return f"trial {trial.number} pruned: {err}"
     except KeyboardInterrupt:
