@@ -63,3 +63,13 @@ def test_pointwise_conv_refuses_products_with_other_values(tmp_path, monkeypatch
     monkeypatch.setattr(bench, "_product_forward", lambda x, weight: bench.F.conv2d(x, weight) + 1e-2)
     with pytest.raises(AssertionError, match="products differ"):
         bench.main(["--rounds", "1", "--json", str(tmp_path / "x.json")])
+
+
+def test_activation_kernels_times_every_variant_and_checks_it_is_the_same_function(tmp_path, capsys):
+    bench = load_benchmark("activation_kernels")
+    result = bench.main(["--shapes", "4x2x4x4", "--repeats", "2", "--json", str(tmp_path / "a.json")])
+    assert {(r["activation"], r["variant"]) for r in result["rows"]} == {
+        (a, v) for a in ("selu", "mish") for v in ("pytorch", "function", "composed")}
+    for row in result["rows"]:
+        assert row["forward_ms"] > 0 and row["max_abs_diff"] < 1e-5 and row["max_abs_grad_diff"] < 1e-5
+    assert "x pytorch" in capsys.readouterr().out and (tmp_path / "a.json").exists()
