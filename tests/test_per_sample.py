@@ -279,3 +279,56 @@ def test_sample_chunks_keep_large_batches_temporaries_small_on_the_cpu():
     wide_head = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8192, 512))
     assert sample_chunks(captured(wide_head, 256, 4), 1) == whole
     assert sample_chunks(captured(resnet9, 256, 32, device="meta"), 1) == whole  # not the CPU
+
+
+def test_a_layer_with_a_frozen_parameter_goes_to_opacus_s_hooks():
+    """dpnas's path formed a frozen parameter's per-sample gradient too: it counted in every sample's clip norm
+    (the trainable ones clipped too hard: 2e-2 off) and its sum piled up on the parameter. Opacus leaves it out."""
+    model = build_model(MODELS["tiny"].arch, num_classes=4, in_channels=3, image_size=16)
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    last.weight.requires_grad_(False)
+    assert not supports(model)
+    torch.manual_seed(1)
+    x, y = torch.randn(5, 3, 16, 16), torch.randint(0, 4, (5,))
+    auto, reference = one_step(model, "auto", x, y, sigma=0.0), one_step(model, "opacus", x, y, sigma=0.0)
+    assert torch.equal(auto[0], reference[0])
+
+
+def test_a_layer_called_twice_in_a_forward_pass_is_refused_not_mixed_up():
+    """Shared weights: the hooks kept one input and one output gradient per layer, from different calls, and the
+    clipped step was about 50 % off, silently."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.fc = torch.nn.Linear(3 * 8 * 8, 4)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(self.conv(torch.tanh(self.conv(x)))).flatten(1))
+
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+    with pytest.raises(ConfigError, match="called twice in one forward pass"):
+        one_step(Tied(), "auto", x, y, sigma=0.0)
+    one_step(Tied(), "opacus", x, y, sigma=0.0)  # Opacus's hooks sum the calls
+
+
+def test_torch_s_per_backend_precision_settings_are_honoured_and_restored():
+    """After `torch.backends.cuda.matmul.fp32_precision = "tf32"` (torch's newer API), the old getter that the
+    norms' fp32 guard called raises: every dpnas DP step crashed. In a fresh process: the setting sticks."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from dpnas.dp.per_sample import full_fp32\n"
+        "torch.backends.cuda.matmul.fp32_precision = 'tf32'\n"
+        "torch.backends.mkldnn.conv.fp32_precision = 'bf16'\n"
+        "with full_fp32():\n"
+        "    assert torch.backends.cuda.matmul.fp32_precision == 'ieee'\n"
+        "    assert torch.backends.mkldnn.conv.fp32_precision == 'ieee'\n"
+        "assert torch.backends.cuda.matmul.fp32_precision == 'tf32'\n"
+        "assert torch.backends.mkldnn.conv.fp32_precision == 'bf16'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpnas.arch.layers import WSConv2d
+from dpnas.arch.space import ConfigError
 from dpnas.dp.host_memory import MMAP_THRESHOLD
 from dpnas.dp.per_sample_layers import (
     CONV_METHODS,
@@ -64,7 +65,12 @@ def full_fp32():
     contribution could exceed C by as much.  In fp32 they agree to rounding.  The model's own forward
     and backward passes keep whatever precision the user chose.
     """
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    except RuntimeError:  # the user set torch's per-backend precisions (its newer API), which the old getter refuses
+        with _per_backend_ieee():
+            yield
+        return
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.allow_tf32 = False
     try:
@@ -74,14 +80,40 @@ def full_fp32():
         torch.backends.cudnn.allow_tf32 = saved[1]
 
 
+_PER_BACKEND_PRECISIONS = ("cuda.matmul", "cudnn.conv", "mkldnn.matmul", "mkldnn.conv")
+
+
+@contextlib.contextmanager
+def _per_backend_ieee():
+    """full_fp32 with torch's per-backend settings (``torch.backends.<backend>.<op>.fp32_precision``): "ieee" for
+    every matrix product and convolution, then what the user had."""
+    settings = []
+    for name in _PER_BACKEND_PRECISIONS:
+        backend = torch.backends
+        for part in name.split("."):
+            backend = getattr(backend, part, None)
+        if backend is not None and hasattr(backend, "fp32_precision"):
+            settings.append((backend, backend.fp32_precision))
+    for backend, _ in settings:
+        backend.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for backend, value in settings:
+            backend.fp32_precision = value
+
+
 def _trainable_leaves(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
 
 
 def supports(model: nn.Module) -> bool:
-    """True when every trainable layer is one this module computes per-sample gradients for."""
+    """True when every trainable layer is one this module computes per-sample gradients for, all of its
+    parameters trainable (a frozen one would count in the clip norms: Opacus's hooks leave it out)."""
     for module in _trainable_leaves(model):
         if type(module) not in (nn.Conv2d, WSConv2d, nn.Linear, nn.GroupNorm):
+            return False
+        if not all(p.requires_grad for p in module.parameters(recurse=False)):
             return False
         if isinstance(module, nn.Conv2d) and (
             module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
@@ -126,6 +158,10 @@ class PerSampleClipper:
 
     def _save_input(self, module, inputs, output) -> None:
         if self._capturing:
+            if module in self._inputs:  # one input and one output gradient per layer: a second call's would mix
+                raise ConfigError(f"per_sample: a {type(module).__name__} is called twice in one forward pass "
+                                  "(shared weights); dpnas's per-sample path takes one call per layer: use "
+                                  "per_sample = 'opacus'")
             self._inputs[module] = inputs[0].detach()
             if isinstance(module, WSConv2d):  # the ghost norm of a standardised conv uses its output
                 self._outputs[module] = output.detach()
@@ -149,6 +185,9 @@ class PerSampleClipper:
         """Forward and backward without parameter gradients; returns the summed per-row loss."""
         for p in self.params:
             p.requires_grad_(False)
+        self._inputs.clear()  # what an interrupted step left
+        self._outputs.clear()
+        self._grads.clear()
         self._capturing = True
         try:
             # no gradient for the images: the first layers' outputs start the graph (_save_input)
