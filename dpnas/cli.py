@@ -359,18 +359,20 @@ class Search(Command):
         from dpnas.search.runner import best_trials
         from dpnas.search.study_privacy import study_privacy
 
-        target, _, waiting, _ = trial_budget(study)
+        target, used, waiting, running = trial_budget(study)
         save_study_note(study, url)
-        finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state.is_finished())
         repeats = sum(1 for t in study.get_trials(deepcopy=False) if "duplicate_of" in t.user_attrs)
-        print(f"study {study.study_name!r}: {finished - repeats} trials finished of a budget of {target} ({waiting} waiting"
-              + (f"; {repeats} repeated proposals skipped, untrained" if repeats else "") + ")")
+        # the slots that finished (a failed trial that was retried gives its slot to its retry)
+        print(f"study {study.study_name!r}: {used - waiting - running} trials finished of a budget of {target} "
+              f"({waiting} waiting" + (f"; {repeats} repeated proposals skipped, untrained" if repeats else "") + ")")
         if exhausted_message(study):
             print(exhausted_message(study))
         for trial in best_trials(study):
             print(f"best: trial {trial.number}, {dict(zip(study.metric_names or ['value'], trial.values))}, {trial.params}")
         report = study_privacy(study)
-        where = command_url(args.storage) if args.storage else args.study
+        # the study named wherever it is not the file's own (--study-name), or the storage may hold others
+        name_flag = f" --study-name {study.study_name}" if args.study_name or args.storage else ""
+        where = (command_url(args.storage) if args.storage else args.study) + name_flag
         if report.headline():
             print(report.headline())
         print(f"privacy of releasing the best trial: epsilon {report.epsilon:.3f} for the whole dataset (training "
@@ -382,8 +384,7 @@ class Search(Command):
             print("interrupted: run the same command again to continue the study")
         if failed is not None:
             print(f"dpnas search: error: {failed}", file=sys.stderr)
-        name_flag = f" --study-name {study.study_name}" if args.study_name else ""
-        print(f"export the best recipe and its weights: dpnas best {where}{name_flag} --out best.toml --weights best.pt")
+        print(f"export the best recipe and its weights: dpnas best {where} --out best.toml --weights best.pt")
         print(f"open it with: {dashboard_command(url, study_location(study, url, args.artifacts))}")
         return 130 if interrupted else 1 if failed is not None else 0
 

@@ -410,3 +410,82 @@ def test_a_trial_is_never_pruned_after_its_last_release(tmp_path, monkeypatch, e
     (trial,) = load(spec).get_trials()
     assert trial.state == state
     assert 0 < trial.user_attrs["epsilon_spent"] <= 4.0  # a pruned run's too: what it spent before the stop
+
+
+# --- what a review of the runner found (2026-12-07) ------------------------------------------------------------
+
+def test_a_lower_trial_count_leaves_queued_grid_points_untrained_and_a_higher_one_is_capped(tmp_path):
+    """The grid's queued points all trained after --n-trials lowered the count ("4 trials finished of a budget of
+    2"); a count above the grid's size was stored as the target."""
+    spec = load_study_file(write_study(tmp_path, n_trials=4, sampler="grid"))
+    search(spec, timeout=0.1, progress=False)  # one point trained, three queued
+    study = search(spec, n_trials=2, progress=False)
+    states = [t.state for t in study.get_trials()]
+    assert states.count(TrialState.COMPLETE) == 2 and states.count(TrialState.WAITING) == 2
+    search(spec, n_trials=100, progress=False, timeout=0.1)
+    assert trial_budget(load(spec))[0] == 6  # the grid: 3 activations x 2 widths
+
+
+def test_an_ablation_takes_no_trial_count(tmp_path):
+    path = write_study(tmp_path, sampler="ablation", n_trials=2)
+    with pytest.raises(ConfigError, match="study.n_trials: an ablation trains each of its points once per repeat"):
+        load_study_file(path)
+    path.write_text(path.read_text().replace("n_trials = 2\n", ""))
+    with pytest.raises(ConfigError, match="--n-trials: an ablation"):
+        search(load_study_file(path), n_trials=1, progress=False)
+
+
+def test_an_edited_trial_count_in_the_file_is_not_ignored(tmp_path):
+    path = write_study(tmp_path, n_trials=1)
+    search(load_study_file(path), progress=False)
+    path.write_text(path.read_text().replace("n_trials = 1", "n_trials = 2"))
+    with pytest.raises(ConfigError, match="n_trials changed from 1 to 2.*--n-trials 2"):
+        search(load_study_file(path), progress=False)
+    study = search(load_study_file(path), n_trials=2, progress=False)  # applied
+    assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) == 2
+    search(load_study_file(path), progress=False)  # and from then on the file is the study's again
+
+
+def test_a_retry_forgets_its_original_s_failure_and_the_end_line_counts_slots(tmp_path, monkeypatch, capsys):
+    path = write_study(tmp_path, n_trials=2)
+    real, calls = search_module.train, []
+
+    def interrupted_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "train", interrupted_once)
+    assert main(["search", str(path), "--quiet"]) == 130
+    assert "0 trials finished of a budget of 2 (1 waiting" in capsys.readouterr().out
+    assert main(["search", str(path), "--quiet"]) == 0
+    assert "2 trials finished of a budget of 2 (0 waiting" in capsys.readouterr().out
+    trials = load(load_study_file(path)).get_trials()
+    assert trials[0].state == TrialState.FAIL and trials[1].state == TrialState.COMPLETE
+    assert trials[1].user_attrs["failure_reason"] is None
+
+
+def test_the_end_lines_name_the_study_where_the_storage_may_hold_others(tmp_path, capsys):
+    path = write_study(tmp_path, n_trials=1)
+    journal = str(tmp_path / "shared.journal")
+    assert main(["search", str(path), "--quiet", "--storage", journal, "--study-name", "other"]) == 0
+    out = capsys.readouterr().out
+    assert f"dpnas privacy {journal} --study-name other` explains" in out
+    assert f"dpnas best {journal} --study-name other --out best.toml" in out
+
+
+def test_an_exhausted_space_is_looked_at_again_by_the_next_search(tmp_path):
+    from dpnas.search.study_state import _EXHAUSTED, _set_system_attr, open_study
+
+    spec = load_study_file(write_study(tmp_path, n_trials=1))
+    _set_system_attr(open_study(spec, spec.default_storage()), _EXHAUSTED, "search space exhausted: (an old one)")
+    assert search_module.exhausted_message(search(spec, progress=False)) is None
+
+
+def test_hyperband_is_sized_for_the_epochs_the_trials_train():
+    from dpnas.search.study_state import make_pruner
+
+    spec = load_study_file("studies/smoothnet_cifar10_fast.toml")
+    assert spec.pruner == "hyperband" and spec.fidelity.epochs and spec.fidelity.epochs != spec.train.epochs
+    assert make_pruner(spec)._max_resource == spec.fidelity.epochs

@@ -158,14 +158,17 @@ def run_worker(
                 _recover_orphans(study, spec, slot_locked=slot_locked)
                 fail_stale_trials(study)
                 target, used, waiting, running = trial_budget(study)
+                # A slot is left while the trials that are not queued hold fewer than the target: a queued trial
+                # beyond it (a grid's, after --n-trials lowered the count) stays queued, untrained
+                room = used - waiting < target
                 trial, configs, repeated, line = None, None, None, None
-                if calibration is not None and runs_charged(study) >= target and (waiting or used < target):
+                if calibration is not None and runs_charged(study) >= target and room:
                     # The total was split over `target` runs; a retried failure would be one run too many.
                     report.exhausted = (f"total_epsilon = {spec.total_epsilon:g} is spent: {runs_charged(study)} runs "
                                         f"have touched the data, the {target} the budget was split over")
                     _set_system_attr(study, _EXHAUSTED, report.exhausted)
                     break
-                if waiting or used < target:
+                if room:
                     trial = study.ask()
                     # at once: a trial of a worker that died is found by it (_recover_orphans)
                     with writes_together(storage):
@@ -242,6 +245,8 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
     settings = spec.data_settings()
     # A trial's attributes are written in a few groups, each one append to a journal (writes_together)
     with writes_together(study._storage):
+        if trial.user_attrs.get("failure_reason") is not None:  # a retry: Optuna copied its original's reason
+            trial.set_user_attr("failure_reason", None)
         if spec.fidelity.active:
             # The trial trains at the search's fidelity; what it stands for (and `dpnas best` exports) is the target.
             trial.set_user_attr("fidelity", scaled.record)
@@ -408,6 +413,8 @@ def search(
     checked = check_search(spec, url, study_name=name, n_trials=n_trials, timeout=timeout, workers=workers,
                            device=device, progress=progress)
     study = open_study(spec, url, study_name=name, n_trials=n_trials)
+    if exhausted_message(study):  # said by an earlier search; this one looks again (its space may have grown)
+        _set_system_attr(study, _EXHAUSTED, None)
     bar = SearchProgress(study) if bar_wanted(progress, progress_bar) else None
     if workers == 1:
         try:

@@ -246,6 +246,9 @@ def load_study_file(path: str | Path) -> StudySpec:
     if trial_count == "fixed":
         if sampler not in ("ablation", "grid") and n_trials is None:
             raise _fail(path, "study.n_trials", "required when trial_count = \"fixed\"")
+        if sampler == "ablation" and n_trials is not None:
+            raise _fail(path, "study.n_trials", "an ablation trains each of its points once per repeat; remove "
+                                                "n_trials (repeats and the [search] axes set how many trials)")
         if n_trials is not None and n_trials < 1:
             raise _fail(path, "study.n_trials", f"must be >= 1, got {n_trials}")
     else:

@@ -39,6 +39,7 @@ from dpnas.search.study_privacy import CALIBRATION_ATTR, TRIAL_TARGET_ATTR
 
 # Study attributes dpnas keeps in the storage (system attributes: not shown as results).
 _TARGET = TRIAL_TARGET_ATTR
+_FILE_N_TRIALS = "dpnas:file_n_trials"  # the study file's n_trials when the study last took it: a later edit is seen
 _INITIALISED = "dpnas:initialised"
 _GRID_ENQUEUED = "dpnas:grid_enqueued"
 _EXHAUSTED = "dpnas:exhausted"
@@ -77,8 +78,8 @@ def make_sampler(spec: StudySpec, worker_index: int = 0, trials_so_far: int = 0)
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     if spec.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
-    if spec.pruner == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.train.epochs)
+    if spec.pruner == "hyperband":  # sized for the epochs the trials train ([fidelity] epochs, where set)
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.fidelity.epochs or spec.train.epochs)
     return optuna.pruners.NopPruner()
 
 
@@ -100,19 +101,30 @@ def open_study(spec: StudySpec, storage_url: str, *, study_name: str | None = No
             _initialise(study, spec, n_trials)
             return study
         _check_stored(study, spec)
+        before = _system_attrs(study).get(_FILE_N_TRIALS)
+        if n_trials is None and before is not None and spec.n_trials != before:
+            raise ConfigError(f"the study file's n_trials changed from {before} to {spec.n_trials}; study {name!r} "
+                              f"targets {trial_budget(study)[0]} trials. Pass --n-trials {spec.n_trials} to apply it "
+                              f"(or restore n_trials = {before})")
         if n_trials is not None:
             if spec.trial_count != "fixed":
                 raise ConfigError(f"--n-trials: study {name!r} draws its number of trials at random ({spec.trial_count})")
-            if spec.total_epsilon is not None and n_trials != trial_budget(study)[0] and runs_charged(study):
+            if spec.sampler == "ablation":
+                raise ConfigError("--n-trials: an ablation trains each of its points once per repeat; repeats and "
+                                  "the [search] axes set how many trials")
+            current = trial_budget(study)[0]
+            wanted = min(n_trials, len(grid_points(spec))) if spec.sampler == "grid" else n_trials
+            if spec.total_epsilon is not None and wanted != current and runs_charged(study):
                 raise ConfigError(f"--n-trials: study {name!r} split its total_epsilon = {spec.total_epsilon:g} "
-                                  f"over {trial_budget(study)[0]} trials when it was created; more trials would "
+                                  f"over {current} trials when it was created; more trials would "
                                   "spend more than that total. Start a new study (--study-name) for more trials")
-            if spec.total_epsilon is not None and n_trials != trial_budget(study)[0]:
+            if spec.total_epsilon is not None and wanted != current:
                 # nothing is charged yet (above): the noise was derived for the old count and is derived again
                 _set_system_attr(study, CALIBRATION_ATTR, None)
-            _set_system_attr(study, _TARGET, n_trials)
             if spec.sampler == "grid":
-                _enqueue_grid(study, spec, n_trials)
+                _enqueue_grid(study, spec, wanted)
+            _set_system_attr(study, _TARGET, wanted)
+            _set_system_attr(study, _FILE_N_TRIALS, spec.n_trials)  # the file as it is now: seen
     return study
 
 
@@ -137,6 +149,11 @@ def _storage(spec: StudySpec, url: str) -> BaseStorage:
 
 
 def _initialise(study: optuna.Study, spec: StudySpec, n_trials: int | None) -> None:
+    if n_trials is not None and spec.sampler == "ablation":
+        raise ConfigError("--n-trials: an ablation trains each of its points once per repeat; repeats and the "
+                          "[search] axes set how many trials")
+    if spec.n_trials is not None:
+        _set_system_attr(study, _FILE_N_TRIALS, spec.n_trials)
     if spec.trial_count != "fixed":
         if n_trials is not None:
             raise ConfigError(f"--n-trials: this study draws its number of trials at random ({spec.trial_count})")
