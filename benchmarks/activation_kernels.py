@@ -34,25 +34,25 @@ SELU_SCALE = 1.0507009873554804934193349852946
 
 class SeluSavingOutput(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         y = torch.where(x > 0, x, torch.expm1(x) * SELU_ALPHA) * SELU_SCALE
         ctx.save_for_backward(y)
         return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (y,) = ctx.saved_tensors
         return grad * torch.where(y > 0, SELU_SCALE, y + SELU_ALPHA * SELU_SCALE)
 
 
 class MishSavingInput(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
         return x * torch.tanh(F.softplus(x))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
         t = torch.tanh(F.softplus(x))
         return grad * (t + x * torch.sigmoid(x) * (1 - t * t))
@@ -66,7 +66,7 @@ VARIANTS = {
 }
 
 
-def median_ms(run, repeats: int) -> float:  # noqa: ANN001
+def median_ms(run, repeats: int) -> float:
     for _ in range(3):
         run()
     times = []
@@ -81,7 +81,7 @@ def measure(shape: tuple[int, ...], repeats: int) -> list[dict]:
     torch.manual_seed(0)
     x, grad = torch.randn(shape), torch.randn(shape)
     rows = []
-    def input_grad(fn) -> torch.Tensor:  # noqa: ANN001
+    def input_grad(fn) -> torch.Tensor:
         leaf = x.clone().requires_grad_()
         fn(leaf).backward(grad)
         return leaf.grad
@@ -89,7 +89,7 @@ def measure(shape: tuple[int, ...], repeats: int) -> list[dict]:
     for activation, variants in VARIANTS.items():
         reference, reference_grad = variants["pytorch"](x), input_grad(variants["pytorch"])
         for name, fn in variants.items():
-            def forward_backward(fn=fn) -> None:  # noqa: ANN001
+            def forward_backward(fn=fn) -> None:
                 leaf = x.clone().requires_grad_()
                 fn(leaf).backward(grad)
 

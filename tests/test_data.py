@@ -226,11 +226,13 @@ def test_an_imagenette_record_s_part_depends_on_its_own_file_alone(tmp_path):
         Image.new("RGB", (40, 40), (i * 7 % 256, i * 13 % 256, i * 29 % 256)).save(path, quality=100)
 
     def parts(data):
-        key = lambda image: tuple(image.float().mean(dim=(1, 2)).round().int().tolist())  # noqa: E731
+        def key(image):
+            return tuple(image.float().mean(dim=(1, 2)).round().int().tolist())
+
         return {key(image): part for part, split in (("train", data.train), ("val", data.val)) for image in split.images}
 
     before = parts(load_dataset("imagenette", data_dir=release, image_size=8, val_fraction=0.3, progress=False))
-    removed = sorted((release / "train").rglob("*.JPEG"))[0]
+    removed = min((release / "train").rglob("*.JPEG"))
     removed.unlink()
     after = parts(load_dataset("imagenette", data_dir=release, image_size=8, val_fraction=0.3, progress=False))
     assert len(after) == len(before) - 1 and "val" in after.values() and "train" in after.values()

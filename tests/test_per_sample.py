@@ -330,5 +330,5 @@ def test_torch_s_per_backend_precision_settings_are_honoured_and_restored():
         "assert torch.backends.cuda.matmul.fp32_precision == 'tf32'\n"
         "assert torch.backends.mkldnn.conv.fp32_precision == 'bf16'\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]

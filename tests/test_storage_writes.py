@@ -159,9 +159,8 @@ def test_ctrl_c_waits_for_a_journal_append(tmp_path, monkeypatch, together):
         return True
 
     monkeypatch.setattr(JournalFileSymlinkLock, "acquire", acquire_then_ctrl_c)
-    with pytest.raises(KeyboardInterrupt):
-        with writes_together(study._storage) if together else contextlib.nullcontext():
-            study.set_user_attr("x", 1)
+    with pytest.raises(KeyboardInterrupt), writes_together(study._storage) if together else contextlib.nullcontext():
+        study.set_user_attr("x", 1)
     monkeypatch.undo()
     assert not Path(path + ".lock").exists()
     assert optuna.load_study(study_name="s", storage=open_storage(path)).user_attrs["x"] == 1
