@@ -37,7 +37,7 @@ width = {{ low = 0.5, high = 1.0, step = 0.5 }}
 def write_study(directory: Path, *, n_trials=3, sampler="tpe", pruner="none", epochs=1, extra="", name="tiny.toml") -> Path:
     path = directory / name
     text = TINY_STUDY.format(n_trials=n_trials, sampler=sampler, pruner=pruner, epochs=epochs, extra=extra)
-    if "trial_count" in extra:
+    if "trial_count" in extra or sampler == "ablation":  # K drawn at random; an ablation's points x repeats
         text = text.replace(f"n_trials = {n_trials}\n", "")
     path.write_text(text)
     return path

@@ -427,10 +427,12 @@ def test_a_lower_trial_count_leaves_queued_grid_points_untrained_and_a_higher_on
 
 
 def test_an_ablation_takes_no_trial_count(tmp_path):
-    path = write_study(tmp_path, sampler="ablation", n_trials=2)
+    path = write_study(tmp_path, sampler="ablation")
+    text = path.read_text()
+    path.write_text(text.replace('sampler = "ablation"', 'sampler = "ablation"\nn_trials = 2'))
     with pytest.raises(ConfigError, match="study.n_trials: an ablation trains each of its points once per repeat"):
         load_study_file(path)
-    path.write_text(path.read_text().replace("n_trials = 2\n", ""))
+    path.write_text(text)
     with pytest.raises(ConfigError, match="--n-trials: an ablation"):
         search(load_study_file(path), n_trials=1, progress=False)
 

@@ -148,13 +148,14 @@ def refuse_mismatch(study: optuna.Study, problems: list[str]) -> None:
 def _trial_count(spec: StudySpec, n_trials: int | None) -> int | None:
     if spec.trial_count != "fixed":
         return None
-    if n_trials is not None:
-        return n_trials
     if spec.sampler == "ablation":
+        if n_trials is not None:
+            raise ConfigError("--n-trials: an ablation trains each of its points once per repeat; repeats and the "
+                              "[search] axes set how many trials")
         return len(ablation_points(spec)) * spec.repeats  # every repeat is a run of its own
-    if spec.sampler == "grid":
-        return min(spec.n_trials or math.inf, len(grid_points(spec)))
-    return spec.n_trials
+    if spec.sampler == "grid":  # capped at the grid's size, as the study's target is
+        return min(n_trials or spec.n_trials or math.inf, len(grid_points(spec)))
+    return n_trials if n_trials is not None else spec.n_trials
 
 
 def _privacy_settings(spec: StudySpec) -> list[Any]:
