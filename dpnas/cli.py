@@ -178,6 +178,9 @@ class Train(Command):
             keep_val_fraction=args.val_fraction is None and "val_fraction" not in train_changes,
             image_size=args.image_size, data_dir=args.data_dir)
         train_cfg = train_cfg.replace(val_fraction=data_settings.val_fraction)
+        if args.data_dir and data_settings.dataset in ("digits", "synthetic"):
+            raise UsageError(f"--data-dir: {data_settings.dataset} needs no files (bundled with scikit-learn, or "
+                             "generated); --data-dir is for cifar10 and imagenette")
         out = Path(args.out) if args.out else default_result_path("train", Path(args.arch).stem, data_settings.dataset)
         check_training_fits(arch, train_cfg, dataset=data_settings.dataset, image_size=data_settings.image_size,
                             device=device, synthetic_size=data_settings.synthetic_size)

@@ -429,3 +429,10 @@ def test_a_new_seed_resplits_a_recipe_s_data_however_it_is_given(tmp_path, monke
     with pytest.raises(Loaded):
         main(["train", str(path), "--quiet", *flags])
     assert seen == [3]
+
+
+def test_a_data_dir_for_data_that_needs_no_files_is_refused(capsys, no_data, tmp_path):
+    """digits are bundled and synthetic data generated: a --data-dir or [data] data_dir was ignored silently."""
+    one_line_error(capsys, ["train", "tiny", "--quiet", "--data-dir", str(tmp_path)], "--data-dir: digits needs no files")
+    refused_study(capsys, tmp_path, edit('dataset = "digits"', f'dataset = "digits"\ndata_dir = "{tmp_path}"'),
+                  "data.data_dir: digits needs no files")

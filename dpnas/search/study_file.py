@@ -312,6 +312,9 @@ def load_study_file(path: str | Path) -> StudySpec:
     except DataError as err:
         raise _fail(path, "data.image_size", str(err).removeprefix(f"image_size {image_size}: ")) from None
     data_dir = data.get("data_dir")
+    if data_dir is not None and dataset in ("digits", "synthetic"):
+        raise _fail(path, "data.data_dir", f"{dataset} needs no files (bundled with scikit-learn, or generated); "
+                                           "data_dir is for cifar10 and imagenette: remove it")
     if data_dir is not None and dataset in ("cifar10", "imagenette") and not Path(data_dir).expanduser().is_dir():
         raise _fail(path, "data.data_dir", f"{data_dir!r} is not a directory; create it (to download CIFAR-10 into "
                                            "it) or point it at the dataset's folder, or leave it out for the "
