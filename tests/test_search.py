@@ -491,3 +491,15 @@ def test_hyperband_is_sized_for_the_epochs_the_trials_train():
     spec = load_study_file("studies/smoothnet_cifar10_fast.toml")
     assert spec.pruner == "hyperband" and spec.fidelity.epochs and spec.fidelity.epochs != spec.train.epochs
     assert make_pruner(spec)._max_resource == spec.fidelity.epochs
+
+
+def test_a_point_the_image_size_cannot_take_takes_one_slot_however_often_it_is_proposed(tmp_path):
+    """It was pruned, taking a slot, every time the sampler proposed it again (3 of 4 slots in a review's run)."""
+    path = write_study(tmp_path, n_trials=3, sampler="random")
+    text = path.read_text().replace('val_fraction = 0.2', 'val_fraction = 0.2\nimage_size = 4')
+    path.write_text(text.replace('activation = ["selu", "relu", "mish"]', 'stages = [2, 4]'))
+    study = search(load_study_file(path), progress=False)
+    pruned = [json.dumps(t.params, sort_keys=True) for t in study.get_trials() if t.state == TrialState.PRUNED]
+    assert pruned and all(json.loads(p)["stages"] == 4 for p in pruned)
+    assert len(set(pruned)) == len(pruned)  # each deep point pruned once; proposed again, it was a repeat
+    assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) == 2  # both points that fit trained

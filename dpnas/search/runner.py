@@ -100,15 +100,18 @@ def _propose(study: optuna.Study, spec: StudySpec, trial: Trial, image_size: int
     including one whose downsamplings the study's image size cannot take (refused before any ε is charged).
     """
     configs = suggest(trial, spec)
-    check_image_size(configs[0], image_size)
-    target_size = spec.image_size or DEFAULT_IMAGE_SIZE[spec.dataset]
-    if target_size != image_size:  # a search at another resolution ([fidelity]): the exported recipe must build too
-        check_image_size(configs[0], target_size)
     key = config_key(configs)
     # A random number of runs (Papernot & Steinke) needs each run drawn independently from the same distribution:
     # a repeat is a fresh draw and trains; turning it away would make the runs draws without replacement.
     repeated = _trained_keys(study, exclude=trial.number).get(key) if spec.trial_count == "fixed" else None
+    # recorded first: a point the image size cannot take is pruned once (one slot); proposed again, it is a
+    # repeat (no slot), not pruned again
     trial.set_user_attr("config_key", key)
+    if repeated is None:
+        check_image_size(configs[0], image_size)
+        target_size = spec.image_size or DEFAULT_IMAGE_SIZE[spec.dataset]
+        if target_size != image_size:  # a search at another resolution ([fidelity]): the exported recipe must build
+            check_image_size(configs[0], target_size)
     return configs, repeated
 
 
@@ -119,7 +122,7 @@ def _prune_invalid(study: optuna.Study, trial: Trial, err: ConfigError) -> str:
 
 
 def _exhausted(study: optuna.Study, size: Callable[[], int | None], consecutive: int) -> str | None:
-    distinct = len(_trained_keys(study))
+    distinct = len(_trained_keys(study))  # a point the image size cannot take counts: it is covered
     total = size()
     if total is not None and distinct >= total:
         return f"search space exhausted: all {total} distinct configurations have been trained"
