@@ -329,7 +329,7 @@ class Search(Command):
         from dpnas.search.runner import WorkersFailed, check_search, exhausted_message, search, trial_budget
         from dpnas.search.storage import command_url, dashboard_command
         from dpnas.search.study_file import load_study_file
-        from dpnas.search.study_report import save_study_note
+        from dpnas.search.study_report import reproducible_trials, save_study_note
         from dpnas.search.weights import study_location
 
         spec = load_study_file(args.study)
@@ -366,7 +366,9 @@ class Search(Command):
         save_study_note(study, url)
         repeats = sum(1 for t in study.get_trials(deepcopy=False) if "duplicate_of" in t.user_attrs)
         # the slots that finished (a failed trial that was retried gives its slot to its retry)
-        print(f"study {study.study_name!r}: {used - waiting - running} trials finished of a budget of {target} "
+        # a random number of trials (Papernot & Steinke) must stay secret: its target is not printed
+        budget = "" if spec.trial_count != "fixed" else f" of a budget of {target}"
+        print(f"study {study.study_name!r}: {used - waiting - running} trials finished{budget} "
               f"({waiting} waiting" + (f"; {repeats} repeated proposals skipped, untrained" if repeats else "") + ")")
         if exhausted_message(study):
             print(exhausted_message(study))
@@ -383,6 +385,12 @@ class Search(Command):
               f"{report.delta:g} ({report.mode}; {report.runs} runs; `dpnas privacy {where}` explains)")
         for line in report.not_covered:
             print(f"not covered: {line}")
+        for line in report.notes:  # what `dpnas privacy` and the dashboard note say too
+            print(f"note: {line}")
+        seeded = reproducible_trials(study)
+        if seeded:
+            print(f"note: {len(seeded)} trial(s) ran with reproducible = true: whoever has the seed can regenerate "
+                  "their batches and noise; retrain the best without it before release")
         if interrupted:
             print("interrupted: run the same command again to continue the study")
         if failed is not None:

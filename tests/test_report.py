@@ -276,3 +276,18 @@ def test_a_companion_joins_the_dp_gap_figure_only(tiny):
     for name, figure in alone.items():
         if not name.startswith("optuna"):
             assert joined[name].to_json() == figure.to_json(), name
+
+
+def test_the_recipe_header_says_what_a_retrain_protects():
+    """A non-private best trial's recipe said "a new private run", and one with exact validation scores too."""
+    from dpnas.arch.registry import MODELS
+    from dpnas.dp.config import PrivacyConfig
+    from dpnas.dp.recipe_file import RecipeFile
+    from dpnas.search.study_report import _what_a_retrain_is
+
+    def words(**privacy):
+        return _what_a_retrain_is(RecipeFile(MODELS["tiny"].arch, privacy=PrivacyConfig(**privacy)))
+
+    assert "NON-PRIVATE" in words(epsilon=float("inf"))
+    assert "validation records are not protected" in words(epsilon=4.0, val_noise=0)
+    assert words(epsilon=4.0) == "a new private run: it spends its own epsilon"

@@ -328,7 +328,7 @@ def test_random_trial_count_uses_papernot_steinke(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["mode"] == "poisson"
 
 
-def test_a_random_trial_count_cut_short_is_composed_not_selected(tmp_path):
+def test_a_random_trial_count_cut_short_is_composed_not_selected(tmp_path, capsys):
     """Papernot & Steinke bound the best of all K runs, K drawn in secret; a search stopped before its K (a
     timeout, Ctrl-C) has no such guarantee, and its runs so far are composed until it finishes."""
     from dpnas.search.study_privacy import TRIAL_TARGET_ATTR
@@ -341,7 +341,18 @@ def test_a_random_trial_count_cut_short_is_composed_not_selected(tmp_path):
     report = study_privacy(study)
     assert report.runs == 1 and report.mode == "fixed"
     assert any("has not run them all yet" in note for note in report.notes)
-    study._storage.set_study_system_attr(study._study_id, TRIAL_TARGET_ATTR, 1)  # K = 1: all of them done
+    assert report.budget["trial_count"] == {"distribution": "fixed", "runs": 1}  # composed over the runs done
+    # the end lines say it too, and never print the secret count; nor does the progress bar
+    import io
+
+    from dpnas.search.progress import SearchProgress
+
+    assert SearchProgress(study, file=io.StringIO())._bar.total is None
+    assert main(["search", str(spec.path), "--quiet", "--timeout", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 trials finished (0 waiting" in out and "of a budget" not in out
+    assert "note: The poisson accounting (Papernot & Steinke) covers the best of all" in out
+    study._storage.set_study_system_attr(study._study_id, TRIAL_TARGET_ATTR, 2)  # K = 2: all of them done
     report = study_privacy(load(spec))
     assert report.mode == "poisson" and not any("has not run them all" in note for note in report.notes)
 

@@ -45,9 +45,11 @@ class SearchProgress:
                          desc="search")
         self.refresh()
 
-    def _counts(self) -> tuple[int, int]:
+    def _counts(self) -> tuple[int | None, int]:
         target, used, waiting, running = trial_budget(self._study)
-        return target, used - waiting - running
+        # a random number of trials (Papernot & Steinke) must stay secret: no total on the bar
+        secret = self._study.user_attrs.get("trial_count", "fixed") != "fixed"
+        return None if secret else target, used - waiting - running
 
     def _best(self) -> float | None:
         # the first objective is always val_accuracy, maximised (a Pareto study's best score on it)

@@ -247,7 +247,9 @@ def _budget(runs, mode, attrs, calibration) -> dict[str, Any]:
         budget["trial_count"] = {"distribution": "truncated_negative_binomial", "eta": eta, "gamma": gamma,
                                  "mean": expected_trials_tnb(eta, gamma)}
     else:
-        budget["trial_count"] = {"distribution": "fixed", "runs": calibration["runs"] if calibration else len(runs)}
+        # a random count cut short is composed over the runs done (its calibration has no fixed count)
+        fixed = calibration["runs"] if calibration and calibration.get("runs") is not None else len(runs)
+        budget["trial_count"] = {"distribution": "fixed", "runs": fixed}
     if calibration:
         budget["calibration"] = calibration
     return budget

@@ -94,7 +94,7 @@ def export_best(study: optuna.Study, out: Path) -> list[Path]:
                   f"validation objectives {recipe.provenance.get('objectives')}, "
                   f"epsilon spent {trial.user_attrs.get('epsilon_spent')}, "
                   f"written by dpnas {recipe.provenance.get('dpnas_version', '?')}\n"
-                  "`dpnas train FILE` trains it again (a new private run: it spends its own epsilon).")
+                  f"`dpnas train FILE` trains it again ({_what_a_retrain_is(recipe)}).")
         searched_at = Fidelity.from_record(recipe.provenance.get("searched_at") or {})
         if searched_at.trains_proxy:
             header += ("\nThe search trained a cheaper proxy of this point ([fidelity]: "
@@ -121,6 +121,17 @@ def export_best_weights(study: optuna.Study, storage_url: str, out: Path, *, art
                           "keep_weights in [study] says which trials keep theirs)")
     store = open_store(location)
     return [fetch_weights(study, t, store, _numbered(out, t, len(trials) > 1)) for t in trials]
+
+
+def _what_a_retrain_is(recipe: RecipeFile) -> str:
+    if recipe.privacy is None:
+        return "at the budget `dpnas train` is given"
+    if not recipe.privacy.private:
+        return "a NON-PRIVATE run: this trial trained without DP-SGD, and so would the retrain"
+    if recipe.privacy.val_noise == 0:
+        return ("a new private run that spends its own epsilon, its validation scores exact: the validation "
+                "records are not protected")
+    return "a new private run: it spends its own epsilon"
 
 
 def budget_words(study: optuna.Study) -> str:
