@@ -282,6 +282,10 @@ class Bench(Command):
             raise UsageError(str(err)) from err
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        if not modes or not variants:
+            raise UsageError("--modes and --variants must each name at least one")
+        if set(modes) <= {"opacus", "dpnas_opacus_hooks"} and "fp32" not in variants:
+            raise UsageError("--variants: Opacus's modes run in fp32 only; add --modes nonprivate or dpnas, or fp32")
         if args.json_file:
             check_writable(args.json_file, what="--json")  # before the first case, not after the last
         # --json: rewritten after every case, so that a run stopped by a time limit keeps what it measured

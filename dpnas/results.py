@@ -56,10 +56,16 @@ def check_writable(path: str | Path, *, what: str = "--out") -> Path:
 def check_folder(path: str | Path, *, what: str = "--out-dir") -> Path:
     """Make sure `path` is, or can become, a folder to write results in; nothing is created yet."""
     path = Path(path)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    try:
+        for p in (path, *path.parents):
+            if p.is_symlink() and not p.exists():
+                raise OutputError(f"{what} {path}: {p} is a link to nothing; choose another path")
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    except OSError as err:  # a name too long, a folder that cannot be looked into
+        raise OutputError(f"{what} {path}: {err.strerror or err}; choose another path") from None
     if existing is not None and not existing.is_dir():
         raise OutputError(f"{what} {path}: {existing} is a file, not a folder; choose another path")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+    if existing is not None and (not os.access(existing, os.W_OK | os.X_OK) or existing.is_relative_to("/proc")):
         raise OutputError(f"{what} {path}: cannot write in {existing}; choose another path")
     return path
 

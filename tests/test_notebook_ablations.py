@@ -42,3 +42,5 @@ def test_ablations_notebook_executes(tmp_path, monkeypatch):
     assert "median_val_accuracy" in printed and "Pareto-optimal trials:" in printed
     assert f"report written to {tmp_path / 'report.html'}" in printed
     assert "dpnas study tiny" in (tmp_path / "report.html").read_text()
+    # quick mode's trials went to a storage of their own: the study file's (and its budget) is untouched
+    assert not (tmp_path / "tiny.journal").exists() and (tmp_path / "tiny.notebook-quick.journal").exists()

@@ -436,3 +436,35 @@ def test_a_data_dir_for_data_that_needs_no_files_is_refused(capsys, no_data, tmp
     one_line_error(capsys, ["train", "tiny", "--quiet", "--data-dir", str(tmp_path)], "--data-dir: digits needs no files")
     refused_study(capsys, tmp_path, edit('dataset = "digits"', f'dataset = "digits"\ndata_dir = "{tmp_path}"'),
                   "data.data_dir: digits needs no files")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["bench", "--models", "tiny", "--modes", ","], "--modes and --variants must each name at least one"),
+    (["bench", "--models", "tiny", "--variants", ","], "--modes and --variants must each name at least one"),
+    (["bench", "--models", "tiny", "--modes", "opacus", "--variants", "bf16"], "Opacus's modes run in fp32 only"),
+])
+def test_bench_arguments_that_select_nothing_are_refused(capsys, argv, needle):
+    one_line_error(capsys, argv, needle)
+
+
+def test_reproduce_into_a_folder_that_cannot_be_made_is_refused_before_the_data(capsys, no_data, tmp_path):
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    one_line_error(capsys, ["reproduce", "smoothnet", "--quick", "--out-dir", str(tmp_path / "gone" / "runs")],
+                   "is a link to nothing")
+    one_line_error(capsys, ["reproduce", "smoothnet", "--quick", "--out-dir", str(tmp_path / ("x" * 300))],
+                   "--out-dir")
+
+
+def test_evaluate_refuses_a_dataset_of_other_channels_before_loading_it(capsys, tmp_path, monkeypatch):
+    path = tmp_path / "w.pt"
+    assert main(["train", "tiny", "--quiet", "--epochs", "1", "--out", str(tmp_path / "r.json"),
+                 "--weights", str(path)]) == 0
+    capsys.readouterr()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was loaded before the checkpoint was refused")
+
+    import dpnas.dp.checkpoint as checkpoint_module
+
+    monkeypatch.setattr(checkpoint_module, "load_dataset", refuse)
+    one_line_error(capsys, ["evaluate", str(path), "--dataset", "cifar10"], "1-channel images, but cifar10 has 3")
