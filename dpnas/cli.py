@@ -333,7 +333,7 @@ class Search(Command):
         from dpnas.search.runner import WorkersFailed, check_search, exhausted_message, search, trial_budget
         from dpnas.search.storage import command_url, dashboard_command
         from dpnas.search.study_file import load_study_file
-        from dpnas.search.study_report import reproducible_trials, save_study_note
+        from dpnas.search.study_report import release_notes, save_study_note
         from dpnas.search.weights import study_location
 
         spec = load_study_file(args.study)
@@ -389,12 +389,8 @@ class Search(Command):
               f"{report.delta:g} ({report.mode}; {report.runs} runs; `dpnas privacy {where}` explains)")
         for line in report.not_covered:
             print(f"not covered: {line}")
-        for line in report.notes:  # what `dpnas privacy` and the dashboard note say too
+        for line in release_notes(study, report):  # what `dpnas privacy` and the dashboard note say too
             print(f"note: {line}")
-        seeded = reproducible_trials(study)
-        if seeded:
-            print(f"note: {len(seeded)} trial(s) ran with reproducible = true: whoever has the seed can regenerate "
-                  "their batches and noise; retrain the best without it before release")
         if interrupted:
             print("interrupted: run the same command again to continue the study")
         if failed is not None:

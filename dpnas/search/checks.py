@@ -145,13 +145,18 @@ def refuse_mismatch(study: optuna.Study, problems: list[str]) -> None:
                       "study file, or start a new study (--study-name NAME or a new storage)")
 
 
+def refuse_ablation_trial_count(spec: StudySpec, n_trials: int | None) -> None:
+    """An ablation's count is its points x repeats: `--n-trials` cannot change it (nor be silently ignored)."""
+    if n_trials is not None and spec.sampler == "ablation":
+        raise ConfigError("--n-trials: an ablation trains each of its points once per repeat; repeats and the "
+                          "[search] axes set how many trials")
+
+
 def _trial_count(spec: StudySpec, n_trials: int | None) -> int | None:
     if spec.trial_count != "fixed":
         return None
     if spec.sampler == "ablation":
-        if n_trials is not None:
-            raise ConfigError("--n-trials: an ablation trains each of its points once per repeat; repeats and the "
-                              "[search] axes set how many trials")
+        refuse_ablation_trial_count(spec, n_trials)
         return len(ablation_points(spec)) * spec.repeats  # every repeat is a run of its own
     if spec.sampler == "grid":  # capped at the grid's size, as the study's target is
         return min(n_trials or spec.n_trials or math.inf, len(grid_points(spec)))

@@ -114,7 +114,6 @@ class JournalDamagedInside(ConfigError):
     """Damage with whole records after it: not cut, since they would be lost with it."""
 
     def __init__(self, path: Path, damage: Damage) -> None:
-        self.damage = damage
         super().__init__(
             f"journal {path}: {damage.describe()}. dpnas does not cut whole records off: they may hold finished "
             f"trials and the privacy they spent, and they cannot be replayed without the damaged one. Restore the "

@@ -212,7 +212,13 @@ def privacy_statement(study: optuna.Study, report: StudyPrivacy | None = None) -
                                                      if budget["total_epsilon"] else ""))
     lines += [f"not covered: {line}" for line in report.not_covered]
     lines.append(report.explanation)
-    lines += list(report.notes)
+    return lines + release_notes(study, report)
+
+
+def release_notes(study: optuna.Study, report: StudyPrivacy) -> list[str]:
+    """What to know before releasing the best trial: the report's notes, and trials whose noise can be regenerated
+    (said by `dpnas privacy` and by the search's end lines alike)."""
+    lines = list(report.notes)
     seeded = reproducible_trials(study)
     if seeded:
         lines.append(f"{len(seeded)} trial(s) ran with reproducible = true: whoever has the seed can regenerate their "

@@ -25,6 +25,7 @@ from dpnas.search.checks import (
     BUDGET_ATTR,
     DATA_ATTR,
     objective_mismatch,
+    refuse_ablation_trial_count,
     refuse_mismatch,
     refuse_other_repeats,
     runs_charged,
@@ -109,9 +110,7 @@ def open_study(spec: StudySpec, storage_url: str, *, study_name: str | None = No
         if n_trials is not None:
             if spec.trial_count != "fixed":
                 raise ConfigError(f"--n-trials: study {name!r} draws its number of trials at random ({spec.trial_count})")
-            if spec.sampler == "ablation":
-                raise ConfigError("--n-trials: an ablation trains each of its points once per repeat; repeats and "
-                                  "the [search] axes set how many trials")
+            refuse_ablation_trial_count(spec, n_trials)
             current = trial_budget(study)[0]
             wanted = min(n_trials, len(grid_points(spec))) if spec.sampler == "grid" else n_trials
             if spec.total_epsilon is not None and wanted != current and runs_charged(study):
@@ -149,9 +148,7 @@ def _storage(spec: StudySpec, url: str) -> BaseStorage:
 
 
 def _initialise(study: optuna.Study, spec: StudySpec, n_trials: int | None) -> None:
-    if n_trials is not None and spec.sampler == "ablation":
-        raise ConfigError("--n-trials: an ablation trains each of its points once per repeat; repeats and the "
-                          "[search] axes set how many trials")
+    refuse_ablation_trial_count(spec, n_trials)
     if spec.n_trials is not None:
         _set_system_attr(study, _FILE_N_TRIALS, spec.n_trials)
     if spec.trial_count != "fixed":
