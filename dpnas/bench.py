@@ -21,7 +21,8 @@ also give wrong per-sample gradients on NHWC tensors and clip in bf16 under auto
 
 A *model* is a registered name, an ArchConfig file or a recipe file (``--models``), or one of K seeded random
 points of a study's space (``--points STUDY --n K``); a study's points train on its dataset's shape (digits: one
-channel) at its physical batch size, which is what the search itself runs.
+channel) at the search's resolution and physical batch size (a ``[fidelity]`` table's image size and TAN batch
+included), which is what the search itself runs.
 
 Each (model, mode, variant) runs in a fresh subprocess, so its peak memory is its own and one
 case cannot warm another's caches.  Ratios are only meaningful within one run.  On a shared machine one process
@@ -117,10 +118,12 @@ def models_from_options(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 
 def study_points(study_file: str | Path, n: int, *, seed: int = 0) -> list[BenchModel]:
-    """`n` distinct random points of a study's space (seeded), each at the study's data shape and physical batch."""
+    """`n` distinct random points of a study's space (seeded), each at the shape and physical batch its trials train
+    at: the search's resolution (``[fidelity] image_size``, else ``[data]``'s) and, under TAN, the TAN batch."""
     import optuna
 
     from dpnas.data.datasets import DATASET_CHANNELS, DEFAULT_IMAGE_SIZE
+    from dpnas.search.fidelity import search_image_size
     from dpnas.search.sampling import config_key, suggest
     from dpnas.search.study_file import load_study_file
 
@@ -146,10 +149,11 @@ def study_points(study_file: str | Path, n: int, *, seed: int = 0) -> list[Bench
             continue
         seen.add(key)
         arch, train, _ = configs
+        batch = spec.fidelity.tan_batch or train.batch_size  # a TAN trial trains at its own batch
         points.append(BenchModel(f"{spec.name}#{len(points)}", arch.to_dict(),
                                  in_channels=DATASET_CHANNELS[spec.dataset],
-                                 image_size=spec.image_size or DEFAULT_IMAGE_SIZE[spec.dataset],
-                                 batch_size=min(train.physical_batch_size, train.batch_size)))
+                                 image_size=search_image_size(spec) or DEFAULT_IMAGE_SIZE[spec.dataset],
+                                 batch_size=min(train.physical_batch_size, batch)))
     if not points:
         raise ValueError(f"{study_file}: no valid point of its space found")
     return points

@@ -207,6 +207,17 @@ def test_study_points_are_distinct_seeded_and_at_the_studys_shape():
     assert study_points(STUDIES / "quickstart.toml", 4, seed=4) != points
 
 
+def test_study_points_train_at_the_searchs_fidelity(tmp_path):
+    """A study's [fidelity] decides what its trials train: its resolution and, under TAN, the TAN batch."""
+    study = tmp_path / "proxy.toml"
+    study.write_text((STUDIES / "quickstart.toml").read_text()
+                     + "\n[fidelity]\nimage_size = 8\ntan_batch = 64\nprivate_data_ok = false\n")
+    points = study_points(study, 2, seed=3)
+    assert all((p.in_channels, p.image_size, p.batch_size) == (1, 8, 64) for p in points)
+    study.write_text((STUDIES / "quickstart.toml").read_text() + "\n[fidelity]\nimage_size = 8\n")
+    assert all((p.image_size, p.batch_size) == (8, 256) for p in study_points(study, 2, seed=3))
+
+
 def test_cli_times_study_points(tmp_path, capsys):
     out = tmp_path / "rows.json"
     study = tmp_path / "small.toml"  # the quickstart at a physical batch of 8, to keep the test quick
