@@ -309,3 +309,30 @@ def test_sampler_defaults_to_the_system_rng(monkeypatch):
 def test_sampler_handles_a_huge_poisson_mean():
     k = draw_trial_count(mode="poisson", mu=5000, rng=random.Random(0))
     assert abs(k - 5000) < 6 * math.sqrt(5000)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_a_study_of_prv_runs_says_that_its_composition_is_rdp(accountant):
+    """A trial planned with the PRV accountant prints its own (tighter) ε; the study composes RDP curves, so the
+    report says why its one-run ε is higher rather than leave two numbers unexplained."""
+    import optuna
+
+    from dpnas.dp.config import PrivacyConfig
+    from dpnas.dp.privacy import run_epsilon
+    from dpnas.search.study_privacy import study_privacy
+
+    plan = {"noise_multiplier": 0.6665, "sample_rate": 0.2222, "steps": 4, "val_noise": 0.638, "val_releases": 1}
+    study = optuna.create_study()
+    study.set_user_attr("delta", DELTA)
+    for _ in range(2):
+        study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={
+            "privacy_plan": plan, "privacy_config": PrivacyConfig(epsilon=8.0, accountant=accountant).to_dict()}))
+    report = study_privacy(study)
+    own = run_epsilon(accountant, plan["noise_multiplier"], plan["sample_rate"], plan["steps"], DELTA)
+    notes = [n for n in report.notes if "accountant" in n]
+    if accountant == "rdp":
+        assert notes == []
+        assert report.per_run_epsilon >= own * (1 - 1e-9)
+    else:
+        assert len(notes) == 1 and "PRV" in notes[0] and f"{report.per_run_epsilon:.4g}" in notes[0]
+        assert report.per_run_epsilon > own  # the looser composition the note explains

@@ -198,6 +198,14 @@ def study_privacy(study: optuna.Study) -> StudyPrivacy:
                          f"trials simulate; the simulated runs themselves cost ε = {whole:.4g}")
         else:
             notes.append(f"ε = {whole:.4g} exceeds the study's total_epsilon = {calibration['total_epsilon']:g}")
+    others = sorted({(t.user_attrs.get("privacy_config") or {}).get("accountant", "rdp") for t in trials
+                     if "privacy_plan" in t.user_attrs and t.state != optuna.trial.TrialState.WAITING} - {"rdp"})
+    if others:
+        # Such a trial planned (and printed) its ε with its own accountant; across runs dpnas composes RDP curves,
+        # a looser bound, so a run's ε here is higher than the trial's own: say so rather than leave two numbers.
+        notes.append(f"the trials' own ε were accounted with the {' / '.join(a.upper() for a in others)} accountant "
+                     f"([privacy] accountant); the search's runs are composed here with RDP, a looser bound, under "
+                     f"which one run alone is ε = {per_run:.4g}")
     public = bool(attrs.get("public_data"))
     not_covered += _fidelity_gaps(trials, fidelity, sizes, public)
     explanation = _explain(mode, runs, delta, training, validation, whole, budget, attrs)
