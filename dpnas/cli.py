@@ -31,6 +31,26 @@ def resolve_arch(name_or_file: str, assignments: list[str] | None = None) -> Arc
     return load_arch(name_or_file, changes)
 
 
+def recipe_input_shape(name_or_file: str) -> tuple[int, int] | None:
+    """(channels, image size) a recipe file's [data] trains at; None for a name or a file without [data]."""
+    if name_or_file in MODELS or not Path(name_or_file).is_file():
+        return None
+    from dpnas.data.datasets import DATASET_CHANNELS, DEFAULT_IMAGE_SIZE
+    from dpnas.dp.recipe_file import load_recipe_file
+
+    data = load_recipe_file(name_or_file).data
+    if data is None:
+        return None
+    return DATASET_CHANNELS[data.dataset], data.image_size or DEFAULT_IMAGE_SIZE[data.dataset]
+
+
+def study_name(value: str) -> str:
+    """--study-name: a name, never blank (an empty one would silently mean the file's default)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 def load_arch(name_or_file: str, changes: dict | None = None) -> ArchConfig:
     if name_or_file in MODELS:
         arch = MODELS[name_or_file].arch
@@ -61,13 +81,18 @@ class Describe(Command):
         parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="FIELD=VALUE",
                             help="override one ArchConfig field (repeatable), e.g. --set activation=relu")
         parser.add_argument("--num-classes", type=int, default=10, metavar="N")
-        parser.add_argument("--in-channels", type=int, default=3, metavar="C")
-        parser.add_argument("--image-size", type=int, default=32, metavar="S", help="square input size in pixels (default 32)")
+        parser.add_argument("--in-channels", type=int, metavar="C",
+                            help="input channels (default: a recipe's dataset's, else 3)")
+        parser.add_argument("--image-size", type=int, metavar="S",
+                            help="square input size in pixels (default: a recipe's data size, else 32)")
         parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
     def run(self, args: argparse.Namespace) -> int:
         arch = resolve_arch(args.arch, args.assignments)
-        info = describe(arch, num_classes=args.num_classes, in_channels=args.in_channels, image_size=args.image_size)
+        channels, size = recipe_input_shape(args.arch) or (3, 32)
+        info = describe(arch, num_classes=args.num_classes,
+                        in_channels=channels if args.in_channels is None else args.in_channels,
+                        image_size=size if args.image_size is None else args.image_size)
         name = args.arch if args.arch in MODELS else None
         if args.json:
             print(json.dumps({"name": name, **info}, indent=2))
@@ -186,7 +211,7 @@ class Train(Command):
                             device=device, synthetic_size=data_settings.synthetic_size)
         check_writable(out, what="--out")
         weights = check_writable(args.weights, what="--weights") if args.weights else None
-        check_distinct(out=out, weights=weights)
+        check_distinct(out=out, weights=weights, inputs={"recipe or architecture file": args.arch})
         data = load_dataset(data_settings.dataset, data_dir=data_settings.data_dir,
                             val_fraction=data_settings.val_fraction, seed=data_settings.split_seed,
                             image_size=data_settings.image_size, synthetic_size=data_settings.synthetic_size)
@@ -316,7 +341,7 @@ class Search(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("study", metavar="STUDY", help="a study file (studies/*.toml)")
         parser.add_argument("--storage", metavar="URL", help="journal file (*.journal), sqlite:///FILE.db or postgresql://... (default: STUDY with .journal)")
-        parser.add_argument("--study-name", metavar="NAME", help="default: [study] name in the file, or its file name")
+        parser.add_argument("--study-name", metavar="NAME", type=study_name, help="default: [study] name in the file, or its file name")
         parser.add_argument("--n-trials", type=int, metavar="N", help="the study's total number of trials (overrides the file)")
         parser.add_argument("--timeout", type=float, metavar="S", help="stop taking new trials after S seconds")
         parser.add_argument("--workers", type=int, default=1, metavar="K", help="trials run in parallel on this machine")
@@ -362,7 +387,10 @@ class Search(Command):
             interrupted = True
             from dpnas.search.study_report import resolve_study
 
-            study, _ = resolve_study(url, args.study_name or spec.name)
+            try:
+                study, _ = resolve_study(url, args.study_name or spec.name)
+            except ConfigError:  # stopped before the study was created: nothing to say about it
+                raise KeyboardInterrupt from None
         from dpnas.search.runner import best_trials
         from dpnas.search.study_privacy import study_privacy
 
@@ -411,7 +439,7 @@ class Best(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("study", metavar="STUDY_OR_STORAGE", help="a study file, or a storage URL")
-        parser.add_argument("--study-name", metavar="NAME")
+        parser.add_argument("--study-name", metavar="NAME", type=study_name)
         parser.add_argument("--out", metavar="FILE", help="a .toml or .json file (default runs/best-STUDY.toml)")
         parser.add_argument("--weights", metavar="FILE", help="also fetch the best trial's trained weights (a dpnas "
                                                               "checkpoint that `dpnas evaluate` takes)")
@@ -419,6 +447,7 @@ class Best(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.results import check_distinct, check_writable
+        from dpnas.search.storage import storage_file
         from dpnas.search.study_report import export_best, export_best_weights, resolve_study
 
         study, url = resolve_study(args.study, args.study_name)
@@ -426,7 +455,9 @@ class Best(Command):
         check_writable(out, what="--out")  # both before either is written
         if args.weights:
             check_writable(args.weights, what="--weights")
-        check_distinct(out=out, weights=args.weights)
+        check_distinct(out=out, weights=args.weights,
+                       inputs={"study file": args.study if args.study.endswith(".toml") else None,
+                               "study's storage": storage_file(url)})
         for path in export_best(study, out):
             print(f"wrote {path}")
         if args.weights:
@@ -461,10 +492,14 @@ class Evaluate(Command):
         if args.json:
             print(json.dumps(json_safe(report), indent=2))
         else:
+            from dpnas.search.study_report import search_words
+
             spent = report["epsilon_spent"]
+            search = search_words(report["provenance"])
             print(f"{args.weights}: test accuracy {report['test_accuracy']:.4f} on {report['test_size']} "
                   f"{report['dataset']} test images, {report['params']:,} params, epsilon spent "
-                  f"{f'{spent:.3f}' if isinstance(spent, (int, float)) else spent}")
+                  f"{f'{spent:.3f}' if isinstance(spent, (int, float)) else spent} by its run"
+                  + (f"; {search}" if search else ""))
         return 0
 
 
@@ -481,7 +516,7 @@ class Privacy(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("study", metavar="STUDY_OR_STORAGE")
-        parser.add_argument("--study-name", metavar="NAME")
+        parser.add_argument("--study-name", metavar="NAME", type=study_name)
         parser.add_argument("--json", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -545,7 +580,7 @@ class Plot(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("study", metavar="STUDY_OR_STORAGE")
-        parser.add_argument("--study-name", metavar="NAME")
+        parser.add_argument("--study-name", metavar="NAME", type=study_name)
         parser.add_argument("--companion", metavar="STUDY_OR_STORAGE", help="another study (e.g. non-private) whose trials join the DP-gap figure")
         parser.add_argument("--companion-name", metavar="NAME")
         parser.add_argument("--out", metavar="DIR", help="default runs/plots-STUDY")
@@ -605,7 +640,7 @@ class Report(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("study", metavar="STUDY_OR_STORAGE", help="a study file, or a storage URL")
-        parser.add_argument("--study-name", metavar="NAME")
+        parser.add_argument("--study-name", metavar="NAME", type=study_name)
         parser.add_argument("--out", metavar="FILE", help="default runs/plots-STUDY/report.html, beside `dpnas plot`'s")
         parser.add_argument("--artifacts", metavar="DIR_OR_S3",
                             help="the study's artifact store, if not where the study says (a server storage needs it "
@@ -684,7 +719,11 @@ def make_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for command in COMMANDS:
         doc = (command.__doc__ or "").strip()
-        command_parser = sub.add_parser(command.name, help=doc.splitlines()[0], description=doc)
+        # the summary: the docstring's first sentence, wrapped over lines there (its first line alone may stop
+        # mid-sentence)
+        summary = " ".join(doc.split("\n\n")[0].split())
+        summary = summary.split(". ")[0].rstrip(".") + "."
+        command_parser = sub.add_parser(command.name, help=summary, description=doc)
         command.add_arguments(command_parser)
         command_parser.set_defaults(handler=command)
     return parser
@@ -692,10 +731,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # dpnas prints its own one line per trial
     try:
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # dpnas prints its own one line per trial
         return args.handler.run(args)
     except (ConfigError, UsageError, DataError, OutputError) as err:
         print(f"dpnas {args.command}: error: {err}", file=sys.stderr)

@@ -70,8 +70,17 @@ def check_folder(path: str | Path, *, what: str = "--out-dir") -> Path:
     return path
 
 
-def check_distinct(**paths: str | Path | None) -> None:
-    """Refuse two outputs of one command that name the same file: the later write would replace the earlier."""
+def check_distinct(*, inputs: dict[str, str | Path | None] | None = None, **paths: str | Path | None) -> None:
+    """Refuse two outputs of one command that name the same file (the later write would replace the earlier), and
+    an output that names one of the command's `inputs` (a recipe, a study file, its storage): writing it would
+    destroy what the command reads."""
+    for source, read in (inputs or {}).items():
+        if read is None or not Path(read).is_file():
+            continue
+        for what, path in paths.items():
+            if path is not None and Path(path).resolve() == Path(read).resolve():
+                raise OutputError(f"--{what.replace('_', '-')} {path} is the {source} this command reads; writing it "
+                                  "would replace it: choose another path")
     seen: dict[Path, str] = {}
     for what, path in paths.items():
         if path is None:

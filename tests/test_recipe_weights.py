@@ -11,11 +11,13 @@ from optuna.trial import TrialState
 from search_helpers import write_study
 
 from dpnas.cli import main
+from dpnas.data.datasets import DEFAULT_IMAGE_SIZE
 from dpnas.dp.checkpoint import load_checkpoint
 from dpnas.dp.recipe_file import load_recipe_file
 from dpnas.search.runner import best_trials
 from dpnas.search.storage import open_storage
 from dpnas.search.study_file import load_study_file
+from dpnas.search.study_privacy import study_privacy
 from dpnas.search.weights import weights_available
 
 
@@ -38,7 +40,7 @@ def searched(tmp_path_factory):
     return directory, path, spec, _load(spec)
 
 
-def test_best_writes_a_complete_recipe_with_provenance(searched):
+def test_best_writes_a_complete_recipe_with_provenance(searched, capsys):
     directory, path, spec, study = searched
     out = directory / "best.toml"
     assert main(["best", str(path), "--out", str(out)]) == 0
@@ -51,9 +53,19 @@ def test_best_writes_a_complete_recipe_with_provenance(searched):
     assert recipe.data.dataset == "digits" and recipe.data.val_fraction == spec.val_fraction
     assert recipe.provenance["trial"] == best.number and recipe.provenance["study"] == spec.name
     assert recipe.provenance["epsilon_spent"] == pytest.approx(best.user_attrs["epsilon_spent"])
+    # a run's own ε is not what releasing the model costs: the search's ε is written next to it
+    search = study_privacy(study)
+    assert recipe.provenance["search_epsilon"] == pytest.approx(search.epsilon) and search.epsilon > 0
+    assert recipe.provenance["search_delta"] == search.delta
     header = out.read_text().splitlines()[:3]
     assert header[0].startswith("# dpnas: best recipe of study") and "epsilon spent" in header[1]
-    assert main(["describe", str(out), "--json"]) == 0  # describe takes it too
+    assert f"whole search's epsilon {search.epsilon:.3f}" in header[1]
+    capsys.readouterr()
+    assert main(["describe", str(out), "--json"]) == 0  # describe takes it too, at the shape the recipe trains at
+    described = json.loads(capsys.readouterr().out)
+    assert described["params"] == best.user_attrs["params"]
+    size = recipe.data.image_size or DEFAULT_IMAGE_SIZE["digits"]
+    assert described["input_shape"] == [1, size, size]  # digits: one channel, not describe's default 3
 
 
 def test_training_the_exported_recipe_reproduces_the_trial(searched, capsys):
@@ -93,9 +105,16 @@ def test_weights_round_trip_through_the_artifact_store(searched, capsys):
     assert {"test_accuracy", "params", "config"} <= set(report)
     assert report["test_accuracy"] == pytest.approx(best.user_attrs["test_accuracy"], abs=1e-12)
     assert report["params"] == best.user_attrs["params"]
+    # the fetched checkpoint carries what releasing it costs: the search's ε, not only its run's
+    search = study_privacy(_load(spec))
+    assert checkpoint["provenance"]["search_epsilon"] == pytest.approx(search.epsilon)
     assert main(["evaluate", str(weights)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert re.search(r"epsilon spent \d+\.\d{3}$", line), line  # rounded like `dpnas train`'s line
+    found = re.search(r"epsilon spent (\d+\.\d{3}) by its run; releasing it costs its whole search's epsilon "
+                      r"(\d+\.\d{3})", line)  # rounded like `dpnas train`'s line
+    assert found, line
+    assert float(found[1]) == pytest.approx(best.user_attrs["epsilon_spent"], abs=5e-4)
+    assert float(found[2]) == pytest.approx(search.epsilon, abs=5e-4) and float(found[2]) > float(found[1])
 
 
 def test_keep_weights_bounds_what_is_stored(searched):

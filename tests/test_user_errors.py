@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import types
 
 import pytest
 import torch
@@ -468,3 +469,88 @@ def test_evaluate_refuses_a_dataset_of_other_channels_before_loading_it(capsys, 
 
     monkeypatch.setattr(checkpoint_module, "load_dataset", refuse)
     one_line_error(capsys, ["evaluate", str(path), "--dataset", "cifar10"], "1-channel images, but cifar10 has 3")
+
+
+# --- 9. a user's walk through the README (2026-12-07) ------------------------------------------------------------
+
+def test_an_output_that_names_the_command_s_input_is_refused(capsys, no_data, tmp_path):
+    """`train RECIPE --weights RECIPE` replaced the recipe with a checkpoint; `best --out` the study's storage."""
+    from search_helpers import write_study
+
+    recipe = tmp_path / "arch.toml"
+    recipe.write_text('activation = "relu"\n')
+    before = recipe.read_bytes()
+    for flag in ("--weights", "--out"):
+        one_line_error(capsys, ["train", str(recipe), "--quiet", flag, str(recipe)], "this command reads")
+    assert recipe.read_bytes() == before
+    path = write_study(tmp_path, n_trials=1)
+    assert main(["search", str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    journal = tmp_path / "tiny.journal"
+    kept = {p: p.read_bytes() for p in (path, journal)}
+    for argv in (["best", str(path), "--out", str(path)], ["best", str(path), "--out", str(journal)],
+                 ["best", str(journal), "--out", str(tmp_path / "b.toml"), "--weights", str(journal)]):
+        one_line_error(capsys, argv, "this command reads")
+    assert {p: p.read_bytes() for p in kept} == kept and not (tmp_path / "b.toml").exists()
+    assert main(["best", str(path), "--out", str(tmp_path / "b.toml")]) == 0  # another path is fine
+
+
+@pytest.mark.parametrize("command", ["search", "best", "privacy", "plot", "report"])
+def test_a_blank_study_name_is_refused_not_replaced_by_the_default(capsys, tmp_path, command):
+    path = tmp_path / "study.toml"
+    path.write_text(VALID)
+    for blank in ("", " "):
+        with pytest.raises(SystemExit) as exit:  # refused by the parser, as every other bad flag
+            main([command, str(path), "--study-name", blank])
+        err = capsys.readouterr().err
+        assert exit.value.code == 2 and err.count("\n") == 1 and "--study-name: must not be empty" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.toml"]
+
+
+def test_the_library_refuses_a_blank_study_name_too(tmp_path):
+    from dpnas.search.runner import search
+
+    path = tmp_path / "study.toml"
+    path.write_text(VALID)
+    with pytest.raises(ConfigError, match="--study-name: must not be empty"):
+        search(load_study_file(path), study_name="", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["study.toml"]
+
+
+def test_ctrl_c_before_the_study_exists_is_an_interruption_not_a_storage_error(capsys, tmp_path, monkeypatch):
+    import dpnas.search.runner as runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "search", interrupted)
+    path = tmp_path / "study.toml"
+    path.write_text(VALID)
+    assert main(["search", str(path)]) == 130
+    out, err = capsys.readouterr()
+    assert err.strip() == "dpnas search: interrupted" and "journal" not in out + err
+
+
+def test_every_command_s_summary_is_a_whole_sentence(capsys):
+    from dpnas.cli import COMMANDS, make_parser
+
+    with pytest.raises(SystemExit):
+        make_parser().parse_args(["--help"])
+    listing = " ".join(capsys.readouterr().out.split())
+    for command in COMMANDS:
+        first = " ".join((command.__doc__ or "").strip().split("\n\n")[0].split()).split(". ")[0].rstrip(".")
+        assert f"{first}." in listing, command.name  # the first line alone stopped mid-sentence ("... as a")
+
+
+def test_evaluate_refuses_a_data_dir_its_dataset_does_not_read(capsys, tmp_path):
+    from dpnas.dp.checkpoint import checkpoint_dict, save_checkpoint
+    from dpnas.dp.config import PrivacyConfig
+    from dpnas.dp.recipe_file import DataSettings
+
+    arch = get_arch("tiny")
+    shape = types.SimpleNamespace(num_classes=10, in_channels=1, image_size=16)
+    checkpoint = checkpoint_dict(build_model(arch, num_classes=10, in_channels=1), arch=arch, train_cfg=TrainConfig(),
+                                 privacy=PrivacyConfig(), data=shape, data_settings=DataSettings(dataset="digits"),
+                                 results={})
+    weights = save_checkpoint(checkpoint, tmp_path / "w.pt")
+    one_line_error(capsys, ["evaluate", str(weights), "--data-dir", str(tmp_path)], "--data-dir: digits needs no files")

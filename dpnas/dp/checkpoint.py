@@ -18,7 +18,7 @@ from torch import nn
 
 from dpnas.arch.models import build_model, count_parameters
 from dpnas.arch.space import ArchConfig, ConfigError
-from dpnas.data.datasets import DATASET_CHANNELS, DatasetSplits, dataset_key, load_dataset
+from dpnas.data.datasets import DATASET_CHANNELS, DataError, DatasetSplits, dataset_key, load_dataset
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.recipe_file import DataSettings
 from dpnas.dp.train import check_device, evaluate  # the training loop's own evaluation, so the numbers agree
@@ -118,6 +118,9 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, data_di
     model = model_from_checkpoint(checkpoint, source=str(path))
     settings = DataSettings(**checkpoint["data"])
     name = dataset or settings.dataset
+    if data_dir and dataset_key(name) in ("digits", "synthetic"):  # as `dpnas train` refuses it: never ignored
+        raise DataError(f"--data-dir: {name} needs no files (bundled with scikit-learn, or generated); --data-dir "
+                        "is for cifar10 and imagenette")
     channels = DATASET_CHANNELS.get(dataset_key(name))
     if channels is not None and channels != checkpoint["in_channels"]:  # refused before the data is loaded
         raise CheckpointError(f"{path}: the model takes {checkpoint['in_channels']}-channel images, but {name} has "

@@ -413,7 +413,7 @@ def search(
     plain lines.
     """
     url = storage_url or spec.default_storage()
-    name = study_name or spec.name
+    name = spec.name if study_name is None else study_name  # a blank name is refused by the checks, not replaced
     checked = check_search(spec, url, study_name=name, n_trials=n_trials, timeout=timeout, workers=workers,
                            device=device, progress=progress)
     study = open_study(spec, url, study_name=name, n_trials=n_trials)

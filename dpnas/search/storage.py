@@ -81,6 +81,13 @@ def rdb_url(url: str) -> str:
     return _DEFAULT_DRIVERS.get(scheme, scheme) + separator + rest
 
 
+def storage_file(url: str) -> Path | None:
+    """The file a journal or SQLite storage lives in (None for a server)."""
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///"))
+    return None if "://" in url else Path(url)
+
+
 def storage_kind(url: str) -> str:
     if "://" in url:
         scheme = url.split("://", 1)[0]

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dpnas.arch.space import ArchConfig, ConfigError
+from dpnas.dp.checkpoint import load_checkpoint, save_checkpoint
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.recipe_file import DataSettings, RecipeFile, recipe_to_toml, write_recipe
 from dpnas.search.fidelity import Fidelity
@@ -87,13 +88,15 @@ def export_best(study: optuna.Study, out: Path) -> list[Path]:
     if not trials:
         raise ConfigError(f"study {study.study_name!r} has no completed trial yet")
     paths = []
+    search = search_epsilon(study)
     for trial in trials:
         recipe = trial_recipe(study, trial)
+        recipe.provenance.update(search)
         what = "recipe" if recipe.complete else "architecture"
         header = (f"dpnas: best {what} of study {study.study_name!r}, trial {trial.number}\n"
                   f"validation objectives {recipe.provenance.get('objectives')}, "
-                  f"epsilon spent {trial.user_attrs.get('epsilon_spent')}, "
-                  f"written by dpnas {recipe.provenance.get('dpnas_version', '?')}\n"
+                  f"epsilon spent {trial.user_attrs.get('epsilon_spent')} by this run; "
+                  f"{search_words(search)}, written by dpnas {recipe.provenance.get('dpnas_version', '?')}\n"
                   f"`dpnas train FILE` trains it again ({_what_a_retrain_is(recipe)}).")
         searched_at = Fidelity.from_record(recipe.provenance.get("searched_at") or {})
         if searched_at.trains_proxy:
@@ -120,7 +123,32 @@ def export_best_weights(study: optuna.Study, storage_url: str, out: Path, *, art
                           f"(kept where: {location or 'nowhere: a server storage needs --artifacts DIR'}; "
                           "keep_weights in [study] says which trials keep theirs)")
     store = open_store(location)
-    return [fetch_weights(study, t, store, _numbered(out, t, len(trials) > 1)) for t in trials]
+    search = search_epsilon(study)
+    paths = []
+    for t in trials:
+        path = fetch_weights(study, t, store, _numbered(out, t, len(trials) > 1))
+        # the stored checkpoint knows only its run's ε; the released model costs the search's (said by evaluate)
+        checkpoint = load_checkpoint(path)
+        checkpoint["provenance"].update(search)
+        paths.append(save_checkpoint(checkpoint, path))
+    return paths
+
+
+def search_epsilon(study: optuna.Study) -> dict[str, float]:
+    """What releasing the best trial costs, as of now (the provenance of what `dpnas best` exports): a run's own ε
+    is not the cost of a model a search chose."""
+    report = study_privacy(study)
+    if report.public_data:  # a public proxy's search spent no private budget (`dpnas train` of it says so)
+        return {}
+    return {"search_epsilon": report.epsilon, "search_delta": report.delta}
+
+
+def search_words(provenance: dict[str, Any]) -> str:
+    """The search's ε in the words `dpnas best` and `dpnas evaluate` print (empty without one)."""
+    if "search_epsilon" not in provenance:
+        return ""
+    return (f"releasing it costs its whole search's epsilon {provenance['search_epsilon']:.3f} (delta "
+            f"{provenance['search_delta']:g}, when exported; `dpnas privacy` says what it covers)")
 
 
 def _what_a_retrain_is(recipe: RecipeFile) -> str:
