@@ -518,7 +518,7 @@ def test_the_library_refuses_a_blank_study_name_too(tmp_path):
 
 
 def test_ctrl_c_before_the_study_exists_is_an_interruption_not_a_storage_error(capsys, tmp_path, monkeypatch):
-    import dpnas.search.runner as runner
+    from dpnas.search import runner
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
