@@ -263,6 +263,18 @@ def test_a_total_epsilon_study_spends_at_most_its_total(tmp_path, capsys):
     assert report["budget"]["total_epsilon"] == 6.0
     with pytest.raises(ConfigError, match="--n-trials"):  # more runs would spend more than the total
         search(spec, n_trials=4, progress=False)
+    capsys.readouterr()
+    # `search --check` says so too (it said "ready to search"), and so does an edited file, without suggesting
+    # the --n-trials that would be refused next
+    assert main(["search", str(path), "--n-trials", "4", "--check"]) == 2
+    assert "split its total_epsilon = 6 over 2 trials" in capsys.readouterr().err
+    path.write_text(path.read_text().replace("n_trials = 2", "n_trials = 4"))
+    for argv in (["search", str(path), "--check"], ["search", str(path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "n_trials changed from 2 to 4" in err and "Restore n_trials = 2" in err and "--n-trials 4" not in err
+    path.write_text(path.read_text().replace("n_trials = 4", "n_trials = 2"))
+    assert sum(t.state == TrialState.COMPLETE for t in load(spec).get_trials()) == 2  # nothing ran
     # the exported recipe trains at the calibrated noise, not at a budget recalibrated from scratch
     out = tmp_path / "best.toml"
     assert main(["best", str(path), "--out", str(out)]) == 0

@@ -20,7 +20,7 @@ import dpnas.search.runner as search_module
 from dpnas.arch.space import ConfigError
 from dpnas.cli import main
 from dpnas.dp.train import DivergedError
-from dpnas.search.runner import best_trials, search, trial_budget
+from dpnas.search.runner import best_trials, check_search, search, trial_budget
 from dpnas.search.storage import open_storage, storage_kind
 from dpnas.search.study_file import load_study_file
 from dpnas.search.study_privacy import study_privacy
@@ -454,6 +454,8 @@ def test_an_edited_trial_count_in_the_file_is_not_ignored(tmp_path):
     path.write_text(path.read_text().replace("n_trials = 1", "n_trials = 2"))
     with pytest.raises(ConfigError, match="n_trials changed from 1 to 2.*--n-trials 2"):
         search(load_study_file(path), progress=False)
+    with pytest.raises(ConfigError, match="n_trials changed from 1 to 2.*--n-trials 2"):  # what --check runs
+        check_search(load_study_file(path), load_study_file(path).default_storage())
     study = search(load_study_file(path), n_trials=2, progress=False)  # applied
     assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) == 2
     search(load_study_file(path), progress=False)  # and from then on the file is the study's again

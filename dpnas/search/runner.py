@@ -56,6 +56,7 @@ from dpnas.search.study_state import (
     _set_system_attr,
     _system_attrs,
     _version,
+    check_trial_count,
     open_study,
     runs_charged,
     study_calibration,
@@ -517,8 +518,10 @@ def check_search(spec: StudySpec, url: str, *, study_name: str | None = None, n_
                       "trial will run slower", stacklevel=2)
     for d in sorted(set(map(str, devices)) - {"None"}):
         check_device(d)
-    return check_study(spec, device=devices[0], n_trials=n_trials, stored=existing_study(spec, url, study_name),
-                       progress=progress)
+    stored = existing_study(spec, url, study_name)
+    if stored is not None:  # what joining it would refuse, refused before the data or the calibration
+        check_trial_count(stored, spec, n_trials)
+    return check_study(spec, device=devices[0], n_trials=n_trials, stored=stored, progress=progress)
 
 
 def existing_study(spec: StudySpec, url: str, study_name: str | None = None) -> optuna.Study | None:

@@ -102,21 +102,10 @@ def open_study(spec: StudySpec, storage_url: str, *, study_name: str | None = No
             _initialise(study, spec, n_trials)
             return study
         _check_stored(study, spec)
-        before = _system_attrs(study).get(_FILE_N_TRIALS)
-        if n_trials is None and before is not None and spec.n_trials != before:
-            raise ConfigError(f"the study file's n_trials changed from {before} to {spec.n_trials}; study {name!r} "
-                              f"targets {trial_budget(study)[0]} trials. Pass --n-trials {spec.n_trials} to apply it "
-                              f"(or restore n_trials = {before})")
+        check_trial_count(study, spec, n_trials)
         if n_trials is not None:
-            if spec.trial_count != "fixed":
-                raise ConfigError(f"--n-trials: study {name!r} draws its number of trials at random ({spec.trial_count})")
-            refuse_ablation_trial_count(spec, n_trials)
             current = trial_budget(study)[0]
-            wanted = min(n_trials, len(grid_points(spec))) if spec.sampler == "grid" else n_trials
-            if spec.total_epsilon is not None and wanted != current and runs_charged(study):
-                raise ConfigError(f"--n-trials: study {name!r} split its total_epsilon = {spec.total_epsilon:g} "
-                                  f"over {current} trials when it was created; more trials would "
-                                  "spend more than that total. Start a new study (--study-name) for more trials")
+            wanted = _wanted_trials(spec, n_trials)
             if spec.total_epsilon is not None and wanted != current:
                 # nothing is charged yet (above): the noise was derived for the old count and is derived again
                 _set_system_attr(study, CALIBRATION_ATTR, None)
@@ -125,6 +114,39 @@ def open_study(spec: StudySpec, storage_url: str, *, study_name: str | None = No
             _set_system_attr(study, _TARGET, wanted)
             _set_system_attr(study, _FILE_N_TRIALS, spec.n_trials)  # the file as it is now: seen
     return study
+
+
+def check_trial_count(study: optuna.Study, spec: StudySpec, n_trials: int | None) -> None:
+    """Refuse a trial count this existing study cannot take, reading only: `search --check` says what the search
+    would refuse, and :func:`open_study` applies what passes."""
+    name = study.study_name
+    current = trial_budget(study)[0]
+    spent = spec.total_epsilon is not None and runs_charged(study) > 0
+    before = _system_attrs(study).get(_FILE_N_TRIALS)
+    if n_trials is None and before is not None and spec.n_trials != before:
+        if spent and spec.n_trials is not None and _wanted_trials(spec, spec.n_trials) != current:
+            # --n-trials would be refused too: do not suggest it
+            raise ConfigError(f"the study file's n_trials changed from {before} to {spec.n_trials}; study {name!r} "
+                              f"split its total_epsilon = {spec.total_epsilon:g} over {current} trials and has "
+                              f"spent some of it. Restore n_trials = {before}, or start a new study (--study-name) "
+                              f"for another number of trials")
+        raise ConfigError(f"the study file's n_trials changed from {before} to {spec.n_trials}; study {name!r} "
+                          f"targets {current} trials. Pass --n-trials {spec.n_trials} to apply it "
+                          f"(or restore n_trials = {before})")
+    if n_trials is None:
+        return
+    if spec.trial_count != "fixed":
+        raise ConfigError(f"--n-trials: study {name!r} draws its number of trials at random ({spec.trial_count})")
+    refuse_ablation_trial_count(spec, n_trials)
+    if spent and _wanted_trials(spec, n_trials) != current:
+        raise ConfigError(f"--n-trials: study {name!r} split its total_epsilon = {spec.total_epsilon:g} "
+                          f"over {current} trials when it was created; more trials would "
+                          "spend more than that total. Start a new study (--study-name) for more trials")
+
+
+def _wanted_trials(spec: StudySpec, n_trials: int) -> int:
+    """The target `n_trials` sets: a grid holds at most its points."""
+    return min(n_trials, len(grid_points(spec))) if spec.sampler == "grid" else n_trials
 
 
 def _check_stored(study: optuna.Study, spec: StudySpec) -> None:
