@@ -358,7 +358,7 @@ class Search(Command):
         from dpnas.search.runner import WorkersFailed, check_search, exhausted_message, search, trial_budget
         from dpnas.search.storage import command_url, dashboard_command
         from dpnas.search.study_file import load_study_file
-        from dpnas.search.study_report import release_notes, save_study_note
+        from dpnas.search.study_report import save_study_note
         from dpnas.search.weights import study_location
 
         spec = load_study_file(args.study)
@@ -417,7 +417,7 @@ class Search(Command):
               f"{report.delta:g} ({report.mode}; {report.runs} runs; `dpnas privacy {where}` explains)")
         for line in report.not_covered:
             print(f"not covered: {line}")
-        for line in release_notes(study, report):  # what `dpnas privacy` and the dashboard note say too
+        for line in report.notes:  # what `dpnas privacy` and the dashboard note say too
             print(f"note: {line}")
         if interrupted:
             print("interrupted: run the same command again to continue the study")
@@ -521,17 +521,15 @@ class Privacy(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.search.study_privacy import study_privacy
-        from dpnas.search.study_report import privacy_statement, reproducible_trials, resolve_study
+        from dpnas.search.study_report import privacy_statement, resolve_study
 
         study, _ = resolve_study(args.study, args.study_name)
         report = study_privacy(study)
         if args.json:
-            # strict JSON has no infinity: ε = inf is written null, and `protected` says which parts have a finite ε
-            protected = {"training": math.isfinite(report.training_epsilon),
-                         "validation": math.isfinite(report.validation_epsilon),
-                         "dataset": math.isfinite(report.epsilon)}
-            print(json.dumps(json_safe({**report.to_dict(), "protected": protected,
-                                        "reproducible_trials": reproducible_trials(study)}), indent=2))
+            # strict JSON has no infinity: ε = inf is written null, and `protected` says which parts the ε covers
+            record = report.to_dict()
+            record["reproducible_trials"] = record.pop("reproducible")
+            print(json.dumps(json_safe({**record, "protected": report.protected()}), indent=2))
             return 0
         for line in privacy_statement(study, report):
             print(line)

@@ -162,3 +162,30 @@ def test_old_architecture_only_files_still_load(tmp_path):
     flat.write_text('width = 0.5\nactivation = "relu"\n')
     assert not load_recipe_file(arch_file).complete and load_recipe_file(arch_file).arch.width == 0.5
     assert load_recipe_file(flat).arch.activation == "relu" and load_recipe_file(flat).train is None
+
+
+def test_reproducible_trials_are_listed_as_not_covered_and_unprotected(searched, capsys, tmp_path):
+    """A reproducible trial's batches and noise can be regenerated from the stored seed: `dpnas privacy` lists
+    those records under "not covered" and its JSON does not call them protected (README)."""
+    directory, path, spec, study = searched
+    capsys.readouterr()
+    assert main(["privacy", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    numbers = sorted(t.number for t in study.get_trials() if "privacy_plan" in t.user_attrs)
+    assert report["reproducible_trials"] == numbers and "reproducible" not in report
+    assert report["protected"] == {"training": False, "validation": False, "dataset": False}
+    assert report["epsilon"] is not None  # the ε is finite; what it covers is not the seed's holder
+    assert any("reproducible = true" in line for line in report["not_covered"])
+    assert main(["privacy", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert sum("reproducible = true" in line for line in text.splitlines()) == 1  # said once, as not covered
+    assert any(line.startswith("not covered:") and "regenerated from the recorded seed" in line
+               for line in text.splitlines())
+    # a default (secret-seeded) study is protected
+    other = write_study(tmp_path, n_trials=1, epochs=1, sampler="random")
+    assert main(["search", str(other), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["privacy", str(other), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["protected"] == {"training": True, "validation": True, "dataset": True}
+    assert report["reproducible_trials"] == [] and not any("reproducible" in line for line in report["not_covered"])

@@ -84,6 +84,17 @@ class StudyPrivacy:
                     "spends its own epsilon on top")
         return None
 
+    reproducible: list[int] = field(default_factory=list)
+    """Private trials whose batches and noise can be regenerated from the recorded seed (``reproducible = true``):
+    the ε above does not hold against whoever has it."""
+
+    def protected(self) -> dict[str, bool]:
+        """Which parts the ε above protects: a finite ε, and noise no stored seed regenerates."""
+        secret = not self.reproducible
+        return {"training": math.isfinite(self.training_epsilon) and secret,
+                "validation": math.isfinite(self.validation_epsilon) and secret,
+                "dataset": math.isfinite(self.epsilon) and secret}
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -148,6 +159,14 @@ def _count(n: int | None) -> str:
     return f"{n}" if n is not None else "all"
 
 
+def reproducible_trials(study: optuna.Study) -> list[int]:
+    """Private trials whose batches and noise were seeded from the recorded seed (``reproducible = true``)."""
+    return [t.number for t in study.get_trials(deepcopy=False)
+            if (t.user_attrs.get("privacy_config") or {}).get("reproducible") and "privacy_plan" in t.user_attrs
+            and t.state != optuna.trial.TrialState.WAITING  # a retry not yet run carries its original's attributes
+            and t.user_attrs.get("epsilon_target") != "inf (non-private)"]
+
+
 def study_privacy(study: optuna.Study) -> StudyPrivacy:
     """The study's guarantee, from the privacy plans its trials recorded before touching the data."""
     damage = journal_damage(study._storage)
@@ -186,6 +205,13 @@ def study_privacy(study: optuna.Study) -> StudyPrivacy:
         n = sum(r.val_noise == 0 and r.val_releases > 0 for r in runs)
         not_covered.append(f"the {_count(sizes['val_size'])} validation records are not protected: {n} of the "
                            f"{len(runs)} trials released exact validation scores (val_noise = 0)")
+    seeded = reproducible_trials(study)
+    if seeded:
+        not_covered.append(f"the {_count(sizes['train_size'])} training and {_count(sizes['val_size'])} validation "
+                           f"records are not protected from whoever has the seed: {len(seeded)} of the {len(runs)} "
+                           f"trials ({', '.join(map(str, seeded[:20]))}{', ...' if len(seeded) > 20 else ''}) ran "
+                           "with reproducible = true, so their batches and noise can be regenerated from "
+                           "the recorded seed (retrain the chosen recipe without it before releasing a model)")
     if runs:
         not_covered.append(f"the {_count(sizes['test_size'])} test records: every trial's exact "
                            "test accuracy is stored for the report (it steers nothing)")
@@ -212,7 +238,7 @@ def study_privacy(study: optuna.Study) -> StudyPrivacy:
     return StudyPrivacy(epsilon=whole, delta=delta, mode=mode, runs=len(runs), per_run_epsilon=per_run,
                         training_epsilon=training, validation_epsilon=validation, covers=covers,
                         not_covered=not_covered, budget=budget, explanation=explanation, notes=notes,
-                        public_data=public, fidelity=fidelity, dataset=attrs.get("dataset"))
+                        public_data=public, fidelity=fidelity, dataset=attrs.get("dataset"), reproducible=seeded)
 
 
 def _fidelity_gaps(trials, fidelity: dict[str, Any], sizes: dict[str, int | None], public: bool) -> list[str]:
