@@ -1,5 +1,6 @@
 """A tiny study on the bundled digits: each trial takes a few seconds on CPU."""
 
+import re
 from pathlib import Path
 
 TINY_STUDY = """
@@ -41,3 +42,13 @@ def write_study(directory: Path, *, n_trials=3, sampler="tpe", pruner="none", ep
         text = text.replace(f"n_trials = {n_trials}\n", "")
     path.write_text(text)
     return path
+
+
+def unfix(text: str, *keys: str) -> str:
+    """A study file's text without the fixed `key = value` lines of fields a test searches instead (a field both
+    fixed and searched is refused, outside an ablation)."""
+    fixed, searched = text.split("[search]\n", 1)
+    for key in keys:
+        fixed, n = re.subn(rf"^{key} = .*\n", "", fixed, flags=re.M)
+        assert n, f"no fixed {key} in the study text"
+    return fixed + "[search]\n" + searched

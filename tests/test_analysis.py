@@ -28,7 +28,6 @@ pruner = "none"
 dataset = "digits"
 
 [privacy]
-epsilon = 4.0
 
 [train]
 recipe = "quick"

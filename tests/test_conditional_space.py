@@ -7,7 +7,7 @@ import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
-from search_helpers import write_study
+from search_helpers import unfix, write_study
 
 import dpnas.search.runner as runner
 from dpnas.arch.models import build_model
@@ -198,7 +198,7 @@ def test_searching_batch_size_recalibrates_the_noise_per_trial(tmp_path):
     path = write_study(tmp_path, sampler="grid", epochs=1)
     text = path.read_text().replace('activation = ["selu", "relu", "mish"]\nwidth = { low = 0.5, high = 1.0, step = 0.5 }',
                                     "batch_size = [64, 256]")
-    path.write_text(text.replace('base = "tiny"', 'base = "tiny"\nwidth = 0.5'))
+    path.write_text(unfix(text, "batch_size").replace('base = "tiny"', 'base = "tiny"\nwidth = 0.5'))
     spec = load_study_file(path)
     search(spec, progress=False)
     trials = {t.params["batch_size"]: t for t in _load(spec).get_trials() if t.state == TrialState.COMPLETE}

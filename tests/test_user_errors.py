@@ -554,3 +554,25 @@ def test_evaluate_refuses_a_data_dir_its_dataset_does_not_read(capsys, tmp_path)
                                  results={})
     weights = save_checkpoint(checkpoint, tmp_path / "w.pt")
     one_line_error(capsys, ["evaluate", str(weights), "--data-dir", str(tmp_path)], "--data-dir: digits needs no files")
+
+
+@pytest.mark.parametrize("section, line", [("[arch]", 'activation = "relu"'), ("[privacy]", "max_grad_norm = 1.0"),
+                                           ("[train]", "lr = 0.01")])
+def test_a_field_both_fixed_and_searched_is_refused_unless_an_ablation_reads_it(capsys, tmp_path, section, line):
+    """The searched value always won and the fixed one was dropped silently (README: nothing is ignored)."""
+    key = line.split(" = ")[0]
+    searched = {"activation": "", "max_grad_norm": "max_grad_norm = [0.5, 2.0]\n", "lr": "lr = [5e-3, 3e-2]\n"}[key]
+    text = edit(section, f"{section}\n{line}").replace("[search]\n", f"[search]\n{searched}")
+    refused_study(capsys, tmp_path, text, f"{section.strip('[]')}.{key}: is searched too ([search] {key})")
+    ablation = text.replace("n_trials = 2\n", 'sampler = "ablation"\n')
+    (tmp_path / "ablation.toml").write_text(ablation)  # its base point: the fixed value is read
+    spec = load_study_file(tmp_path / "ablation.toml")
+    assert str(getattr({"[arch]": spec.arch, "[train]": spec.train, "[privacy]": spec.privacy}[section], key)) \
+        == line.split(" = ")[1].strip('"')
+
+
+def test_the_shipped_studies_load():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "studies").glob("*.toml")):
+        load_study_file(path)

@@ -386,6 +386,13 @@ def load_study_file(path: str | Path) -> StudySpec:
             except ConfigError as err:
                 raise _fail(path, f"search.{axis.name}", f"sampler {sampler!r}: {err}") from None
 
+    if sampler != "ablation":  # an ablation's base point is its fixed values; no other sampler reads them
+        for section, own in (("arch", "base"), ("train", "recipe"), ("privacy", "total_epsilon")):
+            for key in sorted(searched & (set(document.get(section, {})) - {own})):
+                raise _fail(path, f"{section}.{key}", f"is searched too ([search] {key}): the fixed value would be "
+                                                      f"ignored by sampler {sampler!r} (only an ablation's base point "
+                                                      "reads it); remove one of them")
+
     return StudySpec(
         path=path,
         name=name,
