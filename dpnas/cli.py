@@ -245,8 +245,13 @@ class Train(Command):
                   f"({provenance['searched_on_public_data']}) and spent no private budget: this run's epsilon is "
                   f"the whole cost to the {result['dataset']} records it trained on")
         elif result["private"] and provenance.get("study"):
-            print(f"note: study {provenance['study']!r} chose this recipe on its own data; on the same records "
-                  "this run's epsilon adds to the search's (`dpnas privacy` states the search's)")
+            searched_on = recipe_file.data.dataset if recipe_file.data is not None else None
+            if searched_on is not None and searched_on != result["dataset"]:
+                print(f"note: study {provenance['study']!r} chose this recipe on {searched_on}; this run trained on "
+                      f"{result['dataset']}, other records, so its epsilon is the whole cost to them")
+            else:
+                print(f"note: study {provenance['study']!r} chose this recipe on its own data; on the same records "
+                      "this run's epsilon adds to the search's (`dpnas privacy` states the search's)")
         if result["private"] and result["reproducible"]:
             print("note: reproducible = true: whoever has the seed can regenerate this run's batches and noise; "
                   "retrain without it before releasing the model")
@@ -674,7 +679,7 @@ class Reproduce(Command):
 
     smoothnet (CIFAR-10 or ImageNette at eps 7), resnet9-scalenorm (CIFAR-10 at eps 8, with and without
     ScaleNorm), de-wrn (CIFAR-10 at eps 8).  --quick shrinks data, widths and epochs so it finishes on a CPU in
-    minutes (on the bundled digits when the dataset is not here), and labels the result as not comparable.
+    about a minute (on the bundled digits when the dataset is not here), and labels the result as not comparable.
     """
 
     name = "reproduce"
@@ -685,7 +690,7 @@ class Reproduce(Command):
         parser.add_argument("name", metavar="NAME", help=f"one of: {', '.join(REPRODUCTIONS)}")
         parser.add_argument("--dataset", help="default: the reproduction's first dataset (cifar10)")
         parser.add_argument("--data-dir", metavar="DIR")
-        parser.add_argument("--quick", action="store_true", help="a CPU-sized run in minutes, not comparable to the paper")
+        parser.add_argument("--quick", action="store_true", help="a CPU-sized run (about a minute on the bundled digits), not comparable to the paper")
         parser.add_argument("--device")
         parser.add_argument("--out-dir", metavar="DIR", default="runs", help="where the JSON results go (default runs/)")
         parser.add_argument("--no-download", action="store_true", help="never try to download the dataset")

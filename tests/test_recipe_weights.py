@@ -189,3 +189,15 @@ def test_reproducible_trials_are_listed_as_not_covered_and_unprotected(searched,
     report = json.loads(capsys.readouterr().out)
     assert report["protected"] == {"training": True, "validation": True, "dataset": True}
     assert report["reproducible_trials"] == [] and not any("reproducible" in line for line in report["not_covered"])
+
+
+def test_a_recipe_trained_on_other_data_says_its_epsilon_is_the_whole_cost_there(searched, capsys):
+    directory, path, spec, study = searched
+    out = directory / "other-data.toml"
+    assert main(["best", str(path), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", str(out), "--dataset", "synthetic", "--epochs", "1", "--quiet",
+                 "--out", str(directory / "other.json")]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: study")]
+    assert len(notes) == 1 and "chose this recipe on digits" in notes[0] and "whole cost" in notes[0]
+    assert "adds to the search's" not in notes[0]

@@ -164,3 +164,16 @@ def test_ctrl_c_waits_for_a_journal_append(tmp_path, monkeypatch, together):
     monkeypatch.undo()
     assert not Path(path + ".lock").exists()
     assert optuna.load_study(study_name="s", storage=open_storage(path)).user_attrs["x"] == 1
+
+
+def test_a_search_on_sqlite_says_nothing_about_optuna_s_heartbeat(tmp_path):
+    """Optuna warns at every ask on a heartbeat storage unless optimize() runs the trial; dpnas beats it itself."""
+    import warnings
+
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        study = search(load_study_file(path), storage_url=url, progress=False)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE]
+    assert not [w for w in caught if "supposed to be used with Study.optimize" in str(w.message)]

@@ -333,7 +333,8 @@ def _load_cifar10(root: Path, *, download: bool, size: int, given: bool = False)
         except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError) as err:
             raise DataError(
                 f"CIFAR-10 not found or corrupted in {folder} (expected {layout}); "
-                + ("" if download else "pass download=True to fetch it, or ")
+                + ("" if download else "allow the download (without --no-download; download=True in Python) to "
+                                       "fetch it, or ")
                 + hint
             ) from err
         images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # torchvision keeps HWC

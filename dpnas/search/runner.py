@@ -173,7 +173,11 @@ def run_worker(
                     _set_system_attr(study, _EXHAUSTED, report.exhausted)
                     break
                 if room:
-                    trial = study.ask()
+                    with warnings.catch_warnings():
+                        # dpnas beats the trial's heartbeat itself (get_heartbeat_thread below), which Optuna
+                        # expects only of optimize(): its warning at every ask on SQLite / PostgreSQL says nothing
+                        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+                        trial = study.ask()
                     # at once: a trial of a worker that died is found by it (_recover_orphans)
                     with writes_together(storage):
                         for key, value in worker_identity().items():
