@@ -26,7 +26,11 @@ from dpnas.search.study_file import load_study_file
 
 
 def _refused(capsys, argv, match):
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as exit:  # refused by the parser itself, as a bad flag value is
+        code = exit.code
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err and match in err, err
     return err

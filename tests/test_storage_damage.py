@@ -156,6 +156,7 @@ def test_damage_with_whole_records_after_it_is_refused_not_cut(searched, tmp_pat
     journal.write_bytes(damaged)
     study_file = str(tmp_path / "tiny.toml")
     assert main(["best", study_file, "--out", str(tmp_path / "best.toml")]) == 0
+    assert "search's epsilon, not stated: the study's storage is damaged" in (tmp_path / "best.toml").read_text()
     assert main(["privacy", study_file]) == 2
     assert "may hold runs that spent privacy" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=f"damaged at byte {kept} .* does not cut whole records off") as refused:

@@ -137,7 +137,10 @@ def export_best_weights(study: optuna.Study, storage_url: str, out: Path, *, art
 def search_epsilon(study: optuna.Study) -> dict[str, float]:
     """What releasing the best trial costs, as of now (the provenance of what `dpnas best` exports): a run's own ε
     is not the cost of a model a search chose."""
-    report = study_privacy(study)
+    try:
+        report = study_privacy(study)
+    except ConfigError:  # a damaged journal: `best` still exports what it holds, and says the cost is not known
+        return {"search_epsilon": "not stated: the study's storage is damaged (`dpnas privacy` says why)"}
     if report.public_data:  # a public proxy's search spent no private budget (`dpnas train` of it says so)
         return {}
     return {"search_epsilon": report.epsilon, "search_delta": report.delta}
@@ -147,6 +150,8 @@ def search_words(provenance: dict[str, Any]) -> str:
     """The search's ε in the words `dpnas best` and `dpnas evaluate` print (empty without one)."""
     if "search_epsilon" not in provenance:
         return ""
+    if isinstance(provenance["search_epsilon"], str):
+        return f"releasing it costs its whole search's epsilon, {provenance['search_epsilon']}"
     return (f"releasing it costs its whole search's epsilon {provenance['search_epsilon']:.3f} (delta "
             f"{provenance['search_delta']:g}, when exported; `dpnas privacy` says what it covers)")
 
