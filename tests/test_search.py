@@ -516,3 +516,50 @@ def test_a_point_the_image_size_cannot_take_takes_one_slot_however_often_it_is_p
     assert pruned and all(json.loads(p)["stages"] == 4 for p in pruned)
     assert len(set(pruned)) == len(pruned)  # each deep point pruned once; proposed again, it was a repeat
     assert sum(t.state == TrialState.COMPLETE for t in study.get_trials()) == 2  # both points that fit trained
+
+
+def test_a_trial_on_a_heartbeat_storage_beats_before_its_slot_is_released(tmp_path, monkeypatch):
+    """A worker killed between taking its trial and its heartbeat thread's first beat left a trial Optuna never
+    finds stale (no beat at all), RUNNING for ever on another host, and the search waiting on it."""
+    import sqlite3
+
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    db = tmp_path / "hb.db"
+    beats = []
+
+    def trial_without_its_thread(study, trial, *args, **kwargs):
+        with sqlite3.connect(db) as connection:
+            beats.extend(row[0] for row in connection.execute("SELECT trial_id FROM trial_heartbeats"))
+        study.tell(trial, 0.5)
+        return "done"
+
+    monkeypatch.setattr(search_module, "get_heartbeat_thread", lambda *args: contextlib.nullcontext())
+    monkeypatch.setattr(search_module, "run_trial", trial_without_its_thread)
+    study = search(load_study_file(path), storage_url=f"sqlite:///{db}", progress=False)
+    assert beats == [study.get_trials()[0]._trial_id]
+
+
+def test_a_second_ctrl_c_during_the_first_s_bookkeeping_keeps_the_retry(tmp_path, monkeypatch):
+    """Marking an interrupted trial failed and queueing its retry take over 100 ms on SQLite: a second Ctrl-C in
+    between left a failed trial that held its slot, never retried."""
+    path = write_study(tmp_path, n_trials=1, epochs=1)
+    url = f"sqlite:///{tmp_path / 'c.db'}"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    real_tell = optuna.Study.tell
+
+    def tell_then_ctrl_c(self, *args, **kwargs):
+        result = real_tell(self, *args, **kwargs)
+        if kwargs.get("state") == TrialState.FAIL:
+            os.kill(os.getpid(), signal.SIGINT)  # the second press, right after the failure is written
+        return result
+
+    monkeypatch.setattr(search_module, "train", interrupted)
+    monkeypatch.setattr(optuna.Study, "tell", tell_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        search(load_study_file(path), storage_url=url, progress=False)
+    states = [t.state for t in optuna.load_study(study_name="tiny", storage=open_storage(url)).get_trials()]
+    assert states == [TrialState.FAIL, TrialState.WAITING]  # the retry is queued: the slot is not lost
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -102,3 +102,112 @@ def test_a_heartbeat_that_meets_a_lost_connection_is_tried_again(tmp_path, monke
     with pytest.raises(optuna.exceptions.StorageInternalError):
         storage.record_heartbeat(trial_id)
     assert failures == [trial_id]
+
+
+def test_a_study_s_own_storage_takes_the_trial_slot_lock_too(postgres_url):
+    """The worker loop passes `study._storage`, Optuna's cache around the RDB storage: the advisory lock used to be
+    skipped for it, so two workers could both take the last slot (a budget of 1 finished 2 runs)."""
+    import optuna
+
+    from dpnas.search.storage import slot_lock_excludes_all
+
+    study = optuna.create_study(storage=open_storage(postgres_url), study_name="cached")
+    assert type(study._storage).__name__ == "_CachedStorage"
+    assert slot_lock_excludes_all(study._storage, postgres_url)
+    other, entered = open_storage(postgres_url), threading.Event()
+
+    def take():
+        with trial_slot_lock(other, postgres_url):
+            entered.set()
+
+    with trial_slot_lock(study._storage, postgres_url):
+        thread = threading.Thread(target=take)
+        thread.start()
+        assert not entered.wait(1.0), "the lock taken through the study's storage excluded no one"
+    assert entered.wait(10.0)
+    thread.join()
+
+
+def _lost_connection() -> Exception:
+    import sqlalchemy
+
+    return sqlalchemy.exc.OperationalError("UPDATE ...", {}, Exception("server closed the connection"),
+                                           connection_invalidated=True)
+
+
+def test_a_trial_s_writes_and_reads_ride_out_a_lost_connection_or_a_lock(tmp_path, monkeypatch):
+    """A server restart that cut a trial's own statement, or an SQLite file locked past its timeout, used to fail the
+    trial (or crash the worker with a trained trial unrecorded, trained and charged again on resume)."""
+    import optuna
+    import sqlalchemy
+    from optuna.storages import RDBStorage
+
+    import dpnas.search.storage as storage_module
+
+    monkeypatch.setattr(storage_module, "HEARTBEAT_RETRY_S", 0.0)
+    storage = open_storage(f"sqlite:///{tmp_path / 'w.db'}")
+    study = optuna.create_study(storage=storage, study_name="w")
+    trial = study.ask()
+    locked = sqlalchemy.exc.OperationalError("UPDATE ...", {}, Exception("database is locked"))
+    for call, error in (("set_trial_user_attr", _lost_connection()), ("set_trial_intermediate_value", locked),
+                        ("get_trial", _lost_connection())):
+        real, failures = getattr(RDBStorage, call), []
+
+        def flaky(self, *args, real=real, failures=failures, error=error, **kwargs):
+            if len(failures) < 2:
+                failures.append(1)
+                raise error
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(RDBStorage, call, flaky)
+    trial.set_user_attr("a", 1)
+    trial.report(0.5, 0)
+    assert storage.get_trial(trial._trial_id).user_attrs == {"a": 1}
+    # an error that is neither reaches the caller at once
+    monkeypatch.setattr(RDBStorage, "set_trial_system_attr",
+                        lambda *a, **k: (_ for _ in ()).throw(sqlalchemy.exc.OperationalError("x", {}, Exception("no such table"))))
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="no such table"):
+        storage.set_trial_system_attr(trial._trial_id, "b", 2)
+
+
+def test_finishing_a_trial_again_after_its_answer_was_lost_is_not_an_error(tmp_path, monkeypatch):
+    import optuna
+    from optuna.storages import RDBStorage
+    from optuna.trial import TrialState
+
+    import dpnas.search.storage as storage_module
+
+    monkeypatch.setattr(storage_module, "HEARTBEAT_RETRY_S", 0.0)
+    storage = open_storage(f"sqlite:///{tmp_path / 'f.db'}")
+    study = optuna.create_study(storage=storage, study_name="f")
+    trial = study.ask()
+    real, calls = RDBStorage.set_trial_state_values, []
+
+    def written_then_lost(self, *args, **kwargs):
+        calls.append(1)
+        result = real(self, *args, **kwargs)
+        if len(calls) == 1:
+            raise _lost_connection()  # the commit reached the database; its answer did not
+        return result
+
+    monkeypatch.setattr(RDBStorage, "set_trial_state_values", written_then_lost)
+    assert storage.set_trial_state_values(trial._trial_id, TrialState.COMPLETE, [0.9]) is True
+    assert len(calls) == 2 and storage.get_trial(trial._trial_id).state == TrialState.COMPLETE
+    assert storage.get_trial(trial._trial_id).values == [0.9]
+
+
+def test_a_read_only_sqlite_database_is_refused_in_one_line_before_a_search_writes(tmp_path, monkeypatch):
+    import os
+
+    import dpnas.search.storage as storage_module
+
+    db = tmp_path / "ro.db"
+    open_storage(f"sqlite:///{db}")  # a real, whole database
+    before = db.read_bytes()
+    real_access = os.access
+    monkeypatch.setattr(storage_module.os, "access",  # root may write anywhere: the check is what is tested
+                        lambda path, mode: False if str(path) == str(db) else real_access(path, mode))
+    with pytest.raises(ConfigError, match="read-only") as refused:
+        open_storage(f"sqlite:///{db}")
+    assert "\n" not in str(refused.value) and db.read_bytes() == before
+    open_storage(f"sqlite:///{db}", must_exist=True)  # reading it (`dpnas privacy`, `best`) is fine

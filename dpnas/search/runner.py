@@ -178,6 +178,11 @@ def run_worker(
                         # expects only of optimize(): its warning at every ask on SQLite / PostgreSQL says nothing
                         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                         trial = study.ask()
+                    if is_heartbeat_enabled(storage):
+                        # its first beat before the slot lock is released: a trial seen running without one lost
+                        # its worker under the lock (_recover_orphans); after it, a worker that dies anywhere (on
+                        # another host too) leaves a heartbeat that goes stale
+                        storage.record_heartbeat(trial._trial_id)
                     # at once: a trial of a worker that died is found by it (_recover_orphans)
                     with writes_together(storage):
                         for key, value in worker_identity().items():
@@ -311,9 +316,12 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
             study.tell(trial, state=TrialState.PRUNED)
         return f"trial {trial.number} pruned: {err}"
     except KeyboardInterrupt:
-        trial.set_user_attr("failure_reason", "interrupted (Ctrl-C); retried when the study resumes")
-        study.tell(trial, state=TrialState.FAIL)
-        RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries)(study, study._storage.get_trial(trial._trial_id))
+        # held: a second Ctrl-C between the FAIL and its retry would leave a failed trial that holds a slot, unretried
+        with interrupts_held():
+            trial.set_user_attr("failure_reason", "interrupted (Ctrl-C); retried when the study resumes")
+            study.tell(trial, state=TrialState.FAIL)
+            RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries)(study,
+                                                                         study._storage.get_trial(trial._trial_id))
         raise
     except Exception as err:  # the study goes on; the reason is kept with the trial
         if isinstance(err, torch.cuda.OutOfMemoryError):

@@ -23,15 +23,17 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import os
 import re
 import sqlite3
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import optuna
 import sqlalchemy
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._cached_storage import _CachedStorage
 from sqlalchemy.engine import make_url
 
 from dpnas.arch.space import ConfigError
@@ -43,7 +45,9 @@ RDB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg2", "mysql", "mysql+py
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg2"}
 # How long a worker waits for a server that went away (a restart, a fail-over) before its trial fails.
 SERVER_PATIENCE_S = 60.0
-HEARTBEAT_RETRY_S = 0.5  # between tries of a heartbeat that met a lost connection
+HEARTBEAT_RETRY_S = 0.5  # between tries of a heartbeat (or another storage call) that met a lost connection
+# How long a worker waits for an SQLite file another process keeps locked (each try already waits 60 s for it)
+LOCKED_PATIENCE_S = 15 * 60.0
 # The key of the PostgreSQL advisory lock behind trial_slot_lock. Advisory locks are local to a database, so one
 # constant serves every study, and workers share the lock however their URLs spell the database (driver, host
 # name or address, user, password).
@@ -123,6 +127,8 @@ def open_storage(
         if must_exist and not db.exists():
             raise ConfigError(f"storage {url!r}: no such database file")
         _refuse_damaged_sqlite(url, db)
+        if not must_exist:
+            _refuse_read_only_sqlite(url, db)
     kwargs: dict = {}
     if heartbeat_interval:
         kwargs.update(
@@ -150,24 +156,86 @@ def open_storage(
 
 
 class PatientRDBStorage(RDBStorage):
-    """Optuna's RDB storage, whose heartbeats ride out a lost connection.
+    """Optuna's RDB storage, whose calls ride out a lost connection or a lock held for a while.
 
     Optuna's heartbeat thread ends at the first exception. A server restart can close a connection between
     `pool_pre_ping`'s check and the heartbeat's query; the thread then dies, and once its grace period passes,
     another worker takes the still-running trial for stale and runs it again. Here a beat that fails that way is
     tried again (with a fresh connection) until the server has been gone for `SERVER_PATIENCE_S`. A heartbeat only
     writes the time, so trying it again changes nothing else.
+
+    A trial's own reads and writes (its attributes, intermediate values, its final state) are tried again the same
+    way when the connection was lost (a server restart that cut a statement off) or an SQLite file stayed locked
+    past its timeout: failed, a finished trial's results would be lost and it would train (and spend) again.
+    Each of those writes sets a value, so a try that did reach the database before its answer was lost is
+    harmless. New trials and studies are not tried again: a lost answer to one that was created would make two.
     """
 
-    def record_heartbeat(self, trial_id: int) -> None:
-        deadline = time.monotonic() + SERVER_PATIENCE_S
+    def _patiently(self, call: Callable[..., Any], *args: Any, any_error: bool = False, **kwargs: Any) -> Any:
+        deadline = None
         while True:
             try:
-                return super().record_heartbeat(trial_id)
-            except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError):
-                if time.monotonic() >= deadline:
+                return call(self, *args, **kwargs)
+            except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError) as err:
+                patience = _patience(err)
+                if patience is None:
+                    if not any_error:
+                        raise
+                    patience = SERVER_PATIENCE_S
+                now = time.monotonic()
+                deadline = now + patience if deadline is None else deadline
+                if now >= deadline:
                     raise
                 time.sleep(HEARTBEAT_RETRY_S)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        return self._patiently(RDBStorage.record_heartbeat, trial_id, any_error=True)
+
+    def set_trial_state_values(self, trial_id: int, state: Any, values: Any = None) -> bool:
+        tries = []
+
+        def call(storage: RDBStorage, *args: Any) -> bool:
+            tries.append(None)
+            try:
+                return RDBStorage.set_trial_state_values(storage, *args)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # an earlier try did finish the trial, and only its answer was lost
+                if len(tries) > 1 and RDBStorage.get_trial(storage, trial_id).state == state:
+                    return True
+                raise
+
+        return self._patiently(call, trial_id, state, values)
+
+
+def _patient_call(name: str) -> Callable[..., Any]:
+    def method(self: PatientRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._patiently(getattr(RDBStorage, name), *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+# every call Optuna's cached storage makes of it, but those that create a study or a trial
+for _name in ("set_study_user_attr", "set_study_system_attr", "get_study_id_from_name", "get_study_name_from_id",
+              "get_study_directions", "get_study_user_attrs", "get_study_system_attrs", "get_all_studies",
+              "_set_trial_param", "get_trial_id_from_study_id_trial_number", "_get_best_trial_id",
+              "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr", "get_trial",
+              "_get_trials", "_get_stale_trial_ids"):
+    setattr(PatientRDBStorage, _name, _patient_call(_name))
+
+
+def _patience(err: BaseException) -> float | None:
+    """How long to keep trying a call that failed with `err`: a lost connection (nothing, or a value that is set
+    again, was written) or an SQLite lock held past its timeout; None for anything else."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, sqlalchemy.exc.DBAPIError):
+            if seen.connection_invalidated:
+                return SERVER_PATIENCE_S
+            if "database is locked" in str(seen.orig):
+                return LOCKED_PATIENCE_S
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _password(url: str) -> str | None:
@@ -235,6 +303,18 @@ def _refuse_damaged_sqlite(url: str, db: Path) -> None:
                           f"restore it from a backup, or salvage what is left with `sqlite3 {db} .recover`")
 
 
+def _refuse_read_only_sqlite(url: str, db: Path) -> None:
+    """A search writes the file, SQLite's journal beside it and dpnas's lock file beside it: where it cannot (a
+    read-only file, folder or file system), refused in one line before anything is written."""
+    if not db.parent.is_dir():
+        return  # SQLite says so itself: "unable to open database file"
+    for path in (db, db.parent) if db.exists() else (db.parent,):
+        if not os.access(path, os.W_OK):
+            what = "file" if path == db else "folder"
+            raise ConfigError(f"storage {url!r}: the database's {what} {path} is read-only; a search writes there "
+                              "(`dpnas privacy` and `dpnas best` read it as it is)")
+
+
 @contextlib.contextmanager
 def _dpnas_file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on PATH.dpnas-lock, held by one process of this host at a time."""
@@ -260,13 +340,19 @@ def trial_slot_lock(storage: BaseStorage, url: str) -> Iterator[None]:
         with _dpnas_file_lock(path):
             yield
         return
+    storage = _rdb_backend(storage)
     if isinstance(storage, RDBStorage) and storage.engine.dialect.name == "postgresql":
         with storage.engine.connect() as connection:
             connection.exec_driver_sql(f"SELECT pg_advisory_lock({_SLOT_LOCK_KEY})")
             try:
                 yield
             finally:
-                connection.exec_driver_sql(f"SELECT pg_advisory_unlock({_SLOT_LOCK_KEY})")
+                try:
+                    connection.exec_driver_sql(f"SELECT pg_advisory_unlock({_SLOT_LOCK_KEY})")
+                except sqlalchemy.exc.DBAPIError as err:
+                    if not err.connection_invalidated:
+                        raise
+                    # the server closed the session (a restart), and the lock with it
         return
     yield
 
@@ -279,8 +365,14 @@ def journal_damage(storage: BaseStorage) -> Damage | None:
 
 def slot_lock_excludes_all(storage: BaseStorage, url: str) -> bool:
     """Whether :func:`trial_slot_lock` excludes every other worker of the study (all but MySQL)."""
+    storage = _rdb_backend(storage)
     return storage_kind(url) in ("journal", "sqlite") or (
         isinstance(storage, RDBStorage) and storage.engine.dialect.name == "postgresql")
+
+
+def _rdb_backend(storage: BaseStorage) -> BaseStorage:
+    """The storage itself, or the RDB storage behind Optuna's cache: a study's `_storage` wraps its RDBStorage."""
+    return storage._backend if isinstance(storage, _CachedStorage) else storage
 
 
 def writes_together(storage: BaseStorage) -> contextlib.AbstractContextManager:
