@@ -8,9 +8,7 @@ random-count bound charging the cheapest run; pruned runs dropped from the study
 one step short or at a smaller sample rate; a fixed noise multiplier that overspends accepted; the result check off.
 """
 
-import math
 
-import numpy as np
 import optuna
 import pytest
 import torch
