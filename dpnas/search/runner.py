@@ -503,8 +503,8 @@ def join_workers(processes) -> None:
         raise
     died = [f"worker {i} exited with status {p.exitcode}" for i, p in enumerate(processes) if p.exitcode != 0]
     if died:
-        raise WorkersFailed(f"{'; '.join(died)}: a trial it was running is retried when the study resumes "
-                            "(its output above says why it stopped)")
+        raise WorkersFailed(f"{'; '.join(died)}: a trial it was running is retried when the study resumes, "
+                            "unless the study's total_epsilon is spent (its output above says why it stopped)")
 
 
 class WorkersFailed(RuntimeError):
