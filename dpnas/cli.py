@@ -31,19 +31,6 @@ def resolve_arch(name_or_file: str, assignments: list[str] | None = None) -> Arc
     return load_arch(name_or_file, changes)
 
 
-def recipe_input_shape(name_or_file: str) -> tuple[int, int] | None:
-    """(channels, image size) a recipe file's [data] trains at; None for a name or a file without [data]."""
-    if name_or_file in MODELS or not Path(name_or_file).is_file():
-        return None
-    from dpnas.data.datasets import DATASET_CHANNELS, DEFAULT_IMAGE_SIZE
-    from dpnas.dp.recipe_file import load_recipe_file
-
-    data = load_recipe_file(name_or_file).data
-    if data is None:
-        return None
-    return DATASET_CHANNELS[data.dataset], data.image_size or DEFAULT_IMAGE_SIZE[data.dataset]
-
-
 def study_name(value: str) -> str:
     """--study-name: a name, never blank (an empty one would silently mean the file's default)."""
     if not value.strip():
@@ -89,7 +76,10 @@ class Describe(Command):
 
     def run(self, args: argparse.Namespace) -> int:
         arch = resolve_arch(args.arch, args.assignments)
-        channels, size = recipe_input_shape(args.arch) or (3, 32)
+        from dpnas.bench import resolve_model
+
+        shape = resolve_model(args.arch)  # a recipe's data shape, else 3 x 32 x 32
+        channels, size = shape.in_channels, shape.image_size
         info = describe(arch, num_classes=args.num_classes,
                         in_channels=channels if args.in_channels is None else args.in_channels,
                         image_size=size if args.image_size is None else args.image_size)
@@ -453,7 +443,7 @@ class Best(Command):
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.results import check_distinct, check_writable
         from dpnas.search.storage import storage_file
-        from dpnas.search.study_report import export_best, export_best_weights, resolve_study
+        from dpnas.search.study_report import export_best, export_best_weights, resolve_study, search_epsilon
 
         study, url = resolve_study(args.study, args.study_name)
         out = Path(args.out) if args.out else Path("runs") / f"best-{study.study_name}.toml"
@@ -463,10 +453,11 @@ class Best(Command):
         check_distinct(out=out, weights=args.weights,
                        inputs={"study file": args.study if args.study.endswith(".toml") else None,
                                "study's storage": storage_file(url)})
-        for path in export_best(study, out):
+        search = search_epsilon(study)  # one privacy account for the recipe and the weights
+        for path in export_best(study, out, search=search):
             print(f"wrote {path}")
         if args.weights:
-            for path in export_best_weights(study, url, Path(args.weights), artifacts=args.artifacts):
+            for path in export_best_weights(study, url, Path(args.weights), artifacts=args.artifacts, search=search):
                 print(f"wrote {path} (the trained weights; `dpnas evaluate {path}` scores them on the test split)")
         return 0
 

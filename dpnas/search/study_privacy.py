@@ -69,6 +69,9 @@ class StudyPrivacy:
     fidelity: dict[str, Any] = field(default_factory=dict)
     """The study's [fidelity] settings (dpnas.search.fidelity)."""
     dataset: str | None = None
+    reproducible: list[int] = field(default_factory=list)
+    """Private trials whose batches and noise can be regenerated from the recorded seed (``reproducible = true``):
+    the ε above does not hold against whoever has it."""
 
     def headline(self) -> str | None:
         """What budget covers what, for a study that did not search at the target on private data."""
@@ -83,10 +86,6 @@ class StudyPrivacy:
                     "its runs cost on these records. `dpnas train` of the exported recipe (the target fidelity) "
                     "spends its own epsilon on top")
         return None
-
-    reproducible: list[int] = field(default_factory=list)
-    """Private trials whose batches and noise can be regenerated from the recorded seed (``reproducible = true``):
-    the ε above does not hold against whoever has it."""
 
     def protected(self) -> dict[str, bool]:
         """Which parts the ε above protects: a finite ε, and noise no stored seed regenerates."""
@@ -159,11 +158,9 @@ def _count(n: int | None) -> str:
     return f"{n}" if n is not None else "all"
 
 
-def reproducible_trials(study: optuna.Study) -> list[int]:
+def _reproducible(charged) -> list[int]:
     """Private trials whose batches and noise were seeded from the recorded seed (``reproducible = true``)."""
-    return [t.number for t in study.get_trials(deepcopy=False)
-            if (t.user_attrs.get("privacy_config") or {}).get("reproducible") and "privacy_plan" in t.user_attrs
-            and t.state != optuna.trial.TrialState.WAITING  # a retry not yet run carries its original's attributes
+    return [t.number for t in charged if (t.user_attrs.get("privacy_config") or {}).get("reproducible")
             and t.user_attrs.get("epsilon_target") != "inf (non-private)"]
 
 
@@ -176,8 +173,8 @@ def study_privacy(study: optuna.Study) -> StudyPrivacy:
                           "it. Restore the journal from a copy")
     trials = study.get_trials(deepcopy=False)
     # A WAITING retry carries its failed original's plan but has not run: the original is the one charged.
-    runs = [run_privacy(t.user_attrs["privacy_plan"]) for t in trials
-            if "privacy_plan" in t.user_attrs and t.state != optuna.trial.TrialState.WAITING]
+    charged = [t for t in trials if "privacy_plan" in t.user_attrs and t.state != optuna.trial.TrialState.WAITING]
+    runs = [run_privacy(t.user_attrs["privacy_plan"]) for t in charged]
     attrs = study.user_attrs
     delta = float(attrs.get("delta", 1e-5))
     asked = attrs.get("trial_count", "fixed")
@@ -205,7 +202,7 @@ def study_privacy(study: optuna.Study) -> StudyPrivacy:
         n = sum(r.val_noise == 0 and r.val_releases > 0 for r in runs)
         not_covered.append(f"the {_count(sizes['val_size'])} validation records are not protected: {n} of the "
                            f"{len(runs)} trials released exact validation scores (val_noise = 0)")
-    seeded = reproducible_trials(study)
+    seeded = _reproducible(charged)
     if seeded:
         not_covered.append(f"the {_count(sizes['train_size'])} training and {_count(sizes['val_size'])} validation "
                            f"records are not protected from whoever has the seed: {len(seeded)} of the {len(runs)} "
@@ -224,8 +221,7 @@ def study_privacy(study: optuna.Study) -> StudyPrivacy:
                          f"trials simulate; the simulated runs themselves cost ε = {whole:.4g}")
         else:
             notes.append(f"ε = {whole:.4g} exceeds the study's total_epsilon = {calibration['total_epsilon']:g}")
-    others = sorted({(t.user_attrs.get("privacy_config") or {}).get("accountant", "rdp") for t in trials
-                     if "privacy_plan" in t.user_attrs and t.state != optuna.trial.TrialState.WAITING} - {"rdp"})
+    others = sorted({(t.user_attrs.get("privacy_config") or {}).get("accountant", "rdp") for t in charged} - {"rdp"})
     if others:
         # Such a trial planned (and printed) its ε with its own accountant; across runs dpnas composes RDP curves,
         # a looser bound, so a run's ε here is higher than the trial's own: say so rather than leave two numbers.

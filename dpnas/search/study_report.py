@@ -82,13 +82,14 @@ def _numbered(out: Path, trial: FrozenTrial, several: bool) -> Path:
     return out.with_name(f"{out.stem}-trial{trial.number}{out.suffix}") if several else out
 
 
-def export_best(study: optuna.Study, out: Path) -> list[Path]:
-    """The best trial's recipe (or each Pareto-optimal one's) as files `dpnas train` and `describe` take."""
+def export_best(study: optuna.Study, out: Path, *, search: dict[str, Any] | None = None) -> list[Path]:
+    """The best trial's recipe (or each Pareto-optimal one's) as files `dpnas train` and `describe` take.
+    `search`: :func:`search_epsilon` of the study, where the caller has it already."""
     trials = best_trials(study)
     if not trials:
         raise ConfigError(f"study {study.study_name!r} has no completed trial yet")
     paths = []
-    search = search_epsilon(study)
+    search = search_epsilon(study) if search is None else search
     for trial in trials:
         recipe = trial_recipe(study, trial)
         recipe.provenance.update(search)
@@ -110,8 +111,10 @@ def export_best(study: optuna.Study, out: Path) -> list[Path]:
     return paths
 
 
-def export_best_weights(study: optuna.Study, storage_url: str, out: Path, *, artifacts: str | None = None) -> list[Path]:
-    """Fetch the best trial's (or each Pareto-optimal trial's) stored weights from the artifact store."""
+def export_best_weights(study: optuna.Study, storage_url: str, out: Path, *, artifacts: str | None = None,
+                        search: dict[str, Any] | None = None) -> list[Path]:
+    """Fetch the best trial's (or each Pareto-optimal trial's) stored weights from the artifact store, with the
+    search's ε (`search`, as for :func:`export_best`) added to their provenance."""
     trials = best_trials(study)
     if not trials:
         raise ConfigError(f"study {study.study_name!r} has no completed trial yet")
@@ -123,7 +126,7 @@ def export_best_weights(study: optuna.Study, storage_url: str, out: Path, *, art
                           f"(kept where: {location or 'nowhere: a server storage needs --artifacts DIR'}; "
                           "keep_weights in [study] says which trials keep theirs)")
     store = open_store(location)
-    search = search_epsilon(study)
+    search = search_epsilon(study) if search is None else search
     paths = []
     for t in trials:
         path = fetch_weights(study, t, store, _numbered(out, t, len(trials) > 1))
