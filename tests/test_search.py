@@ -539,6 +539,35 @@ def test_a_trial_on_a_heartbeat_storage_beats_before_its_slot_is_released(tmp_pa
     assert beats == [study.get_trials()[0]._trial_id]
 
 
+def test_an_idle_worker_looks_again_soon_then_less_often_and_stops_when_the_trial_elsewhere_ends(tmp_path,
+                                                                                                  monkeypatch):
+    """2 workers on SQLite: the one left without a trial paused 1 s between looks at the trial running elsewhere,
+    so a search ended up to 1 s after its last trial (2 workers completed 0.70-0.79x the trials of one, on 1-s
+    trials). Its pauses now start at 0.1 s and grow to 1 s at most; it stops at its first look after the end."""
+    from dpnas.search.study_state import open_study, worker_identity
+
+    spec = load_study_file(write_study(tmp_path, n_trials=1, epochs=1))
+    url = f"sqlite:///{tmp_path / 'idle.db'}"
+    study = open_study(spec, url)
+    elsewhere = study.ask()  # the only slot, taken by a live worker (this process) whose heartbeat is fresh
+    study._storage.record_heartbeat(elsewhere._trial_id)
+    for key, value in worker_identity().items():
+        elsewhere.set_user_attr(key, value)
+    pauses = []
+
+    def pause(seconds):
+        pauses.append(seconds)
+        if len(pauses) == 8:
+            study.tell(elsewhere, 0.5)  # the trial elsewhere ends
+
+    monkeypatch.setattr(search_module.time, "sleep", pause)
+    report = search_module.run_worker(spec, url, worker_index=1, progress=False)
+    assert report.trials == 0 and len(pauses) == 8  # it waited, then stopped at its first look after the end
+    assert pauses[0] <= 0.1 and max(pauses) == 1.0  # short first; never longer than a second
+    assert pauses == sorted(pauses) and pauses[-1] == pauses[-2] == 1.0
+
+
+
 def test_a_second_ctrl_c_during_the_first_s_bookkeeping_keeps_the_retry(tmp_path, monkeypatch):
     """Marking an interrupted trial failed and queueing its retry take over 100 ms on SQLite: a second Ctrl-C in
     between left a failed trial that held its slot, never retried."""

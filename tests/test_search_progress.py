@@ -130,3 +130,26 @@ def test_the_parent_prints_every_workers_lines_above_one_bar(monkeypatch):
     runner.follow_workers(workers, lines, bar)
     assert sorted(bar.written) == ["[worker 1] trial 1 done", "[worker 1] trial 2 done", "trial 0 done"]
     assert lines.empty() and bar.refreshes >= 1
+
+
+def test_the_parent_returns_soon_after_its_last_worker_exits_and_redraws_once_a_second(monkeypatch):
+    """It waited a whole redraw interval (1 s) for a line before it looked whether its workers were alive: a
+    search with a bar returned up to 1 s after its last worker had exited."""
+    clock = [0.0]
+    waits = []
+
+    class SilentQueue:  # no worker says anything; a wait passes on the clock
+        def get(self, timeout):
+            waits.append(timeout)
+            clock[0] += timeout
+            raise queue.Empty
+
+    class Worker:  # alive for 2.5 s
+        def is_alive(self):
+            return clock[0] < 2.5
+
+    monkeypatch.setattr(runner.time, "monotonic", lambda: clock[0])
+    bar = FakeBar()
+    runner.follow_workers([Worker()], SilentQueue(), bar)
+    assert max(waits) <= 0.1 and clock[0] <= 2.5 + 0.2  # noticed within two short waits of the exit
+    assert bar.refreshes == 3  # at 1 s and 2 s, and once at the end: not at every wait

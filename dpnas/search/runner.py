@@ -25,6 +25,7 @@ import os
 import queue
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -65,7 +66,20 @@ from dpnas.search.study_state import (
 )
 from dpnas.search.weights import default_location, keep_trial_weights, open_store, record_location, study_location
 
-_IDLE_POLL_S = 1.0  # how often an idle worker looks again at trials running elsewhere
+
+def idle_waits(first: float = 0.1, most: float = 1.0, growth: float = 1.5) -> Iterator[float]:
+    """The pauses of a worker with nothing to take while trials run elsewhere, before it looks again.
+
+    Short at first: the last trial elsewhere often ends soon, and the search ends with it (2 workers on SQLite
+    ended 0.07-1.03 s after their last trial with a constant 1 s pause, 0.06-0.11 s with these; benchmarks/
+    RESULTS.md, fifteenth pass). Then longer, up to `most`: a look is a few storage reads under the slot lock
+    (2.6 ms on SQLite), which the idle workers of a long trial would otherwise take turns at on a shared server.
+    """
+    wait = first
+    while True:
+        yield wait
+        wait = min(wait * growth, most)
+
 
 # --- one worker ----------------------------------------------------------------------------------
 
@@ -154,6 +168,7 @@ def run_worker(
     report = WorkerReport()
     size = functools.cache(lambda: space_size(spec))  # computed once, when a repeat first suggests it
     consecutive_repeats = 0
+    waits = idle_waits()
     started = time.monotonic()
     prefix = f"[worker {worker_index}] " if worker_index else ""
     try:
@@ -209,12 +224,13 @@ def run_worker(
             if trial is None:
                 if running and is_heartbeat_enabled(storage):
                     # a trial elsewhere may be stale: wait for its heartbeat to lapse, then retry it here. Looked
-                    # at every second, so a worker stops right after the last trial running elsewhere ends, not
-                    # up to a whole heartbeat interval (60 s) later: 2 workers on SQLite took 64 s for 4 trials
-                    # of 1 s (benchmarks/RESULTS.md, thirteenth pass)
-                    time.sleep(min(spec.heartbeat_interval, _IDLE_POLL_S))
+                    # at again within a second, so a worker stops soon after the last trial running elsewhere
+                    # ends, not up to a whole heartbeat interval (60 s) later: 2 workers on SQLite took 64 s for
+                    # 4 trials of 1 s (benchmarks/RESULTS.md, thirteenth pass)
+                    time.sleep(min(spec.heartbeat_interval, next(waits)))
                     continue
                 break
+            waits = idle_waits()  # a trial taken: the next idle spell starts with short pauses again
             if line is None:
                 with get_heartbeat_thread(trial._trial_id, storage):
                     line = run_trial(study, trial, spec, data, configs, device=device, store=store,
@@ -471,8 +487,11 @@ def search(
 
 
 # How often the parent redraws the bar from the storage while its workers train (its elapsed time, and trials
-# finished by workers elsewhere on a shared server storage).
+# finished by workers elsewhere on a shared server storage); and how long it waits for a worker's line before it
+# looks whether the workers are still alive: the search returns that soon after its last worker exits (it waited
+# a whole redraw interval before, up to 1 s a search).
 PROGRESS_POLL_SECONDS = 1.0
+LINE_WAIT_SECONDS = 0.1
 
 
 def follow_workers(processes, lines, bar: SearchProgress) -> None:
@@ -480,16 +499,20 @@ def follow_workers(processes, lines, bar: SearchProgress) -> None:
 
     The queue is drained until the end: a process that put lines on it cannot exit before they are read.
     """
+    redrawn = time.monotonic()
     while True:
         alive = any(p.is_alive() for p in processes)
         try:
-            bar.write(lines.get(timeout=PROGRESS_POLL_SECONDS))
+            bar.write(lines.get(timeout=LINE_WAIT_SECONDS))
             continue
         except queue.Empty:
             pass
-        bar.refresh()
         if not alive:
+            bar.refresh()
             return
+        if time.monotonic() - redrawn >= PROGRESS_POLL_SECONDS:
+            bar.refresh()
+            redrawn = time.monotonic()
 
 
 def join_workers(processes) -> None:
