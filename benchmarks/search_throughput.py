@@ -22,7 +22,8 @@ study at epsilon = inf, run by `dpnas search` with the largest `--workers` count
 non-private one only by the few percent that skipping the batch weight gradients saves, so floor / user loop (in
 trials per hour) is about the most that any private search of these trials can gain over the user loop on this
 machine, and non-private search / user loop the most that dpnas's search can, however cheap its privacy gets.
-Prints a table and writes JSON (compare the ratio, measured in the same run, not absolute numbers across machines).
+The table's "start s" is how long after the call its first trial started, "end s" how long the call took to
+return after its last trial ended. Prints a table and writes JSON (compare the ratio, measured in the same run, not absolute numbers across machines).
 
     uv run python benchmarks/search_throughput.py --trials 6 --epochs 1 --workers 1,2
     uv run python benchmarks/search_throughput.py --study studies/quickstart.toml --dataset digits --epochs 8 \
@@ -31,6 +32,7 @@ Prints a table and writes JSON (compare the ratio, measured in the same run, not
         --trials 6 --workers 1,2 --baseline --floor          # and the ceiling: floor / user loop
     uv run python benchmarks/search_throughput.py --device cuda --synthetic-size 50000 --trials 16 --workers 1,2,4
     uv run python benchmarks/search_throughput.py --study studies/quickstart.toml --dataset digits --storage sqlite
+    uv run python benchmarks/search_throughput.py --study studies/quickstart.toml --dataset digits --bar  # as on a tty
     uv run python benchmarks/search_throughput.py --dataset cifar10 --data-dir ~/data --device cuda --workers 1,4
 """
 
@@ -112,6 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="add the arm a user would write: a plain Opacus loop over the sequential arm's trials")
     parser.add_argument("--floor", action="store_true",
                         help="add the non-private floor: the sequential arm's trials by dpnas's loop without privacy")
+    parser.add_argument("--bar", action="store_true",
+                        help="the dpnas arms draw the search's progress bar (to stderr), as on a terminal")
     parser.add_argument("--storage", choices=("journal", "sqlite"), default="journal",
                         help="each arm's fresh storage: a journal file (default) or an SQLite file (heartbeats)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/search_throughput.json"))
@@ -246,9 +250,11 @@ def arm_main(arm: dict) -> dict:
     if arm["kind"] == "floor":
         return run_floor(Path(arm["study"]), arm["trials"], arm["device"])
     if arm["kind"] == "nonprivate_search":
-        row = run_arm(Path(arm["study"]), arm["workers"], arm["device"], arm.get("storage", "journal"))
+        row = run_arm(Path(arm["study"]), arm["workers"], arm["device"], arm.get("storage", "journal"),
+                      bar=arm.get("bar", False))
         return row | {"arm": f"non-private search ({arm['workers']} worker{'s' if arm['workers'] > 1 else ''})"}
-    return run_arm(Path(arm["study"]), arm["workers"], arm["device"], arm.get("storage", "journal"))
+    return run_arm(Path(arm["study"]), arm["workers"], arm["device"], arm.get("storage", "journal"),
+                   bar=arm.get("bar", False))
 
 
 def run_user_loop(study_path: Path, trials: list[dict], device: str) -> dict:
@@ -360,16 +366,18 @@ def user_loop_trial(configs, data, device: str) -> dict:  # noqa: ANN001
             "seconds": time.perf_counter() - start}
 
 
-def run_arm(study_path: Path, workers: int, device: str, storage: str = "journal") -> dict:
+def run_arm(study_path: Path, workers: int, device: str, storage: str = "journal", bar: bool = False) -> dict:
     spec = load_study_file(study_path)
     with tempfile.TemporaryDirectory(prefix=f"search-throughput-w{workers}-") as directory:
         # a fresh storage: no trial of another arm is reused
         url = f"sqlite:///{Path(directory) / 'study.db'}" if storage == "sqlite" else str(Path(directory) / "study.journal")
-        start = time.perf_counter()
+        started_at, start = datetime.datetime.now(), time.perf_counter()
         with stdout_to_stderr():
-            study = search(spec, storage_url=url, workers=workers, device=device, progress=True)
+            study = search(spec, storage_url=url, workers=workers, device=device, progress=True,
+                           progress_bar=bar or None)
         wall = time.perf_counter() - start
         trials = study.get_trials(deepcopy=False)
+    ran = [t for t in trials if t.datetime_start is not None and t.datetime_complete is not None]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     states = {s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)}
     return {
@@ -378,6 +386,11 @@ def run_arm(study_path: Path, workers: int, device: str, storage: str = "journal
         "trials": len(complete),
         "states": states,
         "wall_s": wall,
+        # the search's start (checks, data, calibration, workers) and its end after the last trial (idle workers,
+        # the parent noticing they exited): Optuna's trial times, against the call's
+        "first_trial_after_s": min((t.datetime_start - started_at).total_seconds() for t in ran) if ran else None,
+        "after_last_trial_s": wall - max((t.datetime_complete - started_at).total_seconds() for t in ran)
+        if ran else None,
         "trials_per_hour": len(complete) / wall * 3600,
         # the busy time inside the trials, without start-up, data loading and waiting for the study lock
         "mean_trial_s": sum(t.user_attrs["wall_seconds"] for t in complete) / len(complete) if complete else None,
@@ -432,7 +445,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[{index}/{len(args.workers)}] {workers} worker(s) on {args.device}: {args.trials} trials of "
                   f"{args.epochs} epoch(s), {args.dataset} data", file=sys.stderr, flush=True)
             row = in_fresh_process({"kind": "dpnas", "study": str(study_path), "workers": workers,
-                                    "device": args.device, "storage": args.storage})
+                                    "device": args.device, "storage": args.storage, "bar": args.bar})
             print(f"[{index}/{len(args.workers)}] {row['trials']} trials in {row['wall_s']:.1f} s",
                   file=sys.stderr, flush=True)
             rows.append(row)
@@ -453,16 +466,19 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[floor] the same study without privacy (epsilon = inf), {workers} worker(s) on {args.device}",
                   file=sys.stderr, flush=True)
             rows.append(in_fresh_process({"kind": "nonprivate_search", "study": str(derive_nonprivate_study(study_path)),
-                                          "workers": workers, "device": args.device, "storage": args.storage}))
+                                          "workers": workers, "device": args.device, "storage": args.storage,
+                                          "bar": args.bar}))
         result = save()
 
     print(f"{args.trials} trials x {args.epochs} epoch(s), {args.dataset} data, device {args.device}")
-    print(f"{'arm':<30} {'workers':>7} {'trials':>6} {'wall s':>8} {'trials/hour':>11} {'x sequential':>12} "
-          f"{'test acc':>8}")
+    print(f"{'arm':<30} {'workers':>7} {'trials':>6} {'wall s':>8} {'start s':>7} {'end s':>6} {'trials/hour':>11} "
+          f"{'x sequential':>12} {'test acc':>8}")
     for row in rows:
         ratio = f"{row['x_sequential']:.2f}" if row["x_sequential"] is not None else "-"
         accuracy = f"{row['mean_test_accuracy']:.3f}" if row.get("mean_test_accuracy") is not None else "-"
-        print(f"{row['arm']:<30} {row['workers']:>7} {row['trials']:>6} {row['wall_s']:>8.1f} "
+        start, end = (f"{row[key]:.2f}" if row.get(key) is not None else "-"
+                      for key in ("first_trial_after_s", "after_last_trial_s"))
+        print(f"{row['arm']:<30} {row['workers']:>7} {row['trials']:>6} {row['wall_s']:>8.1f} {start:>7} {end:>6} "
               f"{row['trials_per_hour']:>11.1f} {ratio:>12} {accuracy:>8}")
     private = rows[:len(args.workers)]
     best = max(private, key=lambda r: r["trials_per_hour"])

@@ -15,7 +15,7 @@ def test_both_arms_complete_the_same_trials_and_report_consistent_rates(tmp_path
     # 512 synthetic 16x16 images: enough for the smoothnet recipe's batch of 256; one small grid axis each
     load_script().main(["--trials", "2", "--epochs", "1", "--workers", "1,2", "--device", "cpu",
                         "--synthetic-size", "512", "--image-size", "16", "--widths", "1", "--depths", "1",
-                        "--baseline", "--json", str(out)])
+                        "--baseline", "--bar", "--json", str(out)])
     result = json.loads(out.read_text())
     rows, baseline = result["rows"][:2], result["rows"][2]
     assert [r["workers"] for r in rows] == [1, 2]
@@ -30,6 +30,9 @@ def test_both_arms_complete_the_same_trials_and_report_consistent_rates(tmp_path
         assert row["trials"] == 2 and row["states"] == {"COMPLETE": 2}
         assert row["trials_per_hour"] == pytest.approx(row["trials"] / row["wall_s"] * 3600)
         assert row["x_sequential"] == pytest.approx(row["trials_per_hour"] / rows[0]["trials_per_hour"])
+        # the search's start and its end after the last trial: parts of its wall time, the trials between them
+        start, end = row["first_trial_after_s"], row["after_last_trial_s"]
+        assert 0 < start and 0 <= end and start + end + row["mean_trial_s"] <= row["wall_s"]
     assert rows[0]["x_sequential"] == 1.0
     # the same two distinct architectures in both arms, so the comparison is not biased by their cost
     assert rows[0]["configs"] == rows[1]["configs"] and len(set(rows[0]["configs"])) == 2
