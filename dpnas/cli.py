@@ -215,11 +215,18 @@ class Train(Command):
         result["recipe"] = args.arch if from_file else recipe.name
         result["data"] = data_settings.to_dict()
         write_json(out, result)
+        recorded = recipe_file.provenance if recipe_file is not None else {}
+        searched_on = recipe_file.data.dataset if recipe_file is not None and recipe_file.data is not None else None
         if weights is not None:
             scores = {k: result[k] for k in ("val_accuracy", "test_accuracy", "epsilon_spent", "delta", "params")}
+            provenance = {"trained_by": "dpnas train", "source": args.arch}
+            if "search_epsilon" in recorded and searched_on in (None, result["dataset"]):
+                # the search that chose this recipe spent its ε on these records: the model's cost includes it
+                provenance.update({k: recorded[k] for k in ("study", "trial", "search_epsilon", "search_delta")
+                                   if k in recorded}, recipe_of_search=True)
             save_checkpoint(checkpoint_dict(trained[0], arch=arch, train_cfg=train_cfg, privacy=privacy, data=data,
                                             data_settings=data_settings, results=scores,
-                                            provenance={"trained_by": "dpnas train", "source": args.arch}), weights)
+                                            provenance=provenance), weights)
             print(f"weights written to {weights}")
         eps = "non-private" if not result["private"] else f"epsilon spent {result['epsilon_spent']:.3f} of {privacy.epsilon:g} (delta {privacy.delta:g})"
         status = "interrupted after" if result["interrupted"] else "finished"
@@ -495,7 +502,10 @@ class Evaluate(Command):
             print(f"{args.weights}: test accuracy {report['test_accuracy']:.4f} on {report['test_size']} "
                   f"{report['dataset']} test images, {report['params']:,} params, epsilon spent "
                   f"{f'{spent:.3f}' if isinstance(spent, (int, float)) else spent} by its run"
-                  + (f"; {search}" if search else ""))
+                  + (f"; {search}" if search else "")
+                  + ("; trained with reproducible = true: whoever has the seed can regenerate its batches and noise, "
+                     "so no epsilon holds against them (retrain without it before releasing the model)"
+                     if report["reproducible"] else ""))
         return 0
 
 

@@ -201,3 +201,19 @@ def test_a_recipe_trained_on_other_data_says_its_epsilon_is_the_whole_cost_there
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: study")]
     assert len(notes) == 1 and "chose this recipe on digits" in notes[0] and "whole cost" in notes[0]
     assert "adds to the search's" not in notes[0]
+
+
+def test_a_reproducible_recipe_s_header_does_not_promise_a_new_private_run():
+    """The header of a recipe exported from a reproducible = true study said `dpnas train FILE` was "a new private
+    run", though the retrain regenerates the trial's batches and noise from the recorded seed (README)."""
+    from dpnas.arch.registry import MODELS
+    from dpnas.dp.recipe_file import RecipeFile
+    from dpnas.dp.recipes import RECIPES
+    from dpnas.search.study_report import _what_a_retrain_is
+
+    quick = RECIPES["quick"]
+    seeded = RecipeFile(MODELS["tiny"].arch, quick.train, quick.privacy.replace(reproducible=True))
+    words = _what_a_retrain_is(seeded)
+    assert not words.startswith("a new private run") and "reproducible = true" in words and "seed" in words, words
+    assert _what_a_retrain_is(RecipeFile(MODELS["tiny"].arch, quick.train, quick.privacy)) == (
+        "a new private run: it spends its own epsilon")

@@ -365,6 +365,9 @@ val_noise = {val_noise}
     (["--epsilon", "30"], "the recipe fixes noise_multiplier = 3"),
     (["--set", "delta=1e-6"], "the recipe fixes noise_multiplier = 3"),
     (["--epochs", "40", "--set", "noise_multiplier=0"], "val_noise: 2 on the correct count over 40 validation"),
+    # a lower ε with the noise derived afresh kept the recipe's val_noise: the validation records got ε 2.17 > 0.5
+    (["--epsilon", "0.5", "--set", "noise_multiplier=0"], "val_noise: 2 on the correct count over 1 validation"),
+    (["--set", "delta=1e-9", "--set", "noise_multiplier=0", "--epsilon", "1"], "val_noise: 2 on the correct count"),
 ])
 def test_a_recipe_whose_fixed_noise_misses_the_budget_asked_for_is_refused(capsys, no_data, tmp_path, flags, needle):
     """A recipe from a total-ε study fixes the noise its study derived: a new --epsilon used to leave it in place
@@ -576,3 +579,43 @@ def test_the_shipped_studies_load():
 
     for path in sorted((Path(__file__).parents[1] / "studies").glob("*.toml")):
         load_study_file(path)
+
+
+def test_a_retrained_recipe_s_checkpoint_states_the_search_s_epsilon(capsys, tmp_path):
+    """`dpnas train best.toml --weights w.pt` then `dpnas evaluate w.pt` printed only the retrain's own ε: the
+    search that chose the recipe on the same records (its ε in the recipe's provenance) was dropped."""
+    from dpnas.dp.checkpoint import load_checkpoint
+
+    path = tmp_path / "best.toml"
+    path.write_text(tiny_arch_table() + '\n[data]\ndataset = "digits"\nimage_size = 16\n\n[provenance]\n'
+                    'study = "s"\ntrial = 3\nsearch_epsilon = 7.5\nsearch_delta = 1e-05\n')
+    weights = tmp_path / "w.pt"
+    assert main(["train", str(path), "--quiet", "--epochs", "1", "--out", str(tmp_path / "r.json"),
+                 "--weights", str(weights)]) == 0
+    provenance = load_checkpoint(weights)["provenance"]
+    assert provenance["search_epsilon"] == 7.5 and provenance["study"] == "s"
+    capsys.readouterr()
+    assert main(["evaluate", str(weights)]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "by its run" in line and "7.500" in line and "study 's'" in line, line
+    # on other data the search's records are not the run's: nothing to add there
+    other = tmp_path / "o.pt"
+    assert main(["train", str(path), "--quiet", "--epochs", "1", "--dataset", "synthetic",
+                 "--out", str(tmp_path / "o.json"), "--weights", str(other)]) == 0
+    assert "search_epsilon" not in load_checkpoint(other)["provenance"]
+
+
+def test_evaluate_says_a_reproducible_run_s_model_is_not_protected(capsys, tmp_path):
+    """A model trained with reproducible = true (noise regenerable from the stored seed) was scored with its ε and
+    the search's as if it were private, without the README's warning that it must be retrained before release."""
+    import json
+
+    weights = tmp_path / "w.pt"
+    assert main(["train", "tiny", "--quiet", "--epochs", "1", "--image-size", "16", "--set", "reproducible=true",
+                 "--out", str(tmp_path / "r.json"), "--weights", str(weights)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(weights)]) == 0
+    out = capsys.readouterr().out
+    assert "reproducible = true" in out and "retrain" in out, out
+    assert main(["evaluate", str(weights), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["reproducible"] is True

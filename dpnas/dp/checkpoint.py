@@ -144,5 +144,8 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, data_di
         "config": checkpoint["config"],
         "epsilon_spent": checkpoint["results"].get("epsilon_spent", math.nan),
         "recorded_test_accuracy": checkpoint["results"].get("test_accuracy", math.nan),
+        # batches and noise seeded from the recorded seed: whoever has it can regenerate them (not releasable)
+        "reproducible": bool((checkpoint.get("privacy_config") or {}).get("reproducible"))
+        and math.isfinite((checkpoint.get("privacy_config") or {}).get("epsilon", math.inf)),
         "provenance": checkpoint.get("provenance", {}),
     }

@@ -95,11 +95,14 @@ def check_recipe_budget(recipe: PrivacyConfig, privacy: PrivacyConfig, changes: 
         raise ConfigError(f"the recipe fixes noise_multiplier = {recipe.noise_multiplier:g} (the noise its study "
                           f"derived), which a new epsilon or delta does not change; add --set noise_multiplier=0 "
                           f"--set val_noise=auto to derive the noise for epsilon = {privacy.epsilon:g}")
-    if privacy.val_noise != "auto" and float(privacy.val_noise) > 0 and epochs > recipe_epochs:
+    # a new epsilon or delta leaves the recipe's val_noise (derived for the recipe's budget) in place, as it does the
+    # noise multiplier: the validation records' cost must then meet the new budget
+    kept_noise = budget_changed and "val_noise" not in changes
+    if privacy.val_noise != "auto" and float(privacy.val_noise) > 0 and (epochs > recipe_epochs or kept_noise):
         noise = float(privacy.val_noise)
         cost, recorded = validation_epsilon(noise, epochs, privacy.delta), validation_epsilon(noise, recipe_epochs,
                                                                                                 privacy.delta)
-        if cost > max(privacy.epsilon, recorded) * (1 + 1e-9):
+        if cost > (privacy.epsilon if kept_noise else max(privacy.epsilon, recorded)) * (1 + 1e-9):
             raise ConfigError(f"val_noise: {noise:g} on the correct count over {epochs} validation releases (one "
                               f"per epoch; the recipe's {recipe_epochs} cost {recorded:.4g}) costs the validation "
                               f"records epsilon {cost:.4g} > epsilon = {privacy.epsilon:g}; --set val_noise=auto "

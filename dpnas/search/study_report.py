@@ -153,6 +153,13 @@ def search_words(provenance: dict[str, Any]) -> str:
     """The search's ε in the words `dpnas best` and `dpnas evaluate` print (empty without one)."""
     if "search_epsilon" not in provenance:
         return ""
+    if provenance.get("recipe_of_search"):  # `dpnas train` of a recipe `dpnas best` exported: a new run
+        cost, delta = provenance["search_epsilon"], provenance.get("search_delta")
+        if not isinstance(cost, str):
+            delta = f"delta {delta:g}, " if isinstance(delta, float) else ""
+            cost = f"epsilon {cost:.3f} ({delta}when exported)"
+        return (f"its recipe was chosen by study {provenance.get('study', '?')!r}, whose search cost {cost} on the "
+                "same records: this run's epsilon adds to it (`dpnas privacy` says what the search's covers)")
     if isinstance(provenance["search_epsilon"], str):
         return f"releasing it costs its whole search's epsilon, {provenance['search_epsilon']}"
     return (f"releasing it costs its whole search's epsilon {provenance['search_epsilon']:.3f} (delta "
@@ -164,6 +171,9 @@ def _what_a_retrain_is(recipe: RecipeFile) -> str:
         return "at the budget `dpnas train` is given"
     if not recipe.privacy.private:
         return "a NON-PRIVATE run: this trial trained without DP-SGD, and so would the retrain"
+    if recipe.privacy.reproducible:
+        return ("the trial's run again, reproducible = true: its batches and noise come from the recorded seed, so "
+                "whoever has it can regenerate them; --set reproducible=false trains a new private run to release")
     if recipe.privacy.val_noise == 0:
         return ("a new private run that spends its own epsilon, its validation scores exact: the validation "
                 "records are not protected")
