@@ -602,6 +602,7 @@ class Plot(Command):
         )
         from dpnas.analysis.frame import trials_frame
         from dpnas.analysis.static import STATIC_FORMATS, StaticExportError, check_static_export
+        from dpnas.search.journal_repair import JournalDamagedInside
         from dpnas.search.study_report import resolve_study
 
         try:  # refused before the study is read or anything is drawn
@@ -625,10 +626,13 @@ class Plot(Command):
             written = write_figures(figures, out, formats=formats)
         except StaticExportError as err:
             raise UsageError(f"--format: {err}") from err
-        if not args.no_attach:
-            attach_to_dashboard(study, figures)
         frame.to_csv(out / "trials.csv", index=False)
         print(f"wrote {len(written)} files and trials.csv to {out}/")
+        if not args.no_attach:
+            try:
+                attach_to_dashboard(study, figures)
+            except JournalDamagedInside as err:  # the files are written; the storage refuses writes until repaired
+                print(f"note: the figures are not attached to the study: {err}")
         return 0
 
 
@@ -655,6 +659,7 @@ class Report(Command):
         from dpnas.analysis.figures import default_plot_dir
         from dpnas.analysis.report import REPORT_FILE, attach_report, write_report
         from dpnas.results import check_writable
+        from dpnas.search.journal_repair import JournalDamagedInside
         from dpnas.search.study_report import resolve_study
         from dpnas.search.weights import study_location
 
@@ -670,8 +675,12 @@ class Report(Command):
             if location is None:
                 print("note: not attached to the study: a server storage needs --artifacts DIR_OR_S3")
             else:
-                artifact_id = attach_report(study, path, location=location)
-                print(f"attached to the study as artifact {artifact_id} in {location} (optuna-dashboard lists it)")
+                try:
+                    artifact_id = attach_report(study, path, location=location)
+                except JournalDamagedInside as err:  # the page is written; the storage refuses writes until repaired
+                    print(f"note: not attached to the study: {err}")
+                else:
+                    print(f"attached to the study as artifact {artifact_id} in {location} (optuna-dashboard lists it)")
         return 0
 
 

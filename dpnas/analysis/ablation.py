@@ -73,8 +73,11 @@ def paired_difference(variant: dict[int, float], base: dict[int, float],
 
 
 def is_ablation(frame: pd.DataFrame) -> bool:
-    """Whether the trials come from an ablation study (each records the axis it moves, or the base)."""
-    return "ablation_axis" in frame and (finished(frame)["ablation_axis"] == ABLATION_BASE).any()
+    """Whether the trials come from an ablation study (each records the axis it moves, or the base).
+
+    Any finished trial that records an axis says so: an ablation whose base point has no finished run (pruned as
+    diverged, failed, still running) is still an ablation, not a sample of the space to take medians over."""
+    return "ablation_axis" in frame and finished(frame)["ablation_axis"].notna().any()
 
 
 def ablation_axes(frame: pd.DataFrame) -> list[str]:
@@ -106,7 +109,11 @@ def ablation_info(frame: pd.DataFrame, component: str) -> AblationInfo:
     base_rows = done[done["ablation_axis"] == ABLATION_BASE]
     rows = done[done["ablation_axis"].isin([ABLATION_BASE, component])]
     values = rows[component].astype(str)
-    base_value = str(base_rows[component].iloc[0]) if len(base_rows) else ""
+    # the base point's value, from its finished runs, else from any of its trials (their configs are recorded
+    # before training): without one finished, the base is named but has no accuracies to show or pair with
+    every_base = frame[(frame["ablation_axis"] == ABLATION_BASE) & frame[component].notna()]
+    base_value = (str(base_rows[component].iloc[0]) if len(base_rows)
+                  else str(every_base[component].iloc[0]) if len(every_base) else "")
     accuracies, trials, intervals, differences = {}, {}, {}, {}
     for value, group in rows.groupby(values):
         accuracies[value] = group["val_accuracy"].tolist()

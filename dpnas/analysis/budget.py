@@ -18,14 +18,26 @@ class BudgetInfo(NamedTuple):
     nonprivate_best: float  # NaN when no non-private trial
 
 
+def budget_column(frame: pd.DataFrame) -> str:
+    """The column that holds each trial's privacy budget: the searched ``epsilon`` where the study searched it.
+
+    A trial's ``epsilon_target`` is the ε its own run was held to, which is not a budget the user chose in a
+    total-ε study (each searched batch size and epoch count gets its own calibrated per-run ε) or under TAN
+    (the simulated run's real ε): grouping by it drew a curve of "budgets" that were never searched.
+    """
+    return "epsilon" if "epsilon" in frame.attrs.get("searched", []) and "epsilon" in frame else "epsilon_target"
+
+
 def budget_info(frame: pd.DataFrame) -> BudgetInfo:
     done = finished(frame)
-    done = done[done["epsilon_target"].notna()]
+    column = budget_column(frame)
+    done = done[pd.to_numeric(done[column], errors="coerce").notna()]
     if done.empty:
         return BudgetInfo([], [], [], math.nan)
-    private = done[done["epsilon_target"].apply(math.isfinite)]
-    stats = private.groupby("epsilon_target")["val_accuracy"].agg(["max", "median"]).sort_index()
-    nonprivate = done[~done["epsilon_target"].apply(math.isfinite)]["val_accuracy"]
+    budgets = done[column].astype(float)
+    private = done[budgets.apply(math.isfinite)]
+    stats = private.groupby(budgets[private.index])["val_accuracy"].agg(["max", "median"]).sort_index()
+    nonprivate = done[~budgets.apply(math.isfinite)]["val_accuracy"]
     return BudgetInfo(stats.index.tolist(), stats["max"].tolist(), stats["median"].tolist(),
                       float(nonprivate.max()) if len(nonprivate) else math.nan)
 

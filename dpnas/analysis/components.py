@@ -8,6 +8,24 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from dpnas.analysis.frame import finished
+from dpnas.arch.conditions import ARCH_RELEVANCE, matters
+
+
+def relevant(done: pd.DataFrame, component: str) -> pd.DataFrame:
+    """The trials in which `component` shaped the model: ``groups`` only with GroupNorm, ``scalenorm`` only with a
+    norm and a merge (:data:`dpnas.arch.conditions.ARCH_RELEVANCE`). Elsewhere the field keeps its base (or
+    neutral) value, which was never searched, so counting those trials under it would show a value and a spread
+    that no trial of that value produced."""
+    if component not in ARCH_RELEVANCE or done.empty:
+        return done
+
+    def holds(row: pd.Series) -> bool:
+        try:
+            return matters(ARCH_RELEVANCE, component, row)
+        except (KeyError, TypeError):  # a row without the fields the rule reads: kept, as before
+            return True
+
+    return done[done.apply(holds, axis=1)]
 
 
 class ComponentInfo(NamedTuple):
@@ -20,6 +38,8 @@ class ComponentInfo(NamedTuple):
 
 def component_info(frame: pd.DataFrame, component: str) -> ComponentInfo:
     done = finished(frame)
+    if component in done:
+        done = relevant(done, component)
     accuracies: dict[str, list[float]] = {}
     trials: dict[str, list[int]] = {}
     if component in done:
@@ -48,7 +68,7 @@ def component_figure(info: ComponentInfo) -> go.Figure:
 def components_to_show(frame: pd.DataFrame, candidates: tuple[str, ...]) -> list[str]:
     """The components that vary among finished trials (a constant one says nothing)."""
     done = finished(frame)
-    return [c for c in candidates if c in done and done[c].astype(str).nunique() > 1]
+    return [c for c in candidates if c in done and relevant(done, c)[c].astype(str).nunique() > 1]
 
 
 def component_effects(frame: pd.DataFrame, components: tuple[str, ...] | None = None) -> pd.DataFrame:

@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from dpnas.analysis.ablation import ablation_axes, ablation_figure, ablation_info, is_ablation
-from dpnas.analysis.budget import budget_figure, budget_info
+from dpnas.analysis.budget import budget_column, budget_figure, budget_info
 from dpnas.analysis.components import component_figure, component_info, components_to_show
 from dpnas.analysis.dp_gap import dp_gap_figure, dp_gap_info
 from dpnas.analysis.frame import COMPONENTS, finished, trials_frame
@@ -61,7 +61,8 @@ def study_figures(study: optuna.Study, frame: pd.DataFrame | None = None,
         if done[cost].notna().any():
             figures[f"pareto_{cost}"] = pareto_figure(pareto_info(frame, cost))
     budgets = budget_info(frame)
-    if len(budgets.epsilons) > 1 or (budgets.epsilons and not math.isnan(budgets.nonprivate_best)):
+    searched = budget_column(frame) == "epsilon"  # several budgets only where the study searched ε
+    if searched and (len(budgets.epsilons) > 1 or (budgets.epsilons and not math.isnan(budgets.nonprivate_best))):
         figures["accuracy_vs_epsilon"] = budget_figure(budgets)
     figures.update(_optuna_figures(study))
     return figures

@@ -28,7 +28,9 @@ from plotly.offline import get_plotlyjs
 from dpnas.analysis.figures import study_figures
 from dpnas.analysis.frame import trials_frame
 from dpnas.analysis.report_page import esc, facts, page, sortable_table
+from dpnas.arch.space import ConfigError
 from dpnas.dp.recipe_file import recipe_to_toml
+from dpnas.search.fidelity import Fidelity
 from dpnas.search.runner import best_trials
 from dpnas.search.storage import command_url
 from dpnas.search.study_privacy import TRIAL_TARGET_ATTR
@@ -71,12 +73,20 @@ def figure_caption(name: str, figure: go.Figure | None = None) -> str:
 def figure_title(figure: go.Figure, name: str) -> str:
     """The figure's title as text: its first line, without Plotly's markup (a subtitle goes to the caption)."""
     title = figure.layout.title.text or name.replace("_", " ")
-    return re.sub(r"<[^>]+>", "", title.split("<br>")[0]).strip()
+    return _without_markup(title.split("<br>")[0])
+
+
+# Plotly's text markup: tags such as <sup>, </b>, <br>; a "<" that opens no tag ("p < 0.05") is text
+_MARKUP = re.compile(r"</?[A-Za-z][^<>]*>")
+
+
+def _without_markup(text: str) -> str:
+    return _MARKUP.sub("", text).strip()
 
 
 def _subtitle(figure: go.Figure) -> str | None:
     title = figure.layout.title.text or ""
-    return re.sub(r"<[^>]+>", "", title.split("<br>", 1)[1]).strip() if "<br>" in title else None
+    return _without_markup(title.split("<br>", 1)[1]) if "<br>" in title else None
 
 
 def _question(study: optuna.Study) -> str:
@@ -131,7 +141,12 @@ def _describe_axis(value: Any) -> str:
 
 
 def _privacy(study: optuna.Study) -> str:
-    lines = privacy_statement(study)
+    try:
+        lines = privacy_statement(study)
+    except ConfigError as err:  # a journal damaged in the middle: no statement from the records before it
+        return ("<h2>Privacy</h2>\n<p class=\"headline\"><strong>Not stated: the study's storage is damaged "
+                "(`dpnas privacy` says why).</strong></p>\n"
+                f'<p class="sub">{esc(err)}</p>')
     headline, rest = lines[1], lines[2:]
     return ("<h2>Privacy</h2>\n"
             f'<p class="headline"><strong>{esc(headline[0].upper() + headline[1:])}</strong></p>\n'
@@ -150,6 +165,11 @@ def _best(study: optuna.Study, storage_url: str | None, where: str | None, artif
         values = ", ".join(f"{n} = {v:.4f}" for n, v in zip(names, trial.values))
         parts.append(f"<h3>Trial {trial.number}: {esc(values)}</h3>")
         searched = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in trial.params.items())
+        proxy = Fidelity.from_record(trial.user_attrs.get("fidelity") or {})
+        if proxy.trains_proxy:  # what `dpnas best` says in its header: the run and its weights are the proxy's
+            parts.append(f"<p>The search trained a cheaper proxy of this point ([fidelity]: {esc(proxy.describe())}): "
+                         "its ε, test accuracy and stored weights below are the proxy run's, not the recipe's, "
+                         "which is the point at the target fidelity.</p>")
         parts.append(facts([("searched values", searched),
                             ("parameters", f"{trial.user_attrs.get('params', '?'):,}"
                              if isinstance(trial.user_attrs.get("params"), int) else "?"),

@@ -194,7 +194,10 @@ def budget_words(study: optuna.Study) -> str:
                          if (t.user_attrs.get("privacy_config") or {}).get("epsilon") == math.inf)
         return (f"ε searched per trial ({searched}; inf trains without privacy: {nonprivate} trial"
                 f"{'s' if nonprivate != 1 else ''} so far)")
-    return f"ε = {attrs.get('epsilon')} for every trial (DP-SGD)"
+    epsilon = attrs.get("epsilon")
+    if epsilon == math.inf or (isinstance(epsilon, str) and epsilon.startswith("inf")):
+        return "none: every trial trains without DP-SGD (ε = inf, non-private)"
+    return f"ε = {epsilon} for every trial (DP-SGD)"
 
 
 def study_note(study: optuna.Study, privacy: StudyPrivacy, storage_url: str) -> str:

@@ -1,0 +1,168 @@
+"""The figures and the report on the studies that are not a plain search: components that matter only with
+others, budgets that were not searched, ablations without a finished base, damaged journals, non-private and
+proxy studies. Each test builds its study without training (trials recorded as dpnas records them), except the
+damaged journal, which is a plain Optuna journal damaged in place."""
+
+import math
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState, create_trial
+
+from dpnas.analysis.ablation import ablation_axes, is_ablation
+from dpnas.analysis.components import component_effects, component_info, components_to_show
+from dpnas.analysis.figures import study_figures
+from dpnas.analysis.frame import COMPONENTS, trials_frame
+from dpnas.analysis.report import figure_caption
+from dpnas.arch.registry import MODELS
+from dpnas.cli import main
+
+TINY = MODELS["tiny"].arch
+
+
+def _trial(value, params, *, state=TrialState.COMPLETE, **attrs):
+    arch = TINY.replace(**{k: v for k, v in params.items() if k in TINY.__dataclass_fields__})
+    distributions = {k: CategoricalDistribution([v]) for k, v in params.items()}
+    user_attrs = {"config": arch.to_dict(), "epsilon_target": 4.0, "params": 9286, **attrs}
+    if state == TrialState.COMPLETE:
+        user_attrs["val_accuracy"] = value
+    return create_trial(state=state, value=value if state == TrialState.COMPLETE else None, params=params,
+                        distributions=distributions, user_attrs=user_attrs)
+
+
+def _study(trials, name="review"):
+    study = optuna.create_study(study_name=name, direction="maximize")
+    for trial in trials:
+        study.add_trial(trial)
+    return study
+
+
+def test_a_component_counts_only_the_trials_where_it_matters():
+    """`groups` is suggested only with GroupNorm; the other trials keep the base's groups (8 for tiny), never
+    searched. The groups figure and the component table showed a value "8" made of the layer-norm and no-norm
+    trials, ranked between the searched values."""
+    study = _study([_trial(0.17, {"norm": "layer"}), _trial(0.15, {"norm": "group", "groups": 2}),
+                    _trial(0.24, {"norm": "group", "groups": 4}), _trial(0.15, {"norm": "none"})])
+    frame = trials_frame(study)
+    assert TINY.groups == 8 and sorted(frame["groups"].astype(str)) == ["2", "4", "8", "8"]  # as stored
+    info = component_info(frame, "groups")
+    assert info.order == ["4", "2"] and info.trials == {"4": [2], "2": [1]}
+    effects = component_effects(frame)
+    assert effects[effects["component"] == "groups"]["value"].tolist() == ["4", "2"]
+    assert effects[effects["component"] == "norm"]["trials"].sum() == 4  # norm always matters
+    # a component that varies only among trials where it does not matter says nothing
+    assert "groups" not in components_to_show(_frame_groups_unused(), COMPONENTS)
+
+
+def _frame_groups_unused():
+    return trials_frame(_study([_trial(0.2, {"norm": "layer", "groups": 4}), _trial(0.3, {"norm": "none"})]))
+
+
+def test_accuracy_against_epsilon_is_drawn_only_for_searched_budgets():
+    """A total-ε study that searched batch_size got an "accuracy against the privacy budget" figure: each batch size's
+    calibrated per-run ε (4.81 and 5.31) drawn as a budget that was searched. It was never searched: the
+    accuracy differences are the batch size's."""
+    total = _study([_trial(0.36, {"batch_size": 64}, epsilon_target=5.313449),
+                    _trial(0.35, {"batch_size": 64}, epsilon_target=5.313449),
+                    _trial(0.21, {"batch_size": 256}, epsilon_target=4.805092),
+                    _trial(0.24, {"batch_size": 256}, epsilon_target=4.805092)])
+    total.set_user_attr("total_epsilon", 8.0)
+    assert "accuracy_vs_epsilon" not in study_figures(total)
+    # a searched ε still gets it, grouped by the searched value (a TAN trial's own ε is its simulated run's)
+    searched = _study([_trial(0.5, {"epsilon": 4.0}, epsilon_target=40.5), _trial(0.6, {"epsilon": 8.0},
+                                                                                   epsilon_target=81.0),
+                       _trial(0.7, {"epsilon": math.inf}, epsilon_target="inf (non-private)")])
+    figures = study_figures(searched)
+    assert "accuracy_vs_epsilon" in figures
+    assert list(figures["accuracy_vs_epsilon"].data[0].x) == [4.0, 8.0]
+
+
+def _ablation(base_state=TrialState.COMPLETE):
+    trials = []
+    for repeat, shift in enumerate((0.0, 0.02)):
+        trials += [_trial(0.60 + shift, {"norm": "group", "lr": 0.01}, state=base_state, ablation_axis="base",
+                          repeat=repeat),
+                   _trial(0.50 + shift, {"norm": "layer", "lr": 0.01}, ablation_axis="norm", repeat=repeat),
+                   _trial(0.40 + shift, {"norm": "group", "lr": 0.005}, ablation_axis="lr", repeat=repeat)]
+    return _study(trials, name="ablation")
+
+
+def test_the_ablation_caption_keeps_its_significance_threshold():
+    """The caption's markup was stripped with <[^>]+>, which also ate "< 0.05)</sup>": it ended "(p."."""
+    figure = study_figures(_ablation())["component_norm"]
+    assert "p < 0.05" in figure.layout.title.text
+    caption = figure_caption("component_norm", figure)
+    assert caption.endswith("paired t-test over seeds (p < 0.05).") and "<sup" not in caption
+
+
+def test_an_ablation_whose_base_point_has_no_finished_run_is_still_drawn_as_one():
+    """With the base point's runs pruned (diverged) or still running, the ablation was drawn and tabled as a sample
+    of the space: its lr axis vanished and "norm = group" became the median over every other move."""
+    frame = trials_frame(_ablation(base_state=TrialState.PRUNED))
+    assert is_ablation(frame) and ablation_axes(frame) == ["norm", "lr"]
+    figures = study_figures(_ablation(base_state=TrialState.PRUNED), frame)
+    assert {"component_norm", "component_lr"} <= set(figures)
+    effects = component_effects(frame)
+    assert effects[["component", "value"]].values.tolist() == [["norm", "layer"], ["lr", "0.005"]]
+    assert not effects["base"].any() and effects["paired_seeds"].tolist() == [0, 0]
+
+
+def _damaged_in_the_middle(path):
+    study = optuna.create_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(path))),
+                                direction="maximize")
+
+    def objective(trial):  # recorded as dpnas records a trial, so `plot` has a figure of its own to attach
+        trial.set_user_attr("config", TINY.to_dict())
+        trial.set_user_attr("params", 1000 + trial.number)
+        return trial.suggest_float("x", 0, 1)
+
+    study.optimize(objective, n_trials=3)
+    lines = path.read_bytes().splitlines(keepends=True)
+    middle = len(lines) // 2
+    lines[middle] = bytes(b ^ 0xFF for b in lines[middle][:12]) + lines[middle][12:]
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def test_report_and_plot_of_a_journal_damaged_in_the_middle(tmp_path, capsys):
+    """The README: `report` and `plot` read the records before the damage. `report` stopped with the privacy
+    statement's refusal and wrote nothing; `plot` wrote its figures, then failed attaching them (exit 2, no
+    trials.csv). Now the page says the search's ε is not stated (as `dpnas best` does) and neither attaches."""
+    journal = _damaged_in_the_middle(tmp_path / "s.journal")
+    damaged = journal.read_bytes()
+    out = tmp_path / "report.html"
+    assert main(["report", str(journal), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "note: not attached to the study" in printed
+    page = out.read_text()
+    assert "Not stated: the study's storage is damaged" in page and "Best recipe" in page
+    assert main(["plot", str(journal), "--out", str(tmp_path / "plots")]) == 0
+    assert "not attached to the study" in capsys.readouterr().out
+    assert (tmp_path / "plots" / "trials.csv").is_file()
+    assert journal.read_bytes() == damaged
+
+
+def test_a_non_private_study_s_budget_is_not_called_dp_sgd():
+    """A study with `epsilon = inf` was described in the report and the dashboard note as
+    "ε = inf (non-private) for every trial (DP-SGD)"."""
+    from dpnas.search.study_report import budget_words
+
+    study = _study([])
+    study.set_user_attr("epsilon", "inf (non-private)")  # as dpnas stores it
+    assert "DP-SGD" not in budget_words(study).replace("without DP-SGD", "")
+    assert budget_words(study) == "none: every trial trains without DP-SGD (ε = inf, non-private)"
+    study.set_user_attr("epsilon", 4.0)
+    assert budget_words(study) == "ε = 4.0 for every trial (DP-SGD)"
+
+
+def test_the_report_says_a_proxy_trial_s_run_and_weights_are_the_proxy_s():
+    """`dpnas best` says the weights of a [fidelity] search's winner are the proxy run's, not the exported recipe's;
+    the report put the proxy's ε, test accuracy and weights beside the target recipe without a word."""
+    from dpnas.analysis.report import _best
+
+    proxy = _study([_trial(0.6, {"activation": "relu"}, fidelity={"data_fraction": 0.5, "epochs": 1})])
+    assert "the proxy run's, not the recipe's" in _best(proxy, None, None, None)
+    assert "proxy" not in _best(_study([_trial(0.6, {"activation": "relu"})]), None, None, None)
