@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import dpnas.data.datasets as datasets
+import dpnas.dp.checkpoint as checkpoint
+import dpnas.search.fidelity as fidelity
 from dpnas.arch.footprint import footprint
 from dpnas.arch.models import DenseBlock, ResidualBlock, build_model, count_parameters
 from dpnas.arch.registry import MODELS, get_arch
@@ -57,7 +59,10 @@ def no_data(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the data was loaded before the run was refused")
 
-    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    # and where modules hold it by name (imported above, before any test patches it: a first import under the patch
+    # would keep the refusal for the rest of the session)
+    for module in (datasets, checkpoint, fidelity):
+        monkeypatch.setattr(module, "load_dataset", refuse)
 
 
 @contextlib.contextmanager
@@ -476,7 +481,7 @@ def test_evaluate_refuses_a_dataset_of_other_channels_before_loading_it(capsys, 
 
 # --- 9. a user's walk through the README (2026-12-07) ------------------------------------------------------------
 
-def test_an_output_that_names_the_command_s_input_is_refused(capsys, no_data, tmp_path):
+def test_an_output_that_names_the_command_s_input_is_refused(capsys, no_data, monkeypatch, tmp_path):
     """`train RECIPE --weights RECIPE` replaced the recipe with a checkpoint; `best --out` the study's storage."""
     from search_helpers import write_study
 
@@ -486,6 +491,7 @@ def test_an_output_that_names_the_command_s_input_is_refused(capsys, no_data, tm
     for flag in ("--weights", "--out"):
         one_line_error(capsys, ["train", str(recipe), "--quiet", flag, str(recipe)], "this command reads")
     assert recipe.read_bytes() == before
+    monkeypatch.undo()  # refused before any data; the search below trains
     path = write_study(tmp_path, n_trials=1)
     assert main(["search", str(path), "--quiet"]) == 0
     capsys.readouterr()
