@@ -166,3 +166,21 @@ def test_the_report_says_a_proxy_trial_s_run_and_weights_are_the_proxy_s():
     proxy = _study([_trial(0.6, {"activation": "relu"}, fidelity={"data_fraction": 0.5, "epochs": 1})])
     assert "the proxy run's, not the recipe's" in _best(proxy, None, None, None)
     assert "proxy" not in _best(_study([_trial(0.6, {"activation": "relu"})]), None, None, None)
+
+
+def test_a_multi_objective_report_shows_the_parameter_count_once_as_a_count():
+    """With objectives val_accuracy and params, the trials table had two "params" columns, the objective's
+    written as 1.42e+04."""
+    from dpnas.analysis.report import _trials
+
+    study = optuna.create_study(study_name="pareto", directions=["maximize", "minimize"])
+    study.set_metric_names(["val_accuracy", "params"])
+    for value, params in ((0.8, 14204), (0.7, 9286)):
+        trial = _trial(value, {"width": 1.0})
+        study.add_trial(create_trial(state=TrialState.COMPLETE, values=[value, params], params=trial.params,
+                                     distributions=trial.distributions,
+                                     user_attrs=dict(trial.user_attrs, params=params)))
+    table = _trials(study, trials_frame(study))
+    head = table.split("</thead>")[0]
+    assert head.count("<th>params</th>") == 1 and head.count("<th>val_accuracy</th>") == 1
+    assert ">14,204<" in table and "e+04" not in table

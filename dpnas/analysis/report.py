@@ -197,15 +197,17 @@ def _trials(study: optuna.Study, frame: pd.DataFrame) -> str:
     searched = list(frame.attrs.get("searched", []))
     names = study.metric_names or ["value"]
     by_number = frame.set_index("number") if not frame.empty else frame
-    columns = ["trial", "state", *searched, *names, "ε spent", "params", "seconds", "failure reason"]
+    # an objective "params" (accuracy against size) is the parameter count: its column, not a second one
+    counts = [] if "params" in names else ["params"]
+    columns = ["trial", "state", *searched, *names, "ε spent", *counts, "seconds", "failure reason"]
     rows, classes = [], []
     for t in study.get_trials(deepcopy=False):
         row = by_number.loc[t.number] if t.number in by_number.index else {}
         values = list(t.values) if t.values else [None] * len(names)
         reason = t.user_attrs.get("failure_reason") or t.user_attrs.get("pruned_reason")
-        rows.append([t.number, t.state.name, *(_cell(row.get(s)) for s in searched), *values,
-                     _cell(row.get("epsilon_spent")), _cell(row.get("params")), _cell(row.get("wall_seconds")),
-                     reason])
+        rows.append([t.number, t.state.name, *(_cell(row.get(s)) for s in searched), *map(_cell, values),
+                     _cell(row.get("epsilon_spent")), *(_cell(row.get(c)) for c in counts),
+                     _cell(row.get("wall_seconds")), reason])
         classes.append(f"state-{t.state.name}")
     return (f"<h2>Trials</h2>\n<p class=\"sub\">{len(rows)} trials; click a column's header to sort by it.</p>\n"
             + sortable_table(columns, rows, row_classes=classes))
