@@ -387,6 +387,100 @@ def test_ctrl_c_while_a_trained_trial_is_recorded_stops_the_search_after_recordi
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_retry_whose_worker_died_before_it_trained_is_not_charged(tmp_path, monkeypatch):
+    """Optuna's retry of a failed trial carries a copy of the original's privacy plan. A worker killed right after
+    it took the retry, before the retry recorded its own plan (it never touched the data), left a FAIL trial that
+    was charged as a run: `dpnas privacy` counted the original's run twice, and the total-ε study stopped one run
+    short with "total_epsilon is spent"."""
+    import os
+    import socket
+
+    from dpnas.search.study_state import _recover_orphans
+
+    spec = load_study_file(_tiny(tmp_path, privacy="total_epsilon = 6.0", n_trials=3, epochs=1))
+    real_train = runner.train
+
+    def interrupted(*args, on_plan=None, **kwargs):
+        on_plan(plan_privacy(kwargs["privacy"], dataset_size=len(args[1].train), batch_size=256, epochs=1))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        search(spec, progress=False)  # trial 0 touched the data, then Ctrl-C: charged, and queued for a retry
+    monkeypatch.setattr(runner, "train", real_train)
+    study = load(spec)
+    retry = study.ask()  # a worker takes the retry (trial 1) ...
+    assert retry.number == 1 and "privacy_plan" in retry.user_attrs  # the original's, copied
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    retry.set_user_attr("worker", f"{socket.gethostname()}:{dead}")  # ... records itself, and is killed
+    _recover_orphans(study, spec)
+    study = load(spec)
+    assert study.get_trials()[1].state == TrialState.FAIL
+    assert runner.runs_charged(study) == 1 and study_privacy(study).runs == 1  # trial 0 only
+    search(spec, progress=False)
+    study = load(spec)
+    # the three runs the total was split over: trial 0 (interrupted) and two that completed
+    assert runner.runs_charged(study) == 3 and len(study.get_trials(states=(TrialState.COMPLETE,))) == 2
+    assert study_privacy(study).runs == 3 and study_privacy(study).epsilon <= 6.0
+
+
+def test_only_a_plan_copied_from_a_retried_trial_goes_uncharged():
+    """A plan is a retry's inherited copy only where it names a trial of that retry's history; one that cannot be
+    told apart (an older version's, without a name; numbers changed by copying the study) is charged."""
+    from optuna.trial import create_trial
+
+    from dpnas.search.study_privacy import own_privacy_plan
+
+    def trial(number, plan, state=TrialState.FAIL, history=None):
+        made = create_trial(state=state, user_attrs={"privacy_plan": plan},
+                            system_attrs={} if history is None else {"retry_history": history, "failed_trial": 0})
+        made.number = number
+        return made
+
+    plan = {"trial": 0, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10}
+    assert own_privacy_plan(trial(0, plan)) == plan  # the original's own
+    assert own_privacy_plan(trial(1, plan, history=[0])) is None  # its retry, killed before it trained
+    assert own_privacy_plan(trial(2, plan, history=[0, 1])) is None  # a retry of the retry
+    assert own_privacy_plan(trial(1, dict(plan, trial=1), history=[0])) is not None  # the retry's own plan
+    assert own_privacy_plan(trial(7, plan)) == plan  # renumbered by a copy: charged, not dropped
+    old = {k: v for k, v in plan.items() if k != "trial"}
+    assert own_privacy_plan(trial(1, old, history=[0])) == old  # an older version's plan: charged, as before
+    assert own_privacy_plan(trial(1, plan, state=TrialState.WAITING, history=[0])) is None  # has not run
+
+
+def test_a_crash_before_a_better_trial_completes_keeps_the_weights_it_displaces(tmp_path, monkeypatch):
+    """The weights a finished trial displaces (keep_weights = "best") were removed before that trial was told
+    COMPLETE: a worker killed in between left the study's best finished trial without weights (`dpnas best
+    --weights` refused it), while the displacing trial was failed as an orphan and trained again, maybe worse."""
+    from dpnas.search.weights import open_store, study_location, weights_available
+
+    spec = load_study_file(_tiny(tmp_path, n_trials=2, epochs=1))
+    real_keep = runner.keep_trial_weights
+
+    class Killed(BaseException):
+        """The worker's SIGKILL, as far as this process can tell"""
+
+    def better_then_killed(study, trial, checkpoint, *, values, keep, store):
+        if trial.number == 0:
+            return real_keep(study, trial, checkpoint, values=values, keep=keep, store=store)
+        real_keep(study, trial, checkpoint, values=[2.0], keep=keep, store=store)  # better than any accuracy
+        raise Killed
+
+    monkeypatch.setattr(runner, "keep_trial_weights", better_then_killed)
+    with pytest.raises(Killed):
+        search(spec, progress=False)
+    study = load(spec)
+    first, second = study.get_trials()
+    assert first.state == TrialState.COMPLETE and second.state == TrialState.RUNNING  # lost, to be retrained
+    assert weights_available(study, first)  # the best finished trial still has its weights, file included
+    store = open_store(study_location(study, spec.default_storage()))
+    with store.open_reader(first.user_attrs[_ARTIFACT]) as reader:
+        assert reader.read(1)
+
+
 def test_validation_noise_off_is_reported_as_unprotected(tmp_path, capsys):
     path = _tiny(tmp_path, privacy="epsilon = 4.0\nval_noise = 0", n_trials=1, epochs=1)
     search(load_study_file(path), progress=False)

@@ -27,7 +27,7 @@ from dpnas.search.calibration import run_shapes, shape_key, start_study_calibrat
 from dpnas.search.fidelity import load_search_data, search_trial
 from dpnas.search.sampling import ablation_points, axis_distribution, grid_points, suggest
 from dpnas.search.study_file import StudySpec
-from dpnas.search.study_privacy import CALIBRATION_ATTR
+from dpnas.search.study_privacy import CALIBRATION_ATTR, own_privacy_plan
 
 BUDGET_ATTR = "dpnas:budget"
 DATA_ATTR = "dpnas:data"
@@ -72,11 +72,11 @@ def runs_charged(study: optuna.Study) -> int:
     data did not fit the device) stops counting when it is failed.
 
     A WAITING trial has not run: when it is Optuna's retry of a failed one, it carries a copy of the original's
-    user attributes, privacy plan included, and must not be charged twice.
+    user attributes, privacy plan included, and must not be charged twice; nor when it is failed before it
+    records its own plan (:func:`~dpnas.search.study_privacy.own_privacy_plan`).
     """
     return sum(1 for t in study.get_trials(deepcopy=False)
-               if t.state == optuna.trial.TrialState.RUNNING
-               or ("privacy_plan" in t.user_attrs and t.state != optuna.trial.TrialState.WAITING))
+               if t.state == optuna.trial.TrialState.RUNNING or own_privacy_plan(t) is not None)
 
 
 def refuse_other_repeats(study: optuna.Study, spec: StudySpec) -> None:

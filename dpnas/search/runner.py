@@ -64,7 +64,14 @@ from dpnas.search.study_state import (
     trial_budget,
     worker_identity,
 )
-from dpnas.search.weights import default_location, keep_trial_weights, open_store, record_location, study_location
+from dpnas.search.weights import (
+    default_location,
+    keep_trial_weights,
+    open_store,
+    record_location,
+    remove_displaced_weights,
+    study_location,
+)
 
 
 def idle_waits(first: float = 0.1, most: float = 1.0, growth: float = 1.5) -> Iterator[float]:
@@ -299,7 +306,8 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
         last_release.append(max(plan.validated_periods(), default=0))
         # Written (the block's end) before any step touches the data: the search-level accounting counts this run.
         with writes_together(study._storage):
-            trial.set_user_attr("privacy_plan", {"noise_multiplier": plan.noise_multiplier,
+            # named after its trial: a retry's copy of it (Optuna copies the original's attributes) is not its own
+            trial.set_user_attr("privacy_plan", {"trial": trial.number, "noise_multiplier": plan.noise_multiplier,
                                                  "sample_rate": plan.sample_rate, "steps": plan.steps,
                                                  "val_noise": plan.val_noise, "val_releases": plan.val_releases})
             for part in ("train", "val", "test"):
@@ -379,6 +387,8 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
                     provenance={"study": study.study_name, "trial": trial.number, "dpnas_version": _version()})
                 keep_trial_weights(study, trial, checkpoint, values=values, keep=spec.keep_weights, store=store)
             study.tell(trial, values=values)
+            if store is not None:  # only now: the files this trial displaces are not removed while it may be lost
+                remove_displaced_weights(study, keep=spec.keep_weights, store=store)
         changed = ", ".join(f"{k}={v}" for k, v in trial.params.items())
         return (f"trial {trial.number} done: val accuracy {result['val_accuracy']:.4f}, "
                 f"eps {result['epsilon_spent']:.2f}, {result['params']:,} params ({changed})")

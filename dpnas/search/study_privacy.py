@@ -98,6 +98,25 @@ class StudyPrivacy:
         return asdict(self)
 
 
+def own_privacy_plan(trial: optuna.trial.FrozenTrial) -> dict[str, Any] | None:
+    """The privacy plan `trial` recorded itself before touching the data, or None: it has not touched them.
+
+    Optuna's retry of a failed trial arrives with a copy of the original's user attributes, plan included; the
+    original is the run that is charged. A retry that has not run (WAITING), or whose worker died or was
+    interrupted after taking it and before it recorded its own plan, never touched the data: charging its copy
+    counted one run twice, and a total-ε study stopped a run short ("total_epsilon is spent"). A plan names the
+    trial that wrote it; it is a copy only where that is a trial this one retries (Optuna's retry history), so a
+    plan that cannot be told apart (written by an older version, or its numbers changed by a copy of the study)
+    is charged: never fewer runs than ran.
+    """
+    plan = trial.user_attrs.get("privacy_plan")
+    if plan is None or trial.state == optuna.trial.TrialState.WAITING:
+        return None
+    writer = plan.get("trial")
+    inherited = writer is not None and writer != trial.number and writer in trial.system_attrs.get("retry_history", ())
+    return None if inherited else plan
+
+
 def run_privacy(plan: dict[str, Any]) -> RunPrivacy:
     """A trial's recorded privacy plan. Plans written before validation scores were noisy have no ``val_*``
     fields: their scores were exact, which this reads as one noiseless release (validation ε = ∞)."""
@@ -172,8 +191,7 @@ def study_privacy(study: optuna.Study) -> StudyPrivacy:
                           "damage may hold runs that spent privacy, so no statement is made from the records before "
                           "it. Restore the journal from a copy")
     trials = study.get_trials(deepcopy=False)
-    # A WAITING retry carries its failed original's plan but has not run: the original is the one charged.
-    charged = [t for t in trials if "privacy_plan" in t.user_attrs and t.state != optuna.trial.TrialState.WAITING]
+    charged = [t for t in trials if own_privacy_plan(t) is not None]
     runs = [run_privacy(t.user_attrs["privacy_plan"]) for t in charged]
     attrs = study.user_attrs
     delta = float(attrs.get("delta", 1e-5))

@@ -343,12 +343,22 @@ def _process_start(pid: int) -> str | None:
 
 
 def _process_alive(pid: int) -> bool:
+    """Whether `pid` is a running process. A zombie is not: a worker of `--workers K` killed while the search's
+    process waits on (joins) another one stays a zombie until it is reaped, and signal 0 still reaches it; taken
+    for alive, its trial held its slot until the heartbeat's grace period (SQLite: 180 s) or the next resume."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return not Path("/proc/self/stat").exists()  # gone just now; or no /proc (not Linux): signal 0 said alive
+    except OSError:
         return True
-    return True
+    state = stat[stat.rindex(")") + 2:].split()[:1]
+    return state not in (["Z"], ["X"])
 
 

@@ -103,8 +103,11 @@ def _kept_numbers(study: optuna.Study, keep: str | int, candidates: list[tuple[i
 
 def keep_trial_weights(study: optuna.Study, trial: optuna.Trial, checkpoint: dict[str, Any], *, values: list[float],
                        keep: str | int, store: ArtifactStore) -> str | None:
-    """Upload this (still running) trial's checkpoint if it is among the kept ones; drop those it displaces.
+    """Upload this (still running) trial's checkpoint if it is among the kept ones.
 
+    The files it displaces are removed by :func:`remove_displaced_weights` only once it is COMPLETE: removed before,
+    a crash between the two left the finished trials' best without its weights while this one, never completed,
+    was failed and trained again (`dpnas best --weights` then failed, and the released model was gone for good).
     Call under the study's trial-slot lock, so two workers do not decide at once.
     """
     kept = _kept_numbers(study, keep, _ranked(study, (trial.number, values)))
@@ -114,8 +117,15 @@ def keep_trial_weights(study: optuna.Study, trial: optuna.Trial, checkpoint: dic
             path = save_checkpoint(checkpoint, Path(folder) / WEIGHTS_FILE)
             artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
         trial.set_user_attr(_ARTIFACT, artifact_id)
-    _remove_displaced(study, kept, store)
     return artifact_id
+
+
+def remove_displaced_weights(study: optuna.Study, *, keep: str | int, store: ArtifactStore) -> None:
+    """Remove the files of the COMPLETE trials that are no longer among the kept ones (after a trial completed).
+
+    Call under the study's trial-slot lock. A crash before it only leaves files behind, which the next call removes.
+    """
+    _remove_displaced(study, _kept_numbers(study, keep, _ranked(study)), store)
 
 
 def _remove_displaced(study: optuna.Study, kept: set[int], store: ArtifactStore) -> None:
