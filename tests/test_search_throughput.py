@@ -101,3 +101,70 @@ def test_a_run_stopped_after_an_arm_keeps_that_arm_in_its_json(tmp_path, monkeyp
                      "512", "--widths", "1", "--depths", "1", "--json", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert row["workers"] == 1 and row["x_sequential"] == 1.0 and arms[0]["workers"] == 1
+
+
+def _user_loop(tmp_path, epochs=2):
+    """The user loop over one small quickstart trial on the digits at 8 px (1,152 training records, B = 256)."""
+    from dpnas.arch.space import ArchConfig
+    from dpnas.dp.config import PrivacyConfig, TrainConfig
+
+    module = load_script()
+    args = module.parse_args(["--study", "studies/quickstart.toml", "--dataset", "digits", "--image-size", "8",
+                              "--epochs", str(epochs), "--trials", "1", "--widths", "1", "--depths", "1"])
+    study = module.derive_study(args, tmp_path)
+    configs = (ArchConfig(width=0.5, depth=1.0, stages=1),
+               TrainConfig(epochs=epochs, batch_size=256, physical_batch_size=320, optimizer="nadam", lr=1e-2),
+               PrivacyConfig(epsilon=8.0, delta=1e-5, max_grad_norm=1.0))
+    trial = {"config": configs[0].to_dict(), "train_config": configs[1].to_dict(),
+             "privacy_config": configs[2].to_dict(), "params": {}}
+    return module, configs, module.run_user_loop(study, [trial], "cpu")
+
+
+def test_the_user_loop_trains_the_dpnas_trials_steps_at_its_sample_rate(tmp_path, monkeypatch):
+    """1,152 / 256 = 4.5: dpnas takes round() = 4 steps of 256 an epoch; Opacus's loader from DataLoader(batch_size=256)
+    took ceil() = 5 of 230, 25 % more steps for "the same trial"."""
+    from opacus.optimizers.optimizer import DPOptimizer
+
+    from dpnas.data.datasets import load_dataset
+    from dpnas.dp.privacy import plan_privacy
+
+    steps, rates = [], []  # the user loop's optimizer steps (not its physical chunks), counted from outside
+    pre_step = DPOptimizer.pre_step
+
+    def counted(self, closure=None):
+        stepped = pre_step(self, closure)
+        if stepped:
+            steps.append(1)
+            rates.append(self.expected_batch_size)
+        return stepped
+
+    monkeypatch.setattr(DPOptimizer, "pre_step", counted)
+    _, (_, train_cfg, privacy), row = _user_loop(tmp_path)
+    data = load_dataset("digits", val_fraction=0.2, seed=0, image_size=8, progress=False)
+    plan = plan_privacy(privacy, dataset_size=len(data.train), batch_size=train_cfg.batch_size,
+                        epochs=train_cfg.epochs)
+    assert len(data.train) == 1152 and plan.steps == 8
+    assert len(steps) == plan.steps and row["steps"] == [plan.steps]
+    assert set(rates) == {train_cfg.batch_size}  # the noisy sum averaged over B, as dpnas's
+    assert 0 < row["epsilon"][0] <= privacy.epsilon * 1.01  # accounted at that rate, within the trial's budget
+
+
+def test_the_user_loops_mean_trial_time_is_its_training_batches_as_dpnas_arms(tmp_path, monkeypatch):
+    """The dpnas arms' mean_trial_s is their trials' wall_seconds (the training batches only); the user loop's was
+    its whole trial (model, calibration, validation and test passes), which inflated the per-trial ratio."""
+    import time
+
+    import dpnas.data.datasets
+
+    normalise = dpnas.data.datasets.normalise
+    pause = 1.0
+
+    def slow_normalise(*args, **kwargs):  # the user loop's evaluation passes (and its one train-set copy)
+        time.sleep(pause)
+        return normalise(*args, **kwargs)
+
+    monkeypatch.setattr(dpnas.data.datasets, "normalise", slow_normalise)
+    _, (_, train_cfg, _), row = _user_loop(tmp_path)
+    evaluations = train_cfg.epochs + 1  # one validation pass an epoch, one test pass
+    assert row["mean_trial_s"] < evaluations * pause  # no evaluation pass in it
+    assert row["mean_whole_trial_s"] >= row["mean_trial_s"] + (evaluations + 1) * pause
