@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dpnas.arch.space import pad_shortcut_problem
+
 _KEEP = object()
 
 
@@ -41,10 +43,8 @@ class When:
         return self.neutral is not _KEEP
 
 
-def _non_decreasing(values: Mapping[str, Any]) -> bool:
-    bases = values["width_bases"] or tuple(8 * 2**s for s in range(values["stages"]))
-    widths = [int(b * values["width"]) for b in bases]
-    return all(b >= a for a, b in zip(widths, widths[1:]))
+def _pad_fits(values: Mapping[str, Any]) -> bool:
+    return pad_shortcut_problem(dict(values)) is None
 
 
 ARCH_RELEVANCE: dict[str, When] = {
@@ -59,8 +59,12 @@ ARCH_RELEVANCE: dict[str, When] = {
     "head_hidden": When(("head",), lambda v: v["head"] == "mlp", "head = 'mlp'"),
     # Transitions (and their downsampling) come before every stage but the first, and before the first too
     # when there is a stem; one stage without a stem has none.
-    "downsample": When(("stages", "stem_channels"), lambda v: v["stages"] > 1 or v["stem_channels"] > 0,
-                       "a transition (stages > 1 or a stem)"),
+    # (transition='block' has no transition layers: its stages from the second on downsample in their first block.)
+    "transition": When(("stages", "stem_channels"), lambda v: v["stages"] > 1 or v["stem_channels"] > 0,
+                       "a transition (stages > 1 or a stem)", neutral="compress"),
+    "downsample": When(("stages", "stem_channels", "transition"),
+                       lambda v: v["stages"] > 1 or (v["stem_channels"] > 0 and v["transition"] != "block"),
+                       "a downsampling (stages > 1, or a stem with transition != 'block')"),
 }
 """Field -> when it matters at all."""
 
@@ -72,7 +76,11 @@ ARCH_VALUE_RULES: dict[tuple[str, Any], When] = {
                                 "transition != 'block'"),
     ("downsample", "max"): When(("transition", "stages"), lambda v: v["transition"] != "block" or v["stages"] == 1,
                                 "transition != 'block'"),
-    ("shortcut", "pad"): When(("width", "width_bases", "stages"), _non_decreasing, "non-decreasing stage widths"),
+    # with SELU, xavier's gain is SELU's (layers._activation_gain): the same initialisation as selu_xavier
+    ("init", "xavier"): When(("activation",), lambda v: v["activation"] != "selu",
+                             "activation != 'selu' (with SELU, 'xavier' is 'selu_xavier')"),
+    ("shortcut", "pad"): When(("width", "width_bases", "stages", "stem_channels", "transition", "depth", "depth_bases"),
+                              _pad_fits, "non-decreasing stage widths, none narrower than the stem"),
 }
 """(field, value) -> when that value is allowed (values not listed are always allowed)."""
 
@@ -97,6 +105,28 @@ def neutralise(rules: Mapping[str, When], values: dict[str, Any]) -> dict[str, A
         if name in out and rule.has_neutral and not rule.holds(out):
             out[name] = rule.neutral
     return out
+
+
+def canonical_norm(arch: Any) -> dict[str, Any]:
+    """`arch`'s ``norm`` and ``groups`` as the simplest pair that builds the same normalisation layers.
+
+    A group count is capped per layer (:meth:`ArchConfig.norm_groups`), so ``groups`` at or above every normalised
+    layer's width builds InstanceNorm, ``groups = 1`` builds LayerNorm, and two counts can build the same layers:
+    such points are one model, and must have one identity (:func:`dpnas.search.sampling.config_key`).
+    """
+    if arch.norm == "none":
+        return {"norm": arch.norm, "groups": arch.groups}
+    from dpnas.arch.footprint import norm_channels  # builds (on the meta device): imported only when needed
+
+    channels = sorted(norm_channels(arch))
+    layout = [arch.norm_groups(c) for c in channels]
+    if all(g == 1 for g in layout):
+        return {"norm": "layer", "groups": arch.groups}
+    if layout == channels:
+        return {"norm": "instance", "groups": arch.groups}
+    fewest = next(g for g in range(1, arch.groups + 1)
+                  if [arch.replace(groups=g).norm_groups(c) for c in channels] == layout)
+    return {"norm": "group", "groups": fewest}
 
 
 def effective(rules: Mapping[str, When], values: Mapping[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,7 @@ knows every module the builder makes and refuses any other, so a new layer type 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +43,21 @@ def meta_model(arch: ArchConfig, *, num_classes: int, in_channels: int, image_si
     with torch.device("meta"):
         return build_model(arch.replace(init="default"), num_classes=num_classes, in_channels=in_channels,
                            image_size=image_size)
+
+
+def norm_channels(arch: ArchConfig) -> frozenset[int]:
+    """The channel counts of the normalisation layers `arch` builds (or would, with a norm) for 1- and 3-channel
+    inputs (every dataset's): where a group count acts, whatever the norm."""
+    # only the topology decides them: one cached build serves every norm, activation and pool of a structure
+    return _norm_channels(arch.replace(norm="instance", groups=1, activation="selu", pool="none",
+                                       init="default", conv_bias=False, weight_std=False))
+
+
+@functools.lru_cache(maxsize=1024)
+def _norm_channels(arch: ArchConfig) -> frozenset[int]:
+    return frozenset(module.num_channels for in_channels in (1, 3)
+                     for module in meta_model(arch, num_classes=10, in_channels=in_channels).modules()
+                     if isinstance(module, nn.GroupNorm))
 
 
 def footprint(arch: ArchConfig, *, num_classes: int, in_channels: int, image_size: int) -> Footprint:

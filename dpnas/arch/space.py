@@ -80,6 +80,36 @@ SEARCH_AXES = (
 )
 
 
+def pad_shortcut_problem(values: dict[str, Any]) -> str | None:
+    """Why zero-padded residual shortcuts cannot build the point of `values` (ArchConfig fields); None if they can.
+
+    A zero-padding shortcut only widens, so every residual block's input must be at most its width: the stage
+    widths must not decrease, and a stem must not be wider than the first stage with blocks that it feeds.
+    """
+    bases = values["width_bases"] or tuple(8 * 2**s for s in range(values["stages"]))
+    widths = [int(b * values["width"]) for b in bases]
+    if any(b < a for a, b in zip(widths, widths[1:])):
+        return (f"zero-padding cannot narrow the stage widths {widths}; "
+                "use shortcut='conv' or non-decreasing width_bases")
+    stem = values["stem_channels"]
+    if not stem:
+        return None
+    depth_bases = values["depth_bases"] or (1.0,) * values["stages"]
+    channels = stem
+    for s, (width, base) in enumerate(zip(widths, depth_bases)):
+        # the channels entering stage s: what the builder's transitions make of the stem (models.DPNASNet)
+        if values["transition"] == "compress":
+            channels = max(1, channels // 2)
+        elif values["transition"] == "conv":
+            channels = width
+        if int(base * values["depth"]) > 0:
+            if channels > width:
+                return (f"zero-padding cannot narrow the stem's {stem} channels ({channels} entering stage {s}) "
+                        f"to the stage's {width}; use shortcut='conv' or a narrower stem")
+            return None
+    return None
+
+
 class ConfigError(ValueError):
     """A config value is invalid; the message names the field, the value and what is allowed."""
 
@@ -276,12 +306,9 @@ class ArchConfig:
                 "addition; a dense merge keeps its inputs as they are, so use 'after_add'"
             )
         if self.skip == "residual" and self.shortcut == "pad":
-            widths = self.stage_widths
-            if any(b < a for a, b in zip(widths, widths[1:])):
-                raise ConfigError(
-                    f"shortcut: zero-padding cannot narrow the stage widths {list(widths)}; "
-                    "use shortcut='conv' or non-decreasing width_bases"
-                )
+            problem = pad_shortcut_problem(self.to_dict())
+            if problem:
+                raise ConfigError(f"shortcut: {problem}")
         if self.transition == "block" and self.skip == "dense":
             raise ConfigError(
                 "transition: 'block' lets the first block change width and resolution, which a "

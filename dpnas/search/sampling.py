@@ -24,7 +24,8 @@ from typing import Any, NamedTuple
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from dpnas.arch.conditions import ARCH_RELEVANCE, ARCH_VALUE_RULES, effective, matters, neutralise, value_allowed
+from dpnas.arch.conditions import (ARCH_RELEVANCE, ARCH_VALUE_RULES, canonical_norm, effective, matters, neutralise,
+                                   value_allowed)
 from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.dp.config import DP_RELEVANCE, PrivacyConfig, TrainConfig
 from dpnas.search.study_file import REPEAT_SEED_STRIDE, Axis, StudySpec
@@ -155,9 +156,10 @@ def repeat_seed(spec: StudySpec, repeat: int) -> int:
 
 
 def config_key(configs: Configs) -> str:
-    """The identity of what a trial trains: its effective configs, hashed."""
+    """The identity of what a trial trains: its effective configs, hashed (norms that build the same layers,
+    such as GroupNorm with a group per channel and InstanceNorm, are one identity)."""
     arch, train, privacy = configs
-    values = effective(RELEVANCE, {**arch.to_dict(), **train.to_dict(), **privacy.to_dict()})
+    values = effective(RELEVANCE, {**arch.to_dict(), **canonical_norm(arch), **train.to_dict(), **privacy.to_dict()})
     text = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
