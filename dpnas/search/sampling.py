@@ -24,8 +24,15 @@ from typing import Any, NamedTuple
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from dpnas.arch.conditions import (ARCH_RELEVANCE, ARCH_VALUE_RULES, canonical_norm, effective, matters, neutralise,
-                                   value_allowed)
+from dpnas.arch.conditions import (
+    ARCH_RELEVANCE,
+    ARCH_VALUE_RULES,
+    canonical_norm,
+    effective,
+    matters,
+    neutralise,
+    value_allowed,
+)
 from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.dp.config import DP_RELEVANCE, PrivacyConfig, TrainConfig
 from dpnas.search.study_file import REPEAT_SEED_STRIDE, Axis, StudySpec
