@@ -328,12 +328,9 @@ def test_more_trials_for_a_study_that_spent_nothing_split_its_total_again(tmp_pa
         study_calibration(study, spec, 1152)
 
 
-def test_a_second_worker_counts_the_run_another_worker_is_starting(tmp_path, monkeypatch):
-    """Once a charged run was retried, the slots no longer count the runs: a worker that took a slot between
-    another worker's `ask` and that trial's privacy plan used to start one run too many (4 runs for a total split
-    over 3). Two workers are interleaved by hand: B takes its turn right after A asked its trial."""
-    spec = load_study_file(_tiny(tmp_path, privacy="total_epsilon = 6.0", n_trials=3, epochs=1))
-    real_train, real_run_trial = runner.train, runner.run_trial
+def _charged_then_interrupted(spec, monkeypatch) -> None:
+    """Trial 0 records its privacy plan (it touched the data), then Ctrl-C: charged, and queued for a retry."""
+    real_train = runner.train
 
     def interrupted(*args, on_plan=None, **kwargs):
         on_plan(plan_privacy(kwargs["privacy"], dataset_size=len(args[1].train), batch_size=256, epochs=1))
@@ -341,8 +338,17 @@ def test_a_second_worker_counts_the_run_another_worker_is_starting(tmp_path, mon
 
     monkeypatch.setattr(runner, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        search(spec, progress=False)  # trial 0 touched the data, then Ctrl-C: charged, and queued for a retry
+        search(spec, progress=False)
     monkeypatch.setattr(runner, "train", real_train)
+
+
+def test_a_second_worker_counts_the_run_another_worker_is_starting(tmp_path, monkeypatch):
+    """Once a charged run was retried, the slots no longer count the runs: a worker that took a slot between
+    another worker's `ask` and that trial's privacy plan used to start one run too many (4 runs for a total split
+    over 3). Two workers are interleaved by hand: B takes its turn right after A asked its trial."""
+    spec = load_study_file(_tiny(tmp_path, privacy="total_epsilon = 6.0", n_trials=3, epochs=1))
+    real_run_trial = runner.run_trial
+    _charged_then_interrupted(spec, monkeypatch)
     search(spec, timeout=0.1, progress=False)  # the retry (trial 1) runs
     assert runner.runs_charged(load(spec)) == 2
     seen = []
@@ -398,16 +404,7 @@ def test_a_retry_whose_worker_died_before_it_trained_is_not_charged(tmp_path, mo
     from dpnas.search.study_state import _recover_orphans
 
     spec = load_study_file(_tiny(tmp_path, privacy="total_epsilon = 6.0", n_trials=3, epochs=1))
-    real_train = runner.train
-
-    def interrupted(*args, on_plan=None, **kwargs):
-        on_plan(plan_privacy(kwargs["privacy"], dataset_size=len(args[1].train), batch_size=256, epochs=1))
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(runner, "train", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        search(spec, progress=False)  # trial 0 touched the data, then Ctrl-C: charged, and queued for a retry
-    monkeypatch.setattr(runner, "train", real_train)
+    _charged_then_interrupted(spec, monkeypatch)
     study = load(spec)
     retry = study.ask()  # a worker takes the retry (trial 1) ...
     assert retry.number == 1 and "privacy_plan" in retry.user_attrs  # the original's, copied
