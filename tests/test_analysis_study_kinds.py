@@ -184,3 +184,18 @@ def test_a_multi_objective_report_shows_the_parameter_count_once_as_a_count():
     head = table.split("</thead>")[0]
     assert head.count("<th>params</th>") == 1 and head.count("<th>val_accuracy</th>") == 1
     assert ">14,204<" in table and "e+04" not in table
+
+
+def test_a_waiting_retry_is_not_shown_with_its_original_s_failure():
+    """Optuna's retry carries the failed original's attributes until it runs: the trials table showed the waiting
+    retry "interrupted (Ctrl-C)", as if it had failed itself."""
+    from dpnas.analysis.report import _trials
+
+    study = _study([_trial(None, {"width": 1.0}, state=TrialState.FAIL, failure_reason="interrupted (Ctrl-C)")])
+    failed = study.get_trials()[0]
+    study.add_trial(create_trial(state=TrialState.WAITING, params=failed.params, distributions=failed.distributions,
+                                 user_attrs=failed.user_attrs,
+                                 system_attrs={"failed_trial": 0, "retry_history": [0]}))
+    table = _trials(study, trials_frame(study))
+    assert table.count(">interrupted (Ctrl-C)<") == 1  # the original's row only
+    assert "retry of trial 0: waiting to run" in table

@@ -23,6 +23,7 @@ import optuna
 import pandas as pd
 import plotly.graph_objects as go
 from optuna.artifacts import upload_artifact
+from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
 from dpnas.analysis.figures import study_figures
@@ -205,6 +206,9 @@ def _trials(study: optuna.Study, frame: pd.DataFrame) -> str:
         row = by_number.loc[t.number] if t.number in by_number.index else {}
         values = list(t.values) if t.values else [None] * len(names)
         reason = t.user_attrs.get("failure_reason") or t.user_attrs.get("pruned_reason")
+        if t.state == TrialState.WAITING and t.system_attrs.get("retry_history"):
+            # Optuna's retry carries its original's attributes, reason included, until it runs
+            reason = f"retry of trial {t.system_attrs['retry_history'][-1]}: waiting to run"
         rows.append([t.number, t.state.name, *(_cell(row.get(s)) for s in searched), *map(_cell, values),
                      _cell(row.get("epsilon_spent")), *(_cell(row.get(c)) for c in counts),
                      _cell(row.get("wall_seconds")), reason])
