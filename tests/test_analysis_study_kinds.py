@@ -199,3 +199,19 @@ def test_a_waiting_retry_is_not_shown_with_its_original_s_failure():
     table = _trials(study, trials_frame(study))
     assert table.count(">interrupted (Ctrl-C)<") == 1  # the original's row only
     assert "retry of trial 0: waiting to run" in table
+
+
+def test_learning_curves_are_drawn_only_where_a_trial_reported_them():
+    """A multi-objective study reports no score per epoch (Optuna cannot prune it): its learning-curve figure
+    was an empty plot."""
+    pareto = optuna.create_study(study_name="pareto", directions=["maximize", "minimize"])
+    single = _study([])
+    for value in (0.8, 0.7):
+        trial = _trial(value, {"width": 1.0})
+        pareto.add_trial(create_trial(state=TrialState.COMPLETE, values=[value, 9286], params=trial.params,
+                                      distributions=trial.distributions, user_attrs=trial.user_attrs))
+        single.add_trial(create_trial(state=TrialState.COMPLETE, value=value, params=trial.params,
+                                      distributions=trial.distributions, user_attrs=trial.user_attrs,
+                                      intermediate_values={1: value - 0.1, 2: value}))
+    assert "optuna_intermediate_values" not in study_figures(pareto)
+    assert "optuna_intermediate_values" in study_figures(single)

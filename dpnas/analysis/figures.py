@@ -78,6 +78,9 @@ def _optuna_figures(study: optuna.Study) -> dict[str, go.Figure]:
         "optuna_intermediate_values": lambda: vis.plot_intermediate_values(study),
         "optuna_param_importances": lambda: vis.plot_param_importances(study, target=target, target_name="val_accuracy"),
     }
+    if not any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        # nothing reported per epoch (a multi-objective study: Optuna cannot prune it, so nothing is): an empty plot
+        del makers["optuna_intermediate_values"]
     figures = {}
     for name, make in makers.items():
         try:
