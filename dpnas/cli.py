@@ -215,18 +215,19 @@ class Train(Command):
         result["recipe"] = args.arch if from_file else recipe.name
         result["data"] = data_settings.to_dict()
         write_json(out, result)
+        # where the recipe came from: a search's export records its study, its ε and the data it searched on
         recorded = recipe_file.provenance if recipe_file is not None else {}
         searched_on = recipe_file.data.dataset if recipe_file is not None and recipe_file.data is not None else None
+        same_records = searched_on in (None, result["dataset"])
         if weights is not None:
             scores = {k: result[k] for k in ("val_accuracy", "test_accuracy", "epsilon_spent", "delta", "params")}
-            provenance = {"trained_by": "dpnas train", "source": args.arch}
-            if "search_epsilon" in recorded and searched_on in (None, result["dataset"]):
+            made = {"trained_by": "dpnas train", "source": args.arch}
+            if "search_epsilon" in recorded and same_records:
                 # the search that chose this recipe spent its ε on these records: the model's cost includes it
-                provenance.update({k: recorded[k] for k in ("study", "trial", "search_epsilon", "search_delta")
-                                   if k in recorded}, recipe_of_search=True)
+                made.update({k: recorded[k] for k in ("study", "trial", "search_epsilon", "search_delta")
+                             if k in recorded}, recipe_of_search=True)
             save_checkpoint(checkpoint_dict(trained[0], arch=arch, train_cfg=train_cfg, privacy=privacy, data=data,
-                                            data_settings=data_settings, results=scores,
-                                            provenance=provenance), weights)
+                                            data_settings=data_settings, results=scores, provenance=made), weights)
             print(f"weights written to {weights}")
         eps = "non-private" if not result["private"] else f"epsilon spent {result['epsilon_spent']:.3f} of {privacy.epsilon:g} (delta {privacy.delta:g})"
         status = "interrupted after" if result["interrupted"] else "finished"
@@ -236,18 +237,16 @@ class Train(Command):
         print(f"{status} {result['steps']} steps: val accuracy {result['val_accuracy']:.4f} ({val}), "
               f"test accuracy {result['test_accuracy']:.4f}, {eps}")
         print(f"result written to {out}")
-        provenance = recipe_file.provenance if recipe_file is not None else {}
-        if result["private"] and provenance.get("searched_on_public_data"):
+        if result["private"] and recorded.get("searched_on_public_data"):
             print(f"note: the search that chose this recipe trained on public data "
-                  f"({provenance['searched_on_public_data']}) and spent no private budget: this run's epsilon is "
+                  f"({recorded['searched_on_public_data']}) and spent no private budget: this run's epsilon is "
                   f"the whole cost to the {result['dataset']} records it trained on")
-        elif result["private"] and provenance.get("study"):
-            searched_on = recipe_file.data.dataset if recipe_file.data is not None else None
-            if searched_on is not None and searched_on != result["dataset"]:
-                print(f"note: study {provenance['study']!r} chose this recipe on {searched_on}; this run trained on "
+        elif result["private"] and recorded.get("study"):
+            if not same_records:
+                print(f"note: study {recorded['study']!r} chose this recipe on {searched_on}; this run trained on "
                       f"{result['dataset']}, other records, so its epsilon is the whole cost to them")
             else:
-                print(f"note: study {provenance['study']!r} chose this recipe on its own data; on the same records "
+                print(f"note: study {recorded['study']!r} chose this recipe on its own data; on the same records "
                       "this run's epsilon adds to the search's (`dpnas privacy` states the search's)")
         if result["private"] and result["reproducible"]:
             print("note: reproducible = true: whoever has the seed can regenerate this run's batches and noise; "

@@ -27,7 +27,6 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import optuna
@@ -49,7 +48,14 @@ from dpnas.search.fidelity import load_search_data, search_trial
 from dpnas.search.interrupts import interrupts_held
 from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
-from dpnas.search.storage import open_storage, slot_lock_excludes_all, storage_kind, trial_slot_lock, writes_together
+from dpnas.search.storage import (
+    open_storage,
+    slot_lock_excludes_all,
+    storage_file,
+    storage_kind,
+    trial_slot_lock,
+    writes_together,
+)
 from dpnas.search.study_file import StudySpec
 from dpnas.search.study_state import (
     _EXHAUSTED,
@@ -572,7 +578,7 @@ def check_search(spec: StudySpec, url: str, *, study_name: str | None = None, n_
 def existing_study(spec: StudySpec, url: str, study_name: str | None = None) -> optuna.Study | None:
     """The stored study, without creating a storage or a study that does not exist yet."""
     kind = storage_kind(url)
-    if kind in ("journal", "sqlite") and not Path(url.split("sqlite:///", 1)[-1]).exists():
+    if kind in ("journal", "sqlite") and not storage_file(url).exists():
         return None
     try:
         # read only: a damaged journal is repaired by the search that goes on, not by a check or a refusal

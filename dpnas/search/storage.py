@@ -123,7 +123,7 @@ def open_storage(
             action = "read it" if must_exist else "write there"
             raise ConfigError(f"storage {url!r}: cannot {action} ({err.strerror or err}: {err.filename})") from err
     if kind == "sqlite":
-        db = Path(url.split("sqlite:///", 1)[-1])
+        db = storage_file(url)
         if must_exist and not db.exists():
             raise ConfigError(f"storage {url!r}: no such database file")
         _refuse_damaged_sqlite(url, db)
@@ -336,8 +336,7 @@ def trial_slot_lock(storage: BaseStorage, url: str) -> Iterator[None]:
     """
     kind = storage_kind(url)
     if kind in ("journal", "sqlite"):
-        path = Path(url.split("sqlite:///", 1)[-1]) if kind == "sqlite" else Path(url)
-        with _dpnas_file_lock(path):
+        with _dpnas_file_lock(storage_file(url)):
             yield
         return
     storage = _rdb_backend(storage)

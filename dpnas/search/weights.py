@@ -27,7 +27,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from dpnas.arch.space import ConfigError
 from dpnas.dp.checkpoint import save_checkpoint
-from dpnas.search.storage import storage_kind
+from dpnas.search.storage import storage_file
 
 WEIGHTS_FILE = "weights.pt"
 _LOCATION = "dpnas:artifacts"
@@ -37,13 +37,8 @@ _ARTIFACT = "weights_artifact_id"
 
 def default_location(storage_url: str) -> str | None:
     """``STORAGE.artifacts`` beside a journal or SQLite file; None for a server storage."""
-    kind = storage_kind(storage_url)
-    if kind == "journal":
-        return str(Path(storage_url).with_name(Path(storage_url).name + ".artifacts"))
-    if storage_url.startswith("sqlite:///"):
-        path = Path(storage_url.removeprefix("sqlite:///"))
-        return str(path.with_name(path.name + ".artifacts"))
-    return None
+    path = storage_file(storage_url)
+    return None if path is None else str(path.with_name(path.name + ".artifacts"))
 
 
 def open_store(location: str) -> ArtifactStore:
