@@ -17,7 +17,7 @@ from dpnas.arch.describe import describe, format_description
 from dpnas.arch.models import build_model, count_parameters
 from dpnas.arch.registry import MODELS, get_arch
 from dpnas.arch.space import ArchConfig, ConfigError, load_arch_file, parse_assignment
-from dpnas.data.datasets import DATASETS, DataError
+from dpnas.data.datasets import DATASETS, DataError, dataset_key
 from dpnas.results import OutputError, json_safe
 
 
@@ -165,6 +165,9 @@ class Train(Command):
 
         # Everything that can be refused is, before the data is loaded: a run refused after training has spent ε
         device = check_device(args.device)
+        if args.dataset is not None:
+            # the name a recipe file records: "Digits" would lose its recorded split, and escape the --data-dir check
+            args.dataset = dataset_key(args.dataset)
         if args.image_size is not None and args.image_size < 1:
             raise UsageError(f"--image-size: must be >= 1 (pixels), got {args.image_size}")
         recipe_file = None
@@ -488,8 +491,8 @@ class Evaluate(Command):
         from dpnas.dp.train import check_device
 
         check_device(args.device)  # before the checkpoint and its data are read
-        if args.dataset is not None and args.dataset not in DATASETS:
-            raise UsageError(f"--dataset: unknown dataset {args.dataset!r}; expected one of: {', '.join(DATASETS)}")
+        if args.dataset is not None:
+            args.dataset = dataset_key(args.dataset)  # as `dpnas train` takes it: "Digits" is digits
         report = evaluate_checkpoint(args.weights, dataset=args.dataset, data_dir=args.data_dir, device=args.device)
         if args.json:
             print(json.dumps(json_safe(report), indent=2))

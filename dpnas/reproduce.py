@@ -292,9 +292,11 @@ class _Data:
 
 
 def _load(repro: Reproduction, dataset: str, *, data_dir: Path, quick: bool, download: bool,
-          image_size: int | None, progress: bool) -> _Data:
+          image_size: int | None, progress: bool, given: bool = True) -> _Data:
+    """`given`: the user named `data_dir`; else it is the default cache, which a download may create."""
     cfg = repro.recipe_obj.train
-    kwargs = dict(data_dir=data_dir, val_fraction=cfg.val_fraction, seed=cfg.seed, progress=progress)
+    kwargs = dict(data_dir=data_dir if given else None, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                  progress=progress)
     if not quick:
         try:
             splits = load_dataset(dataset, image_size=image_size, download=download, **kwargs)
@@ -380,7 +382,7 @@ def run_reproduction(
             print(f"dpnas reproduce {name}: {message}", file=sys.stderr)
 
     data = _load(repro, dataset, data_dir=root, quick=quick, download=download, image_size=image_size,
-                 progress=progress)
+                 progress=progress, given=data_dir is not None)
     train_cfg = quick_train_config(repro, len(data.splits.train)) if quick else recipe.train
     privacy = recipe.privacy
     if not quick and (torch.device(device) if device else default_device()).type == "cpu":

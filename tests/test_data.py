@@ -132,6 +132,16 @@ def test_cifar10_resize_at_load_time(cifar_dir):
     assert data.train.images.dtype == torch.uint8
 
 
+def test_cifar10_data_dir_may_name_the_batches_folder_itself(cifar_dir):
+    """--data-dir pointed at cifar-10-batches-py (where data_batch_1 is) was taken for its parent: the files were
+    "not found", and with the download allowed a second 170 MB copy went into cifar-10-batches-py/cifar-10-batches-py."""
+    root, _ = cifar_dir
+    inner = load_dataset("cifar10", data_dir=root / "cifar-10-batches-py", download=False, image_size=8)
+    outer = load_dataset("cifar10", data_dir=root, download=False, image_size=8)
+    assert torch.equal(inner.train.images, outer.train.images) and torch.equal(inner.test.labels, outer.test.labels)
+    assert not (root / "cifar-10-batches-py" / "cifar-10-batches-py").exists()
+
+
 def test_cifar10_missing_files_mention_data_dir(tmp_path):
     with pytest.raises(DataError, match="--data-dir") as info:
         load_dataset("cifar10", data_dir=tmp_path / "empty", download=False)
@@ -214,6 +224,17 @@ def test_imagenette_missing_test_class_and_corrupt_image(tmp_path):
     for path in (release / "val" / "n02102040").iterdir():
         path.unlink()
     with pytest.raises(DataError, match="n02102040"):
+        load_dataset("imagenette", data_dir=tmp_path, image_size=8, progress=False)
+
+
+def test_imagenette_image_past_pil_s_size_limit_is_a_data_error(tmp_path, monkeypatch):
+    """PIL refuses an image of more than twice MAX_IMAGE_PIXELS with DecompressionBombError, which is no OSError:
+    it escaped as a traceback that named no file."""
+    release = tmp_path / "imagenette2-160"
+    write_imagenette(release)
+    Image.new("RGB", (200, 200)).save(release / "train" / "n01440764" / "huge.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10_000)  # huge.png is past twice the limit; the others under it
+    with pytest.raises(DataError, match="huge.png"):
         load_dataset("imagenette", data_dir=tmp_path, image_size=8, progress=False)
 
 

@@ -147,6 +147,24 @@ def test_full_run_without_cifar10_says_how_to_get_it(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_full_run_downloads_cifar10_into_the_default_cache(tmp_path, monkeypatch):
+    """Without --data-dir, a fresh machine's ~/.cache/dpnas/data was refused as a --data-dir that does not exist
+    ("leave --data-dir out"), so `dpnas reproduce` never downloaded CIFAR-10 as it says it does."""
+    from torchvision.datasets import CIFAR10
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tried = []
+
+    def offline(self):
+        tried.append(self.root)
+        raise OSError("no network")
+
+    monkeypatch.setattr(CIFAR10, "download", offline)
+    with pytest.raises(DatasetUnavailableError, match="no network"):
+        run_reproduction("smoothnet", out_dir=tmp_path / "runs", progress=False)
+    assert tried == [str(tmp_path / ".cache" / "dpnas" / "data")]
+
+
 def test_full_run_without_imagenette_says_how_to_get_it(tmp_path):
     with pytest.raises(DatasetUnavailableError) as info:
         run_reproduction("smoothnet", dataset="imagenette", data_dir=tmp_path, out_dir=tmp_path, progress=False)

@@ -440,6 +440,32 @@ def test_a_new_seed_resplits_a_recipe_s_data_however_it_is_given(tmp_path, monke
     assert seen == [3]
 
 
+def test_a_dataset_name_in_another_case_is_the_same_dataset(capsys, no_data, tmp_path, monkeypatch):
+    """`--dataset Digits` loaded digits, but slipped past the --data-dir check (ignored silently) and, against a
+    recipe recorded on "digits", dropped its recorded split and image size: another split than `--dataset digits`."""
+    one_line_error(capsys, ["train", "tiny", "--quiet", "--dataset", "Digits", "--data-dir", str(tmp_path)],
+                   "--data-dir: digits needs no files")
+    from dpnas.dp.recipe_file import DataSettings, RecipeFile, write_recipe
+
+    recipe = RecipeFile(MODELS["tiny"].arch, RECIPES["quick"].train, RECIPES["quick"].privacy,
+                        DataSettings(dataset="digits", split_seed=5, image_size=16))
+    path = write_recipe(recipe, tmp_path / "r.toml")
+    seen = []
+
+    class Loaded(Exception):
+        pass
+
+    def record(name, **kwargs):
+        seen.append((name, kwargs["seed"], kwargs["image_size"]))
+        raise Loaded
+
+    monkeypatch.setattr(datasets, "load_dataset", record)
+    for spelling in ("digits", " Digits"):
+        with pytest.raises(Loaded):
+            main(["train", str(path), "--quiet", "--dataset", spelling, "--out", str(tmp_path / "out.json")])
+    assert seen == [("digits", 5, 16)] * 2
+
+
 def test_a_data_dir_for_data_that_needs_no_files_is_refused(capsys, no_data, tmp_path):
     """digits are bundled and synthetic data generated: a --data-dir or [data] data_dir was ignored silently."""
     one_line_error(capsys, ["train", "tiny", "--quiet", "--data-dir", str(tmp_path)], "--data-dir: digits needs no files")
@@ -563,6 +589,9 @@ def test_evaluate_refuses_a_data_dir_its_dataset_does_not_read(capsys, tmp_path)
                                  results={})
     weights = save_checkpoint(checkpoint, tmp_path / "w.pt")
     one_line_error(capsys, ["evaluate", str(weights), "--data-dir", str(tmp_path)], "--data-dir: digits needs no files")
+    # the name in any case is the same dataset, as `dpnas train` takes it (it was "unknown dataset 'Digits'")
+    one_line_error(capsys, ["evaluate", str(weights), "--dataset", " Digits", "--data-dir", str(tmp_path)],
+                   "--data-dir: digits needs no files")
 
 
 @pytest.mark.parametrize("section, line", [("[arch]", 'activation = "relu"'), ("[privacy]", "max_grad_norm = 1.0"),

@@ -315,6 +315,8 @@ def _resize(images: torch.Tensor, size: int, chunk_bytes: int = 256 * 2**20) -> 
 def _load_cifar10(root: Path, *, download: bool, size: int, given: bool = False) -> tuple[ImageData, ImageData, int]:
     from torchvision.datasets import CIFAR10
 
+    if root.name == CIFAR10.base_folder and (root / "data_batch_1").is_file():
+        root = root.parent  # the batches' own folder: read it, rather than download a second copy into it
     folder = root / CIFAR10.base_folder
     layout = "data_batch_1..5, test_batch and batches.meta, as extracted from cifar-10-python.tar.gz"
     hint = f"point --data-dir at a directory that contains an existing {CIFAR10.base_folder} folder"
@@ -415,7 +417,7 @@ def _decode(samples: list[tuple[str, int]], size: int, *, progress: bool, split:
                 left, top = (w - size) // 2, (h - size) // 2
                 img = img.crop((left, top, left + size, top + size))
                 images[i] = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-        except (OSError, UnidentifiedImageError) as err:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as err:  # the last is no OSError
             raise DataError(f"cannot decode image {path}: {err}") from err
     return ImageData(images, torch.tensor([label for _, label in samples], dtype=torch.int64))
 
