@@ -49,6 +49,7 @@ import torch
 
 from dpnas.arch.registry import MODELS, get_arch
 from dpnas.arch.space import ArchConfig, ConfigError
+from dpnas.results import check_writable
 
 FIXED_METHOD_MODES = {"dpnas_unfold": "unfold", "dpnas_grouped": "grouped", "dpnas_ghost": "ghost"}
 MODES = ("nonprivate", "opacus", "dpnas", "dpnas_opacus_hooks", *FIXED_METHOD_MODES)
@@ -95,6 +96,8 @@ def bench_models(names: str, points: str | Path | None = None, n: int = 5, *, se
     models = [resolve_model(name.strip()) for name in names.split(",") if name.strip()]
     if points:
         models += study_points(points, n, seed=seed)
+    if not models:  # nothing to time: a run would write an empty table over a results file
+        raise ValueError(f"--models {names!r} names no model (give names, ArchConfig or recipe files, or --points)")
     return models
 
 
@@ -110,10 +113,13 @@ def add_model_options(parser: argparse.ArgumentParser, *, default: str, batch_si
 
 def models_from_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[BenchModel]:
     """The models :func:`add_model_options`'s options name, all resolved before anything runs; an unknown name or a
-    broken file is a usage error (``parser.error``)."""
+    broken file is a usage error (``parser.error``), and so is a ``--json`` file that could not be written after the
+    run (:func:`dpnas.results.check_writable`)."""
     try:
+        if getattr(args, "json", None):
+            check_writable(args.json, what="--json")
         return bench_models(args.models, args.points, args.n)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError) as err:  # an OutputError is a ValueError
         parser.error(str(err))
 
 

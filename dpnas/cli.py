@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -412,8 +413,8 @@ class Search(Command):
             print(f"best: trial {trial.number}, {dict(zip(study.metric_names or ['value'], trial.values))}, {trial.params}")
         report = study_privacy(study)
         # the study named wherever it is not the file's own (--study-name), or the storage may hold others
-        name_flag = f" --study-name {study.study_name}" if args.study_name or args.storage else ""
-        where = (command_url(args.storage) if args.storage else args.study) + name_flag
+        name_flag = f" --study-name {shlex.quote(study.study_name)}" if args.study_name or args.storage else ""
+        where = shlex.quote(command_url(args.storage) if args.storage else args.study) + name_flag  # pasted into a shell
         if report.headline():
             print(report.headline())
         print(f"privacy of releasing the best trial: epsilon {report.epsilon:.3f} for the whole dataset (training "
@@ -467,7 +468,8 @@ class Best(Command):
             print(f"wrote {path}")
         if args.weights:
             for path in export_best_weights(study, url, Path(args.weights), artifacts=args.artifacts, search=search):
-                print(f"wrote {path} (the trained weights; `dpnas evaluate {path}` scores them on the test split)")
+                print(f"wrote {path} (the trained weights; `dpnas evaluate {shlex.quote(str(path))}` scores them on "
+                      "the test split)")
         return 0
 
 
@@ -553,20 +555,21 @@ class Dashboard(Command):
         parser.add_argument("storage", metavar="STUDY_OR_STORAGE")
         parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
         parser.add_argument("--port", type=int, default=8080)
-        parser.add_argument("--artifacts", metavar="DIR_OR_S3", help="where the study's weights are (default: beside it)")
+        parser.add_argument("--artifacts", metavar="DIR_OR_S3",
+                            help="where the study's weights are (default: where the study says, else beside it)")
 
     def run(self, args: argparse.Namespace) -> int:
         from optuna_dashboard import run_server
 
         from dpnas.search.storage import display_url, open_storage
         from dpnas.search.study_file import load_study_file
-        from dpnas.search.weights import default_location, open_store
+        from dpnas.search.weights import open_store, storage_location
 
         if not 0 <= args.port <= 65535:
             raise UsageError(f"--port: must be from 0 to 65535, got {args.port}")
         url = load_study_file(args.storage).default_storage() if args.storage.endswith(".toml") else args.storage
         storage = open_storage(url, must_exist=True)
-        location = args.artifacts or default_location(url)
+        location = args.artifacts or storage_location(storage, url)
         store = open_store(location) if location and (location.startswith("s3://") or Path(location).is_dir()) else None
         print(f"optuna-dashboard on http://{args.host}:{args.port}/ for {display_url(url)} (Ctrl-C to stop)")
         run_server(storage, host=args.host, port=args.port, artifact_store=store)

@@ -5,7 +5,7 @@ Three reproductions (REFERENCE §1, §2, §3, §5, §6):
 * ``smoothnet``: SmoothNet W80D50 with the ``smoothnet`` recipe at ε = 7, δ = 1e-5 on CIFAR-10
   (published 73.5 %) or ImageNette (published 69.2 %);
 * ``resnet9-scalenorm``: ResNet-9 with the ``resnet9-scalenorm`` recipe at ε = 8 on CIFAR-10, once with
-  ScaleNorm (published 82.5 %) and once without (REFERENCE gives no accuracy for it: "n/a");
+  ScaleNorm (published 82.5 %) and once without (no published accuracy for it is recorded: "n/a");
 * ``de-wrn``: De et al.'s recipe at ε = 8 on CIFAR-10 with WRN-16-4.  The published 81.4 % is De et al.'s
   WRN-40-4, a deeper network; the table says so.
 
@@ -139,8 +139,8 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                         "cifar10": Published(73.5, 7.0, 1e-5, 3_391_853, _SMOOTHNET_SOURCE, "SmoothNet W80D50"),
                         "imagenette": Published(
                             69.2, 7.0, 1e-5, 3_391_853, _SMOOTHNET_SOURCE, "SmoothNet W80D50",
-                            "ImageNette images at 160 px unless image_size says otherwise (REFERENCE does not give "
-                            "the authors' input size); SmoothNet has 3,391,853 parameters at any input size",
+                            "ImageNette images at 160 px unless image_size says otherwise (no published input size "
+                            "is recorded here); SmoothNet has 3,391,853 parameters at any input size",
                         ),
                     },
                     quick_changes={"width": 1.0, "depth": 1.0},
@@ -148,7 +148,7 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                 ),
             ),
             notes=(
-                "SmoothNet: the recipe trains 90 epochs; the authors' runs used 90-180 (REFERENCE section 5).",
+                "SmoothNet: the recipe trains 90 epochs; the authors' runs used 90-180.",
             ),
         ),
         Reproduction(
@@ -170,14 +170,14 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                     published={
                         "cifar10": Published(
                             None, 8.0, 1e-5, 2_447_946, _SCALENORM_SOURCE, "ResNet-9",
-                            "REFERENCE gives no accuracy for ResNet-9 without ScaleNorm (n/a)",
+                            "no published accuracy for ResNet-9 without ScaleNorm is recorded here (n/a)",
                         )
                     },
                     quick_changes={"width": 2.0, "stem_channels": 8, "groups": 4},
                     quick_label="ResNet-9 at 1/8 width",
                 ),
             ),
-            notes=("ResNet-9: the recipe trains 25 epochs; the authors' runs used 25-90 (REFERENCE section 5).",),
+            notes=("ResNet-9: the recipe trains 25 epochs; the authors' runs used 25-90.",),
         ),
         Reproduction(
             name="de-wrn",
@@ -192,7 +192,7 @@ REPRODUCTIONS: dict[str, Reproduction] = {
                         "cifar10": Published(
                             81.4, 8.0, 1e-5, None, _DE_SOURCE, "WRN-40-4",
                             "the published 81.4 % is De et al.'s WRN-40-4, a deeper network than the WRN-16-4 "
-                            "trained here (REFERENCE section 3 gives no parameter count for it)",
+                            "trained here (no published parameter count for it is recorded here)",
                         )
                     },
                     quick_changes={"width": 1.0, "depth": 1.0, "stem_channels": 8, "groups": 4},

@@ -180,6 +180,13 @@ def test_cli_bench_rejects_unknown_names(capsys):
     assert "--repeats and --n must be >= 1" in capsys.readouterr().err
 
 
+def test_cli_bench_refuses_models_that_name_none(capsys, monkeypatch):
+    monkeypatch.setattr("dpnas.bench.run_in_own_process", lambda args, label: pytest.fail("a case ran"))
+    for models in (",", " "):  # not an empty table written where the rows go, with status 0
+        assert main(["bench", "--models", models, "--steps", "1"]) == 2
+        assert "names no model" in capsys.readouterr().err
+
+
 def test_models_are_names_arch_files_or_recipe_files(tmp_path):
     assert resolve_model("tiny").arch["width"] == 1.0 and resolve_model("tiny").batch_size is None
     arch_file = tmp_path / "narrow.toml"

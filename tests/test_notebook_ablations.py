@@ -44,3 +44,14 @@ def test_ablations_notebook_executes(tmp_path, monkeypatch):
     assert "dpnas study tiny" in (tmp_path / "report.html").read_text()
     # quick mode's trials went to a storage of their own: the study file's (and its budget) is untouched
     assert not (tmp_path / "tiny.journal").exists() and (tmp_path / "tiny.notebook-quick.journal").exists()
+
+
+def test_quick_is_off_when_the_environment_says_0(monkeypatch, tmp_path):
+    """DPNAS_NOTEBOOK_QUICK=0 means what it says (as in reproduce_smoothnet.ipynb): no quick trials are run."""
+    notebook = nbformat.read(ROOT / "notebooks" / "ablations.ipynb", as_version=4)
+    monkeypatch.chdir(tmp_path)
+    for value, quick in (("0", False), ("", False), ("1", True), ("true", True)):
+        monkeypatch.setenv("DPNAS_NOTEBOOK_QUICK", value)
+        parameters = {}
+        exec(notebook.cells[1].source, parameters)
+        assert parameters["QUICK"] is quick, value

@@ -72,3 +72,15 @@ def test_notebook_runs_quick_and_reports_the_paper_comparison(tmp_path, monkeypa
     assert result["quick"] is True and len(result["history"]) == 1
     assert f"{result['test_accuracy']:.4f}" == accuracy.group(1)
     assert result["config"]["width"] == 1.0 and result["max_grad_norm"] == 6.83
+
+
+def test_results_go_to_the_repositorys_runs_folder_when_jupyter_starts_in_notebooks(tmp_path, monkeypatch):
+    """Jupyter runs a notebook in its own folder: the result JSON goes to the repository's runs/ (ignored by git),
+    not to a notebooks/runs/ that nothing ignores."""
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path / "notebooks")
+    monkeypatch.delenv("DPNAS_NOTEBOOK_OUT_DIR", raising=False)
+    code = [cell for cell in nbformat.read(NOTEBOOK, as_version=4).cells if cell.cell_type == "code"]
+    parameters = {}
+    exec(code[0].source, parameters)
+    assert Path(parameters["OUT_DIR"]) == tmp_path / "runs"

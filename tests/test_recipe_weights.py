@@ -217,3 +217,22 @@ def test_a_reproducible_recipe_s_header_does_not_promise_a_new_private_run():
     assert not words.startswith("a new private run") and "reproducible = true" in words and "seed" in words, words
     assert _what_a_retrain_is(RecipeFile(MODELS["tiny"].arch, quick.train, quick.privacy)) == (
         "a new private run: it spends its own epsilon")
+
+
+def test_dashboard_serves_the_weights_where_the_search_put_them(tmp_path, monkeypatch):
+    """`dpnas search --artifacts DIR` records DIR in the study; `dpnas dashboard` (no --artifacts) must serve it, as
+    the `optuna-dashboard ... --artifact-dir DIR` line the search prints does, not the default beside the storage."""
+    from dpnas.search.weights import open_store, record_location
+
+    journal, elsewhere = str(tmp_path / "s.journal"), str(tmp_path / "weights_elsewhere")
+    study = optuna.create_study(study_name="s", storage=open_storage(journal))
+    record_location(study, elsewhere)
+    trial = study.ask()
+    (tmp_path / "weights.pt").write_bytes(b"the weights")
+    artifact_id = optuna.artifacts.upload_artifact(artifact_store=open_store(elsewhere), study_or_trial=trial,
+                                                   file_path=str(tmp_path / "weights.pt"))
+    served = {}
+    monkeypatch.setattr("optuna_dashboard.run_server", lambda storage, host, port, artifact_store: served.update(
+        store=artifact_store))
+    assert main(["dashboard", journal]) == 0
+    assert served["store"] is not None and served["store"].open_reader(artifact_id).read() == b"the weights"

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -488,6 +489,21 @@ def test_the_end_lines_name_the_study_where_the_storage_may_hold_others(tmp_path
     out = capsys.readouterr().out
     assert f"dpnas privacy {journal} --study-name other` explains" in out
     assert f"dpnas best {journal} --study-name other --out best.toml" in out
+
+
+def test_the_end_lines_commands_run_as_pasted_where_a_path_or_name_has_a_space(tmp_path, capsys):
+    folder = tmp_path / "my studies"
+    folder.mkdir()
+    path = write_study(folder, n_trials=1)
+    assert main(["search", str(path), "--quiet", "--study-name", "my run"]) == 0
+    out = capsys.readouterr().out
+    best = shlex.split(out.split("export the best recipe and its weights: ")[1].splitlines()[0])
+    assert best[:5] == ["dpnas", "best", str(path), "--study-name", "my run"]
+    privacy = shlex.split(out.split("`dpnas privacy ")[1].split("` explains")[0])
+    assert privacy == [str(path), "--study-name", "my run"]
+    dashboard = shlex.split(out.split("open it with: ")[1].splitlines()[0])
+    assert dashboard == ["optuna-dashboard", str(folder / "tiny.journal"),
+                         "--artifact-dir", str(folder / "tiny.journal.artifacts")]
 
 
 def test_an_exhausted_space_is_looked_at_again_by_the_next_search(tmp_path):

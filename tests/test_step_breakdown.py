@@ -72,6 +72,19 @@ def test_breakdown_rejects_unknown_models(tmp_path, capsys):
     assert "unknown architecture 'nonet'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script", ["step_breakdown", "noisy_step", "per_sample_layers", "mapped_blocks"])
+def test_model_benchmarks_refuse_no_models_and_an_unwritable_json_before_any_runs(script, tmp_path, capsys):
+    """The scripts that share `dpnas bench`'s --models: `--models ,` would write an empty table over the committed
+    results, and a --json that is a folder would fail with a traceback only after the whole run."""
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(SystemExit):
+        load_benchmark(script).main(["--models", ",", "--json", str(tmp_path / "rows.json")])
+    assert "names no model" in capsys.readouterr().err and not (tmp_path / "rows.json").exists()
+    with pytest.raises(SystemExit):
+        load_benchmark(script).main(["--models", "tiny", "--json", str(tmp_path / "taken")])
+    assert "is a directory" in capsys.readouterr().err
+
+
 def test_digits_resolution_sets_the_image_size_in_the_data_table():
     module = load_benchmark("digits_resolution")
     import tomllib

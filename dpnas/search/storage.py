@@ -25,6 +25,7 @@ import fcntl
 import hashlib
 import os
 import re
+import shlex
 import sqlite3
 import time
 from pathlib import Path
@@ -386,11 +387,12 @@ def writes_together(storage: BaseStorage) -> contextlib.AbstractContextManager:
 def dashboard_command(url: str, artifact_dir: str | None = None) -> str:
     """The stock optuna-dashboard command line for a storage (with its artifact directory, so it lists weights).
 
-    The URL names the psycopg2 driver (optuna-dashboard's SQLAlchemy would look for psycopg 3) and no password.
+    The URL names the psycopg2 driver (optuna-dashboard's SQLAlchemy would look for psycopg 3) and no password;
+    each argument is quoted for a shell where it needs it (a path with a space).
     """
-    command = f"optuna-dashboard {command_url(rdb_url(url))}"
+    command = f"optuna-dashboard {shlex.quote(command_url(rdb_url(url)))}"
     if artifact_dir and not artifact_dir.startswith("s3://") and Path(artifact_dir).is_dir():
-        command += f" --artifact-dir {artifact_dir}"
+        command += f" --artifact-dir {shlex.quote(artifact_dir)}"
     return command
 
 

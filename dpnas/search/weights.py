@@ -67,6 +67,13 @@ def study_location(study: optuna.Study, storage_url: str, override: str | None =
     return recorded or default_location(storage_url)
 
 
+def storage_location(storage: optuna.storages.BaseStorage, storage_url: str) -> str | None:
+    """Where a storage's weights are, for optuna-dashboard (one artifact store for all its studies): what a study
+    recorded (``--artifacts``), else beside the storage."""
+    recorded = (s.system_attrs.get(_LOCATION) for s in storage.get_all_studies())
+    return next((location for location in recorded if location), None) or default_location(storage_url)
+
+
 def record_location(study: optuna.Study, location: str) -> None:
     study._storage.set_study_system_attr(study._study_id, _LOCATION, location)
 
