@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dpnas.dp.host_memory import keep_freed_host_memory
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shapes", default="256x16x16x16,32x80x32x32",
                         help="comma-separated NxCxHxW (default: a quickstart layer's, a SmoothNet layer's)")
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--json", default="benchmarks/activation_kernels.json")
+    parser.add_argument("--json", type=writable_file, default="benchmarks/activation_kernels.json")
     args = parser.parse_args(argv)
     keep_freed_host_memory()  # dpnas's heap setting, as in every dpnas process
     rows = []

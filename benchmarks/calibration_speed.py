@@ -20,7 +20,7 @@ import sys
 import time
 
 import dpnas.dp.privacy as dp_privacy
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 from dpnas.search import calibration
 
 # the quickstart's training split (digits, val_fraction 0.2, seed 0); any size gives the same count of evaluations
@@ -59,7 +59,7 @@ def measure(case: dict, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="cold calibrations per case (the fastest reported)")
-    parser.add_argument("--json", default="benchmarks/calibration_speed.json")
+    parser.add_argument("--json", type=writable_file, default="benchmarks/calibration_speed.json")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")

@@ -31,7 +31,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--study", type=Path, default=REPO / "studies" / "quickstart.toml")
     parser.add_argument("--sizes", default="8,16,32", help="comma-separated image sizes (default 8,16,32)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "digits_resolution.json")
+    parser.add_argument("--json", type=writable_file, default=REPO / "benchmarks" / "digits_resolution.json")
     args = parser.parse_args(argv)
     try:
         sizes = [int(s) for s in args.sizes.split(",") if s.strip()]

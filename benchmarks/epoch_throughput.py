@@ -29,7 +29,7 @@ from dpnas.data.datasets import load_dataset
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.recipes import split_overrides
 from dpnas.dp.train import train
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 
 
 def opacus_epoch(arch, data, *, batch_size: int, physical: int, device: str) -> float:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--physical", type=int, default=64)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default="benchmarks/epoch_throughput.json")
+    parser.add_argument("--json", type=writable_file, default="benchmarks/epoch_throughput.json")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="FIELD=VALUE",
                         help="a TrainConfig field for dpnas's side (repeatable), e.g. --set amp=true")
     args = parser.parse_args(argv)

@@ -45,7 +45,7 @@ from dpnas.arch.models import check_image_size
 from dpnas.arch.space import ConfigError
 from dpnas.data.datasets import DEFAULT_IMAGE_SIZE
 from dpnas.dp.train import train
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 from dpnas.search.calibration import calibrate_study
 from dpnas.search.fidelity import Fidelity, load_search_data, search_trial
 from dpnas.search.sampling import config_key, suggest
@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cost-dataset", help="measure cost only, on this dataset instead (e.g. synthetic: the "
                                                "CIFAR-10 shape, 3 x 32 x 32)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", default=str(REPO / "benchmarks" / "fidelity_transfer.json"))
+    parser.add_argument("--json", type=writable_file, default=str(REPO / "benchmarks" / "fidelity_transfer.json"))
     parser.add_argument("--summarise", metavar="JSON", help="only rebuild the table from a written JSON's runs")
     args = parser.parse_args(argv)
     if args.summarise:

@@ -36,7 +36,7 @@ import torch
 
 from dpnas.bench import add_model_options, models_from_options
 from dpnas.dp.host_memory import keep_freed_host_memory
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 
 M_MMAP_MAX = -4  # mallopt's parameter number (glibc's malloc.h)
 GLIBC_DEFAULT_MMAP_MAX = 65536
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     add_model_options(parser, default="smoothnet,resnet9_scalenorm,wrn16_4")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per breakdown (median)")
     parser.add_argument("--rounds", type=int, default=4, help="breakdowns per setting, taking turns (median)")
-    parser.add_argument("--json", default="benchmarks/mapped_blocks.json")
+    parser.add_argument("--json", type=writable_file, default="benchmarks/mapped_blocks.json")
     args = parser.parse_args(argv)
     if min(args.batch_size, args.steps, args.rounds) < 1:
         parser.error("--batch-size, --steps and --rounds must be >= 1")

@@ -32,7 +32,7 @@ from dpnas.dp.config import PrivacyConfig
 from dpnas.dp.engine import DPSGDEngine
 from dpnas.dp.host_memory import keep_freed_host_memory
 from dpnas.dp.privacy import plan_privacy
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 
 
 def through_dpoptimizer_step(engine: DPSGDEngine) -> None:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_options(parser, default="tiny", batch_size=False)
     parser.add_argument("--rounds", type=int, default=200, help="timed rounds (median reported)")
-    parser.add_argument("--json", default="benchmarks/noisy_step.json")
+    parser.add_argument("--json", type=writable_file, default="benchmarks/noisy_step.json")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")

@@ -59,7 +59,7 @@ from dpnas.dp.per_sample_layers import (
     layer_norms,
     methods_for,
 )
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 
 HEAVY_GHOST_MS = 50.0  # a ghost norm this slow on a layer is never picked; one timing of it is enough
 
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also run the tuner R times per layer, with and without its whole-batch timings")
     parser.add_argument("--one-piece", action="store_true",
                         help="also time each method with every temporary in one piece (no 8 MiB bound), in turn")
-    parser.add_argument("--json", default="benchmarks/per_sample_layers.json")
+    parser.add_argument("--json", type=writable_file, default="benchmarks/per_sample_layers.json")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.rounds < 1 or args.tuner_repeats < 0:
         parser.error("--batch-size and --rounds must be >= 1, --tuner-repeats >= 0")

@@ -40,7 +40,7 @@ from dpnas.arch.models import build_model
 from dpnas.arch.space import ArchConfig
 from dpnas.bench import BenchModel, bench_models
 from dpnas.dp.pointwise import _PointwiseProduct, is_pointwise
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 
 # (batch, input channels, output channels, height = width)
 CASES = [(256, 11, 5, 16), (256, 12, 6, 16), (256, 16, 8, 16), (256, 32, 16, 16), (256, 64, 32, 16),
@@ -152,7 +152,7 @@ def time_eval_passes(model: BenchModel, rows: int, rounds: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20, help="timed rounds per candidate (median reported)")
-    parser.add_argument("--json", default="benchmarks/pointwise_conv.json")
+    parser.add_argument("--json", type=writable_file, default="benchmarks/pointwise_conv.json")
     parser.add_argument("--eval-points", metavar="STUDY_FILE", help="also time evaluation passes of --n points")
     parser.add_argument("--n", type=int, default=5)
     parser.add_argument("--eval-rows", type=int, default=262, help="rows of an evaluation pass (digits' validation)")

@@ -33,7 +33,7 @@ from dpnas.dp.engine import DPSGDEngine
 from dpnas.dp.host_memory import keep_freed_host_memory
 from dpnas.dp.privacy import plan_privacy, poisson_sample
 from dpnas.dp.train import make_optimizer
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 from dpnas.search.fidelity import load_search_data
 from dpnas.search.study_file import load_study_file
 
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                                            "its physical batch size)")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per point (after 3 warm-up steps)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default="benchmarks/poisson_chunks.json")
+    parser.add_argument("--json", type=writable_file, default="benchmarks/poisson_chunks.json")
     args = parser.parse_args(argv)
     keep_freed_host_memory()
     spec = load_study_file(args.study)

@@ -41,7 +41,7 @@ from dpnas.arch.models import build_model
 from dpnas.arch.pools import HalvingAvgPool, HeadAvgPool, SmoothingAvgPool, SmoothingMaxPool, shifted_max3
 from dpnas.arch.space import ArchConfig
 from dpnas.bench import BenchModel, resolve_model, study_points
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = [(64, 3, 32, 32), (256, 16, 32, 32), (256, 32, 16, 16), (32, 80, 32, 32), (32, 80, 16, 16)]
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="the smoothing pool of the models and points in the step table")
     parser.add_argument("--batch-size", type=int, default=32, help="of named models; points use their study's")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "pool_smoothing.json")
+    parser.add_argument("--json", type=writable_file, default=REPO / "benchmarks" / "pool_smoothing.json")
     args = parser.parse_args(argv)
     models = [resolve_model(m) for m in args.models.split(",") if m.strip()]
     if args.n:

@@ -30,7 +30,7 @@ from torch import nn
 
 from dpnas.data.datasets import load_dataset, normalise
 from dpnas.dp.checkpoint import evaluate_checkpoint
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 from dpnas.search.runner import search
 from dpnas.search.study_file import load_study_file
 from dpnas.search.study_privacy import study_privacy
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--opacus-epochs", type=int, default=15)
     parser.add_argument("--opacus-batch-size", type=int, default=256)
     parser.add_argument("--opacus-lr", type=float, default=5e-3)
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/private_search.json"))
+    parser.add_argument("--json", type=writable_file, default=Path("benchmarks/private_search.json"))
     args = parser.parse_args()
     epsilons = [float(e) for e in args.epsilons.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from dpnas.dp.checkpoint import evaluate_checkpoint
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 from dpnas.search.runner import best_trials, search
 from dpnas.search.study_file import load_study_file
 from dpnas.search.study_privacy import study_privacy
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, default=3.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default="reference,random,tpe")
-    parser.add_argument("--json", dest="json_file", default="benchmarks/search_quality.json")
+    parser.add_argument("--json", type=writable_file, dest="json_file", default="benchmarks/search_quality.json")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rows = []

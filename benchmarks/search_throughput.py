@@ -63,7 +63,7 @@ from optuna.trial import TrialState
 from dpnas import __version__ as dpnas_version
 from dpnas.data.datasets import DEFAULT_SYNTHETIC_SIZE, load_dataset
 from dpnas.dp.recipe_file import toml_value
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 from dpnas.search.runner import search
 from dpnas.search.study_file import load_study_file
 
@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the dpnas arms draw the search's progress bar (to stderr), as on a terminal")
     parser.add_argument("--storage", choices=("journal", "sqlite"), default="journal",
                         help="each arm's fresh storage: a journal file (default) or an SQLite file (heartbeats)")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/search_throughput.json"))
+    parser.add_argument("--json", type=writable_file, default=Path("benchmarks/search_throughput.json"))
     args = parser.parse_args(argv)
     if args.data_dir and args.dataset != "cifar10":
         parser.error("--data-dir is only for --dataset cifar10")

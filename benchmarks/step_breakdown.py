@@ -40,7 +40,7 @@ from dpnas.arch.space import ArchConfig
 from dpnas.bench import BenchModel, add_model_options, models_from_options, synchronize
 from dpnas.dp.host_memory import keep_freed_host_memory
 from dpnas.dp.per_sample import PerSampleClipper
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 
 
 def breakdown(model: BenchModel, *, batch_size: int, steps: int, device: str, warmup: int = 2,
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time dpnas's norms and sums with the whole batch at once (as before), not in "
                              "chunks of samples")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default="benchmarks/step_breakdown.json", help="where the rows go, with the machine and command")
+    parser.add_argument("--json", type=writable_file, default="benchmarks/step_breakdown.json", help="where the rows go, with the machine and command")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 1:
         parser.error("--batch-size, --steps and --warmup must be >= 1 (the first step times the methods)")

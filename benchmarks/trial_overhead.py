@@ -42,7 +42,7 @@ from pathlib import Path
 import optuna
 import torch
 
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 # part -> (module, owner of the attribute in that module or "", attribute): the function whose time it is, named
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--timer", choices=("wall", "cprofile"), default="wall",
                         help="wall-clock wrappers around each part (default) or cProfile (an upper bound on the fixed parts)")
     parser.add_argument("--profile", type=Path, help="with --timer cprofile: keep the raw stats here (pstats / snakeviz)")
-    parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "trial_overhead.json")
+    parser.add_argument("--json", type=writable_file, default=REPO / "benchmarks" / "trial_overhead.json")
     args = parser.parse_args(argv)
     if not args.study.is_file():
         parser.error(f"--study {args.study}: no such file")

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpnas.dp.per_sample_layers import unfold
-from dpnas.results import write_json
+from dpnas.results import writable_file, write_json
 
 # (batch, channels, height, width), layout, stride: a 3x3 convolution with padding 1 reads this input
 CASES = [
@@ -86,7 +86,7 @@ def time_case(shape, layout: str, stride: int, rounds: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30, help="timed rounds per candidate (median reported)")
-    parser.add_argument("--json", default="benchmarks/unfold_patches.json")
+    parser.add_argument("--json", type=writable_file, default="benchmarks/unfold_patches.json")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")

@@ -49,7 +49,6 @@ import torch
 
 from dpnas.arch.registry import MODELS, get_arch
 from dpnas.arch.space import ArchConfig, ConfigError
-from dpnas.results import check_writable
 
 FIXED_METHOD_MODES = {"dpnas_unfold": "unfold", "dpnas_grouped": "grouped", "dpnas_ghost": "ghost"}
 MODES = ("nonprivate", "opacus", "dpnas", "dpnas_opacus_hooks", *FIXED_METHOD_MODES)
@@ -113,13 +112,10 @@ def add_model_options(parser: argparse.ArgumentParser, *, default: str, batch_si
 
 def models_from_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[BenchModel]:
     """The models :func:`add_model_options`'s options name, all resolved before anything runs; an unknown name or a
-    broken file is a usage error (``parser.error``), and so is a ``--json`` file that could not be written after the
-    run (:func:`dpnas.results.check_writable`)."""
+    broken file is a usage error (``parser.error``)."""
     try:
-        if getattr(args, "json", None):
-            check_writable(args.json, what="--json")
         return bench_models(args.models, args.points, args.n)
-    except (ValueError, OSError) as err:  # an OutputError is a ValueError
+    except (ValueError, OSError) as err:
         parser.error(str(err))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -27,6 +28,15 @@ def json_safe(value: Any) -> Any:
 
 class OutputError(ValueError):
     """A file the user asked for cannot be written there; found before anything is run, so nothing is lost."""
+
+
+def writable_file(value: str) -> str:
+    """An argparse type for a result file that is written after a long run: :func:`check_writable` at parse time,
+    so a bad path is a usage error before anything runs, not a traceback that loses the measurements."""
+    try:
+        return str(check_writable(value, what="file"))
+    except OutputError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def check_writable(path: str | Path, *, what: str = "--out") -> Path:

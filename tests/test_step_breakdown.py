@@ -1,5 +1,6 @@
 """benchmarks/step_breakdown.py end to end, tiny: both models take turns and the ratio is their own."""
 
+import inspect
 import json
 import platform
 
@@ -139,3 +140,15 @@ def test_mapped_blocks_times_both_allocator_settings_in_turn_and_leaves_the_heap
         assert row[f"{name}_dpnas_vs_nonprivate"] == pytest.approx(
             row[f"{name}_dpnas_ms"] / row[f"{name}_nonprivate_forward_backward_ms"])
     assert row["dpnas_ms_mapped_over_heap"] == pytest.approx(row["mapped_dpnas_ms"] / row["heap_dpnas_ms"])
+
+
+@pytest.mark.parametrize("script", sorted(p.stem for p in BENCHMARKS.glob("*.py") if '"--json"' in p.read_text()))
+def test_every_benchmark_refuses_a_json_it_could_not_write_before_it_runs(script, tmp_path, capsys, monkeypatch):
+    """A --json that is a folder failed with a traceback after the whole run, and the measurements were lost."""
+    (tmp_path / "taken").mkdir()
+    module = load_benchmark(script)
+    argv = ["--json", str(tmp_path / "taken")]
+    monkeypatch.setattr("sys.argv", [script, *argv])  # the scripts whose main() reads sys.argv
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(argv) if "argv" in inspect.signature(module.main).parameters else module.main()
+    assert exit_info.value.code == 2 and "is a directory" in capsys.readouterr().err
