@@ -460,10 +460,10 @@ def test_a_crash_before_a_better_trial_completes_keeps_the_weights_it_displaces(
     class Killed(BaseException):
         """The worker's SIGKILL, as far as this process can tell"""
 
-    def better_then_killed(study, trial, checkpoint, *, values, keep, store):
+    def better_then_killed(study, trial, checkpoint, *, values, **kwargs):
         if trial.number == 0:
-            return real_keep(study, trial, checkpoint, values=values, keep=keep, store=store)
-        real_keep(study, trial, checkpoint, values=[2.0], keep=keep, store=store)  # better than any accuracy
+            return real_keep(study, trial, checkpoint, values=values, **kwargs)
+        real_keep(study, trial, checkpoint, values=[2.0], **kwargs)  # better than any accuracy
         raise Killed
 
     monkeypatch.setattr(runner, "keep_trial_weights", better_then_killed)

@@ -236,3 +236,27 @@ def test_dashboard_serves_the_weights_where_the_search_put_them(tmp_path, monkey
         store=artifact_store))
     assert main(["dashboard", journal]) == 0
     assert served["store"] is not None and served["store"].open_reader(artifact_id).read() == b"the weights"
+
+
+def test_each_worker_s_weights_are_found_from_any_directory(tmp_path, monkeypatch):
+    """Two hosts on one storage, each in its own working directory, both given `--artifacts weights`: the study
+    recorded the relative name, so each host kept its weights in a folder of its own, and `dpnas best --weights`
+    anywhere but in the right host's directory failed ("ArtifactNotFound: not found")."""
+    import dpnas.search.study_report as study_report
+    from dpnas.search.runner import search
+
+    url = str(tmp_path / "shared.journal")
+    for host, n_trials in (("a", 1), ("b", 2)):
+        (tmp_path / host).mkdir()
+        monkeypatch.chdir(tmp_path / host)
+        spec = load_study_file(write_study(tmp_path / host, n_trials=1, extra='keep_weights = "all"'))
+        search(spec, storage_url=url, n_trials=n_trials, artifacts="weights", progress=False)
+    monkeypatch.chdir(tmp_path)  # where `dpnas best` runs
+    study = optuna.load_study(study_name="tiny", storage=open_storage(url))
+    done = study.get_trials(states=(TrialState.COMPLETE,))  # (a repeated proposal is a FAIL, untrained)
+    assert len(done) == 2
+    for trial in done:  # whichever of them is the best
+        monkeypatch.setattr(study_report, "best_trials", lambda study, trial=trial: [trial])
+        out = tmp_path / f"trial{trial.number}.pt"
+        assert study_report.export_best_weights(study, url, out) == [out]
+        assert load_checkpoint(out)["provenance"]["trial"] == trial.number

@@ -156,6 +156,28 @@ def test_a_new_run_shape_is_calibrated_afresh_while_nothing_is_spent(tmp_path):
     assert all(t.user_attrs["train_config"]["epochs"] == 2 for t in study.get_trials())
 
 
+def test_a_worker_whose_budget_another_host_replaced_before_its_first_trial_trains_nothing(tmp_path, monkeypatch):
+    """Two hosts on one storage: host A's worker joined the study and was still loading its data when host B
+    joined with another epsilon. Nothing was charged yet, so B's budget replaced A's, and A then trained its trials
+    at its own epsilon in B's study: two budgets in one result, the stored one wrong for A's trials."""
+    from dpnas.search.study_state import open_study
+
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    a = load_study_file(write_study(tmp_path / "a", n_trials=2))
+    b = load_study_file(_edit(write_study(tmp_path / "b", n_trials=2), "epsilon = 4.0", "epsilon = 8.0"))
+    url = str(tmp_path / "shared.journal")
+    load = runner.load_search_data
+
+    def host_b_joins_meanwhile(*args, **kwargs):
+        open_study(b, url)  # nothing is charged yet, so B's budget replaces A's
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "load_search_data", host_b_joins_meanwhile)
+    with pytest.raises(ConfigError, match="epsilon 8.0 → 4.0"):
+        runner.run_worker(a, url, progress=False)  # host A's worker: it joins, then loads the data
+    assert optuna.load_study(study_name="tiny", storage=open_storage(url)).get_trials() == []  # A took no slot
+
+
 def test_the_preflight_needs_no_data_and_catches_engine_combinations():
     arch = MODELS["tiny"].arch
     preflight(arch, TrainConfig(physical_batch_size=4), PrivacyConfig(), num_classes=10, in_channels=1, image_size=16,

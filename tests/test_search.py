@@ -549,7 +549,7 @@ def test_a_trial_on_a_heartbeat_storage_beats_before_its_slot_is_released(tmp_pa
         study.tell(trial, 0.5)
         return "done"
 
-    monkeypatch.setattr(search_module, "get_heartbeat_thread", lambda *args: contextlib.nullcontext())
+    monkeypatch.setattr(search_module, "heartbeat_thread", lambda *args: contextlib.nullcontext())
     monkeypatch.setattr(search_module, "run_trial", trial_without_its_thread)
     study = search(load_study_file(path), storage_url=f"sqlite:///{db}", progress=False)
     assert beats == [study.get_trials()[0]._trial_id]

@@ -314,6 +314,34 @@ def test_a_trial_whose_pid_now_runs_another_process_is_retried(tmp_path):
     assert f"worker process {os.getpid()} died" in study.get_trials()[earlier.number].user_attrs["failure_reason"]
 
 
+def test_a_trial_of_a_worker_whose_pids_are_not_this_host_s_is_left_to_the_heartbeat(tmp_path):
+    """Containers with the host's network (one per GPU, say) share its host name but not its pids, and machines can
+    share a name: a worker read another's pid in its own /proc, found none (or another process), and failed that
+    worker's live trial, which was then trained again (its epsilon spent twice) while the first run's result was
+    refused at its end. Where heartbeats find dead workers, such a trial is left to them."""
+    import os
+    import socket
+
+    from dpnas.search.study_state import _recover_orphans, open_study
+
+    spec = load_study_file(write_study(tmp_path, n_trials=3, epochs=1))
+    study = open_study(spec, f"sqlite:///{tmp_path / 'tiny.db'}")  # a heartbeat storage
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    other_namespace, other_boot, here = study.ask(), study.ask(), study.ask()
+    for trial, attrs in ((other_namespace, {"worker_pid_namespace": "pid:[1]"}),
+                         (other_boot, {"worker_process": "another boot:0"}), (here, {})):
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{dead}")  # a pid that is no process here
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+    _recover_orphans(study, spec)
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[other_namespace.number] == states[other_boot.number] == TrialState.RUNNING
+    assert states[here.number] == TrialState.FAIL  # a pid of this host's own: its worker died
+
+
 def test_a_trial_whose_worker_is_a_zombie_is_retried(tmp_path):
     """A worker of `--workers K` killed (SIGKILL) while the search's process joins another worker stays a zombie
     until it is reaped, and signal 0 still reaches a zombie: its trial was taken for alive, so the other workers

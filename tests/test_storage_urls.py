@@ -104,6 +104,35 @@ def test_a_heartbeat_that_meets_a_lost_connection_is_tried_again(tmp_path, monke
     assert failures == [trial_id]
 
 
+def test_the_heartbeat_thread_outlives_a_server_away_for_longer_than_its_patience(tmp_path, monkeypatch):
+    """A server away for longer than SERVER_PATIENCE_S between two of a trial's writes (a long epoch): the trial
+    rode it out, but Optuna's heartbeat thread ended at the beat that gave up, so the trial got no beat again;
+    another worker failed it as stale and trained it again, and the first run's result was refused at its end."""
+    import optuna
+    from optuna.storages import RDBStorage
+
+    import dpnas.search.storage as storage_module
+    from dpnas.search.storage import heartbeat_thread
+
+    storage = open_storage(f"sqlite:///{tmp_path / 'hb.db'}", heartbeat_interval=1)
+    trial_id = optuna.create_study(storage=storage, study_name="hb").ask()._trial_id
+    real, beats = RDBStorage.record_heartbeat, []
+    back_at = time.monotonic() + 0.5
+
+    def away_for_a_while(self, tid):
+        if time.monotonic() < back_at:
+            raise optuna.exceptions.StorageInternalError("server closed the connection unexpectedly")
+        beats.append(tid)
+        return real(self, tid)
+
+    monkeypatch.setattr(RDBStorage, "record_heartbeat", away_for_a_while)
+    monkeypatch.setattr(storage_module, "HEARTBEAT_RETRY_S", 0.05)
+    monkeypatch.setattr(storage_module, "SERVER_PATIENCE_S", 0.2)  # the first beat gives up before the server is back
+    with heartbeat_thread(trial_id, storage):
+        time.sleep(1.6)  # the next beat, an interval later, meets the server again
+    assert beats and beats[0] == trial_id
+
+
 def test_a_study_s_own_storage_takes_the_trial_slot_lock_too(postgres_url):
     """The worker loop passes `study._storage`, Optuna's cache around the RDB storage: the advisory lock used to be
     skipped for it, so two workers could both take the last slot (a budget of 1 finished 2 runs)."""

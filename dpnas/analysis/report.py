@@ -36,7 +36,7 @@ from dpnas.search.runner import best_trials
 from dpnas.search.storage import command_url
 from dpnas.search.study_privacy import TRIAL_TARGET_ATTR
 from dpnas.search.study_report import budget_words, privacy_statement, trial_recipe
-from dpnas.search.weights import open_store, study_location, weights_available
+from dpnas.search.weights import open_store, trial_location, weights_available
 
 REPORT_FILE = "report.html"
 _REPORT_ARTIFACT = "dpnas:report_artifact"
@@ -159,7 +159,6 @@ def _best(study: optuna.Study, storage_url: str | None, where: str | None, artif
     trials = best_trials(study)
     if not trials:
         return "<h2>Best recipe</h2><p>No completed trial yet.</p>"
-    location = study_location(study, storage_url, artifacts) if storage_url else artifacts
     names = study.metric_names or ["value"]
     parts = ["<h2>Best recipe" + (" (Pareto set)" if len(trials) > 1 else "") + "</h2>"]
     for trial in trials:
@@ -176,7 +175,8 @@ def _best(study: optuna.Study, storage_url: str | None, where: str | None, artif
                              if isinstance(trial.user_attrs.get("params"), int) else "?"),
                             ("ε spent by this run", trial.user_attrs.get("epsilon_spent")),
                             ("test accuracy (recorded, never used to select)", trial.user_attrs.get("test_accuracy")),
-                            ("weights", _weights_line(study, trial, location, where))]))
+                            ("weights", _weights_line(study, trial, trial_location(study, trial, storage_url, artifacts)
+                                                      if storage_url else artifacts, where))]))
         try:
             recipe = esc(recipe_to_toml(trial_recipe(study, trial)).rstrip())
             parts.append(f"<details><summary>The whole recipe (what `dpnas best` writes; `dpnas train FILE` takes it)"

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import optuna
 import torch
 from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.storages._heartbeat import get_heartbeat_thread, is_heartbeat_enabled
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import FrozenTrial, Trial, TrialState
 from tqdm.auto import tqdm
 
@@ -49,6 +49,7 @@ from dpnas.search.interrupts import interrupts_held
 from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
 from dpnas.search.storage import (
+    heartbeat_thread,
     open_storage,
     slot_lock_excludes_all,
     storage_file,
@@ -64,6 +65,7 @@ from dpnas.search.study_state import (
     _system_attrs,
     _version,
     check_trial_count,
+    check_unchanged,
     open_study,
     runs_charged,
     study_calibration,
@@ -71,6 +73,7 @@ from dpnas.search.study_state import (
     worker_identity,
 )
 from dpnas.search.weights import (
+    absolute_location,
     default_location,
     keep_trial_weights,
     open_store,
@@ -171,12 +174,13 @@ def run_worker(
     it); printed plainly without one.
     """
     study = open_study(spec, storage_url, study_name=study_name, worker_index=worker_index)
-    store = _weights_store(study, spec, storage_url, artifacts)
+    store, weights_location = _weights_store(study, spec, storage_url, artifacts)
     if data is None:
         data = load_search_data(spec, progress=progress)
     storage = study._storage
     slot_locked = slot_lock_excludes_all(storage, storage_url)
     with trial_slot_lock(storage, storage_url):
+        check_unchanged(study, spec)  # joined long ago (the data loaded since): still this worker's settings?
         calibration = study_calibration(study, spec, len(data.train))  # before any trial: an impossible total stops here
     report = WorkerReport()
     size = functools.cache(lambda: space_size(spec))  # computed once, when a repeat first suggests it
@@ -187,6 +191,7 @@ def run_worker(
     try:
         while timeout is None or time.monotonic() - started < timeout:
             with trial_slot_lock(storage, storage_url):
+                check_unchanged(study, spec)
                 _recover_orphans(study, spec, slot_locked=slot_locked)
                 fail_stale_trials(study)
                 target, used, waiting, running = trial_budget(study)
@@ -202,7 +207,7 @@ def run_worker(
                     break
                 if room:
                     with warnings.catch_warnings():
-                        # dpnas beats the trial's heartbeat itself (get_heartbeat_thread below), which Optuna
+                        # dpnas beats the trial's heartbeat itself (heartbeat_thread below), which Optuna
                         # expects only of optimize(): its warning at every ask on SQLite / PostgreSQL says nothing
                         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
                         trial = study.ask()
@@ -245,8 +250,9 @@ def run_worker(
                 break
             waits = idle_waits()  # a trial taken: the next idle spell starts with short pauses again
             if line is None:
-                with get_heartbeat_thread(trial._trial_id, storage):
+                with heartbeat_thread(trial._trial_id, storage):
                     line = run_trial(study, trial, spec, data, configs, device=device, store=store,
+                                     weights_location=weights_location,
                                      storage_url=storage_url, calibration=calibration)
             report.trials += 1
             if progress:
@@ -257,20 +263,24 @@ def run_worker(
 
 
 def _weights_store(study: optuna.Study, spec: StudySpec, storage_url: str, artifacts: str | None):
+    """The store this worker keeps weights in, and its location where each kept trial records it (None: beside a
+    journal or SQLite file, found from the storage wherever the two are moved together)."""
     if spec.keep_weights == "none":
-        return None
-    location = study_location(study, storage_url, artifacts)
+        return None, None
+    location = study_location(study, storage_url, artifacts and absolute_location(artifacts))
     if location is None:
         warnings.warn(f"{spec.name}: trained weights are not kept: a server storage needs --artifacts DIR "
                       "(a directory every worker can reach) or s3://BUCKET", stacklevel=2)
-        return None
+        return None, None
     if artifacts or default_location(storage_url) != location:
         record_location(study, location)
-    return open_store(location)
+        return open_store(location), location
+    return open_store(location), None
 
 
 def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetSplits, configs: Configs, *,
-              device: str | None, storage_url: str, store: Any = None, calibration: Calibration | None = None) -> str:
+              device: str | None, storage_url: str, store: Any = None, weights_location: str | None = None,
+              calibration: Calibration | None = None) -> str:
     """Train and record one trial (its configs already proposed); returns a one-line summary.
 
     Every score that leaves the trial (intermediate values for the pruner and the dashboard, the objective, the
@@ -391,7 +401,8 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
                     trained[0], arch=arch, train_cfg=train_cfg, privacy=privacy, data=data,
                     data_settings=settings, results={k: v for k, v in attrs.items() if k != "device"},
                     provenance={"study": study.study_name, "trial": trial.number, "dpnas_version": _version()})
-                keep_trial_weights(study, trial, checkpoint, values=values, keep=spec.keep_weights, store=store)
+                keep_trial_weights(study, trial, checkpoint, values=values, keep=spec.keep_weights, store=store,
+                                   location=weights_location)
             study.tell(trial, values=values)
             if store is not None:  # only now: the files this trial displaces are not removed while it may be lost
                 remove_displaced_weights(study, keep=spec.keep_weights, store=store)

@@ -27,6 +27,7 @@ import os
 import re
 import shlex
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -35,6 +36,7 @@ import optuna
 import sqlalchemy
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._cached_storage import _CachedStorage
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from sqlalchemy.engine import make_url
 
 from dpnas.arch.space import ConfigError
@@ -206,6 +208,36 @@ class PatientRDBStorage(RDBStorage):
                 raise
 
         return self._patiently(call, trial_id, state, values)
+
+
+@contextlib.contextmanager
+def heartbeat_thread(trial_id: int, storage: BaseStorage) -> Iterator[None]:
+    """Beat the trial's heartbeat every interval while the block runs, as Optuna's heartbeat thread does, but a beat
+    that fails once its patience is over (a server away for longer than `SERVER_PATIENCE_S`, between two of the
+    trial's own writes) is skipped, and the next one tried: Optuna's thread ended there, so the trial, still
+    training, got no beat again; another worker failed it as stale and trained it again, and the first run's result
+    was refused at its end (UpdateFinishedTrialError): its epsilon spent twice, a finished trial lost."""
+    if not is_heartbeat_enabled(storage):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError):
+                pass  # the server is still away: the next beat tries again
+            if stop.wait(timeout=storage.get_heartbeat_interval()):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _patient_call(name: str) -> Callable[..., Any]:

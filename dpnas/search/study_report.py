@@ -22,7 +22,7 @@ from dpnas.search.runner import best_trials
 from dpnas.search.storage import dashboard_command, display_url, list_study_names, open_storage
 from dpnas.search.study_file import load_study_file
 from dpnas.search.study_privacy import StudyPrivacy, study_privacy
-from dpnas.search.weights import fetch_weights, open_store, study_location, weights_available
+from dpnas.search.weights import fetch_weights, open_store, study_location, trial_location, weights_available
 
 
 def resolve_study(study_or_storage: str, study_name: str | None = None) -> tuple[optuna.Study, str]:
@@ -118,18 +118,19 @@ def export_best_weights(study: optuna.Study, storage_url: str, out: Path, *, art
     trials = best_trials(study)
     if not trials:
         raise ConfigError(f"study {study.study_name!r} has no completed trial yet")
-    location = study_location(study, storage_url, artifacts)
+    where = study_location(study, storage_url, artifacts)
+    locations = {t.number: trial_location(study, t, storage_url, artifacts) for t in trials}  # workers may differ
     missing = [t.number for t in trials if not weights_available(study, t)]
-    if location is None or missing:
+    if None in locations.values() or missing:
         raise ConfigError(f"study {study.study_name!r}: no stored weights for trial(s) "
                           f"{', '.join(map(str, missing or [t.number for t in trials]))} "
-                          f"(kept where: {location or 'nowhere: a server storage needs --artifacts DIR'}; "
+                          f"(kept where: {where or 'nowhere: a server storage needs --artifacts DIR'}; "
                           "keep_weights in [study] says which trials keep theirs)")
-    store = open_store(location)
     search = search_epsilon(study) if search is None else search
     paths = []
     for t in trials:
-        path = fetch_weights(study, t, store, _numbered(out, t, len(trials) > 1))
+        location = locations[t.number]
+        path = fetch_weights(study, t, open_store(location), _numbered(out, t, len(trials) > 1), location)
         # the stored checkpoint knows only its run's ε; the released model costs the search's (said by evaluate)
         checkpoint = load_checkpoint(path)
         checkpoint["provenance"].update(search)

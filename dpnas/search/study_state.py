@@ -17,6 +17,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from dpnas.arch.space import ConfigError
@@ -164,6 +165,17 @@ def _check_stored(study: optuna.Study, spec: StudySpec) -> None:
     _set_system_attr(study, CALIBRATION_ATTR, None)  # derived again from the new budget
 
 
+def check_unchanged(study: optuna.Study, spec: StudySpec) -> None:
+    """Refuse to go on with a budget, data or objectives the stored study no longer has: another worker (another
+    host, say) joined with other settings while nothing was charged yet, and they replaced this worker's
+    (:func:`_check_stored`); its trials would mix its own in, at another epsilon or on other data.
+
+    Call under the slot lock, before the calibration and before each trial is taken."""
+    problems = stored_mismatches(study, spec)
+    if problems:
+        refuse_mismatch(study, problems)
+
+
 def _storage(spec: StudySpec, url: str) -> BaseStorage:
     return open_storage(url, heartbeat_interval=spec.heartbeat_interval, grace_period=spec.grace_period,
                         max_retries=spec.max_retries)
@@ -284,11 +296,15 @@ def study_calibration(study: optuna.Study, spec: StudySpec, train_size: int) -> 
 
 def worker_identity() -> dict[str, str]:
     """The user attributes that name this process as a trial's owner: `worker` (host:pid, as shown to users) and
-    `worker_process` (when this pid started, where Linux tells: a restarted container reuses its pids)."""
+    `worker_process` (when this pid started, where Linux tells: a restarted container reuses its pids) and
+    `worker_pid_namespace` (which pids these are: containers with the host's network share its host name)."""
     identity = {"worker": f"{socket.gethostname()}:{os.getpid()}"}
     started = _process_start(os.getpid())
     if started is not None:
         identity["worker_process"] = started
+    namespace = _pid_namespace()
+    if namespace is not None:
+        identity["worker_pid_namespace"] = namespace
     return identity
 
 
@@ -299,8 +315,14 @@ def _recover_orphans(study: optuna.Study, spec: StudySpec, *, slot_locked: bool 
     or is running a process that started later), or, where the slot lock excludes every other worker
     (`slot_locked`), when it has no owner at all: a worker takes a trial and records itself under that lock, so
     a trial seen without an owner lost its worker in between. Server storages also find orphans by heartbeat.
+
+    Where heartbeats find dead workers, a worker of the same host name whose pids are not this process's to read (a
+    container with the host's network, a machine of the same name) is left to them: its pid read here names another
+    process or none, and its live trial was failed and trained again (its epsilon spent twice, its result lost).
+    Without a heartbeat (a journal), another boot or namespace is this host restarted (a container too): dead.
     """
     host = socket.gethostname()
+    heartbeat = is_heartbeat_enabled(study._storage)
     retry = RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker")
@@ -310,7 +332,8 @@ def _recover_orphans(study: optuna.Study, spec: StudySpec, *, slot_locked: bool 
             reason = "its worker process died before it recorded itself"
         else:
             worker_host, _, pid = worker.rpartition(":")
-            if worker_host != host or not pid.isdigit() or _owner_alive(int(pid), t.user_attrs.get("worker_process")):
+            if worker_host != host or not pid.isdigit() or (heartbeat and _elsewhere(t.user_attrs)) \
+                    or _owner_alive(int(pid), t.user_attrs.get("worker_process")):
                 continue
             reason = f"worker process {pid} died"
         try:
@@ -319,6 +342,24 @@ def _recover_orphans(study: optuna.Study, spec: StudySpec, *, slot_locked: bool 
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
         retry(study, study._storage.get_trial(t._trial_id))
+
+
+def _elsewhere(attrs: dict[str, Any]) -> bool:
+    """Whether a trial's worker (its user attributes, of this host name) ran where this process cannot read its
+    pid: in another PID namespace, or another boot."""
+    namespace, started = attrs.get("worker_pid_namespace"), attrs.get("worker_process")
+    if namespace is not None and namespace != _pid_namespace():
+        return True
+    here = _process_start(os.getpid())
+    return started is not None and here is not None and started.split(":")[0] != here.split(":")[0]
+
+
+def _pid_namespace() -> str | None:
+    """This process's PID namespace ("pid:[4026531836]"), where Linux tells."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
 
 
 def _owner_alive(pid: int, started: str | None) -> bool:

@@ -33,12 +33,20 @@ WEIGHTS_FILE = "weights.pt"
 _LOCATION = "dpnas:artifacts"
 _REMOVED = "dpnas:weights_removed:"
 _ARTIFACT = "weights_artifact_id"
+_WHERE = "weights_location"  # the store a trial's weights went to, where it is not beside the storage
 
 
 def default_location(storage_url: str) -> str | None:
     """``STORAGE.artifacts`` beside a journal or SQLite file; None for a server storage."""
     path = storage_file(storage_url)
     return None if path is None else str(path.with_name(path.name + ".artifacts"))
+
+
+def absolute_location(location: str) -> str:
+    """A directory as an absolute path (an S3 bucket as it is), fit to record in the study: a relative one named
+    another folder in every working directory, so each host kept its weights in its own, and `dpnas best` run
+    anywhere else found none."""
+    return location if location.startswith("s3://") else str(Path(location).absolute())
 
 
 def open_store(location: str) -> ArtifactStore:
@@ -57,6 +65,12 @@ def open_store(location: str) -> ArtifactStore:
     except OSError as err:
         raise ConfigError(f"--artifacts {location}: cannot create the directory ({err.strerror or err})") from None
     return FileSystemArtifactStore(str(path))
+
+
+def trial_location(study: optuna.Study, trial: FrozenTrial, storage_url: str,
+                   override: str | None = None) -> str | None:
+    """Where this trial's weights are: --artifacts, else where its worker kept them, else the study's location."""
+    return override or trial.user_attrs.get(_WHERE) or study_location(study, storage_url)
 
 
 def study_location(study: optuna.Study, storage_url: str, override: str | None = None) -> str | None:
@@ -104,8 +118,9 @@ def _kept_numbers(study: optuna.Study, keep: str | int, candidates: list[tuple[i
 
 
 def keep_trial_weights(study: optuna.Study, trial: optuna.Trial, checkpoint: dict[str, Any], *, values: list[float],
-                       keep: str | int, store: ArtifactStore) -> str | None:
-    """Upload this (still running) trial's checkpoint if it is among the kept ones.
+                       keep: str | int, store: ArtifactStore, location: str | None = None) -> str | None:
+    """Upload this (still running) trial's checkpoint if it is among the kept ones (to `store`, at `location`,
+    which the trial records: the workers of a study on a server may each have been given their own).
 
     The files it displaces are removed by :func:`remove_displaced_weights` only once it is COMPLETE: removed before,
     a crash between the two left the finished trials' best without its weights while this one, never completed,
@@ -119,6 +134,8 @@ def keep_trial_weights(study: optuna.Study, trial: optuna.Trial, checkpoint: dic
             path = save_checkpoint(checkpoint, Path(folder) / WEIGHTS_FILE)
             artifact_id = upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=trial)
         trial.set_user_attr(_ARTIFACT, artifact_id)
+        if location is not None:
+            trial.set_user_attr(_WHERE, location)
     return artifact_id
 
 
@@ -150,7 +167,8 @@ def weights_available(study: optuna.Study, trial: FrozenTrial) -> bool:
     return (_REMOVED + artifact_id) not in study._storage.get_study_system_attrs(study._study_id)
 
 
-def fetch_weights(study: optuna.Study, trial: FrozenTrial, store: ArtifactStore, out: Path) -> Path:
+def fetch_weights(study: optuna.Study, trial: FrozenTrial, store: ArtifactStore, out: Path,
+                  location: str | None = None) -> Path:
     if not weights_available(study, trial):
         raise ConfigError(f"trial {trial.number} of study {study.study_name!r} has no stored weights "
                           "(keep_weights in [study] says which trials keep theirs)")
@@ -159,6 +177,10 @@ def fetch_weights(study: optuna.Study, trial: FrozenTrial, store: ArtifactStore,
     try:
         download_artifact(artifact_store=store, file_path=str(partial), artifact_id=trial.user_attrs[_ARTIFACT])
     except Exception as err:  # noqa: BLE001 - any store error is the same for the user
-        raise ConfigError(f"cannot fetch the weights of trial {trial.number}: {type(err).__name__}: {err}") from None
+        where = f" from {location}" if location else ""
+        worker = trial.user_attrs.get("worker")
+        written = f" (written by worker {worker}; --artifacts DIR names its folder as seen from here)" if worker else ""
+        raise ConfigError(f"cannot fetch the weights of trial {trial.number}{where}: {type(err).__name__}: "
+                          f"{err}{written}") from None
     partial.replace(out)
     return out
