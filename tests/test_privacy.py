@@ -130,6 +130,22 @@ def test_every_noisy_step_is_reported_to_the_accountant():
     assert accountant.history == [(1.3, 0.1, 3)]
 
 
+def test_the_accountant_is_told_the_rate_the_plan_samples_at():
+    """q = B / n, not 1 / round(n / B): an accountant told another rate accounts another mechanism. At n = 1150,
+    B = 128 the two differ by 0.2 %, too little for any budget check to notice (mutation review 2026-12)."""
+    plan = plan_privacy(PrivacyConfig(epsilon=4.0), dataset_size=1150, batch_size=128, epochs=1)
+    assert plan.sample_rate == 128 / 1150 != 1 / round(1150 / 128)
+    accountant = make_accountant(PrivacyConfig())
+    model = small_model()
+    engine = DPSGDEngine(model, torch.optim.SGD(model.parameters(), lr=1.0), plan=plan, max_grad_norm=1.0,
+                         private=True, accountant=accountant, physical_batch_size=4,
+                         noise_generator=torch.Generator().manual_seed(0))
+    x, y = batch(9)
+    engine.step(x, y)
+    engine.step(x[:0], y[:0])  # an empty Poisson batch is a step at the same rate
+    assert accountant.history == [(plan.noise_multiplier, 128 / 1150, 2)]
+
+
 def test_models_opacus_rejects_are_refused():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
     with pytest.raises(ConfigError, match="1: .*BatchNorm"):

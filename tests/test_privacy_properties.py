@@ -174,6 +174,26 @@ def test_a_random_count_with_a_pruner_is_composed():
     assert study_privacy(study).mode == "fixed"
 
 
+# M12b: a random-count study cut short keeps Papernot & Steinke's bound -----------------------------------------------
+def test_a_random_count_cut_short_is_composed():
+    from dpnas.search.study_privacy import TRIAL_TARGET_ATTR
+
+    study = optuna.create_study(direction="maximize")
+    for key, value in {"sampler": "random", "pruner": "none", "trial_count": "poisson", "mean_trials": 5.0,
+                       "delta": DELTA}.items():
+        study.set_user_attr(key, value)
+    study._storage.set_study_system_attr(study._study_id, TRIAL_TARGET_ATTR, 3)  # K = 3 drawn in secret
+    plan = {"noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 200, "val_noise": 5.0, "val_releases": 10}
+    run = RunPrivacy(1.1, 0.05, 200, 5.0, 10)
+    for _ in range(2):
+        study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"privacy_plan": plan}))
+    cut_short = study_privacy(study)  # 2 of the 3: the bound for the best of K runs does not cover them
+    assert cut_short.mode == "fixed"
+    assert cut_short.training_epsilon == pytest.approx(account([run] * 2, mode="fixed", delta=DELTA)[1], rel=1e-9)
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"privacy_plan": plan}))
+    assert study_privacy(study).mode == "poisson"  # all 3 run: the best of a random count
+
+
 # M11i: the result's own check -----------------------------------------------------------------------------------
 def test_a_result_that_spent_more_than_its_target_is_refused():
     from dpnas.arch.space import ConfigError
