@@ -277,3 +277,16 @@ def test_quick_recipe_reaches_a_useful_accuracy_on_digits(digits):
     result = train(arch, digits, train_cfg=recipe.train, privacy=recipe.privacy, progress=False)
     assert result["epsilon_spent"] <= 8.0
     assert result["test_accuracy"] > 0.85, result["test_accuracy"]
+
+
+def test_a_result_says_which_of_its_statistics_its_epsilon_does_not_cover(digits):
+    """The JSON history holds each epoch's exact training loss and the result the exact test scores: the file says
+    so itself (README), and names the validation scores too where they are exact (val_noise = 0)."""
+    noisy = train(TINY, digits, train_cfg=quick(epochs=1), privacy=PrivacyConfig(epsilon=4.0), progress=False)
+    assert [line.split(":")[0] for line in noisy["not_covered"]] == ["history's train_loss", "test_accuracy and test_loss"]
+    assert f"{len(digits.train):,} training records" in noisy["not_covered"][0]
+    exact = train(TINY, digits, train_cfg=quick(epochs=1), privacy=PrivacyConfig(epsilon=4.0, val_noise=0.0),
+                  progress=False)
+    assert any(line.startswith("val_accuracy and val_loss") for line in exact["not_covered"])
+    open_run = train(TINY, digits, train_cfg=quick(epochs=1), privacy=PrivacyConfig(epsilon=math.inf), progress=False)
+    assert open_run["not_covered"] == ["everything in it: the run is not private"]

@@ -339,7 +339,23 @@ def train(
         "per_sample_methods": engine.clipper.method_counts() if engine.clipper is not None else {},
         "interrupted": state.interrupted,
         "history": state.history,
+        "not_covered": not_covered(privacy, plan, data, validated=len(state.history)),
     }
+
+
+def not_covered(privacy: PrivacyConfig, plan: PrivacyPlan, data: DatasetSplits, *, validated: int) -> list[str]:
+    """The statistics in a run's result that its epsilon does not cover, in words: the result is the data holder's
+    log; what may be released is the model and the noisy validation scores."""
+    if not privacy.private:
+        return ["everything in it: the run is not private"]
+    lines = [f"history's train_loss: each epoch's exact mean loss over its sampled batches of the "
+             f"{len(data.train):,} training records"]
+    if plan.val_noise == 0 and validated and len(data.val):
+        lines.append(f"val_accuracy and val_loss: exact scores of the {len(data.val):,} validation records "
+                     "(val_noise = 0)")
+    if len(data.test):
+        lines.append(f"test_accuracy and test_loss: exact scores of the {len(data.test):,} test records")
+    return lines
 
 
 def check_result_privacy(result: dict[str, Any]) -> None:
