@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import optuna
@@ -10,6 +11,7 @@ import torch
 from optuna.trial import TrialState
 from search_helpers import write_study
 
+from dpnas.arch.space import ConfigError
 from dpnas.cli import main
 from dpnas.data.datasets import DEFAULT_IMAGE_SIZE
 from dpnas.dp.checkpoint import load_checkpoint
@@ -260,3 +262,39 @@ def test_each_worker_s_weights_are_found_from_any_directory(tmp_path, monkeypatc
         out = tmp_path / f"trial{trial.number}.pt"
         assert study_report.export_best_weights(study, url, out) == [out]
         assert load_checkpoint(out)["provenance"]["trial"] == trial.number
+    # seen from a machine without host b's folder: one clear line, and no empty folder left where it was
+    shutil.rmtree(tmp_path / "b" / "weights")
+    b_trial = next(t for t in done if t.user_attrs["weights_location"] == str(tmp_path / "b" / "weights"))
+    monkeypatch.setattr(study_report, "best_trials", lambda study: [b_trial])
+    with pytest.raises(ConfigError, match=f"trial {b_trial.number}: .*no such directory.*written by worker"):
+        study_report.export_best_weights(study, url, tmp_path / "gone.pt")
+    assert not (tmp_path / "b" / "weights").exists()
+
+
+def test_a_displaced_trial_s_weights_are_removed_where_its_worker_kept_them(tmp_path):
+    """Workers on one storage may keep weights in folders of their own (`--artifacts` per host): a worker removed a
+    displaced trial's file through its own folder, where it is not, and marked it removed, so it stayed on disk for
+    good. It is removed from the trial's folder, or, where that is not reachable here, left unmarked."""
+    from dpnas.search.weights import _ARTIFACT, _WHERE, open_store, remove_displaced_weights
+
+    study = optuna.create_study(study_name="s", storage=open_storage(str(tmp_path / "s.journal")),
+                                direction="maximize")
+    (tmp_path / "weights.pt").write_bytes(b"weights")
+    ids = {}
+    for host, value in (("a", 0.9), ("b", 0.5)):  # b's trial is displaced by a's
+        location = str(tmp_path / host)
+        trial = study.ask()
+        ids[host] = optuna.artifacts.upload_artifact(artifact_store=open_store(location), study_or_trial=trial,
+                                                     file_path=str(tmp_path / "weights.pt"))
+        trial.set_user_attr(_ARTIFACT, ids[host])
+        trial.set_user_attr(_WHERE, location)
+        study.tell(trial, value)
+    b_file = tmp_path / "b" / ids["b"]
+    shutil.rmtree(tmp_path / "b")  # on another host: not reachable from a
+    remove_displaced_weights(study, keep="best", store=open_store(str(tmp_path / "a")), location=str(tmp_path / "a"))
+    assert weights_available(study, study.trials[1]) and not (tmp_path / "b").exists()
+    b_file.parent.mkdir()
+    b_file.write_bytes(b"weights")  # reachable again (a shared folder)
+    remove_displaced_weights(study, keep="best", store=open_store(str(tmp_path / "a")), location=str(tmp_path / "a"))
+    assert not b_file.exists() and not weights_available(study, study.trials[1])
+    assert weights_available(study, study.trials[0]) and (tmp_path / "a" / ids["a"]).exists()

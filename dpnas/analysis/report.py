@@ -293,5 +293,5 @@ def attached_report(study: optuna.Study, *, location: str) -> bytes | None:
     artifact_id = study._storage.get_study_system_attrs(study._study_id).get(_REPORT_ARTIFACT)
     if not artifact_id:
         return None
-    with open_store(location).open_reader(artifact_id) as reader:
+    with open_store(location, create=False).open_reader(artifact_id) as reader:
         return reader.read()

@@ -405,7 +405,7 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
                                    location=weights_location)
             study.tell(trial, values=values)
             if store is not None:  # only now: the files this trial displaces are not removed while it may be lost
-                remove_displaced_weights(study, keep=spec.keep_weights, store=store)
+                remove_displaced_weights(study, keep=spec.keep_weights, store=store, location=weights_location)
         changed = ", ".join(f"{k}={v}" for k, v in trial.params.items())
         return (f"trial {trial.number} done: val accuracy {result['val_accuracy']:.4f}, "
                 f"eps {result['epsilon_spent']:.2f}, {result['params']:,} params ({changed})")

@@ -130,7 +130,13 @@ def export_best_weights(study: optuna.Study, storage_url: str, out: Path, *, art
     paths = []
     for t in trials:
         location = locations[t.number]
-        path = fetch_weights(study, t, open_store(location), _numbered(out, t, len(trials) > 1), location)
+        try:
+            store = open_store(location, create=False)
+        except ConfigError as err:  # kept by a worker on another host: its folder is not here
+            worker = t.user_attrs.get("worker")
+            raise ConfigError(f"cannot fetch the weights of trial {t.number}: {err}"
+                              + (f"; written by worker {worker}" if worker else "")) from None
+        path = fetch_weights(study, t, store, _numbered(out, t, len(trials) > 1), location)
         # the stored checkpoint knows only its run's ε; the released model costs the search's (said by evaluate)
         checkpoint = load_checkpoint(path)
         checkpoint["provenance"].update(search)

@@ -49,7 +49,9 @@ def absolute_location(location: str) -> str:
     return location if location.startswith("s3://") else str(Path(location).absolute())
 
 
-def open_store(location: str) -> ArtifactStore:
+def open_store(location: str, *, create: bool = True) -> ArtifactStore:
+    """The artifact store at `location` (a directory, made where `create`; or s3://BUCKET). A reader passes
+    create=False: a folder another host wrote to, absent here, is not left behind empty."""
     if location.startswith("s3://"):
         try:
             from optuna.artifacts import Boto3ArtifactStore
@@ -60,6 +62,10 @@ def open_store(location: str) -> ArtifactStore:
             raise ConfigError(f"--artifacts {location}: an S3 store is a whole bucket: s3://BUCKET")
         return Boto3ArtifactStore(bucket)
     path = Path(location)
+    if not create:
+        if not path.is_dir():
+            raise ConfigError(f"--artifacts {location}: no such directory here (where the weights were kept)")
+        return FileSystemArtifactStore(str(path))
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -139,22 +145,32 @@ def keep_trial_weights(study: optuna.Study, trial: optuna.Trial, checkpoint: dic
     return artifact_id
 
 
-def remove_displaced_weights(study: optuna.Study, *, keep: str | int, store: ArtifactStore) -> None:
+def remove_displaced_weights(study: optuna.Study, *, keep: str | int, store: ArtifactStore,
+                             location: str | None = None) -> None:
     """Remove the files of the COMPLETE trials that are no longer among the kept ones (after a trial completed).
 
     Call under the study's trial-slot lock. A crash before it only leaves files behind, which the next call removes.
+    `store` is at `location` (None: beside the storage); a file another worker kept elsewhere is removed there, or,
+    where that folder is not reachable from here (another host's), left for a worker that reaches it.
     """
-    _remove_displaced(study, _kept_numbers(study, keep, _ranked(study)), store)
+    _remove_displaced(study, _kept_numbers(study, keep, _ranked(study)), store, location)
 
 
-def _remove_displaced(study: optuna.Study, kept: set[int], store: ArtifactStore) -> None:
+def _remove_displaced(study: optuna.Study, kept: set[int], store: ArtifactStore, location: str | None) -> None:
     removed = {k.removeprefix(_REMOVED) for k in study._storage.get_study_system_attrs(study._study_id)
                if k.startswith(_REMOVED)}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         artifact_id = t.user_attrs.get(_ARTIFACT)
         if artifact_id and t.number not in kept and artifact_id not in removed:
+            where = t.user_attrs.get(_WHERE)
+            if where is not None and where != location:
+                if not (where.startswith("s3://") or Path(where).is_dir()):
+                    continue  # marked removed, it would stay on that host's disk for good
+                trial_store = open_store(where, create=False)
+            else:
+                trial_store = store
             try:
-                store.remove(artifact_id)
+                trial_store.remove(artifact_id)
             except Exception:  # noqa: BLE001 - already gone is what we wanted
                 pass
             study._storage.set_study_system_attr(study._study_id, _REMOVED + artifact_id, t.number)
