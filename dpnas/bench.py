@@ -158,6 +158,9 @@ def study_points(study_file: str | Path, n: int, *, seed: int = 0) -> list[Bench
                                  batch_size=min(train.physical_batch_size, batch)))
     if not points:
         raise ValueError(f"{study_file}: no valid point of its space found")
+    if len(points) < n:  # a table of fewer rows than asked for says why
+        print(f"{study_file}: {len(points)} distinct points found in {50 * n} draws, fewer than --n {n}",
+              file=sys.stderr)
     return points
 
 

@@ -214,6 +214,16 @@ def test_study_points_are_distinct_seeded_and_at_the_studys_shape():
     assert study_points(STUDIES / "quickstart.toml", 4, seed=4) != points
 
 
+def test_study_points_say_when_the_space_holds_fewer_than_asked(tmp_path, capsys):
+    """A space of 2 points asked for 5 gave a table of 2 rows without a word."""
+    study = tmp_path / "two.toml"
+    text = (STUDIES / "quickstart.toml").read_text()
+    search = text[text.index("[search]"):]
+    study.write_text(text.replace(search, '[search]\nnorm = ["group", "layer"]\n'))
+    assert len(study_points(study, 5)) == 2
+    assert "2 distinct points found in 250 draws, fewer than --n 5" in capsys.readouterr().err
+
+
 def test_study_points_train_at_the_searchs_fidelity(tmp_path):
     """A study's [fidelity] decides what its trials train: its resolution and, under TAN, the TAN batch."""
     study = tmp_path / "proxy.toml"
