@@ -368,7 +368,9 @@ def run_benchmark(
     of its repeats: on a shared machine a case's speed drifts from one process to the next (by 20-40 % on the
     2-core development machine), and taking turns spreads the drift over every case instead of a few.
     `on_case` receives the rows of the cases finished so far after each process (``dpnas bench --json`` writes
-    them then: a run stopped by a time limit keeps what it measured).
+    them then: a run stopped by a time limit keeps what it measured). A case whose process fails (out of memory, a
+    model the device cannot run) is a row with its ``error`` and the run goes on: one case of a GPU session's
+    matrix must not cost the others.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -386,6 +388,7 @@ def run_benchmark(
     cases = [(m, variant, mode) for m in models for variant in variants for mode in modes
              if variant == "fp32" or mode not in OPACUS_MODES]  # Opacus's pipeline is fp32 NCHW
     runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {(m.label, v, mode): [] for m, v, mode in cases}
+    failed: dict[tuple[str, str, str], dict[str, Any]] = {}  # the cases whose process failed, as rows
     # what each process runs: one case, or with `interleave` every mode of one model and variant
     processes: dict[tuple[str, str, str], tuple[BenchModel, str, list[str]]] = {}
     for model, variant, mode in cases:
@@ -399,19 +402,41 @@ def run_benchmark(
                 print(f"  running {name} / {what} / {variant}{of} ...", file=sys.stderr, flush=True)
             args = dict(model=asdict(model), batch_size=batch_size, steps=steps, warmup=warmup, device=device,
                         variant=variant, **({"modes": process_modes} if interleave else {"mode": process_modes[0]}))
-            result = run_in_own_process(args, label=f"{name}/{what}/{variant}")
-            for row in result if interleave else [result]:
+            try:
+                result = run_in_own_process(args, label=f"{name}/{what}/{variant}")
+            except CaseFailed as err:
+                print(f"  {err}", file=sys.stderr, flush=True)
+                for mode in process_modes:
+                    failed[(name, variant, mode)] = {
+                        "model": name, "mode": mode, "variant": variant, "batch_size": model.batch_size or batch_size,
+                        "step_seconds": None, "samples_per_second": None, "peak_memory_mb": None,
+                        "error": err.reason}
+                result = []
+            for row in result if interleave else [result] if result else []:
                 runs[(name, variant, row["mode"])].append(row)
             if on_case is not None:
-                on_case(_rows(runs))
-    return _rows(runs)
+                on_case(_rows(runs, failed))
+    return _rows(runs, failed)
 
 
-def _rows(runs: dict[tuple[str, str, str], list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """One row per case that has run at least once, with its ratio to the non-private step where that ran."""
-    rows = [_median_of_repeats(repeated) for repeated in runs.values() if repeated]
+def _rows(runs: dict[tuple[str, str, str], list[dict[str, Any]]],
+          failed: dict[tuple[str, str, str], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """One row per case that has run at least once, with its ratio to the non-private step where that ran; a case
+    that never ran without failing, its failure."""
+    failed = failed or {}
+    rows = [_median_of_repeats(repeated) if repeated else failed[key]
+            for key, repeated in runs.items() if repeated or key in failed]
     _add_ratios(rows)
     return rows
+
+
+class CaseFailed(RuntimeError):
+    """A benchmark case's process failed; `reason` is the last line it wrote (the exception)."""
+
+    def __init__(self, label: str, stderr: str):
+        lines = [line for line in stderr.strip().splitlines() if line.strip()]
+        self.reason = lines[-1].strip() if lines else "no error output"
+        super().__init__(f"benchmark case {label} failed: {self.reason}")
 
 
 def run_in_own_process(args: dict[str, Any], *, label: str) -> dict[str, Any] | list[dict[str, Any]]:
@@ -421,7 +446,7 @@ def run_in_own_process(args: dict[str, Any], *, label: str) -> dict[str, Any] | 
     result = subprocess.run([sys.executable, "-m", "dpnas.bench", json.dumps(args)], capture_output=True, text=True,
                             check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"benchmark case {label} failed:\n{result.stderr[-2000:]}")
+        raise CaseFailed(label, result.stderr)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -441,7 +466,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
     floor = {(r["model"], r.get("variant", "fp32")): r["step_seconds"] for r in rows if r["mode"] == "nonprivate"}
     for r in rows:
         base = floor.get((r["model"], r.get("variant", "fp32")))
-        r["slowdown_vs_nonprivate"] = r["step_seconds"] / base if base else None
+        r["slowdown_vs_nonprivate"] = r["step_seconds"] / base if base and r["step_seconds"] else None
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -449,6 +474,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
               f"{'x nonpriv':>9}")
     lines = [header, "-" * len(header)]
     for r in rows:
+        if r.get("error"):
+            lines.append(f"{r['model']:<18} {r['mode']:<18} {r.get('variant', 'fp32'):<18} {r['batch_size']:>5} "
+                         f"failed: {r['error']}")
+            continue
         ratio = f"{r['slowdown_vs_nonprivate']:.2f}" if r.get("slowdown_vs_nonprivate") else "-"
         peak = "-" if r["peak_memory_mb"] is None else f"{r['peak_memory_mb']:.0f}"
         lines.append(
@@ -457,7 +486,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         )
     opacus = {r["model"]: r for r in rows if r["mode"] == "opacus"}
     for r in rows:
-        if r["mode"] == "dpnas" and r["model"] in opacus:
+        if r["mode"] == "dpnas" and r["model"] in opacus and r["step_seconds"] and opacus[r["model"]]["step_seconds"]:
             speedup = opacus[r["model"]]["step_seconds"] / r["step_seconds"]
             lines.append(f"{r['model']}: Opacus-default step time / dpnas ({r.get('variant', 'fp32')}) step time = "
                          f"{speedup:.2f} (> 1: dpnas is faster)")

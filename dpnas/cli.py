@@ -330,7 +330,7 @@ class Bench(Command):
         if args.json_file:
             write_json(args.json_file, rows)
             print(f"rows written to {args.json_file}")
-        return 0
+        return 1 if any(r.get("error") for r in rows) else 0  # the other cases measured, but not all
 
 
 class Search(Command):

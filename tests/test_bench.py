@@ -305,3 +305,19 @@ def test_cli_bench_interleave_runs_the_modes_in_one_process(tmp_path, capsys):
     assert rows[0]["timed_batch_sizes"] == rows[1]["timed_batch_sizes"]
     assert all(r["peak_memory_mb"] is None for r in rows) and rows[1]["slowdown_vs_nonprivate"] > 0
     assert "tiny / nonprivate+dpnas / fp32" in capsys.readouterr().err
+
+
+def test_a_failing_case_is_a_row_with_its_error_and_the_others_still_run(tmp_path, capsys):
+    """A case whose process failed (on a GPU: out of memory) ended the whole run with a traceback, and the cases
+    after it (a GPU session's other modes) were never measured."""
+    from dataclasses import replace
+
+    tiny = resolve_model("tiny")
+    broken = replace(tiny, label="broken", image_size=1)  # its pools shrink a 1-pixel input to nothing
+    rows = run_benchmark(models=[broken, tiny], modes=["nonprivate", "dpnas"], batch_size=4, steps=1, warmup=0,
+                         device="cpu", progress=False, interleave=True)
+    assert [(r["model"], r["mode"]) for r in rows] == [("broken", "nonprivate"), ("broken", "dpnas"),
+                                                       ("tiny", "nonprivate"), ("tiny", "dpnas")]
+    assert all("Output size is too small" in r["error"] and r["step_seconds"] is None for r in rows[:2])
+    assert all("error" not in r and r["step_seconds"] > 0 for r in rows[2:]) and rows[3]["slowdown_vs_nonprivate"]
+    assert "failed: RuntimeError" in format_table(rows)
