@@ -23,7 +23,7 @@ from dpnas.dp.privacy import count_noise_for, count_rdp, plan_privacy, rdp_to_ep
 from dpnas.dp.recipe_file import load_recipe_file
 from dpnas.dp.train import train
 from dpnas.search.calibration import calibrate_study, run_shapes
-from dpnas.search.fidelity import Fidelity, subset_training, trial_fidelity
+from dpnas.search.fidelity import Fidelity, check_target, subset_training, trial_fidelity
 from dpnas.search.runner import search
 from dpnas.search.study_file import StudyFileError, load_study_file
 from dpnas.search.study_privacy import study_privacy
@@ -243,6 +243,63 @@ def test_a_batch_too_large_for_the_subset_is_refused_before_any_trial(tmp_path):
         study = optuna.load_study(study_name="fid", storage=optuna.storages.JournalStorage(
             optuna.storages.journal.JournalFileBackend(str(journal))))
         assert not study.get_trials()
+
+
+def _no_trials(path):
+    journal = path.with_suffix(".journal")
+    if journal.exists():
+        study = optuna.load_study(study_name="fid", storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(journal))))
+        assert not study.get_trials()
+
+
+def test_a_searched_batch_too_large_for_the_subset_is_refused_before_any_trial(tmp_path):
+    """Only the first sampled point used to be checked: a trial drawing the larger batch failed, taking a slot."""
+    path = write(tmp_path, fidelity="data_fraction = 0.1\nimage_size = 8", data="", n_trials=3)
+    text = path.read_text().replace("\nbatch_size = 128\n", "\n")
+    text = text.replace("[search]\n", "[search]\nbatch_size = [64, 256]\n")
+    path.write_text(text.replace("seed = 3", "seed = 2"))  # its first point trains at 64, which the subset takes
+    with pytest.raises(ConfigError, match="batch_size: 256 is larger than the .* data_fraction 0.1 of"):
+        run(path)
+    _no_trials(path)
+
+
+def test_a_fixed_noise_the_exported_target_cannot_keep_is_refused_before_any_trial(tmp_path):
+    """sigma = 1 meets epsilon = 4 over the search's 1 epoch, not over the target's 4: `dpnas best` would export a
+    recipe `dpnas train` refuses, after the search had spent its budget."""
+    path = write(tmp_path, fidelity="epochs = 1\nimage_size = 8", data="",
+                 privacy="epsilon = 4.0\nnoise_multiplier = 1.0", n_trials=1)
+    with pytest.raises(ConfigError, match="the recipe `dpnas best` exports .* 4 epochs on 1152 training records"):
+        run(path)
+    _no_trials(path)
+    # every point is checked as it is proposed, too (a searched noise multiplier): pruned before it touches data
+    searched = write(tmp_path, fidelity="epochs = 1\nimage_size = 8", data="", n_trials=3, name="searched.toml")
+    searched.write_text(searched.read_text().replace("[search]\n", "[search]\nnoise_multiplier = [2.0, 1.0]\n")
+                        .replace("seed = 3", "seed = 2"))  # its first point, at 2.0, passes the checks
+    trials = run(searched).get_trials()
+    assert {t.params["noise_multiplier"] for t in trials if t.state == optuna.trial.TrialState.COMPLETE} == {2.0}
+    refused = [t for t in trials if t.params["noise_multiplier"] == 1.0]
+    assert refused and all(t.state == optuna.trial.TrialState.PRUNED and "privacy_plan" not in t.user_attrs
+                           and "the recipe `dpnas best` exports" in t.user_attrs["failure_reason"] for t in refused)
+    # the target is planned on all the training records at [train] epochs
+    spec = load_study_file(path)
+    with pytest.raises(ConfigError, match="spends epsilon"):
+        check_target(spec, spec.train, spec.privacy, train_size=1152)
+    check_target(spec, spec.train, spec.privacy.replace(noise_multiplier=2.0), train_size=1152)
+    check_target(dataclasses.replace(spec, fidelity=Fidelity()), spec.train, spec.privacy, train_size=1152)
+
+
+def test_before_any_run_the_report_says_no_record_is_unprotected_or_left_out(tmp_path):
+    """A study no trial has touched yet (just created, or every point pruned as invalid): it used to say that "the
+    all training records are not protected" (TAN) and that the search "trained on a seeded random all of the
+    training records" (data_fraction), beside its own "no trial has touched the data yet"."""
+    from dpnas.search.study_state import open_study
+
+    path = write(tmp_path, fidelity="tan_batch = 32\ndata_fraction = 0.5\nprivate_data_ok = false", data="")
+    study = open_study(load_study_file(path), str(path.with_suffix(".journal")))
+    report = study_privacy(study)
+    assert report.runs == 0 and report.epsilon == 0 and report.not_covered == []
+    assert not any("not protected" in line or "trained on" in line for line in privacy_statement(study, report)[2:])
 
 
 def test_trials_without_fidelity_record_no_target(tmp_path):

@@ -24,7 +24,7 @@ from dpnas.dp.preflight import preflight
 from dpnas.dp.privacy import check_budget, plan_privacy
 from dpnas.dp.train import check_device
 from dpnas.search.calibration import run_shapes, shape_key, start_study_calibration
-from dpnas.search.fidelity import load_search_data, search_trial
+from dpnas.search.fidelity import check_target, load_search_data, search_trial
 from dpnas.search.sampling import ablation_points, axis_distribution, grid_points, suggest
 from dpnas.search.study_file import StudySpec
 from dpnas.search.study_privacy import CALIBRATION_ATTR, own_privacy_plan
@@ -174,6 +174,15 @@ def _privacy_settings(spec: StudySpec) -> list[Any]:
     return settings
 
 
+def _largest_batch(spec: StudySpec) -> int:
+    """The largest batch size a trial can take: the base, or the largest searched value."""
+    axis = next((a for a in spec.axes if a.name == "batch_size"), None)
+    if axis is None:
+        return spec.train.batch_size
+    values = axis.grid_values() if axis.categorical or axis.step is not None else [axis.high]
+    return int(max(values + [spec.train.batch_size] if spec.sampler == "ablation" else values))
+
+
 def first_point(spec: StudySpec, image_size: int | None = None):
     """The first valid point a sampler would propose, drawn in a throwaway in-memory study (with `image_size`, one
     whose downsamplings that size can take: the others are pruned before they touch data, like invalid points)."""
@@ -216,6 +225,14 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
                                                      if data.full_train_size is not None else ""))
     for privacy in _privacy_settings(spec):
         check_budget(privacy, dataset_size=len(data.train))
+    largest = _largest_batch(spec)
+    if largest > len(data.train):
+        # a searched batch the first point does not take would fail its trials one by one, each taking a slot
+        subset = (f" (the search's [fidelity] data_fraction {spec.fidelity.data_fraction:g} of "
+                  f"{data.full_train_size})" if data.full_train_size is not None else "")
+        raise ConfigError(f"batch_size: {largest} is larger than the {len(data.train)} training records the "
+                          f"trials train on{subset}; Poisson sampling needs a sample rate below 1: search smaller "
+                          "batch sizes" + (" or a larger data_fraction" if subset else ""))
     calibration = None
     if spec.total_epsilon is not None:
         pending = start_study_calibration(spec, runs=_trial_count(spec, n_trials), train_size=len(data.train))
@@ -233,6 +250,7 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
                      f"{sorted(set(round(s, 4) for s in calibration.noise_multipliers.values()))}, validation "
                      f"noise {calibration.val_noise:.3g}")
     arch, train_cfg, privacy = first_point(spec, data.image_size)
+    check_target(spec, train_cfg, privacy, train_size=data.full_train_size or len(data.train))
     scaled = search_trial(spec, train_cfg, privacy, calibration=calibration, train_size=len(data.train))
     train_cfg, privacy = scaled.train, scaled.privacy
     if spec.fidelity.active:

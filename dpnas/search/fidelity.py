@@ -23,7 +23,8 @@
 
 They change how the search's trials train, never the recipe it exports: ``dpnas best`` writes each point at the
 *target* fidelity (the study file's [train], [privacy] and [data]), so ``dpnas train`` of the winner runs the real
-thing, and that run spends its own ε.
+thing, and that run spends its own ε. A point whose target `dpnas train` would refuse (a fixed noise multiplier
+that meets ε over the search's fewer epochs, not over the target's) is refused before it touches the data.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from dpnas.arch.space import ConfigError
 from dpnas.data.datasets import DataError, DatasetSplits, hash_split, load_dataset
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.privacy import plan_privacy, run_epsilon
@@ -218,6 +220,20 @@ def trial_fidelity(spec, train_cfg: TrainConfig, privacy: PrivacyConfig, *, trai
                   target_steps=target.steps, target_epsilon=privacy.epsilon if privacy.private else math.inf,
                   noise_multiplier=sigma, simulated_epsilon=simulated)
     return TrialFidelity(tan_train, tan_privacy, target.steps, k, record)
+
+
+def check_target(spec, train_cfg: TrainConfig, privacy: PrivacyConfig, *, train_size: int) -> None:
+    """Refuse (ConfigError) a point whose exported recipe, the target, `dpnas train` could not train: a fixed
+    noise multiplier that meets epsilon over the search's fewer epochs but not over the target's (`train_cfg`,
+    `privacy`: the point at the target fidelity; `train_size`: all the training records). A noise derived for
+    the budget (noise_multiplier = 0, as in a total-epsilon study's target) always meets it."""
+    if not spec.fidelity.trains_proxy or not privacy.private or privacy.noise_multiplier <= 0:
+        return
+    try:
+        plan_privacy(privacy, dataset_size=train_size, batch_size=train_cfg.batch_size, epochs=train_cfg.epochs)
+    except ConfigError as err:
+        raise ConfigError(f"the recipe `dpnas best` exports (the target fidelity: {train_cfg.epochs} epochs on "
+                          f"{train_size} training records) could not be trained: {err}") from None
 
 
 def search_train(spec, train_cfg: TrainConfig) -> TrainConfig:

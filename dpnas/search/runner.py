@@ -44,7 +44,7 @@ from dpnas.dp.privacy import PrivacyPlan
 from dpnas.dp.train import DivergedError, check_device, train
 from dpnas.search.calibration import Calibration
 from dpnas.search.checks import check_study
-from dpnas.search.fidelity import load_search_data, search_trial
+from dpnas.search.fidelity import check_target, load_search_data, search_trial
 from dpnas.search.interrupts import interrupts_held
 from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
@@ -124,11 +124,13 @@ def _trained_keys(study: optuna.Study, *, exclude: int | None = None) -> dict[st
     return keys
 
 
-def _propose(study: optuna.Study, spec: StudySpec, trial: Trial, image_size: int) -> tuple[Any, int | None]:
+def _propose(study: optuna.Study, spec: StudySpec, trial: Trial, image_size: int,
+             train_size: int) -> tuple[Any, int | None]:
     """Sample the trial's configs (under the slot lock, so two workers never take the same new point).
 
     Returns (configs, the number of the trial it repeats or None); raises ConfigError for an invalid point,
-    including one whose downsamplings the study's image size cannot take (refused before any ε is charged).
+    including one whose downsamplings the study's image size cannot take, or whose exported recipe (the target
+    fidelity, on all `train_size` training records) could not be trained (refused before any ε is charged).
     """
     configs = suggest(trial, spec)
     key = config_key(configs)
@@ -143,6 +145,7 @@ def _propose(study: optuna.Study, spec: StudySpec, trial: Trial, image_size: int
         target_size = spec.image_size or DEFAULT_IMAGE_SIZE[spec.dataset]
         if target_size != image_size:  # a search at another resolution ([fidelity]): the exported recipe must build
             check_image_size(configs[0], target_size)
+        check_target(spec, configs[1], configs[2], train_size=train_size)
     return configs, repeated
 
 
@@ -224,7 +227,8 @@ def run_worker(
                         # its parameters and config key in one append, before the slot is released (the next
                         # worker reads the key)
                         with writes_together(storage):
-                            configs, repeated = _propose(study, spec, trial, data.image_size)
+                            configs, repeated = _propose(study, spec, trial, data.image_size,
+                                                         data.full_train_size or len(data.train))
                     except ConfigError as err:  # a combination no rule covers: pruned before it touches data
                         line = _prune_invalid(study, trial, err)
                     if repeated is not None:

@@ -247,7 +247,8 @@ def study_privacy(study: optuna.Study) -> StudyPrivacy:
                      f"([privacy] accountant); the search's runs are composed here with RDP, a looser bound, under "
                      f"which one run alone is ε = {per_run:.4g}")
     public = bool(attrs.get("public_data"))
-    not_covered += _fidelity_gaps(trials, fidelity, sizes, public)
+    if runs:  # before any run, no record is unprotected, nor a subset trained on
+        not_covered += _fidelity_gaps(trials, fidelity, sizes, public)
     explanation = _explain(mode, runs, delta, training, validation, whole, budget, attrs)
     return StudyPrivacy(epsilon=whole, delta=delta, mode=mode, runs=len(runs), per_run_epsilon=per_run,
                         training_epsilon=training, validation_epsilon=validation, covers=covers,
