@@ -238,11 +238,7 @@ def test_a_batch_too_large_for_the_subset_is_refused_before_any_trial(tmp_path):
     path = write(tmp_path, fidelity="data_fraction = 0.1", data="")
     with pytest.raises(ConfigError, match="batch_size: 128 is larger than"):
         run(path)
-    journal = path.with_suffix(".journal")
-    if journal.exists():
-        study = optuna.load_study(study_name="fid", storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(journal))))
-        assert not study.get_trials()
+    _no_trials(path)
 
 
 def _no_trials(path):
