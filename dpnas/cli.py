@@ -337,7 +337,7 @@ class Search(Command):
     """Run (or continue) an architecture search described by a study file; every trial trains with DP-SGD.
 
     Results go to the study's storage (default: a journal file next to the study file), which
-    `optuna-dashboard`, `dpnas best`, `dpnas privacy` and `dpnas plot` read.  Ctrl-C finishes the
+    `optuna-dashboard`, `dpnas best`, `dpnas privacy` and `dpnas plot` read.  Ctrl-C (or SIGTERM) finishes the
     current trial's bookkeeping; running the same command again continues the study.
     """
 

@@ -194,6 +194,21 @@ def test_repeats_take_no_slot_spend_nothing_and_an_exhausted_space_ends_the_stud
     assert study_privacy(study).runs == 6
 
 
+def test_a_proposal_of_a_point_another_worker_is_training_is_a_repeat(tmp_path):
+    """Two workers on a small space (or TPE's constant liar) propose the point a trial still RUNNING elsewhere
+    trains: counted as a repeat, it is not trained twice (twice the epsilon, one result wasted)."""
+    spec = load_study_file(write_study(tmp_path, n_trials=4, sampler="random"))
+    study = runner.open_study(spec, spec.default_storage())
+    point = {"activation": "relu", "width": 0.5}
+    study.enqueue_trial(point)
+    training = study.ask()  # another worker's trial, still training
+    configs, repeated = runner._propose(study, spec, training, 8, 1000)
+    assert repeated is None
+    study.enqueue_trial(point)
+    proposal = study.ask()
+    assert runner._propose(study, spec, proposal, 8, 1000) == (configs, training.number)
+
+
 def test_searching_batch_size_recalibrates_the_noise_per_trial(tmp_path):
     path = write_study(tmp_path, sampler="grid", epochs=1)
     text = path.read_text().replace('activation = ["selu", "relu", "mish"]\nwidth = { low = 0.5, high = 1.0, step = 0.5 }',

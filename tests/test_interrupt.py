@@ -1,6 +1,8 @@
-"""Ctrl-C as a user presses it: SIGINT to a running command keeps what was finished."""
+"""Ctrl-C as a user presses it: SIGINT to a running command keeps what was finished. SIGTERM (a cluster scheduler's
+warning before its SIGKILL, `kill PID`) is the same to a search."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -8,9 +10,11 @@ import threading
 import time
 
 import optuna
+import pytest
 from optuna.trial import TrialState
 from search_helpers import write_study
 
+from dpnas.search.interrupts import interrupts_held, terminate_as_interrupt
 from dpnas.search.storage import open_storage
 
 
@@ -69,7 +73,34 @@ def test_ctrl_c_during_search_leaves_a_resumable_study(tmp_path):
         process.kill()
 
 
-def _interrupt_search(process, storage_path):
+def test_sigterm_during_search_leaves_a_resumable_study(tmp_path):
+    """A scheduler's SIGTERM ended the search at once (Python's default), its trial left RUNNING: a requeued job on
+    another node never took it for an orphan (its pid is not that node's), so its slot was lost for good and the
+    study ended a trial short. Now it is Ctrl-C: the trial is failed and its retry queued, for any host to take."""
+    path = write_study(tmp_path, n_trials=3, epochs=40)
+    storage_path = tmp_path / "tiny.journal"
+    process, _ = start(["search", str(path), "--quiet"])
+    try:
+        _interrupt_search(process, storage_path, signal.SIGTERM)
+    finally:
+        process.kill()
+
+
+def test_sigterm_while_a_trial_is_recorded_waits_for_the_record():
+    """SIGTERM is held like Ctrl-C while a finished trial is recorded: landing between its results and its COMPLETE
+    it left the trial RUNNING, trained again by the resumed study (its epsilon spent twice)."""
+    recorded = []
+    with terminate_as_interrupt():
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # a Python signal handler runs between bytecodes: unheld, it raised here
+                recorded.append(True)
+        assert recorded
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def _interrupt_search(process, storage_path, signum=signal.SIGINT):
 
     def training():
         if not storage_path.exists():
@@ -81,7 +112,7 @@ def _interrupt_search(process, storage_path):
         return any("privacy_plan" in t.user_attrs for t in study.get_trials(states=(TrialState.RUNNING,)))
 
     assert wait_for(training), "no trial started training"
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     stdout, _ = process.communicate(timeout=120)
     assert process.returncode == 130
     assert "run the same command again to continue" in stdout
@@ -89,3 +120,32 @@ def _interrupt_search(process, storage_path):
     states = [t.state for t in study.get_trials()]
     assert TrialState.RUNNING not in states  # the bookkeeping finished: nothing left dangling
     assert states.count(TrialState.FAIL) == 1 and states.count(TrialState.WAITING) == 1
+
+
+def test_sigterm_to_a_search_s_process_alone_stops_its_workers(tmp_path):
+    """`kill PID` (or a container's PID 1) signals the search's process, not its workers: it waited for them to
+    train every trial. It passes the SIGTERM on: each worker's trial is failed and queued again, as on Ctrl-C."""
+    path = write_study(tmp_path, n_trials=4, epochs=40)
+    storage_path = tmp_path / "tiny.journal"
+    process, _ = start(["search", str(path), "--quiet", "--workers", "2"])
+
+    def both_training():
+        if not storage_path.exists():
+            return False
+        try:
+            study = optuna.load_study(study_name="tiny", storage=open_storage(str(storage_path)))
+        except KeyError:
+            return False
+        return sum("privacy_plan" in t.user_attrs for t in study.get_trials(states=(TrialState.RUNNING,))) == 2
+
+    try:
+        assert wait_for(both_training), "the two workers did not both start training"
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130
+    study = optuna.load_study(study_name="tiny", storage=open_storage(str(storage_path)))
+    states = [t.state for t in study.get_trials()]
+    assert TrialState.RUNNING not in states and TrialState.COMPLETE not in states
+    assert states.count(TrialState.FAIL) == 2 and states.count(TrialState.WAITING) == 2

@@ -119,6 +119,24 @@ def test_weights_round_trip_through_the_artifact_store(searched, capsys):
     assert float(found[2]) == pytest.approx(search.epsilon, abs=5e-4) and float(found[2]) > float(found[1])
 
 
+def test_a_weights_download_cut_short_leaves_no_file(searched, monkeypatch, capsys):
+    """`dpnas best --weights FILE` writes FILE whole or not at all: a download cut short (a store that went away,
+    Ctrl-C) must not leave a truncated checkpoint under the released model's name."""
+    import dpnas.search.weights as weights_module
+
+    directory, path, _, _ = searched
+
+    def cut_short(*, artifact_store, file_path, artifact_id):
+        Path(file_path).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise ConnectionError("the store went away")
+
+    monkeypatch.setattr(weights_module, "download_artifact", cut_short)
+    out = directory / "cut.pt"
+    assert main(["best", str(path), "--out", str(directory / "cut.toml"), "--weights", str(out)]) == 2
+    assert "the store went away" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_keep_weights_bounds_what_is_stored(searched):
     _, _, spec, study = searched
     done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]

@@ -130,6 +130,34 @@ def test_two_worker_processes_share_one_journal_and_finish_exactly(tmp_path, mon
     assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
 
 
+def test_every_trial_is_taken_under_the_study_s_slot_lock(tmp_path, monkeypatch):
+    """Budgets are exact across workers only while "is a slot left? then take a trial" runs under the slot lock: a
+    worker that asks outside it can take the slot another worker is taking (a trial past n_trials, a run past a
+    total-epsilon budget). Two real workers hit that race only by chance; here, while `ask` runs, the lock is held."""
+    import fcntl
+
+    spec = load_study_file(write_study(tmp_path, n_trials=2))
+    lock = tmp_path / "tiny.journal.dpnas-lock"
+    held = []
+    real_ask = optuna.Study.ask
+
+    def ask(self, *args, **kwargs):
+        if self.study_name == "tiny":  # not the checks' scratch study in memory
+            with open(lock, "a+") as handle:  # another open file: its flock conflicts with this process's own
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held.append(True)
+                else:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                    held.append(False)
+        return real_ask(self, *args, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "ask", ask)
+    search(spec, progress=False)
+    assert held == [True, True]
+
+
 def test_spawned_workers_as_with_cuda_finish_the_study_too(tmp_path, monkeypatch):
     assert not search_module._can_fork(["cuda:0", "cuda:1"]) and not search_module._can_fork(["cpu", "cuda"])
     used = _spy_start_method(monkeypatch)
@@ -236,6 +264,27 @@ def test_interrupted_trial_is_retried_with_the_same_parameters(tmp_path, monkeyp
     assert retried.state == TrialState.COMPLETE and retried.params == failed.params
     # the interrupted run touched the data: it still counts in the search's privacy cost
     assert study_privacy(load(spec)).runs == 4
+
+
+@pytest.mark.parametrize("extra, stops", [("max_retries = 0", 1), ("", 3)])
+def test_an_interrupted_trial_is_retried_however_often_it_was_stopped(tmp_path, monkeypatch, extra, stops):
+    """max_retries bounds the runs of a trial that crashes its worker; an interrupted one (Ctrl-C, a scheduler's
+    SIGTERM at a job's time limit) is retried whenever the study resumes, as its failure reason says. Counted
+    against max_retries, with max_retries = 0 (or at the third stop of the same trial) it was failed and never
+    retried: it held its slot, and the resumed study ended without training it."""
+    spec = load_study_file(write_study(tmp_path, n_trials=1, extra=extra))
+    real_train = search_module.train
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(search_module, "train", interrupted)
+    for _ in range(stops):
+        with pytest.raises(KeyboardInterrupt):
+            search(spec, progress=False)
+    monkeypatch.setattr(search_module, "train", real_train)
+    study = search(spec, progress=False)  # resume
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL] * stops + [TrialState.COMPLETE]
 
 
 def test_failures_are_recorded_and_the_study_goes_on(tmp_path, monkeypatch):

@@ -60,6 +60,16 @@ def _cut_in_last_line(data):
     return data[:kept + len(lines[last_done]) - 40], kept
 
 
+def _newline_lost(data):
+    """A crash after trial 1's completion record was written but before its newline: the line is whole JSON, yet
+    the next record appended to it would be glued onto it, one line that is no JSON with records after it (every
+    later record unreadable, the journal refused). It is damage like any other cut."""
+    lines = _lines(data)
+    last_done = max(i for i, line in enumerate(lines) if line.startswith(b'{"op_code":6') and b'"state":1' in line)
+    kept = sum(map(len, lines[:last_done]))
+    return data[:kept + len(lines[last_done]) - 1], kept
+
+
 def _cut_at_line_boundary(data):
     kept = sum(map(len, _lines(data)[:_after_first_finished_trial(_lines(data))]))
     return data[:kept], kept
@@ -88,6 +98,7 @@ def _bytes_flipped_mid_file(data):
 
 DAMAGE = {
     "cut_in_last_line": (_cut_in_last_line, 1),  # the last line is trial 1's completion
+    "newline_lost": (_newline_lost, 1),
     "cut_at_line_boundary": (_cut_at_line_boundary, 1),  # not damage: fewer records
     "cut_inside_a_line": (_cut_inside_a_line, 1),
     "zeros_appended": (_zeros_appended, 2),
@@ -378,6 +389,30 @@ def test_a_trial_whose_worker_is_a_zombie_is_retried(tmp_path):
     assert recovered.state == TrialState.FAIL
     assert recovered.user_attrs["failure_reason"] == f"worker process {pid} died"
     assert any(t.state == TrialState.WAITING for t in study.get_trials())  # and retried
+
+
+@pytest.mark.parametrize("max_retries", [0, 1])
+def test_a_dead_worker_s_trial_is_run_again_at_most_max_retries_times(tmp_path, max_retries):
+    """A trial that kills its worker every time (the kernel's OOM killer) is run max_retries times more, not one
+    more: each run touches the data and is charged; max_retries = 0 promises a crashed trial is not retried."""
+    import os
+    import socket
+
+    from dpnas.search.study_state import _recover_orphans, open_study
+
+    spec = load_study_file(write_study(tmp_path, n_trials=1, epochs=1, extra=f"max_retries = {max_retries}"))
+    study = open_study(spec, str(tmp_path / "tiny.journal"))
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    for _ in range(max_retries + 3):
+        trial = study.ask()  # the queued retry, while there is one
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{dead}")  # then its worker died
+        _recover_orphans(study, spec)
+        if not any(t.state == TrialState.WAITING for t in study.get_trials()):
+            break
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL] * (max_retries + 1)
 
 
 def test_a_check_or_a_refused_search_leaves_a_damaged_journal_as_it_is(searched, tmp_path, capsys):

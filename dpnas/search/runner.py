@@ -45,7 +45,7 @@ from dpnas.dp.train import DivergedError, check_device, train
 from dpnas.search.calibration import Calibration
 from dpnas.search.checks import check_study
 from dpnas.search.fidelity import check_target, load_search_data, search_trial
-from dpnas.search.interrupts import interrupts_held
+from dpnas.search.interrupts import Terminated, interrupts_held, terminate_as_interrupt
 from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
 from dpnas.search.storage import (
@@ -362,10 +362,11 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
     except KeyboardInterrupt:
         # held: a second Ctrl-C between the FAIL and its retry would leave a failed trial that holds a slot, unretried
         with interrupts_held():
-            trial.set_user_attr("failure_reason", "interrupted (Ctrl-C); retried when the study resumes")
+            trial.set_user_attr("failure_reason", "interrupted (Ctrl-C or SIGTERM); retried when the study resumes")
             study.tell(trial, state=TrialState.FAIL)
-            RetryHeartbeatStaleTrialCallback(max_retry=spec.max_retries)(study,
-                                                                         study._storage.get_trial(trial._trial_id))
+            # always retried: max_retries bounds the runs of a trial that crashes its worker, not the times a
+            # user or a job's time limit stopped it (counted, max_retries = 0 or a third stop lost the slot for good)
+            RetryHeartbeatStaleTrialCallback(max_retry=None)(study, study._storage.get_trial(trial._trial_id))
         raise
     except Exception as err:  # the study goes on; the reason is kept with the trial
         if isinstance(err, torch.cuda.OutOfMemoryError):
@@ -418,6 +419,7 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
 # --- the whole search ----------------------------------------------------------------------------
 
 
+@terminate_as_interrupt()
 def _worker_process(spec: StudySpec, storage_url: str, study_name: str, worker_index: int,
                     device: str | None, timeout: float | None, threads: int, artifacts: str | None,
                     data: DatasetSplits | None, lines: Any = None, optuna_verbosity: int | None = None) -> None:
@@ -461,6 +463,7 @@ def worker_devices(workers: int, device: str | None) -> list[str | None]:
     return [device] * workers
 
 
+@terminate_as_interrupt()  # a cluster's SIGTERM before its SIGKILL: the running trial is queued again, as on Ctrl-C
 def search(
     spec: StudySpec, *, storage_url: str | None = None, study_name: str | None = None, n_trials: int | None = None,
     timeout: float | None = None, workers: int = 1, device: str | None = None, progress: bool = True,
@@ -508,7 +511,8 @@ def search(
     if bar:
         try:
             follow_workers(processes, lines, bar)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
+            pass_on_termination(processes, err)
             follow_workers(processes, lines, bar)  # they got the same Ctrl-C: show their lines as they finish
             raise
         finally:
@@ -551,7 +555,8 @@ def join_workers(processes) -> None:
     try:
         for p in processes:
             p.join()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        pass_on_termination(processes, err)
         for p in processes:  # they got the same Ctrl-C: let them finish their bookkeeping
             p.join()
         raise
@@ -559,6 +564,16 @@ def join_workers(processes) -> None:
     if died:
         raise WorkersFailed(f"{'; '.join(died)}: a trial it was running is retried when the study resumes, "
                             "unless the study's total_epsilon is spent (its output above says why it stopped)")
+
+
+def pass_on_termination(processes, interrupt: KeyboardInterrupt) -> None:
+    """A SIGTERM sent to the search's process alone (`kill PID`, a container's PID 1) is sent on to its workers,
+    which stop as on Ctrl-C (their trials failed and queued again); unsent, the search waited for them to finish
+    every trial. A terminal's Ctrl-C already reached them all."""
+    if isinstance(interrupt, Terminated):
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
 
 
 class WorkersFailed(RuntimeError):
