@@ -39,6 +39,13 @@ def study_name(value: str) -> str:
     return value
 
 
+def non_empty(value: str) -> str:
+    """A file, directory or storage flag: never blank (an empty one would silently mean the default)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 def load_arch(name_or_file: str, changes: dict | None = None) -> ArchConfig:
     if name_or_file in MODELS:
         arch = MODELS[name_or_file].arch
@@ -150,8 +157,8 @@ class Train(Command):
         parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="FIELD=VALUE",
                             help="override any ArchConfig/TrainConfig/PrivacyConfig field (repeatable)")
         parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-        parser.add_argument("--out", metavar="FILE", help="result JSON (default runs/train-ARCH-DATASET-TIME.json)")
-        parser.add_argument("--weights", metavar="FILE", help="also save the trained model as a dpnas checkpoint "
+        parser.add_argument("--out", metavar="FILE", type=non_empty, help="result JSON (default runs/train-ARCH-DATASET-TIME.json)")
+        parser.add_argument("--weights", metavar="FILE", type=non_empty, help="also save the trained model as a dpnas checkpoint "
                                                               "(`dpnas evaluate` scores it)")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -345,13 +352,13 @@ class Search(Command):
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("study", metavar="STUDY", help="a study file (studies/*.toml)")
-        parser.add_argument("--storage", metavar="URL", help="journal file (*.journal), sqlite:///FILE.db or postgresql://... (default: STUDY with .journal)")
+        parser.add_argument("--storage", metavar="URL", type=non_empty, help="journal file (*.journal), sqlite:///FILE.db or postgresql://... (default: STUDY with .journal)")
         parser.add_argument("--study-name", metavar="NAME", type=study_name, help="default: [study] name in the file, or its file name")
         parser.add_argument("--n-trials", type=int, metavar="N", help="the study's total number of trials (overrides the file)")
         parser.add_argument("--timeout", type=float, metavar="S", help="stop taking new trials after S seconds")
         parser.add_argument("--workers", type=int, default=1, metavar="K", help="trials run in parallel on this machine")
         parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available; one GPU per worker where there are several)")
-        parser.add_argument("--artifacts", metavar="DIR_OR_S3",
+        parser.add_argument("--artifacts", metavar="DIR_OR_S3", type=non_empty,
                             help="where trained weights are kept (default: STORAGE.artifacts beside a journal or SQLite "
                                  "file; needed for a server storage: a directory every worker reaches, or s3://BUCKET)")
         parser.add_argument("--check", action="store_true",
@@ -445,10 +452,10 @@ class Best(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("study", metavar="STUDY_OR_STORAGE", help="a study file, or a storage URL")
         parser.add_argument("--study-name", metavar="NAME", type=study_name)
-        parser.add_argument("--out", metavar="FILE", help="a .toml or .json file (default runs/best-STUDY.toml)")
-        parser.add_argument("--weights", metavar="FILE", help="also fetch the best trial's trained weights (a dpnas "
+        parser.add_argument("--out", metavar="FILE", type=non_empty, help="a .toml or .json file (default runs/best-STUDY.toml)")
+        parser.add_argument("--weights", metavar="FILE", type=non_empty, help="also fetch the best trial's trained weights (a dpnas "
                                                               "checkpoint that `dpnas evaluate` takes)")
-        parser.add_argument("--artifacts", metavar="DIR_OR_S3", help="where the weights are, if not where the study says")
+        parser.add_argument("--artifacts", metavar="DIR_OR_S3", type=non_empty, help="where the weights are, if not where the study says")
 
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.results import check_distinct, check_writable
@@ -555,7 +562,7 @@ class Dashboard(Command):
         parser.add_argument("storage", metavar="STUDY_OR_STORAGE")
         parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
         parser.add_argument("--port", type=int, default=8080)
-        parser.add_argument("--artifacts", metavar="DIR_OR_S3",
+        parser.add_argument("--artifacts", metavar="DIR_OR_S3", type=non_empty,
                             help="where the study's weights are (default: where the study says, else beside it)")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -654,8 +661,8 @@ class Report(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("study", metavar="STUDY_OR_STORAGE", help="a study file, or a storage URL")
         parser.add_argument("--study-name", metavar="NAME", type=study_name)
-        parser.add_argument("--out", metavar="FILE", help="default runs/plots-STUDY/report.html, beside `dpnas plot`'s")
-        parser.add_argument("--artifacts", metavar="DIR_OR_S3",
+        parser.add_argument("--out", metavar="FILE", type=non_empty, help="default runs/plots-STUDY/report.html, beside `dpnas plot`'s")
+        parser.add_argument("--artifacts", metavar="DIR_OR_S3", type=non_empty,
                             help="the study's artifact store, if not where the study says (a server storage needs it "
                                  "to attach the report)")
         parser.add_argument("--no-attach", action="store_true", help="do not attach the report to the study")

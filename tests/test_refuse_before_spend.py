@@ -241,3 +241,22 @@ def test_a_random_trial_count_too_large_to_draw_is_refused(tmp_path, extra, key)
     path = write_study(tmp_path, sampler="random", extra=extra)
     with pytest.raises(ConfigError, match=key):
         load_study_file(path)
+
+
+def test_n_trials_for_an_ablation_is_refused_before_the_study_is_created(tmp_path, capsys):
+    path = write_study(tmp_path, sampler="ablation")
+    _refused(capsys, ["search", str(path), "--quiet", "--n-trials", "1"], "--n-trials: an ablation")
+    assert not path.with_suffix(".journal").exists()
+
+
+def test_a_width_whose_layers_overflow_is_refused_in_one_line(tmp_path, capsys):
+    path = write_study(tmp_path, n_trials=1)
+    _edit(path, "width = { low = 0.5, high = 1.0, step = 0.5 }", "width = { low = 1, high = 9223372036854775807 }")
+    _refused(capsys, ["search", str(path), "--quiet"], "overflows 64 bits")
+    assert not path.with_suffix(".journal").exists()
+
+
+def test_the_largest_study_seed_is_checked_without_a_numpy_error(tmp_path, capsys):
+    path = _edit(write_study(tmp_path, n_trials=1), "seed = 0", "seed = 9223372036854775807")
+    assert main(["search", str(path), "--check", "--quiet"]) == 0, capsys.readouterr().err
+    assert not path.with_suffix(".journal").exists()

@@ -118,6 +118,25 @@ def test_synthetic_size_sets_the_synthetic_data_size(tmp_path):
         ("width = { low = 0.5, high = 1.5, step = 0.5 }", "width = { low = 0.5, high = 1.5, log = true, step = 0.5 }", "a log range needs low > 0 and no step"),
         ("width = { low = 0.5, high = 1.5, step = 0.5 }", "norm = { low = 1, high = 2 }", "give a list of choices, not a range"),
         ("n_trials = 3", 'n_trials = 3\nsampler = "grid"', "search.width: sampler 'grid'") ,
+        # a value no trial's context makes valid (a wrong type, an unknown name, a negative count) is refused even for
+        # a field whose rule reads another searched field: each trial would otherwise take a slot and fail
+        ('activation = ["selu", "relu"]', 'norm = ["group", "layer"]\ngroups = ["bogus", 8]',
+         "search.groups: value 'bogus' is outside the space"),
+        ('activation = ["selu", "relu"]', 'norm = ["group", "layer"]\ngroups = [-4, 8]',
+         "search.groups: value -4 is outside the space"),
+        ('activation = ["selu", "relu"]', 'skip = ["dense", "residual"]\nshortcut = ["padd"]',
+         "search.shortcut: value 'padd' is outside the space"),
+        # an axis that matters in no trial would be searched in name only
+        ('activation = ["selu", "relu"]', 'activation = ["selu", "relu"]\nts_scale = [1.0, 2.0]',
+         "search.ts_scale: never used: it matters only with activation = 'tempered_sigmoid'"),
+        ('activation = ["selu", "relu"]', 'activation = ["selu", "relu"]\ngamma = [0.5, 0.9]',
+         "search.gamma: never used: it matters only with schedule = 'step'"),
+        ("width = { low = 0.5, high = 1.5, step = 0.5 }", "width = { low = 0.5, high = 1.5, step = 1e-9 }",
+         "search.width.step: 1e-09 makes 1e+09 values"),
+        ("width = { low = 0.5, high = 1.5, step = 0.5 }", "width = { low = 1.0, high = 1e300, step = 1e-300 }",
+         "search.width.step"),
+        ("width = { low = 0.5, high = 1.5, step = 0.5 }", "epsilon = { low = 1.0, high = inf }",
+         "search.epsilon: low and high must be finite"),
     ],
 )
 def test_errors_name_file_key_and_allowed(tmp_path, old, new, needle):

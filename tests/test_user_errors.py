@@ -200,6 +200,9 @@ def test_cuda_without_a_gpu_is_refused_in_one_line(capsys, no_data):
     (["--set", "width=1e6"], "parameters with their gradient and optimiser state"),
     (["--set", "depth=1e6"], "depth: 2,000,000 convolutions in the blocks"),
     (["--set", "stages=40"], "stages: at most 16"),
+    (["--set", "width=1e18"], "a layer's size overflows 64 bits"),  # torch's own words were a C++ trace
+    (["--set", "head_pool_size=9223372036854775807"], "a layer's size overflows 64 bits"),
+    (["--set", "weight_decay=nan"], "weight_decay: must be a finite number >= 0"),  # torch.optim's ValueError
 ])
 def test_sizes_that_cannot_be_allocated_are_refused_up_front(capsys, no_data, argv, needle):
     with within(60):
@@ -654,3 +657,14 @@ def test_evaluate_says_a_reproducible_run_s_model_is_not_protected(capsys, tmp_p
     assert "reproducible = true" in out and "retrain" in out, out
     assert main(["evaluate", str(weights), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["reproducible"] is True
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "tiny", "--out", ""], ["train", "tiny", "--weights", " "], ["search", "study.toml", "--storage", ""],
+    ["search", "study.toml", "--artifacts", ""], ["best", "study.toml", "--out", ""],
+])
+def test_a_blank_path_flag_is_refused_not_read_as_the_default(capsys, no_data, argv):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and err.count("\n") == 1 and "must not be empty" in err, err

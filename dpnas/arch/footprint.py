@@ -18,7 +18,7 @@ from torch import nn
 
 from dpnas.arch.layers import ChannelPad, TemperedSigmoid
 from dpnas.arch.models import DenseBlock, DPNASNet, LastChannels, PlainBlock, ResidualBlock, build_model
-from dpnas.arch.space import ArchConfig
+from dpnas.arch.space import ArchConfig, ConfigError
 
 # Modules whose output has their input's shape.
 _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, TemperedSigmoid,
@@ -40,9 +40,15 @@ def meta_model(arch: ArchConfig, *, num_classes: int, in_channels: int, image_si
     """The model of `arch` with shapes but no storage (refusing what build_model refuses); its weights are not
     initialised as `arch.init` says (the meta kernel of normal_ takes seconds to load, and a meta tensor has no
     values to initialise)."""
-    with torch.device("meta"):
-        return build_model(arch.replace(init="default"), num_classes=num_classes, in_channels=in_channels,
-                           image_size=image_size)
+    try:
+        with torch.device("meta"):
+            return build_model(arch.replace(init="default"), num_classes=num_classes, in_channels=in_channels,
+                               image_size=image_size)
+    except (RuntimeError, TypeError) as err:  # a tensor size past 64 bits: torch's own words are a C++ trace
+        if "overflow" not in str(err).lower():
+            raise
+        raise ConfigError(f"a layer's size overflows 64 bits (stage widths {list(arch.stage_widths)}, stem_channels "
+                          f"{arch.stem_channels}, head_pool_size {arch.head_pool_size}); use smaller values") from None
 
 
 def norm_channels(arch: ArchConfig) -> frozenset[int]:

@@ -114,9 +114,14 @@ class ConfigError(ValueError):
     """A config value is invalid; the message names the field, the value and what is allowed."""
 
 
+class FieldValueError(ConfigError):
+    """A value that no setting of the other fields makes valid: of the wrong type, not one of the field's choices,
+    or outside the field's own bounds."""
+
+
 def check_choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(
+        raise FieldValueError(
             f"{field_name}: unknown value {value!r}; expected one of: {', '.join(allowed)}"
         )
 
@@ -124,7 +129,7 @@ def check_choice(field_name: str, value: Any, allowed: tuple[str, ...]) -> None:
 def check_type(field_name: str, value: Any, expected: type | tuple[type, ...], what: str) -> None:
     # bool is an int subclass, but a flag given where a number is wanted is a mistake.
     if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
-        raise ConfigError(f"{field_name}: expected {what}, got {value!r}")
+        raise FieldValueError(f"{field_name}: expected {what}, got {value!r}")
 
 
 def check_field_types(config: Any) -> None:
@@ -247,7 +252,7 @@ class ArchConfig:
         }
         for name, value in positive.items():
             if not value > 0 or not math.isfinite(value):
-                raise ConfigError(f"{name}: must be a positive finite number, got {value!r}")
+                raise FieldValueError(f"{name}: must be a positive finite number, got {value!r}")
         if self.stages > MAX_STAGES:
             raise ConfigError(f"stages: at most {MAX_STAGES} (each stage after the first halves the resolution), "
                               f"got {self.stages}")

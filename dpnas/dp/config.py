@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dpnas.arch.conditions import When
-from dpnas.arch.space import ConfigError, check_choice, check_field_types
+from dpnas.arch.space import ConfigError, FieldValueError, check_choice, check_field_types
 
 OPTIMIZERS = ("sgd", "nadam", "adam")
 SCHEDULES = ("constant", "step", "plateau", "cosine")
@@ -34,7 +34,7 @@ def check_seed(name: str, value: int) -> None:
 
 def _positive(name: str, value: float) -> None:
     if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{name}: must be a positive finite number, got {value!r}")
+        raise FieldValueError(f"{name}: must be a positive finite number, got {value!r}")
 
 
 class _FromDict:
@@ -151,7 +151,7 @@ class TrainConfig(_FromDict):
         check_seed("seed", self.seed)
         for name in ("epochs", "batch_size", "physical_batch_size", "step_size", "aug_multiplicity"):
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+                raise FieldValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         _positive("lr", self.lr)
         _positive("gamma", self.gamma)
         _positive("plateau_factor", self.plateau_factor)
@@ -159,8 +159,8 @@ class TrainConfig(_FromDict):
             raise ConfigError(f"plateau_patience: must be >= 0, got {self.plateau_patience}")
         if not 0 <= self.momentum < 1:
             raise ConfigError(f"momentum: must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.weight_decay < math.inf:  # NaN fails it too
+            raise ConfigError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.ema_decay < 1:
             raise ConfigError(f"ema_decay: must be in [0, 1) (0 = off), got {self.ema_decay}")
         if not 0 <= self.val_fraction < 1:

@@ -186,7 +186,8 @@ def _largest_batch(spec: StudySpec) -> int:
 def first_point(spec: StudySpec, image_size: int | None = None):
     """The first valid point a sampler would propose, drawn in a throwaway in-memory study (with `image_size`, one
     whose downsamplings that size can take: the others are pruned before they touch data, like invalid points)."""
-    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.seed),
+    # NumPy's generators take seeds below 2**32; a study's seed may be any up to 2**63 - 1
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.seed % 2**32),
                                   directions=spec.directions)
     last: ConfigError | None = None
     for _ in range(20):

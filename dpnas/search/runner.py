@@ -43,7 +43,7 @@ from dpnas.dp.checkpoint import checkpoint_dict
 from dpnas.dp.privacy import PrivacyPlan
 from dpnas.dp.train import DivergedError, check_device, train
 from dpnas.search.calibration import Calibration
-from dpnas.search.checks import check_study
+from dpnas.search.checks import check_study, refuse_ablation_trial_count
 from dpnas.search.fidelity import check_target, load_search_data, search_trial
 from dpnas.search.interrupts import Terminated, interrupts_held, terminate_as_interrupt
 from dpnas.search.progress import SearchProgress, bar_wanted
@@ -589,6 +589,7 @@ def check_search(spec: StudySpec, url: str, *, study_name: str | None = None, n_
         raise ConfigError(f"--timeout: must be a positive number of seconds, got {timeout}")
     if n_trials is not None and n_trials < 1:
         raise ConfigError(f"--n-trials: must be >= 1, got {n_trials}")
+    refuse_ablation_trial_count(spec, n_trials)
     if study_name is not None and not study_name.strip():
         raise ConfigError("--study-name: must not be empty")
     devices = worker_devices(workers, device)

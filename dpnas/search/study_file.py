@@ -17,6 +17,7 @@ Everything is checked when the file is loaded; an error names the file, the key 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from typing import Any
 
 from dpnas.arch.conditions import ARCH_RELEVANCE, ARCH_VALUE_RULES
 from dpnas.arch.registry import MODELS
-from dpnas.arch.space import ArchConfig, ConfigError
+from dpnas.arch.space import ArchConfig, ConfigError, FieldValueError
 from dpnas.data.datasets import DATASETS, DEFAULT_IMAGE_SIZE, DEFAULT_SYNTHETIC_SIZE, DataError, check_fits
 from dpnas.dp.config import DP_RELEVANCE, MAX_SEED, PrivacyConfig, TrainConfig, check_seed
 from dpnas.dp.recipe_file import DataSettings
@@ -37,6 +38,8 @@ OBJECTIVES = {"val_accuracy": "maximize", "params": "minimize", "epoch_seconds":
 SAMPLERS = ("tpe", "random", "grid", "nsga2", "ablation")
 PRUNERS = ("median", "hyperband", "none")
 MAX_EXPECTED_TRIALS = 100_000
+# A range with a step is a list of values: Optuna and a grid enumerate them, so their number must stay countable.
+MAX_RANGE_STEPS = 1_000_000
 # A repeat's training seed is the study's seed + REPEAT_SEED_STRIDE * repeat: train() derives its other generators
 # from seed + 1 ... seed + 4, so a stride of 5 keeps every repeat's generators apart from every other repeat's.
 REPEAT_SEED_STRIDE = 5
@@ -358,6 +361,12 @@ def load_study_file(path: str | Path) -> StudySpec:
             if a.categorical and getattr(configs[a.target], a.name) not in a.choices else a
             for a in axes
         )
+    for axis in axes:  # an axis that matters in no trial would be silently unused
+        rule = ARCH_RELEVANCE.get(axis.name) or DP_RELEVANCE.get(axis.name)
+        if rule is not None and not _can_matter(rule, {"arch": arch, "train": train, "privacy": privacy}, axes):
+            raise _fail(path, f"search.{axis.name}", f"never used: it matters only with {rule.text}, which no value "
+                                                     f"of {', '.join(rule.parents)} in this file gives; search or set "
+                                                     "that too, or remove this axis")
     if repeats > 1:
         if any(a.name == "seed" for a in axes):
             raise _fail(path, "search.seed", f"repeats = {repeats} gives each ablation point its own seeds; do not "
@@ -488,6 +497,22 @@ def _depends_on_searched(name: str, value: Any, searched: set[str]) -> bool:
                for field_name, rule in _RULES if field_name != name)
 
 
+def _can_matter(rule: Any, configs: dict[str, Any], axes: tuple[Axis, ...]) -> bool:
+    """Whether a field's rule holds for some values of its parents: their searched choices, else their fixed values."""
+    fixed = {k: v for config in configs.values() for k, v in config.to_dict().items()}
+    options = []
+    for parent in rule.parents:
+        axis = next((a for a in axes if a.name == parent), None)
+        if axis is not None and not axis.categorical:
+            return True  # a range parent: some value may well make it matter
+        values = list(axis.choices) if axis is not None else [fixed[parent]]
+        parent_rule = ARCH_RELEVANCE.get(parent) or DP_RELEVANCE.get(parent)
+        if parent_rule is not None and parent_rule.has_neutral:  # where the parent does not matter, it is neutral
+            values.append(parent_rule.neutral)
+        options.append(values)
+    return any(rule.holds({**fixed, **dict(zip(rule.parents, combo))}) for combo in itertools.product(*options))
+
+
 def _value_rule(name: str, value: Any):
     try:
         return ARCH_VALUE_RULES.get((name, value))
@@ -516,7 +541,8 @@ def _axis(path: Path, name: str, spec: Any, configs: dict[str, Any], searched: s
         try:
             base.replace(**{name: value})
         except ConfigError as err:
-            if _depends_on_searched(name, value, searched):
+            # only a value that some other searched field can make valid is left to each trial's context
+            if not isinstance(err, FieldValueError) and _depends_on_searched(name, value, searched):
                 return
             raise _fail(path, key, f"value {value!r} is outside the space: {err}") from None
 
@@ -543,10 +569,16 @@ def _axis(path: Path, name: str, spec: Any, configs: dict[str, Any], searched: s
                 raise _fail(path, f"{key}.{what}", f"expected a number, got {value!r}")
         if not isinstance(log, bool):
             raise _fail(path, f"{key}.log", f"expected true or false, got {log!r}")
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise _fail(path, key, f"low and high must be finite numbers, got {low} and {high}")
         if not low < high:
             raise _fail(path, key, f"low ({low}) must be below high ({high})")
         if step is not None and step <= 0:
             raise _fail(path, f"{key}.step", "must be > 0")
+        if step is not None and (high - low) / step >= MAX_RANGE_STEPS:
+            raise _fail(path, f"{key}.step", f"{step} makes {(high - low) / step:.3g} values from low to high; at most "
+                                             f"{MAX_RANGE_STEPS:,} are supported (leave the step out for a continuous "
+                                             "range)")
         if log and (low <= 0 or step is not None):
             raise _fail(path, f"{key}.log", "a log range needs low > 0 and no step")
         integer = isinstance(current, int) and not isinstance(current, bool)
