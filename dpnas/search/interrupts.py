@@ -18,7 +18,6 @@ import signal
 import threading
 from collections.abc import Iterator
 
-
 _HELD = (signal.SIGINT, signal.SIGTERM)
 
 
