@@ -256,6 +256,8 @@ def test_cli_no_dp_writes_strict_json(tmp_path):
     [
         (["--dataset", "mnist"], "unknown dataset"),
         (["--epsilon", "0"], "epsilon: must be > 0"),
+        (["--epsilon", "1e20"], "epsilon: at most 1e+06"),  # Opacus's noise search never ended
+        (["--set", "val_noise=1e308"], "val_noise: must be a number from 0"),  # an OverflowError in the accounting
         (["--delta", "0.01"], "delta: 0.01 >= 1/n"),
         (["--recipe", "fast"], "unknown recipe 'fast'"),
         (["--batch-size", "5000"], "batch_size: 5000 is larger"),

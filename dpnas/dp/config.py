@@ -53,6 +53,13 @@ class _FromDict:
         return self.from_dict({**self.to_dict(), **changes})
 
 
+
+# Bounds past which the accounting's numbers break down (Opacus's noise search loops for ever, a variance
+# overflows); far beyond any meaningful value: a budget of 1e6 or a count noise of 1e9 already protect nothing /
+# say nothing.
+MAX_FINITE_EPSILON = 1e6
+MAX_VAL_NOISE = 1e9
+
 @dataclass(frozen=True)
 class PrivacyConfig(_FromDict):
     """The (ε, δ) budget of one training run, its clip norm C and accountant.
@@ -90,14 +97,18 @@ class PrivacyConfig(_FromDict):
                 f"epsilon: must be > 0, got {self.epsilon!r} (no finite budget is smaller); "
                 "use epsilon=inf (--no-dp) for non-private training"
             )
+        if MAX_FINITE_EPSILON < self.epsilon < math.inf:  # Opacus's noise search never ends past ~1e15
+            raise ConfigError(f"epsilon: at most {MAX_FINITE_EPSILON:g} (a larger budget protects nothing), got "
+                              f"{self.epsilon!r}; use epsilon=inf (--no-dp) for non-private training")
         if not 0 < self.delta < 1:
             raise ConfigError(f"delta: must be in (0, 1), got {self.delta!r}")
         _positive("max_grad_norm", self.max_grad_norm)
         if isinstance(self.val_noise, str):
             if self.val_noise != "auto":
                 raise ConfigError(f'val_noise: expected "auto" or a number >= 0, got {self.val_noise!r}')
-        elif not (self.val_noise >= 0 and math.isfinite(self.val_noise)):
-            raise ConfigError(f"val_noise: must be a finite number >= 0 (0 = exact scores), got {self.val_noise!r}")
+        elif not 0 <= self.val_noise <= MAX_VAL_NOISE:
+            raise ConfigError(f"val_noise: must be a number from 0 (exact scores) to {MAX_VAL_NOISE:g}, got "
+                              f"{self.val_noise!r}")
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
             raise ConfigError(f"noise_multiplier: must be >= 0 (0 = calibrated from epsilon), got {self.noise_multiplier!r}")
 
