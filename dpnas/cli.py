@@ -33,9 +33,12 @@ def resolve_arch(name_or_file: str, assignments: list[str] | None = None) -> Arc
 
 
 def study_name(value: str) -> str:
-    """--study-name: a name, never blank (an empty one would silently mean the file's default)."""
+    """--study-name: a name, never blank (an empty one would silently mean the file's default), and printable (a NUL
+    or a zero-width space makes a name no one can type back)."""
     if not value.strip():
         raise argparse.ArgumentTypeError("must not be empty")
+    if not value.isprintable():
+        raise argparse.ArgumentTypeError(f"must be printable characters, got {value!r}")
     return value
 
 

@@ -668,3 +668,21 @@ def test_a_blank_path_flag_is_refused_not_read_as_the_default(capsys, no_data, a
         main(argv)
     err = capsys.readouterr().err
     assert exit.value.code == 2 and err.count("\n") == 1 and "must not be empty" in err, err
+
+
+def test_a_study_name_is_printable_and_its_plots_stay_under_runs(capsys, tmp_path):
+    """A NUL or a zero-width space made a name no one can type back; a "/" or ".." in a name put `dpnas plot`'s
+    default folder outside runs/."""
+    import optuna
+    from search_helpers import write_study
+
+    from dpnas.analysis.figures import default_plot_dir
+
+    with pytest.raises(SystemExit) as exit:
+        main(["search", "study.toml", "--study-name", "a\u200bb"])
+    assert exit.value.code == 2 and "must be printable characters" in capsys.readouterr().err
+    path = write_study(tmp_path, n_trials=1)
+    path.write_text(path.read_text().replace('name = "tiny"', 'name = "a\\u0000b"'))
+    one_line_error(capsys, ["search", str(path), "--quiet"], "study.name: must be printable characters")
+    study = optuna.create_study(study_name="../../elsewhere x")
+    assert default_plot_dir(study).parts == ("runs", "plots-_.._elsewhere_x")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -103,8 +104,9 @@ def parse_formats(text: str) -> tuple[str, ...]:
 
 
 def default_plot_dir(study: optuna.Study) -> Path:
-    """Where `dpnas plot` (and `dpnas report`) write a study's files unless told otherwise."""
-    return Path("runs") / f"plots-{study.study_name}"
+    """Where `dpnas plot` (and `dpnas report`) write a study's files unless told otherwise: one folder under runs/,
+    whatever the name holds (a "/" or ".." in a study name made it a path out of runs/)."""
+    return Path("runs") / f"plots-{re.sub(r'[^A-Za-z0-9_.-]+', '_', study.study_name).lstrip('.')}"
 
 
 def write_figures(figures: dict[str, go.Figure], out_dir: Path, *, formats: tuple[str, ...] = ("html",)) -> list[Path]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import re
+import shlex
 import tempfile
 import tomllib
 from pathlib import Path
@@ -242,7 +243,8 @@ def report_html(study: optuna.Study, *, storage_url: str | None = None, where: s
     or a storage URL, printed without its password); `named`: with --study-name (not the file's own study)."""
     frame = trials_frame(study)
     figures = study_figures(study, frame) if figures is None else figures
-    where = command_url(where) + (f" --study-name {study.study_name}" if named else "") if where else None
+    where = (shlex.quote(command_url(where)) + (f" --study-name {shlex.quote(study.study_name)}" if named else "")
+             if where else None)  # pasted into a shell
     version = study.user_attrs.get("dpnas_version", "?")
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = "\n".join([

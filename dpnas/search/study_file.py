@@ -220,6 +220,8 @@ def load_study_file(path: str | Path) -> StudySpec:
     if not name.strip():
         raise _fail(path, "study.name", "must not be empty; leave it out to name the study after the file "
                                         f"({path.stem!r})")
+    if not name.isprintable():  # a NUL or a zero-width space: a name no one can type back after --study-name
+        raise _fail(path, "study.name", f"must be printable characters, got {name!r}")
     objectives = tuple(study.get("objectives", ["val_accuracy"]))
     for objective in objectives:
         if not isinstance(objective, str) or objective not in OBJECTIVES:
