@@ -341,16 +341,22 @@ def test_points_too_deep_for_the_image_size_are_pruned_before_any_epsilon(tmp_pa
 
 
 def test_a_scalenorm_without_a_merge_is_not_an_invalid_trial(tmp_path):
-    # skip = none makes scalenorm irrelevant: it is neutralised to "none" instead of refused
-    path = write_study(tmp_path, n_trials=1)
-    text = path.read_text().replace('activation = ["selu", "relu", "mish"]', 'skip = ["none"]\nscalenorm = ["after_add"]')
-    path.write_text(text)
-    spec = load_study_file(path)
+    # skip = none makes scalenorm irrelevant: in that trial it is neutralised to "none" instead of refused
     from dpnas.search.sampling import suggest
 
+    path = write_study(tmp_path, n_trials=1)
+    text = path.read_text()
+    path.write_text(text.replace('activation = ["selu", "relu", "mish"]',
+                                 'skip = ["none", "residual"]\nscalenorm = ["after_add"]'))
+    spec = load_study_file(path)
     study = optuna.create_study()
+    study.enqueue_trial({"skip": "none"})
     arch, _, _ = suggest(study.ask(), spec)
     assert arch.skip == "none" and arch.scalenorm == "none"
+    # where no trial has a merge, searching scalenorm is searching nothing: refused when the file is read
+    path.write_text(text.replace('activation = ["selu", "relu", "mish"]', 'skip = ["none"]\nscalenorm = ["after_add"]'))
+    with pytest.raises(ConfigError, match="search.scalenorm: never used"):
+        load_study_file(path)
 
 
 def test_multi_objective_study_reports_the_pareto_set(tmp_path):
