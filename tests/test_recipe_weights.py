@@ -137,6 +137,59 @@ def test_a_weights_download_cut_short_leaves_no_file(searched, monkeypatch, caps
     assert not out.exists()
 
 
+def test_a_damaged_download_keeps_the_weights_already_there(searched, monkeypatch, capsys):
+    """A stored checkpoint whose bytes fail their checksum is refused before it replaces FILE: `dpnas best
+    --weights FILE` run again must not swap a good FILE for a damaged one."""
+    import dpnas.search.weights as weights_module
+
+    directory, path, _, _ = searched
+    out = directory / "kept.pt"
+    assert main(["best", str(path), "--out", str(directory / "kept.toml"), "--weights", str(out)]) == 0
+    good = out.read_bytes()
+    fetch = weights_module.download_artifact
+
+    def flipped(*, artifact_store, file_path, artifact_id):
+        fetch(artifact_store=artifact_store, file_path=file_path, artifact_id=artifact_id)
+        data = bytearray(Path(file_path).read_bytes())
+        data[len(data) // 2] ^= 0xFF  # inside a tensor's bytes: torch.load alone would read other weights
+        Path(file_path).write_bytes(bytes(data))
+
+    monkeypatch.setattr(weights_module, "download_artifact", flipped)
+    capsys.readouterr()
+    assert main(["best", str(path), "--out", str(directory / "kept.toml"), "--weights", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "damaged" in err
+    assert out.read_bytes() == good
+    assert sorted(p.name for p in directory.glob("kept.pt*")) == ["kept.pt"]
+
+
+@pytest.mark.parametrize("edit", ["no-config", "no-results", "state-dict-not-a-dict", "not-tensors",
+                                  "num-classes-text", "unknown-data-key"])
+def test_an_edited_checkpoint_is_refused_in_one_line(searched, tmp_path, capsys, edit):
+    directory, path, _, _ = searched
+    good = tmp_path / "good.pt"
+    assert main(["best", str(path), "--out", str(tmp_path / "good.toml"), "--weights", str(good)]) == 0
+    checkpoint = torch.load(good, weights_only=True)
+    if edit == "no-config":
+        del checkpoint["config"]
+    elif edit == "no-results":
+        del checkpoint["results"]
+    elif edit == "state-dict-not-a-dict":
+        checkpoint["state_dict"] = "weights"
+    elif edit == "not-tensors":
+        checkpoint["state_dict"] = {k: v.tolist() for k, v in checkpoint["state_dict"].items()}
+    elif edit == "num-classes-text":
+        checkpoint["num_classes"] = "ten"
+    else:
+        checkpoint["data"] = {**checkpoint["data"], "colour": "blue"}
+    edited = tmp_path / "edited.pt"
+    torch.save(checkpoint, edited)
+    capsys.readouterr()
+    assert main(["evaluate", str(edited)]) == 2  # not a KeyError or TypeError from building the model
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(edited) in err
+
+
 def test_keep_weights_bounds_what_is_stored(searched):
     _, _, spec, study = searched
     done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]

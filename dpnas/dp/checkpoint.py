@@ -83,7 +83,33 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if checkpoint.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: dpnas checkpoint format {checkpoint.get('format_version')!r}; this dpnas "
                               f"reads format {FORMAT_VERSION}")
+    problem = _malformed(checkpoint)
+    if problem is not None:  # an edited file: one line, not a KeyError or TypeError from deep in the model
+        raise CheckpointError(f"{path}: not a whole dpnas checkpoint ({problem}); fetch or train it again")
     return checkpoint
+
+
+# what `checkpoint_dict` writes, and what building, scoring and describing a model reads (the last three: where present)
+_ENTRIES = {"config": dict, "data": dict, "num_classes": int, "in_channels": int, "image_size": int, "results": dict,
+            "state_dict": dict, "train_config": dict, "privacy_config": dict, "provenance": dict}
+_OPTIONAL = ("train_config", "privacy_config", "provenance")
+
+
+def _malformed(checkpoint: dict[str, Any]) -> str | None:
+    for key, kind in _ENTRIES.items():
+        if key not in checkpoint:
+            if key in _OPTIONAL:
+                continue
+            return f"no {key!r}"
+        value = checkpoint[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            return f"{key!r} is {type(value).__name__}, expected {kind.__name__}"
+    if not all(isinstance(v, torch.Tensor) for v in checkpoint["state_dict"].values()):
+        return "'state_dict' holds something other than tensors"
+    unknown = sorted(set(checkpoint["data"]) - set(DataSettings.__dataclass_fields__))
+    if unknown:
+        return f"'data' has unknown key(s) {', '.join(map(str, unknown))}"
+    return None
 
 
 def _damaged_entry(path: Path) -> str | None:

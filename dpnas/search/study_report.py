@@ -14,7 +14,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from dpnas.arch.space import ArchConfig, ConfigError
-from dpnas.dp.checkpoint import load_checkpoint, save_checkpoint
+from dpnas.dp.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.recipe_file import DataSettings, RecipeFile, recipe_to_toml, write_recipe
 from dpnas.search.fidelity import Fidelity
@@ -136,10 +136,19 @@ def export_best_weights(study: optuna.Study, storage_url: str, out: Path, *, art
             worker = t.user_attrs.get("worker")
             raise ConfigError(f"cannot fetch the weights of trial {t.number}: {err}"
                               + (f"; written by worker {worker}" if worker else "")) from None
-        path = fetch_weights(study, t, store, _numbered(out, t, len(trials) > 1), location)
+        path = _numbered(out, t, len(trials) > 1)
+        # fetched beside FILE, checked and given the search's ε there: FILE (and a good one already there) is
+        # replaced only by the whole checkpoint, never by a damaged download or one without the search's ε
+        fetched = fetch_weights(study, t, store, path.with_name(path.name + ".fetched"), location)
+        try:
+            checkpoint = load_checkpoint(fetched)
+        except CheckpointError as err:
+            raise ConfigError(f"the stored weights of trial {t.number} ({location}): "
+                              f"{str(err).removeprefix(str(fetched) + ': ')}") from None
+        finally:
+            fetched.unlink(missing_ok=True)
         # the stored checkpoint knows only its run's ε; the released model costs the search's (said by evaluate)
-        checkpoint = load_checkpoint(path)
-        checkpoint["provenance"].update(search)
+        checkpoint.setdefault("provenance", {}).update(search)
         paths.append(save_checkpoint(checkpoint, path))
     return paths
 
