@@ -100,18 +100,19 @@ def test_sigterm_while_a_trial_is_recorded_waits_for_the_record():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def _training(storage_path) -> int:
+    """How many trials of the study are training now (0 before its storage or study exists)."""
+    if not storage_path.exists():
+        return 0
+    try:
+        study = optuna.load_study(study_name="tiny", storage=open_storage(str(storage_path)))
+    except KeyError:
+        return 0
+    return sum("privacy_plan" in t.user_attrs for t in study.get_trials(states=(TrialState.RUNNING,)))
+
+
 def _interrupt_search(process, storage_path, signum=signal.SIGINT):
-
-    def training():
-        if not storage_path.exists():
-            return False
-        try:
-            study = optuna.load_study(study_name="tiny", storage=open_storage(str(storage_path)))
-        except KeyError:
-            return False
-        return any("privacy_plan" in t.user_attrs for t in study.get_trials(states=(TrialState.RUNNING,)))
-
-    assert wait_for(training), "no trial started training"
+    assert wait_for(lambda: _training(storage_path) > 0), "no trial started training"
     process.send_signal(signum)
     stdout, _ = process.communicate(timeout=120)
     assert process.returncode == 130
@@ -129,17 +130,8 @@ def test_sigterm_to_a_search_s_process_alone_stops_its_workers(tmp_path):
     storage_path = tmp_path / "tiny.journal"
     process, _ = start(["search", str(path), "--quiet", "--workers", "2"])
 
-    def both_training():
-        if not storage_path.exists():
-            return False
-        try:
-            study = optuna.load_study(study_name="tiny", storage=open_storage(str(storage_path)))
-        except KeyError:
-            return False
-        return sum("privacy_plan" in t.user_attrs for t in study.get_trials(states=(TrialState.RUNNING,))) == 2
-
     try:
-        assert wait_for(both_training), "the two workers did not both start training"
+        assert wait_for(lambda: _training(storage_path) == 2), "the two workers did not both start training"
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=120)
     finally:
