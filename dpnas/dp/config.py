@@ -53,12 +53,12 @@ class _FromDict:
         return self.from_dict({**self.to_dict(), **changes})
 
 
-
 # Bounds past which the accounting's numbers break down (Opacus's noise search loops for ever, a variance
 # overflows); far beyond any meaningful value: a budget of 1e6 or a count noise of 1e9 already protect nothing /
 # say nothing.
 MAX_FINITE_EPSILON = 1e6
 MAX_VAL_NOISE = 1e9
+
 
 @dataclass(frozen=True)
 class PrivacyConfig(_FromDict):

@@ -364,7 +364,7 @@ def load_study_file(path: str | Path) -> StudySpec:
             for a in axes
         )
     for axis in axes:  # an axis that matters in no trial would be silently unused
-        rule = ARCH_RELEVANCE.get(axis.name) or DP_RELEVANCE.get(axis.name)
+        rule = _RELEVANCE.get(axis.name)
         if rule is not None and not _can_matter(rule, {"arch": arch, "train": train, "privacy": privacy}, axes):
             raise _fail(path, f"search.{axis.name}", f"never used: it matters only with {rule.text}, which no value "
                                                      f"of {', '.join(rule.parents)} in this file gives; search or set "
@@ -482,7 +482,8 @@ def _build(path: Path, section: str, base: Any, table: dict) -> Any:
 
 
 # Every rule of the conditional space, as (the field it governs, the rule).
-_RULES = [*ARCH_RELEVANCE.items(), *DP_RELEVANCE.items(), *((f, rule) for (f, _), rule in ARCH_VALUE_RULES.items())]
+_RELEVANCE = {**ARCH_RELEVANCE, **DP_RELEVANCE}  # when each field matters
+_RULES = [*_RELEVANCE.items(), *((f, rule) for (f, _), rule in ARCH_VALUE_RULES.items())]
 
 
 def _depends_on_searched(name: str, value: Any, searched: set[str]) -> bool:
@@ -508,7 +509,7 @@ def _can_matter(rule: Any, configs: dict[str, Any], axes: tuple[Axis, ...]) -> b
         if axis is not None and not axis.categorical:
             return True  # a range parent: some value may well make it matter
         values = list(axis.choices) if axis is not None else [fixed[parent]]
-        parent_rule = ARCH_RELEVANCE.get(parent) or DP_RELEVANCE.get(parent)
+        parent_rule = _RELEVANCE.get(parent)
         if parent_rule is not None and parent_rule.has_neutral:  # where the parent does not matter, it is neutral
             values.append(parent_rule.neutral)
         options.append(values)

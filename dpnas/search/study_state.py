@@ -7,6 +7,7 @@ slots that trials hold; ``runs_charged`` the trials that touched the data, whate
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import random
@@ -350,14 +351,24 @@ def _elsewhere(attrs: dict[str, Any]) -> bool:
     namespace, started = attrs.get("worker_pid_namespace"), attrs.get("worker_process")
     if namespace is not None and namespace != _pid_namespace():
         return True
-    here = _process_start(os.getpid())
-    return started is not None and here is not None and started.split(":")[0] != here.split(":")[0]
+    boot = _boot_id()
+    return started is not None and boot is not None and started.split(":")[0] != boot
 
 
+@functools.cache  # a process's namespace and its machine's boot never change: read once, not per running trial
 def _pid_namespace() -> str | None:
     """This process's PID namespace ("pid:[4026531836]"), where Linux tells."""
     try:
         return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+@functools.cache
+def _boot_id() -> str | None:
+    """This boot's id (Linux), else None."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return None
 
@@ -374,10 +385,12 @@ def _owner_alive(pid: int, started: str | None) -> bool:
 
 def _process_start(pid: int) -> str | None:
     """This boot's id and the process's start time in clock ticks since boot (Linux), else None."""
+    boot = _boot_id()
     try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
+        return None
+    if boot is None:
         return None
     fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": the command may hold spaces
     return f"{boot}:{fields[19]}" if len(fields) > 19 else None
