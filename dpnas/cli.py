@@ -12,7 +12,9 @@ import json
 import math
 import shlex
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dpnas.arch.describe import describe, format_description
 from dpnas.arch.models import build_model, count_parameters
@@ -20,6 +22,10 @@ from dpnas.arch.registry import MODELS, get_arch
 from dpnas.arch.space import ArchConfig, ConfigError, load_arch_file, parse_assignment
 from dpnas.data.datasets import DATASETS, DataError, dataset_key
 from dpnas.results import OutputError, json_safe
+
+if TYPE_CHECKING:  # imported where used: `dpnas --help` stays quick
+    from dpnas.dp.config import PrivacyConfig, TrainConfig
+    from dpnas.dp.recipe_file import DataSettings
 
 
 class UsageError(Exception):
@@ -126,12 +132,19 @@ class Models(Command):
         return 0
 
 
+# the flags that define a run: a resumed run takes them all from its state (--device and --quiet may change)
+_RUN_FLAGS = ("arch", "recipe", "dataset", "data_dir", "image_size", "epsilon", "no_dp", "delta", "max_grad_norm",
+              "accountant", "epochs", "batch_size", "physical_batch_size", "lr", "seed", "val_fraction",
+              "assignments", "out", "weights")
+
+
 class Train(Command):
     """Train an architecture with Opacus DP-SGD at a fixed privacy budget and write the result as JSON.
 
     The recipe (default: quick) gives every training and privacy setting; the flags below and
     --set FIELD=VALUE (any ArchConfig, TrainConfig or PrivacyConfig field) override it.
-    Ctrl-C stops after the current step and still writes what was finished.
+    Ctrl-C (or SIGTERM) stops after the current step and still writes what was finished; `dpnas train --resume
+    FILE` continues the stopped run as the same run (its finished steps' ε is not spent again).
     """
 
     name = "train"
@@ -139,7 +152,7 @@ class Train(Command):
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         from dpnas.dp.recipes import DEFAULT_RECIPE, RECIPES
 
-        parser.add_argument("arch", metavar="ARCH_OR_RECIPE",
+        parser.add_argument("arch", metavar="ARCH_OR_RECIPE", nargs="?",
                             help="a name from `dpnas models`, a .json/.toml ArchConfig, or a recipe file from `dpnas best`")
         parser.add_argument("--recipe", help=f"one of: {', '.join(RECIPES)} (default: the recipe file's own settings, "
                                              f"else {DEFAULT_RECIPE})")
@@ -163,19 +176,138 @@ class Train(Command):
         parser.add_argument("--out", metavar="FILE", type=non_empty, help="result JSON (default runs/train-ARCH-DATASET-TIME.json)")
         parser.add_argument("--weights", metavar="FILE", type=non_empty, help="also save the trained model as a dpnas checkpoint "
                                                               "(`dpnas evaluate` scores it)")
+        parser.add_argument("--resume", metavar="FILE", type=non_empty,
+                            help="continue a stopped run from the resume state it wrote (OUT.resume.pt, kept while it "
+                                 "trains and removed when it finishes); takes every setting from it")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(self, args: argparse.Namespace) -> int:
         from dpnas.data.datasets import load_dataset
         from dpnas.dp.checkpoint import checkpoint_dict, save_checkpoint
+        from dpnas.dp.interrupts import terminate_as_interrupt
         from dpnas.dp.memory import check_training_fits
-        from dpnas.dp.recipe_file import check_recipe_budget, load_recipe_file, retrain_data_settings
-        from dpnas.dp.recipes import DEFAULT_RECIPE, get_recipe, split_overrides
+        from dpnas.dp.resume import data_fingerprint, load_state, resume_path, save_state
         from dpnas.dp.train import DivergedError, check_device, train
-        from dpnas.results import check_distinct, check_writable, default_result_path, write_json
+        from dpnas.results import check_distinct, check_writable, write_json
 
         # Everything that can be refused is, before the data is loaded: a run refused after training has spent ε
         device = check_device(args.device)
+        resume = None
+        if args.resume is not None:
+            given = [f"--{name.replace('_', '-')}" if name != "arch" else "ARCH_OR_RECIPE" for name in _RUN_FLAGS
+                     if getattr(args, name) not in (None, False, [])]
+            if given:
+                raise UsageError(f"--resume continues a run with the settings it started with: drop {', '.join(given)}")
+            resume = load_state(args.resume)
+            run = TrainRun.from_record(resume["run"])
+            state_path = Path(args.resume)
+        elif args.arch is None:
+            raise UsageError("give ARCH_OR_RECIPE (a name from `dpnas models`, an ArchConfig or a recipe file), or "
+                             "--resume FILE to continue a stopped run")
+        else:
+            run = TrainRun.from_args(args)
+            state_path = resume_path(run.out)
+        arch, train_cfg, privacy, data_settings = run.arch, run.train_cfg, run.privacy, run.data_settings
+        check_training_fits(arch, train_cfg, dataset=data_settings.dataset, image_size=data_settings.image_size,
+                            device=device, synthetic_size=data_settings.synthetic_size)
+        check_writable(run.out, what="--out")
+        weights = check_writable(run.weights, what="--weights") if run.weights else None
+        check_writable(state_path, what="--resume")
+        check_distinct(out=run.out, weights=weights, resume=state_path,
+                       inputs={"recipe or architecture file": run.source})
+        data = load_dataset(data_settings.dataset, data_dir=data_settings.data_dir,
+                            val_fraction=data_settings.val_fraction, seed=data_settings.split_seed,
+                            image_size=data_settings.image_size, synthetic_size=data_settings.synthetic_size)
+        fingerprint = data_fingerprint(data)
+        if resume is not None and resume.get("data_fingerprint") != fingerprint:
+            raise UsageError(f"--resume: the {data_settings.dataset} data differ from the records this run started on "
+                             "(its folder changed?): the same run must continue on the same records")
+        unsaved: list[OSError] = []
+
+        def keep_state(state: dict) -> None:
+            try:
+                save_state({**state, "run": run.to_record(), "data_fingerprint": fingerprint}, state_path)
+            except OSError as err:  # the run goes on; only its resumability is lost, and said once
+                if not unsaved:
+                    print(f"warning: cannot write the resume state {state_path}: {err}", file=sys.stderr)
+                unsaved.append(err)
+
+        trained = []
+        try:
+            with terminate_as_interrupt():  # a cluster's SIGTERM before its SIGKILL: stop after the step, as Ctrl-C
+                result = train(arch, data, train_cfg=train_cfg, privacy=privacy, device=device,
+                               progress=not args.quiet, on_trained=trained.append, resume=resume,
+                               keep_state=keep_state)
+        except DivergedError as err:
+            raise UsageError(f"{err}; try a smaller --lr or --max-grad-norm") from err
+        result["recipe"] = run.recipe
+        result["data"] = data_settings.to_dict()
+        write_json(run.out, result)
+        # where the recipe came from: a search's export records its study, its ε and the data it searched on
+        recorded, searched_on = run.provenance, run.searched_on
+        same_records = searched_on in (None, result["dataset"])
+        if weights is not None:
+            scores = {k: result[k] for k in ("val_accuracy", "test_accuracy", "epsilon_spent", "delta", "params")}
+            made = {"trained_by": "dpnas train", "source": run.source}
+            if "search_epsilon" in recorded and same_records:
+                # the search that chose this recipe spent its ε on these records: the model's cost includes it
+                made.update({k: recorded[k] for k in ("study", "trial", "search_epsilon", "search_delta")
+                             if k in recorded}, recipe_of_search=True)
+            save_checkpoint(checkpoint_dict(trained[0], arch=arch, train_cfg=train_cfg, privacy=privacy, data=data,
+                                            data_settings=data_settings, results=scores, provenance=made), weights)
+            print(f"weights written to {weights}")
+        eps = "non-private" if not result["private"] else f"epsilon spent {result['epsilon_spent']:.3f} of {privacy.epsilon:g} (delta {privacy.delta:g})"
+        status = "interrupted after" if result["interrupted"] else "finished"
+        val = (f"noisy: std {result['val_noise']:.3g} on the correct count, epsilon "
+               f"{result['validation_epsilon']:.3f} for the validation records" if result["val_noise"] else
+               "exact: the validation records are not protected" if result["private"] else "exact")
+        print(f"{status} {result['steps']} steps: val accuracy {result['val_accuracy']:.4f} ({val}), "
+              f"test accuracy {result['test_accuracy']:.4f}, {eps}")
+        print(f"result written to {run.out}")
+        if result["private"] and recorded.get("searched_on_public_data"):
+            print(f"note: the search that chose this recipe trained on public data "
+                  f"({recorded['searched_on_public_data']}) and spent no private budget: this run's epsilon is "
+                  f"the whole cost to the {result['dataset']} records it trained on")
+        elif result["private"] and recorded.get("study"):
+            if not same_records:
+                print(f"note: study {recorded['study']!r} chose this recipe on {searched_on}; this run trained on "
+                      f"{result['dataset']}, other records, so its epsilon is the whole cost to them")
+            else:
+                print(f"note: study {recorded['study']!r} chose this recipe on its own data; on the same records "
+                      "this run's epsilon adds to the search's (`dpnas privacy` states the search's)")
+        if result["private"] and result["reproducible"]:
+            print("note: reproducible = true: whoever has the seed can regenerate this run's batches and noise; "
+                  "retrain without it before releasing the model")
+        if result["interrupted"]:
+            if not unsaved:
+                print(f"continue this run (the same run: its {result['steps']} steps are not spent again): "
+                      f"dpnas train --resume {shlex.quote(str(state_path))}")
+            return 130
+        state_path.unlink(missing_ok=True)  # finished: nothing is left to continue
+        return 0
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """What one `dpnas train` trains and where it writes, resolved from its flags, or recorded in a resume state."""
+
+    arch: ArchConfig
+    train_cfg: TrainConfig
+    privacy: PrivacyConfig
+    data_settings: DataSettings
+    out: Path
+    weights: Path | None
+    source: str  # ARCH_OR_RECIPE as given
+    recipe: str  # the result's "recipe": the recipe file's path, or the named recipe's name
+    provenance: dict  # a recipe file's record of the search that chose it
+    searched_on: str | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainRun:
+        from dpnas.dp.recipe_file import check_recipe_budget, load_recipe_file, retrain_data_settings
+        from dpnas.dp.recipes import DEFAULT_RECIPE, get_recipe, split_overrides
+        from dpnas.results import default_result_path
+
         if args.dataset is not None:
             # the name a recipe file records: "Digits" would lose its recorded split, and escape the --data-dir check
             args.dataset = dataset_key(args.dataset)
@@ -211,61 +343,31 @@ class Train(Command):
             raise UsageError(f"--data-dir: {data_settings.dataset} needs no files (bundled with scikit-learn, or "
                              "generated); --data-dir is for cifar10 and imagenette")
         out = Path(args.out) if args.out else default_result_path("train", Path(args.arch).stem, data_settings.dataset)
-        check_training_fits(arch, train_cfg, dataset=data_settings.dataset, image_size=data_settings.image_size,
-                            device=device, synthetic_size=data_settings.synthetic_size)
-        check_writable(out, what="--out")
-        weights = check_writable(args.weights, what="--weights") if args.weights else None
-        check_distinct(out=out, weights=weights, inputs={"recipe or architecture file": args.arch})
-        data = load_dataset(data_settings.dataset, data_dir=data_settings.data_dir,
-                            val_fraction=data_settings.val_fraction, seed=data_settings.split_seed,
-                            image_size=data_settings.image_size, synthetic_size=data_settings.synthetic_size)
-        trained = []
-        try:
-            result = train(arch, data, train_cfg=train_cfg, privacy=privacy, device=device, progress=not args.quiet,
-                           on_trained=trained.append)
-        except DivergedError as err:
-            raise UsageError(f"{err}; try a smaller --lr or --max-grad-norm") from err
         from_file = recipe_file is not None and args.recipe is None and (recipe_file.train or recipe_file.privacy)
-        result["recipe"] = args.arch if from_file else recipe.name
-        result["data"] = data_settings.to_dict()
-        write_json(out, result)
-        # where the recipe came from: a search's export records its study, its ε and the data it searched on
-        recorded = recipe_file.provenance if recipe_file is not None else {}
-        searched_on = recipe_file.data.dataset if recipe_file is not None and recipe_file.data is not None else None
-        same_records = searched_on in (None, result["dataset"])
-        if weights is not None:
-            scores = {k: result[k] for k in ("val_accuracy", "test_accuracy", "epsilon_spent", "delta", "params")}
-            made = {"trained_by": "dpnas train", "source": args.arch}
-            if "search_epsilon" in recorded and same_records:
-                # the search that chose this recipe spent its ε on these records: the model's cost includes it
-                made.update({k: recorded[k] for k in ("study", "trial", "search_epsilon", "search_delta")
-                             if k in recorded}, recipe_of_search=True)
-            save_checkpoint(checkpoint_dict(trained[0], arch=arch, train_cfg=train_cfg, privacy=privacy, data=data,
-                                            data_settings=data_settings, results=scores, provenance=made), weights)
-            print(f"weights written to {weights}")
-        eps = "non-private" if not result["private"] else f"epsilon spent {result['epsilon_spent']:.3f} of {privacy.epsilon:g} (delta {privacy.delta:g})"
-        status = "interrupted after" if result["interrupted"] else "finished"
-        val = (f"noisy: std {result['val_noise']:.3g} on the correct count, epsilon "
-               f"{result['validation_epsilon']:.3f} for the validation records" if result["val_noise"] else
-               "exact: the validation records are not protected" if result["private"] else "exact")
-        print(f"{status} {result['steps']} steps: val accuracy {result['val_accuracy']:.4f} ({val}), "
-              f"test accuracy {result['test_accuracy']:.4f}, {eps}")
-        print(f"result written to {out}")
-        if result["private"] and recorded.get("searched_on_public_data"):
-            print(f"note: the search that chose this recipe trained on public data "
-                  f"({recorded['searched_on_public_data']}) and spent no private budget: this run's epsilon is "
-                  f"the whole cost to the {result['dataset']} records it trained on")
-        elif result["private"] and recorded.get("study"):
-            if not same_records:
-                print(f"note: study {recorded['study']!r} chose this recipe on {searched_on}; this run trained on "
-                      f"{result['dataset']}, other records, so its epsilon is the whole cost to them")
-            else:
-                print(f"note: study {recorded['study']!r} chose this recipe on its own data; on the same records "
-                      "this run's epsilon adds to the search's (`dpnas privacy` states the search's)")
-        if result["private"] and result["reproducible"]:
-            print("note: reproducible = true: whoever has the seed can regenerate this run's batches and noise; "
-                  "retrain without it before releasing the model")
-        return 130 if result["interrupted"] else 0
+        return cls(arch=arch, train_cfg=train_cfg, privacy=privacy, data_settings=data_settings, out=out,
+                   weights=Path(args.weights) if args.weights else None, source=args.arch,
+                   recipe=args.arch if from_file else recipe.name,
+                   provenance=recipe_file.provenance if recipe_file is not None else {},
+                   searched_on=(recipe_file.data.dataset if recipe_file is not None and recipe_file.data is not None
+                                else None))
+
+    def to_record(self) -> dict:
+        return {"arch": self.arch.to_dict(), "train_config": self.train_cfg.to_dict(),
+                "privacy_config": self.privacy.to_dict(), "data": self.data_settings.to_dict(),
+                "out": str(self.out), "weights": str(self.weights) if self.weights else None, "source": self.source,
+                "recipe": self.recipe, "provenance": dict(self.provenance),
+                "searched_on": self.searched_on}
+
+    @classmethod
+    def from_record(cls, record: dict) -> TrainRun:
+        from dpnas.dp.config import PrivacyConfig, TrainConfig
+        from dpnas.dp.recipe_file import DataSettings
+
+        return cls(arch=ArchConfig.from_dict(record["arch"]), train_cfg=TrainConfig.from_dict(record["train_config"]),
+                   privacy=PrivacyConfig.from_dict(record["privacy_config"]),
+                   data_settings=DataSettings(**record["data"]), out=Path(record["out"]),
+                   weights=Path(record["weights"]) if record["weights"] else None, source=record["source"],
+                   recipe=record["recipe"], provenance=record["provenance"], searched_on=record["searched_on"])
 
 
 class Bench(Command):

@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 from search_helpers import write_study
 
-from dpnas.search.interrupts import interrupts_held, terminate_as_interrupt
+from dpnas.dp.interrupts import interrupts_held, terminate_as_interrupt
 from dpnas.search.storage import open_storage
 
 

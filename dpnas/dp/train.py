@@ -27,6 +27,7 @@ from dpnas.data.augment import random_crop_flip
 from dpnas.data.datasets import DatasetSplits, ImageData, normalise
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.engine import DPSGDEngine
+from dpnas.dp.interrupts import interrupts_held
 from dpnas.dp.privacy import (
     PrivacyPlan,
     epsilon_spent,
@@ -37,6 +38,7 @@ from dpnas.dp.privacy import (
     steps_per_epoch,
     validation_epsilon,
 )
+from dpnas.dp.resume import check_plan, generator_states, plan_record, progress_record, restore_generators
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -154,13 +156,25 @@ def _step_scheduler(scheduler, score: float) -> None:
 
 @dataclass
 class _Progress:
-    """What an interrupted run still reports."""
+    """What an interrupted run still reports, and where a resumed one goes on: `epoch` epochs are closed (trained,
+    validated where planned, scheduled), and `epoch_steps` steps of the next one are taken."""
 
     history: list[dict[str, Any]] = field(default_factory=list)
     steps: int = 0
     samples: int = 0
     train_seconds: float = 0.0
     interrupted: bool = False
+    epoch: int = 0
+    epoch_steps: int = 0
+    epoch_loss: float = 0.0  # the epoch in progress's summed loss and samples, where a resumed run goes on
+    epoch_samples: int = 0
+    resumed_at: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> _Progress:
+        return cls(**{k: record[k] for k in ("history", "steps", "samples", "train_seconds", "epoch", "epoch_steps",
+                                             "epoch_loss", "epoch_samples")},
+                   resumed_at=[*record["resumed_at"], record["steps"]])
 
 
 def train(
@@ -177,6 +191,8 @@ def train(
     on_trained: Callable[[nn.Module], None] | None = None,
     steps: int | None = None,
     validations: int | None = None,
+    resume: dict[str, Any] | None = None,
+    keep_state: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Train `arch` on `data` with DP-SGD; return the result record (see README for its fields).
 
@@ -189,6 +205,10 @@ def train(
     (a TAN simulation, :mod:`dpnas.search.fidelity`). `validations` releases that many validation scores, evenly
     spaced over the epochs and the last at the end, instead of one per epoch (a search's ``[fidelity]
     validations``); only those epochs are recorded and passed to `on_epoch`.
+
+    `keep_state` receives the run's resume state (:mod:`dpnas.dp.resume`) after each epoch and when Ctrl-C stops
+    the run; `resume` (such a state, loaded) continues that run where it stopped, as the same run. Ctrl-C and
+    SIGTERM are held while a step is taken, so every stop falls between two whole steps.
     """
     device = check_device(device, what="device")
     data = data.to(device)
@@ -204,19 +224,38 @@ def train(
     if on_plan is not None:
         on_plan(plan)
 
+    if resume is not None:
+        check_plan(resume, plan)
     torch.manual_seed(train_cfg.seed)
     model = build_model(arch, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
     model.to(device)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(train_cfg.ema_decay)) if train_cfg.ema_decay else None
     optimizer = make_optimizer(model, train_cfg)
     scheduler = make_scheduler(optimizer, train_cfg)
     accountant = make_accountant(privacy)
     sampling_seed, noise_seed, val_noise_seed = release_seeds(train_cfg.seed, privacy)
-    sampling_generator = torch.Generator(device).manual_seed(sampling_seed)
-    augment_generator = torch.Generator(device).manual_seed(train_cfg.seed + 2)  # may stay seeded: not the mechanism
-    noise_generator = torch.Generator(device).manual_seed(noise_seed)
-    val_noise_generator = torch.Generator(device).manual_seed(val_noise_seed)
+    generators = {
+        "sampling": torch.Generator(device).manual_seed(sampling_seed),
+        "augment": torch.Generator(device).manual_seed(train_cfg.seed + 2),  # may stay seeded: not the mechanism
+        "noise": torch.Generator(device).manual_seed(noise_seed),
+        "val_noise": torch.Generator(device).manual_seed(val_noise_seed),
+    }
     del sampling_seed, noise_seed, val_noise_seed  # never stored, returned or logged
+    secret = privacy.private and not privacy.reproducible
+    state = _Progress()
+    if resume is not None:
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        if privacy.private:
+            accountant.load_state_dict(resume["accountant"])
+        restore_generators(generators, resume["generators"], stored_on=resume["device_type"],
+                           device_type=device.type, secret=secret)
+        state = _Progress.from_record(resume["progress"])
     engine = DPSGDEngine(
         model,
         optimizer,
@@ -226,74 +265,108 @@ def train(
         accountant=accountant,
         physical_batch_size=train_cfg.physical_batch_size,
         aug_multiplicity=train_cfg.aug_multiplicity,
-        noise_generator=noise_generator,
+        noise_generator=generators["noise"],
         autocast=train_cfg.amp,
         channels_last=train_cfg.channels_last,
         per_sample=train_cfg.per_sample,
     )
-    augment = (lambda x: random_crop_flip(x, generator=augment_generator)) if train_cfg.augment else None
+    augment = (lambda x: random_crop_flip(x, generator=generators["augment"])) if train_cfg.augment else None
     eval_model = ema.module if ema is not None else model
     # Without a gradient a pass keeps a few activations alive, not all of them as training does, so twice the
     # physical batch fits wherever training fits; fewer, larger batches make each validation pass 5-15 % cheaper.
     eval_batch = max(2 * train_cfg.physical_batch_size, 256)
 
-    state = _Progress()
     per_epoch = steps_per_epoch(plan)
     validated = plan.validated_periods()
-    bar = tqdm(total=plan.steps, disable=not progress, unit="step", dynamic_ncols=True, leave=True)
+
+    def resume_state() -> dict[str, Any]:
+        return {
+            "plan": plan_record(plan),
+            # the epoch in progress: its loss and sample count so far (host syncs only where the state is kept)
+            "progress": progress_record(epoch_loss=float(loss_sum), epoch_samples=int(epoch_samples),
+                                        **{k: getattr(state, k) for k in ("epoch", "epoch_steps", "steps", "samples",
+                                                                           "train_seconds", "history", "resumed_at")}),
+            "model": model.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "accountant": accountant.state_dict(),
+            "generators": generator_states(generators, secret=secret),
+            "device_type": device.type,
+        }
+
+    bar = tqdm(total=plan.steps, initial=state.steps, disable=not progress, unit="step", dynamic_ncols=True,
+               leave=True)
+    loss_sum = torch.full((), state.epoch_loss, device=device)
+    epoch_samples = torch.full((), state.epoch_samples, device=device, dtype=torch.long)
     try:
-        epoch = 0
-        while state.steps < plan.steps:
-            epoch += 1
+        # `or state.epoch_steps`: a run stopped after its last step and before that epoch closed still closes it
+        while state.steps < plan.steps or state.epoch_steps:
+            epoch = state.epoch + 1
             epoch_start = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            epoch_samples = torch.zeros((), device=device, dtype=torch.long)
-            for _ in range(min(per_epoch, plan.steps - state.steps)):
-                idx = poisson_sample(len(data.train), plan.sample_rate, generator=sampling_generator, device=device)
-                images = normalise(data.train.images[idx], data.mean, data.std)
-                loss_sum += engine.step(images, data.train.labels[idx], augment=augment)
-                epoch_samples += len(idx)
-                if ema is not None:
-                    ema.update_parameters(model)
-                state.steps += 1
-                bar.update(1)
-            n_samples = int(epoch_samples)  # one host sync per epoch
-            state.samples += n_samples
-            state.train_seconds += time.perf_counter() - epoch_start
-            train_loss = float(loss_sum) / max(n_samples, 1)
-            # Judged from the parameters, DP-SGD's private output, not from the training loss: an exact statistic
-            # of the batches, whose finiteness would be released by the trial a search prunes for it. (A loss
-            # that is not finite makes the clipped, noised update, and so the parameters, not finite too.)
-            if not parameters_finite(model):
-                raise DivergedError(f"the model's parameters became NaN or infinite in epoch {epoch}")
-            if epoch not in validated:  # a search's [fidelity] validations: no score released, none recorded
-                _step_scheduler(scheduler, math.nan)
-                continue
-            # The validation score is released (history, pruner, plateau schedule, the objective): only its noisy
-            # version exists outside this block; the exact loss is kept only when the scores are exact anyway.
-            correct, val_loss_sum = count_correct(eval_model, data.val, data, batch_size=eval_batch)
-            val_accuracy = noisy_accuracy(correct, len(data.val), plan.val_noise, generator=val_noise_generator)
-            val_loss = float(val_loss_sum) / len(data.val) if plan.val_noise == 0 and len(data.val) else math.nan
-            del correct, val_loss_sum
-            record = {
-                "epoch": epoch,
-                "steps": state.steps,
-                "train_loss": train_loss,
-                "val_accuracy": val_accuracy,
-                "val_loss": val_loss,
-                "epsilon_spent": epsilon_spent(accountant, privacy.delta) if privacy.private else math.inf,
-                "lr": optimizer.param_groups[0]["lr"],
-                "seconds": time.perf_counter() - epoch_start,
-            }
-            state.history.append(record)
-            bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", val_acc=f"{val_accuracy:.3f}", eps=f"{record['epsilon_spent']:.2f}")
-            _step_scheduler(scheduler, val_accuracy)
-            if on_epoch is not None:
+            record = None
+            # Held, to take effect between two steps: a stop inside one would leave the model, the optimiser and
+            # the accountant apart. Released before `on_epoch`, whose storage writes must stay interruptible.
+            with interrupts_held() as stop_here:
+                for _ in range(min(per_epoch - state.epoch_steps, plan.steps - state.steps)):
+                    idx = poisson_sample(len(data.train), plan.sample_rate, generator=generators["sampling"],
+                                         device=device)
+                    images = normalise(data.train.images[idx], data.mean, data.std)
+                    loss_sum += engine.step(images, data.train.labels[idx], augment=augment)
+                    epoch_samples += len(idx)
+                    if ema is not None:
+                        ema.update_parameters(model)
+                    state.steps += 1
+                    state.epoch_steps += 1
+                    bar.update(1)
+                    stop_here()
+                n_samples = int(epoch_samples)  # one host sync per epoch
+                state.samples += n_samples
+                state.train_seconds += time.perf_counter() - epoch_start
+                train_loss = float(loss_sum) / max(n_samples, 1)
+                # Judged from the parameters, DP-SGD's private output, not from the training loss: an exact
+                # statistic of the batches, whose finiteness would be released by the trial a search prunes for it.
+                # (A loss that is not finite makes the clipped, noised update, and so the parameters, not finite.)
+                if not parameters_finite(model):
+                    raise DivergedError(f"the model's parameters became NaN or infinite in epoch {epoch}")
+                if epoch not in validated:  # a search's [fidelity] validations: no score released, none recorded
+                    _step_scheduler(scheduler, math.nan)
+                else:
+                    # The validation score is released (history, pruner, plateau schedule, the objective): only its
+                    # noisy version exists outside this block; the exact loss is kept only when the scores are
+                    # exact anyway.
+                    correct, val_loss_sum = count_correct(eval_model, data.val, data, batch_size=eval_batch)
+                    val_accuracy = noisy_accuracy(correct, len(data.val), plan.val_noise,
+                                                  generator=generators["val_noise"])
+                    val_loss = float(val_loss_sum) / len(data.val) if plan.val_noise == 0 and len(data.val) else math.nan
+                    del correct, val_loss_sum
+                    record = {
+                        "epoch": epoch,
+                        "steps": state.steps,
+                        "train_loss": train_loss,
+                        "val_accuracy": val_accuracy,
+                        "val_loss": val_loss,
+                        "epsilon_spent": epsilon_spent(accountant, privacy.delta) if privacy.private else math.inf,
+                        "lr": optimizer.param_groups[0]["lr"],
+                        "seconds": time.perf_counter() - epoch_start,
+                    }
+                    state.history.append(record)
+                    bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", val_acc=f"{val_accuracy:.3f}",
+                                    eps=f"{record['epsilon_spent']:.2f}")
+                    _step_scheduler(scheduler, val_accuracy)
+                state.epoch, state.epoch_steps = epoch, 0
+                loss_sum.zero_(), epoch_samples.zero_()
+                if keep_state is not None:
+                    keep_state(resume_state())
+            if record is not None and on_epoch is not None:
                 on_epoch(record)
     except KeyboardInterrupt:
         if not catch_interrupt:
             raise
         state.interrupted = True
+        if keep_state is not None:
+            with interrupts_held():
+                keep_state(resume_state())
     finally:
         bar.close()
 
@@ -338,6 +411,7 @@ def train(
         "per_sample": engine.per_sample_path,
         "per_sample_methods": engine.clipper.method_counts() if engine.clipper is not None else {},
         "interrupted": state.interrupted,
+        "resumed_at_steps": state.resumed_at,
         "history": state.history,
         "not_covered": not_covered(privacy, plan, data, validated=len(state.history)),
     }

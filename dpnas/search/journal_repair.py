@@ -38,7 +38,7 @@ from optuna.storages.journal._file import BaseJournalFileLock, get_lock_file
 from optuna.storages.journal._storage import JournalOperation
 
 from dpnas.arch.space import ConfigError
-from dpnas.search.interrupts import interrupts_held
+from dpnas.dp.interrupts import interrupts_held
 
 _logger = logging.getLogger(__name__)
 _OP_CODES = frozenset(int(op) for op in JournalOperation)

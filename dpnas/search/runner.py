@@ -40,12 +40,12 @@ from dpnas.arch.models import check_image_size
 from dpnas.arch.space import ConfigError
 from dpnas.data.datasets import DEFAULT_IMAGE_SIZE, DatasetSplits
 from dpnas.dp.checkpoint import checkpoint_dict
+from dpnas.dp.interrupts import Terminated, interrupts_held, terminate_as_interrupt
 from dpnas.dp.privacy import PrivacyPlan
 from dpnas.dp.train import DivergedError, check_device, train
 from dpnas.search.calibration import Calibration
 from dpnas.search.checks import check_study, refuse_ablation_trial_count
 from dpnas.search.fidelity import check_target, load_search_data, search_trial
-from dpnas.search.interrupts import Terminated, interrupts_held, terminate_as_interrupt
 from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
 from dpnas.search.storage import (

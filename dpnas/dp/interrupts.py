@@ -1,4 +1,4 @@
-"""Ctrl-C held back while a finished trial is being recorded.
+"""Ctrl-C held back while a finished trial is being recorded, and while a DP-SGD step is being taken.
 
 A trial that trained to its end has spent its privacy and released its scores. If the interrupt lands while its
 results, weights or final state are being written, the trial stays RUNNING: the resumed study fails it as an
@@ -16,31 +16,39 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 _HELD = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
-def interrupts_held() -> Iterator[None]:
-    """SIGINT or SIGTERM received inside the block takes effect when the block ends (only the main thread can
-    hold them)."""
+def interrupts_held() -> Iterator[Callable[[], None]]:
+    """SIGINT or SIGTERM received inside the block takes effect when the block ends, or where the block calls the
+    function it yields (a training loop's step boundaries: one hold for many steps costs one handler swap, not one
+    a step). Only the main thread can hold them."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield lambda: None
         return
     received: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum)) for signum in _HELD}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(received):  # each once, in the order received
+
+    def deliver() -> None:
+        pending = list(dict.fromkeys(received))  # each once, in the order received
+        received.clear()
+        for signum in pending:
             handler = previous[signum]
             if callable(handler):  # Python's default SIGINT handler (or terminate_as_interrupt's): KeyboardInterrupt
                 handler(signum, None)
             else:  # SIG_DFL or SIG_IGN: what the process would have done with it
+                signal.signal(signum, handler)
                 signal.raise_signal(signum)
+
+    try:
+        yield deliver
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        deliver()
 
 
 class Terminated(KeyboardInterrupt):

@@ -1,0 +1,168 @@
+"""A stopped private run continues as the same run (dpnas.dp.resume): the same steps, the same accounting, and for a
+reproducible run the same model bit for bit; a secret run's batches and noise stay unreproducible from the state."""
+
+import json
+import signal
+
+import pytest
+import torch
+
+import dpnas.dp.engine as engine_module
+from dpnas import MODELS
+from dpnas.cli import main
+from dpnas.data.datasets import load_dataset
+from dpnas.dp.checkpoint import checkpoint_dict, save_checkpoint
+from dpnas.dp.config import PrivacyConfig, TrainConfig
+from dpnas.dp.recipe_file import DataSettings
+from dpnas.dp.resume import ResumeError, load_state, resume_path, save_state
+from dpnas.dp.train import train
+
+TINY = MODELS["tiny"].arch
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", val_fraction=0.2, seed=0, image_size=16)
+
+
+def recipe(**changes):
+    # EMA, a plateau schedule and augmentation: every piece of state a resumed run must carry on
+    base = dict(epochs=3, batch_size=128, physical_batch_size=128, optimizer="nadam", lr=2e-3, ema_decay=0.9,
+                schedule="plateau", plateau_patience=0, augment=True)
+    return TrainConfig(**{**base, **changes})
+
+
+def stop_at_step(monkeypatch, step: int, signum=signal.SIGINT):
+    """A real signal (Ctrl-C, or a scheduler's SIGTERM) arriving *inside* DP-SGD step number `step` (1-based)."""
+    original = engine_module.DPSGDEngine.step
+    calls = []
+
+    def step_with_signal(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == step:
+            signal.raise_signal(signum)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module.DPSGDEngine, "step", step_with_signal)
+    return calls
+
+
+def run(digits, privacy, *, resume=None, keep=None, cfg=None):
+    trained = []
+    result = train(TINY, digits, train_cfg=cfg or recipe(), privacy=privacy, progress=False,
+                   on_trained=trained.append, resume=resume, keep_state=keep)
+    return result, {k: v.clone() for k, v in trained[0].state_dict().items()}
+
+
+def stopped_state(digits, privacy, monkeypatch, tmp_path, step):
+    kept = []
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, step)
+        result, _ = run(digits, privacy, keep=kept.append)
+    assert result["interrupted"] and result["steps"] == step  # the step the signal landed in was finished
+    path = save_state(kept[-1], tmp_path / f"stopped-{step}.resume.pt")  # and through the file, as the CLI does
+    return result, load_state(path)
+
+
+@pytest.mark.parametrize("stop", [13, 9, 27], ids=["mid-epoch", "an epoch's last step", "the run's last step"])
+def test_a_reproducible_run_stopped_and_resumed_is_the_uninterrupted_run_bit_for_bit(digits, monkeypatch, tmp_path,
+                                                                                        stop):
+    privacy = PrivacyConfig(epsilon=4.0, reproducible=True)
+    whole, whole_weights = run(digits, privacy)
+    assert whole["steps"] == 27 and len(whole["history"]) == 3
+    stopped, state = stopped_state(digits, privacy, monkeypatch, tmp_path, stop)
+    assert len(stopped["history"]) == (stop - 1) // 9  # a stop in an epoch's last step closes that epoch on resume
+    resumed, resumed_weights = run(digits, privacy, resume=state)
+
+    assert resumed["steps"] == resumed["planned_steps"] == 27 and not resumed["interrupted"]
+    assert resumed["resumed_at_steps"] == [stop]
+    assert resumed_weights.keys() == whole_weights.keys()
+    for name, tensor in whole_weights.items():
+        assert torch.equal(resumed_weights[name], tensor), name
+    keys = ("epoch", "steps", "train_loss", "val_accuracy", "epsilon_spent", "lr")
+    assert [{k: h[k] for k in keys} for h in resumed["history"]] == [{k: h[k] for k in keys} for h in whole["history"]]
+    # the accountant went on from the first part's history: the same ε as one run, never a run and a half
+    assert resumed["epsilon_spent"] == whole["epsilon_spent"] <= 4.0
+    assert resumed["validation_epsilon"] == whole["validation_epsilon"]
+
+
+def test_a_secret_run_keeps_no_secret_generator_and_resumes_with_fresh_batches_and_noise(digits, monkeypatch,
+                                                                                        tmp_path):
+    privacy = PrivacyConfig(epsilon=4.0)
+    stopped, state = stopped_state(digits, privacy, monkeypatch, tmp_path, 13)
+    assert set(state["generators"]) == {"augment"}  # augmentation is not the mechanism; the rest are secret
+    first, first_weights = run(digits, privacy, resume=state)
+    second, second_weights = run(digits, privacy, resume=load_state(tmp_path / "stopped-13.resume.pt"))
+    assert not all(torch.equal(first_weights[k], second_weights[k]) for k in first_weights)
+    for result in (first, second):
+        assert result["steps"] == 27
+        assert result["history"][0]["val_accuracy"] == stopped["history"][0]["val_accuracy"]  # released before
+        assert result["epsilon_spent"] == first["epsilon_spent"] and 0.99 * 4.0 <= result["epsilon_spent"] <= 4.0
+
+
+def test_a_state_whose_plan_or_data_changed_is_refused_before_a_step(digits, monkeypatch, tmp_path):
+    privacy = PrivacyConfig(epsilon=4.0, reproducible=True)
+    _, state = stopped_state(digits, privacy, monkeypatch, tmp_path, 5)
+    calls = stop_at_step(monkeypatch, 10**9)
+    state["plan"]["noise_multiplier"] *= 0.5  # an edited file: half the noise, twice the real ε
+    with pytest.raises(ResumeError, match="noise_multiplier"):
+        run(digits, privacy, resume=state)
+    with pytest.raises(ResumeError, match="sample_rate"):  # the same file at another batch size
+        run(digits, privacy, resume=load_state(tmp_path / "stopped-5.resume.pt"), cfg=recipe(batch_size=64))
+    assert calls == []
+
+
+def test_a_file_that_is_not_a_resume_state_is_refused_in_one_line(tmp_path, digits):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(ResumeError, match="not a readable dpnas resume state"):
+        load_state(garbage)
+    weights = tmp_path / "weights.pt"
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint(checkpoint_dict(model, arch=TINY, train_cfg=recipe(), privacy=PrivacyConfig(), data=digits,
+                                    data_settings=DataSettings(dataset="digits"), results={}), weights)
+    with pytest.raises(ResumeError, match="not a dpnas resume state"):
+        load_state(weights)
+    with pytest.raises(ResumeError, match="no such resume state"):
+        load_state(tmp_path / "missing.resume.pt")
+
+
+def test_dpnas_train_stopped_by_sigterm_resumes_from_the_file_it_names(monkeypatch, tmp_path, capsys):
+    out, weights = tmp_path / "run.json", tmp_path / "run.pt"
+    state_file = resume_path(out)
+    args = ["train", "tiny", "--dataset", "digits", "--image-size", "16", "--epochs", "2", "--batch-size", "128",
+            "--physical-batch-size", "128", "--out", str(out), "--weights", str(weights), "--quiet"]
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 12, signal.SIGTERM)  # a cluster's warning before its SIGKILL
+        assert main(args) == 130
+    stopped = json.loads(out.read_text())
+    assert stopped["interrupted"] and stopped["steps"] == 12
+    assert f"dpnas train --resume {state_file}" in capsys.readouterr().out
+    assert state_file.is_file()
+
+    # settings come from the state: a flag that would change the run is refused, the file untouched
+    before = state_file.read_bytes()
+    assert main(["train", "--resume", str(state_file), "--epochs", "3"]) == 2
+    assert "drop --epochs" in capsys.readouterr().err
+    # records other than the ones it started on are refused
+    edited = load_state(state_file)
+    edited["data_fingerprint"] = "0" * 32
+    other = save_state(edited, tmp_path / "edited.resume.pt")
+    assert main(["train", "--resume", str(other), "--quiet"]) == 2
+    assert "differ from the records this run started on" in capsys.readouterr().err
+    assert state_file.read_bytes() == before
+
+    assert main(["train", "--resume", str(state_file), "--quiet"]) == 0
+    finished = json.loads(out.read_text())
+    assert finished["steps"] == finished["planned_steps"] == 18 and not finished["interrupted"]
+    assert finished["resumed_at_steps"] == [12] and finished["epsilon_spent"] <= 8.0
+    assert [h["epoch"] for h in finished["history"]] == [1, 2]
+    assert not state_file.exists() and weights.is_file()  # finished: nothing left to continue
+
+
+def test_a_finished_run_leaves_no_resume_state(tmp_path):
+    out = tmp_path / "run.json"
+    assert main(["train", "tiny", "--dataset", "digits", "--image-size", "16", "--epochs", "1", "--batch-size", "256",
+                 "--out", str(out), "--quiet"]) == 0
+    assert json.loads(out.read_text())["resumed_at_steps"] == []
+    assert list(tmp_path.iterdir()) == [out]
