@@ -141,7 +141,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def derive_study(args: argparse.Namespace, directory: Path) -> Path:
     """The short-budget study file: the source study's privacy and recipe, a small fixed grid, no pruning."""
-    document = tomllib.loads(args.study.read_text())
+    document = tomllib.loads(args.study.read_text(encoding="utf-8-sig"))
     study = document.setdefault("study", {})
     study.update(
         name=f"{study.get('name', args.study.stem)}_throughput",
@@ -174,7 +174,7 @@ def derive_study(args: argparse.Namespace, directory: Path) -> Path:
 
 def derive_nonprivate_study(study_path: Path) -> Path:
     """The derived study at epsilon = inf: the same grid, recipe and data, trained without privacy."""
-    document = tomllib.loads(study_path.read_text())
+    document = tomllib.loads(study_path.read_text(encoding="utf-8-sig"))
     document["study"]["name"] += "_nonprivate"
     privacy = {key: value for key, value in document.get("privacy", {}).items()
                if key not in ("epsilon", "total_epsilon", "noise_multiplier", "val_noise")}

@@ -344,6 +344,7 @@ class _Case:
             "variant": self.variant,
             "batch_size": self.batch_size,
             "device": str(self.device),
+            "threads": torch.get_num_threads(),  # the case's own process: OMP_NUM_THREADS or torch's default
             "steps": len(self.times),
             "step_seconds": step_seconds,
             "samples_per_second": statistics.mean(self.sizes) / step_seconds,
@@ -387,6 +388,9 @@ def run_benchmark(
         parse_variant(variant)
     cases = [(m, variant, mode) for m in models for variant in variants for mode in modes
              if variant == "fp32" or mode not in OPACUS_MODES]  # Opacus's pipeline is fp32 NCHW
+    # the settings that shaped every row's numbers, recorded in each (a row read alone, or a JSON kept from a run
+    # that was stopped, must say how it was measured)
+    settings = {"warmup": warmup, "repeats": repeats, "interleave": interleave}
     runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {(m.label, v, mode): [] for m, v, mode in cases}
     failed: dict[tuple[str, str, str], dict[str, Any]] = {}  # the cases whose process failed, as rows
     # what each process runs: one case, or with `interleave` every mode of one model and variant
@@ -409,22 +413,23 @@ def run_benchmark(
                 for mode in process_modes:
                     failed[(name, variant, mode)] = {
                         "model": name, "mode": mode, "variant": variant, "batch_size": model.batch_size or batch_size,
-                        "step_seconds": None, "samples_per_second": None, "peak_memory_mb": None,
-                        "error": err.reason}
+                        "device": device, "step_seconds": None, "samples_per_second": None,
+                        "peak_memory_mb": None, "error": err.reason}
                 result = []
             for row in result if interleave else [result] if result else []:
                 runs[(name, variant, row["mode"])].append(row)
             if on_case is not None:
-                on_case(_rows(runs, failed))
-    return _rows(runs, failed)
+                on_case(_rows(runs, failed, settings))
+    return _rows(runs, failed, settings)
 
 
 def _rows(runs: dict[tuple[str, str, str], list[dict[str, Any]]],
-          failed: dict[tuple[str, str, str], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+          failed: dict[tuple[str, str, str], dict[str, Any]] | None = None,
+          settings: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """One row per case that has run at least once, with its ratio to the non-private step where that ran; a case
-    that never ran without failing, its failure."""
+    that never ran without failing, its failure. Each row carries the run's `settings` (warmup, repeats, ...)."""
     failed = failed or {}
-    rows = [_median_of_repeats(repeated) if repeated else failed[key]
+    rows = [{**(_median_of_repeats(repeated) if repeated else failed[key]), **(settings or {})}
             for key, repeated in runs.items() if repeated or key in failed]
     _add_ratios(rows)
     return rows

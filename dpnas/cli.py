@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from dataclasses import dataclass
@@ -329,6 +330,12 @@ class TrainRun:
                  "max_grad_norm": args.max_grad_norm, "accountant": args.accountant}
         privacy_changes.update({k: v for k, v in flags.items() if v is not None})
         arch = recipe_file.arch.replace(**arch_changes) if recipe_file is not None else load_arch(args.arch, arch_changes)
+        if base_privacy.private and privacy_changes.get("epsilon") == math.inf:
+            # --no-dp (or epsilon = inf) on a private recipe: a search's export fixes the validation noise its study
+            # derived for a private run, which would blur this run's scores and print an epsilon for the validation
+            # records of a run that is not private. No noise at all, as `dpnas train ARCH --no-dp` (the DP gap's
+            # other side); an explicit --set val_noise= still stands.
+            privacy_changes.setdefault("val_noise", "auto")  # "auto" is 0 for a non-private run
         train_cfg = base_train.replace(**train_changes)
         privacy = base_privacy.replace(**privacy_changes)
         check_recipe_budget(base_privacy, privacy, privacy_changes, epochs=train_cfg.epochs,
@@ -688,6 +695,11 @@ class Dashboard(Command):
         return 0
 
 
+def _unwritable(err: OSError) -> str:
+    where = f": {err.filename}" if err.filename else ""
+    return f"cannot write to its storage ({err.strerror or err}{where}); --no-attach skips attaching"
+
+
 class Plot(Command):
     """Draw a study's figures: accuracy by component, width x depth, the DP gap, Pareto fronts, accuracy against
     epsilon, and Optuna's history, learning curves and parameter importances.
@@ -719,6 +731,7 @@ class Plot(Command):
         )
         from dpnas.analysis.frame import trials_frame
         from dpnas.analysis.static import STATIC_FORMATS, StaticExportError, check_static_export
+        from dpnas.results import check_folder
         from dpnas.search.journal_repair import JournalDamagedInside
         from dpnas.search.study_report import resolve_study
 
@@ -730,26 +743,37 @@ class Plot(Command):
             raise UsageError(f"--format: {err}") from err
         if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
             raise UsageError(f"--out {args.out}: is a file; give a folder for the figures")
+        if args.out:
+            check_folder(args.out, what="--out")  # a file above it, a folder not writable: before anything is drawn
         study, _ = resolve_study(args.study, args.study_name)
         frame = trials_frame(study)
         extra = None
         if args.companion:  # its trials join the DP-gap figure only
-            companion, _ = resolve_study(args.companion, args.companion_name)
+            companion, _ = resolve_study(args.companion, args.companion_name, flag="--companion-name")
             extra = trials_frame(companion)
             extra["number"] = extra["number"] + 100_000  # keep trial numbers apart
         figures = study_figures(study, frame, companion=extra)
-        out = Path(args.out) if args.out else default_plot_dir(study)
+        out = Path(args.out) if args.out else check_folder(default_plot_dir(study), what="the default --out")
         try:
             written = write_figures(figures, out, formats=formats)
+            scratch = out / f".trials.csv.{os.getpid()}.partial"  # no half-written table on a full disk
+            try:
+                frame.to_csv(scratch, index=False)
+                os.replace(scratch, out / "trials.csv")
+            finally:
+                scratch.unlink(missing_ok=True)
         except StaticExportError as err:
             raise UsageError(f"--format: {err}") from err
-        frame.to_csv(out / "trials.csv", index=False)
+        except OSError as err:  # a read-only file system, a full disk: one line
+            raise OutputError(f"--out {out}: cannot write there ({err.strerror or err}); choose another path") from None
         print(f"wrote {len(written)} files and trials.csv to {out}/")
         if not args.no_attach:
             try:
                 attach_to_dashboard(study, figures)
             except JournalDamagedInside as err:  # the files are written; the storage refuses writes until repaired
                 print(f"note: the figures are not attached to the study: {err}")
+            except OSError as err:  # a study kept where this user cannot write (read-only): the files are written
+                print(f"note: the figures are not attached to the study: {_unwritable(err)}")
         return 0
 
 
@@ -796,6 +820,8 @@ class Report(Command):
                     artifact_id = attach_report(study, path, location=location)
                 except JournalDamagedInside as err:  # the page is written; the storage refuses writes until repaired
                     print(f"note: not attached to the study: {err}")
+                except OSError as err:  # a study kept where this user cannot write (read-only): the page is written
+                    print(f"note: not attached to the study: {_unwritable(err)}")
                 else:
                     print(f"attached to the study as artifact {artifact_id} in {location} (optuna-dashboard lists it)")
         return 0

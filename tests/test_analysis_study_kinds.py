@@ -3,9 +3,12 @@ others, budgets that were not searched, ablations without a finished base, damag
 proxy studies. Each test builds its study without training (trials recorded as dpnas records them), except the
 damaged journal, which is a plain Optuna journal damaged in place."""
 
+import errno
 import math
+from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.storages import JournalStorage
@@ -215,3 +218,122 @@ def test_learning_curves_are_drawn_only_where_a_trial_reported_them():
                                       intermediate_values={1: value - 0.1, 2: value}))
     assert "optuna_intermediate_values" not in study_figures(pareto)
     assert "optuna_intermediate_values" in study_figures(single)
+
+
+def _journal_study(path):
+    study = optuna.create_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(path))),
+                                direction="maximize")
+
+    def objective(trial):  # recorded as dpnas records a trial, so `plot` has a figure of its own to attach
+        trial.set_user_attr("config", TINY.to_dict())
+        trial.set_user_attr("params", 1000 + trial.number)
+        return trial.suggest_float("x", 0, 1)
+
+    study.optimize(objective, n_trials=3)
+    return path
+
+
+def test_plot_refuses_an_output_folder_it_cannot_make_in_one_line(tmp_path, capsys, monkeypatch):
+    """`plot --out` below a file (or its default folder being a file) ended in a NotADirectoryError traceback, and
+    a folder on a read-only file system in a PermissionError one; a failed trials.csv could be left half-written."""
+    journal = _journal_study(tmp_path / "s.journal")
+    (tmp_path / "afile").write_text("mine")
+    assert main(["plot", str(journal), "--out", str(tmp_path / "afile" / "plots")]) == 2
+    assert "afile is a file, not a folder" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("mine")  # the default folder, runs/plots-tiny, cannot be made
+    assert main(["plot", str(journal)]) == 2
+    assert "runs is a file, not a folder" in capsys.readouterr().err
+
+    def full_disk(self, path, **kwargs):
+        Path(path).write_text("number,sta")  # a part of the table, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", full_disk)
+    out = tmp_path / "plots"
+    assert main(["plot", str(journal), "--out", str(out), "--no-attach"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write there (No space left on device)" in err
+    assert not (out / "trials.csv").exists() and not list(out.glob(".trials.csv*"))
+    assert (tmp_path / "runs").read_text() == (tmp_path / "afile").read_text() == "mine"
+
+
+def test_plot_and_report_of_a_study_kept_read_only_write_their_files_and_say_why_not_attached(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """A study read from where this user cannot write (a colleague's folder, a read-only mount): `plot` and `report`
+    wrote their files, then stopped with an OSError traceback while attaching them to the study."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    journal = _journal_study(tmp_path / "s.journal")
+    kept = journal.read_bytes()
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(journal))
+
+    monkeypatch.setattr(JournalFileBackend, "append_logs", read_only)
+    monkeypatch.setattr(FileSystemArtifactStore, "write", read_only)
+    assert main(["plot", str(journal), "--out", str(tmp_path / "plots")]) == 0
+    printed = capsys.readouterr().out
+    assert "not attached to the study: cannot write to its storage (Read-only file system" in printed
+    assert (tmp_path / "plots" / "trials.csv").is_file()
+    assert main(["report", str(journal), "--out", str(tmp_path / "report.html")]) == 0
+    printed = capsys.readouterr().out
+    assert "not attached to the study: cannot write to its storage (Read-only file system" in printed
+    assert (tmp_path / "report.html").is_file() and journal.read_bytes() == kept
+
+
+def _with_a_repeated_proposal():
+    study = _study([_trial(0.5, {"activation": "relu"}), _trial(0.6, {"activation": "selu"})])
+    study.add_trial(create_trial(state=TrialState.FAIL, params={"activation": "relu"},
+                                 distributions={"activation": CategoricalDistribution(["relu"])},
+                                 user_attrs={"duplicate_of": 0, "failure_reason": "repeats trial 0: not trained, no "
+                                             "privacy budget spent, takes no slot"}))
+    for key, value in {"epsilon": 4.0, "delta": 1e-5, "dataset": "digits", "sampler": "tpe", "pruner": "none",
+                       "trial_count": "fixed"}.items():
+        study.set_user_attr(key, value)
+    return study
+
+
+def test_the_dashboard_note_and_the_report_say_a_repeated_proposal_was_skipped_not_failed():
+    """A proposal of a point already trained is recorded as FAIL (Optuna has no state for "skipped"): the
+    dashboard's note counted it as "fail 1" with the real failures, as if a run had broken."""
+    from dpnas.analysis.report import _trials
+    from dpnas.search.study_privacy import study_privacy
+    from dpnas.search.study_report import study_note
+
+    study = _with_a_repeated_proposal()
+    note = study_note(study, study_privacy(study), "s.journal")
+    assert "- **Trials**: complete 2; " in note and "fail" not in note.split("**Trials**")[1].split(";")[0]
+    assert "**Repeated proposals**: 1, shown as FAIL" in note and "no privacy budget spent" in note
+    assert "(1 of them repeated proposals of a point already trained: recorded as FAIL, not trained" in _trials(
+        study, trials_frame(study))
+    study.add_trial(create_trial(state=TrialState.FAIL, user_attrs={"failure_reason": "CUDA out of memory"}))
+    assert "- **Trials**: complete 2, fail 1; " in study_note(study, study_privacy(study), "s.journal")
+
+
+def test_an_unnamed_multi_objective_study_s_values_stay_under_their_headers():
+    """A multi-objective study without metric names (not written by dpnas) had one "value" column for two values:
+    the second objective went under "ε spent", and every later cell one column to the right."""
+    from dpnas.analysis.report import _trials
+
+    study = optuna.create_study(study_name="pareto", directions=["maximize", "minimize"])
+    trial = _trial(0.8, {"width": 1.0})
+    study.add_trial(create_trial(state=TrialState.COMPLETE, values=[0.8, 14204], params=trial.params,
+                                 distributions=trial.distributions, user_attrs=trial.user_attrs))
+    table = _trials(study, trials_frame(study))
+    head, body = table.split("</thead>")
+    assert "<th>objective 0</th><th>objective 1</th><th>ε spent</th>" in head
+    assert head.count("<th>") == body.split("</tr>")[0].count("<td")
+
+
+def test_a_companion_storage_of_several_studies_names_the_companion_s_flag(tmp_path, capsys):
+    """`plot --companion STORAGE` of several studies said "choose one with --study-name", the flag that names the
+    plotted study, not the companion (--companion-name)."""
+    journal = _journal_study(tmp_path / "s.journal")
+    several = JournalStorage(JournalFileBackend(str(tmp_path / "two.journal")))
+    for name in ("dp", "nondp"):
+        optuna.create_study(study_name=name, storage=several)
+    assert main(["plot", str(journal), "--companion", str(tmp_path / "two.journal"), "--out",
+                 str(tmp_path / "plots")]) == 2
+    assert "holds 2 studies (dp, nondp); choose one with --companion-name" in capsys.readouterr().err
+    assert not (tmp_path / "plots").exists()

@@ -1,7 +1,7 @@
 """The benchmark's plumbing (no timing assertions: speed claims live in benchmarks/RESULTS.md)."""
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -305,6 +305,25 @@ def test_cli_bench_interleave_runs_the_modes_in_one_process(tmp_path, capsys):
     assert rows[0]["timed_batch_sizes"] == rows[1]["timed_batch_sizes"]
     assert all(r["peak_memory_mb"] is None for r in rows) and rows[1]["slowdown_vs_nonprivate"] > 0
     assert "tiny / nonprivate+dpnas / fp32" in capsys.readouterr().err
+
+
+def test_cli_bench_json_records_the_settings_it_measured_with(tmp_path, monkeypatch, capsys):
+    """The rows said neither how many untimed steps came first nor how many repeats, whether the modes took turns
+    in one process, nor on how many threads: two JSON files could not be told apart, or compared fairly."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # each case's own process inherits it
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--models", "tiny", "--modes", "nonprivate,dpnas", "--steps", "2", "--warmup", "1",
+                 "--repeats", "2", "--batch-size", "4", "--device", "cpu", "--interleave", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 2
+    for r in rows:
+        assert (r["warmup"], r["repeats"], r["interleave"], r["threads"]) == (1, 2, True, 1), r
+        assert (r["steps"], r["batch_size"], r["device"]) == (2, 4, "cpu") and len(r["repeat_step_seconds"]) == 2
+    # a case whose process failed says the same
+    failing = run_benchmark(models=[replace(resolve_model("tiny"), label="broken", image_size=1)], modes=["dpnas"],
+                            batch_size=4, steps=1, warmup=0, device="cpu", progress=False)
+    assert failing[0]["error"] and (failing[0]["warmup"], failing[0]["repeats"], failing[0]["interleave"],
+                                    failing[0]["device"]) == (0, 1, False, "cpu")
 
 
 def test_a_failing_case_is_a_row_with_its_error_and_the_others_still_run(tmp_path, capsys):

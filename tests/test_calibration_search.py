@@ -95,3 +95,36 @@ def test_several_run_shapes_each_meet_the_budget_at_their_smallest_noise():
                           gamma=None, delta=1e-5)
 
         assert alone(sigma) <= total  # each shape within the budget on its own too
+
+
+def test_a_batch_of_the_whole_training_split_is_calibrated_as_plan_privacy_trains_it():
+    # q = B / n = 1 is Poisson sampling that takes every record, which plan_privacy (and Opacus's accountants)
+    # accept; the calibration refused it ("is not below"), so such a total-ε study stopped where a fixed-ε one ran.
+    from dpnas.dp.config import PrivacyConfig, TrainConfig
+    from dpnas.dp.privacy import plan_privacy, run_epsilon
+
+    n = 500
+    c = calibrate(4.0, 1e-5, mode="fixed", runs=3, shapes=[(n, 2)], train_size=n)
+    assert 0.99 * 4.0 <= c.training_epsilon <= 4.0
+    train_cfg = TrainConfig(batch_size=n, epochs=2)
+    privacy = c.privacy_for(PrivacyConfig(epsilon=4.0), train_cfg)
+    plan = plan_privacy(privacy, dataset_size=n, batch_size=n, epochs=2)  # checks the run's ε within its share
+    assert plan.sample_rate == 1.0 and plan.steps == 2 and plan.noise_multiplier == privacy.noise_multiplier
+    assert run_epsilon("rdp", plan.noise_multiplier, 1.0, 2, 1e-5) <= privacy.epsilon
+    # one record more than the split is no sample rate: both refuse it, naming the key
+    for refuse in (lambda: calibrate(4.0, 1e-5, mode="fixed", runs=3, shapes=[(n + 1, 2)], train_size=n),
+                   lambda: plan_privacy(PrivacyConfig(epsilon=4.0), dataset_size=n, batch_size=n + 1, epochs=2)):
+        with pytest.raises(ConfigError, match=f"batch_size: {n + 1} is larger than the {n} training samples"):
+            refuse()
+
+
+def test_the_prv_accountant_takes_a_batch_of_the_whole_split_quietly():
+    import warnings
+
+    from dpnas.dp.privacy import run_epsilon
+
+    with warnings.catch_warnings():
+        # Opacus's PRV density takes log(1 - q): NumPy warned "divide by zero encountered in log" at q = 1
+        warnings.simplefilter("error", RuntimeWarning)
+        at_one = run_epsilon("prv", 1.0, 1.0, 8, 1e-5)
+    assert run_epsilon("prv", 1.0, 0.999, 8, 1e-5) <= at_one < math.inf

@@ -6,6 +6,7 @@ the study's accounting), so a broken scaling, a wrong sample rate or a proxy rec
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -27,7 +28,7 @@ from dpnas.search.fidelity import Fidelity, check_target, subset_training, trial
 from dpnas.search.runner import search
 from dpnas.search.study_file import StudyFileError, load_study_file
 from dpnas.search.study_privacy import study_privacy
-from dpnas.search.study_report import export_best, privacy_statement
+from dpnas.search.study_report import export_best, privacy_statement, trial_recipe
 
 STUDY = """
 [study]
@@ -256,6 +257,17 @@ def test_a_searched_batch_too_large_for_the_subset_is_refused_before_any_trial(t
     text = text.replace("[search]\n", "[search]\nbatch_size = [64, 256]\n")
     path.write_text(text.replace("seed = 3", "seed = 2"))  # its first point trains at 64, which the subset takes
     with pytest.raises(ConfigError, match="batch_size: 256 is larger than the .* data_fraction 0.1 of"):
+        run(path)
+    _no_trials(path)
+
+
+def test_a_target_resolution_no_point_can_take_is_refused_before_any_trial(tmp_path):
+    """The search at [fidelity] image_size = 8, the exported recipe at [data] image_size = 2, which tiny's
+    downsamplings cannot take: the check looked at the search's size only, and every trial was pruned after
+    taking a slot."""
+    path = write(tmp_path, fidelity="image_size = 8", data="", n_trials=2)
+    path.write_text(path.read_text().replace("image_size = 16", "image_size = 2", 1))
+    with pytest.raises(ConfigError, match="image_size: 2px is too small"):
         run(path)
     _no_trials(path)
 
@@ -534,3 +546,35 @@ def test_the_transfer_benchmark_counts_the_validation_passes_in_the_total():
     # runs recorded before the counts were have no total
     old = [{k: v for k, v in r.items() if k != "val_releases"} for r in runs(10, 1)]
     assert bench.summarise("proxy", old, full, ranking=False)["total_work_ratio"] is None
+
+
+def test_a_total_epsilon_proxy_study_exports_its_target_at_the_per_run_budget(tmp_path):
+    """The target's epsilon was the study file's placeholder, the whole total_epsilon: `dpnas train` of the recipe
+    spent the whole total again, on the records the search had spent it on, where a study without proxies exports
+    its trial's per-run budget. Its provenance called the TAN proxy's epsilon, larger than the target's,
+    `epsilon_spent`, as if the file's run had spent it."""
+    path = write(tmp_path, fidelity="tan_batch = 32\nepochs = 2\nimage_size = 8\nprivate_data_ok = false", data="",
+                 privacy="total_epsilon = 8.0")
+    study = run(path)
+    (best,) = export_best(study, tmp_path / "best.toml")
+    recipe, trial = load_recipe_file(best), study.best_trial
+    per_run, simulated = trial.user_attrs["fidelity"]["target_epsilon"], trial.user_attrs["privacy_config"]["epsilon"]
+    assert per_run < 8.0 < simulated
+    assert trial.user_attrs["target_privacy_config"]["epsilon"] == per_run  # what the trial stands for
+    assert recipe.privacy.epsilon == per_run and recipe.privacy.noise_multiplier == 0.0
+    assert recipe.privacy.val_noise == "auto" and recipe.train.epochs == 4 and recipe.data.image_size == 16
+    assert "epsilon_spent" not in recipe.provenance
+    assert recipe.provenance["proxy_epsilon_spent"] == trial.user_attrs["epsilon_spent"] > 8.0
+    text = best.read_text()
+    assert f"at epsilon {per_run:.4g} (delta 1e-05), the per-run budget the search gave it" in text
+    assert "by its search trial (the proxy run below)" in text and "by this run" not in text
+    # a study recorded before: its target held the placeholder; the export gives the per-run budget all the same
+    old = copy.deepcopy(trial)
+    old.user_attrs["target_privacy_config"]["epsilon"] = 8.0
+    assert trial_recipe(study, old).privacy.epsilon == per_run
+    # `dpnas train` of it trains the target at that budget, its noise derived for it
+    out = tmp_path / "final.json"
+    assert main(["train", str(best), "--epochs", "1", "--quiet", "--device", "cpu", "--out", str(out)]) == 0
+    final = json.loads(out.read_text())
+    assert final["epsilon_target"] == per_run and 0.99 * per_run < final["epsilon_spent"] <= per_run
+    assert final["train_config"]["batch_size"] == 128 and final["train_size"] == trial.user_attrs["train_size"]

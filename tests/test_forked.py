@@ -129,7 +129,7 @@ def test_a_budget_the_child_cannot_meet_is_refused_by_the_wait(fresh_calibration
     spec = load_study_file(QUICKSTART)
     spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, batch_size=2000))
     pending = calibration.start_study_calibration(spec, runs=6, train_size=1150)
-    with pytest.raises(ConfigError, match="batch_size: 2000 is not below the 1150 training samples"):
+    with pytest.raises(ConfigError, match="batch_size: 2000 is larger than the 1150 training samples"):
         pending.result()
 
 

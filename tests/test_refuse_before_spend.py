@@ -73,6 +73,10 @@ def test_bad_flags_are_refused_before_a_study_exists(tmp_path, capsys, argv, mat
     ("physical_batch_size = 256", "physical_batch_size = 256\namp = true\nper_sample = \"opacus\"", "preflight"),
     ("physical_batch_size = 256", "physical_batch_size = 256\nchannels_last = true\nper_sample = \"opacus\"",
      "preflight"),
+    # a fixed noise multiplier that overspends epsilon (or whose accounting overflows) failed every trial, each
+    # taking a slot: the first point is planned before the study exists
+    ("delta = 1e-5", "delta = 1e-5\nnoise_multiplier = 0.1", "noise_multiplier: 0.1 over"),
+    ("delta = 1e-5", "delta = 1e-5\nnoise_multiplier = 1e308", "noise_multiplier: must be from 0"),
 ])
 def test_what_would_fail_every_trial_is_refused_before_any(tmp_path, capsys, old, new, match):
     path = _edit(write_study(tmp_path, n_trials=2), old, new)

@@ -10,12 +10,14 @@ import time
 
 import optuna
 import optuna_dashboard
+import pytest
 from optuna.trial import TrialState
 from search_helpers import write_study
 
 from dpnas.cli import main
+from dpnas.search import runner
 from dpnas.search.runner import search, trial_budget
-from dpnas.search.storage import open_storage
+from dpnas.search.storage import open_storage, trial_slot_lock
 from dpnas.search.study_file import load_study_file
 
 SECRET = "sekret-xyz"
@@ -204,3 +206,117 @@ def test_a_password_in_the_storage_url_shows_up_nowhere(tmp_path, postgres_serve
     pgpass.chmod(0o600)
     monkeypatch.setenv("PGPASSFILE", str(pgpass))
     assert main(["privacy", without]) == 0
+
+
+def _terminate_slot_lock_holder(server, dbname: str) -> None:
+    """End the session that holds dpnas's advisory slot lock (the lock goes with it), as the server does to every
+    session when it restarts, and wait until it is gone."""
+    conn = server.connect(dbname)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            # this test's database only: the server is shared by the session's other tests
+            cur.execute("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND database = "
+                        "(SELECT oid FROM pg_database WHERE datname = current_database())")
+            holders = [row[0] for row in cur.fetchall()]
+            assert len(holders) == 1, holders
+            cur.execute("SELECT pg_terminate_backend(%s)", (holders[0],))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (holders[0],))
+                if cur.fetchone()[0] == 0:
+                    return
+                time.sleep(0.01)
+    finally:
+        conn.close()
+    raise AssertionError("the slot lock's session did not end")
+
+
+@pytest.mark.parametrize("loss", ["terminated", "restarted"])
+def test_a_worker_whose_slot_lock_was_lost_mid_hold_does_not_train_a_run_too_many(tmp_path, postgres_server,
+                                                                                   postgres_url, monkeypatch, loss):
+    """The advisory slot lock lives in one server session: a killed backend (pg_terminate_backend) or a server
+    restart ends it while the worker is still deciding under it. The worker went on from a budget read that no
+    longer held: another worker took the lock, and the last slot with it, and both trained it (2 runs of a budget
+    of 1, the study's epsilon statement wrong). The holder now finds its lock gone before its trial touches the
+    data, and gives the trial back untrained."""
+    dbname = postgres_url.rsplit("/", 1)[1]
+    spec = load_study_file(write_study(tmp_path, n_trials=1, epochs=1))
+    real_budget = runner.trial_budget
+    trained, lost = [], []
+
+    def trained_at_once(study, trial, *args, **kwargs):
+        trained.append(trial.number)
+        study.tell(trial, 0.5)
+        return f"trial {trial.number} done"
+
+    def budget_read_then_lock_lost(study):
+        seen = real_budget(study)
+        if not lost:  # worker A has read the budget (one slot left) under its lock: now the lock goes
+            lost.append(loss)
+            if loss == "terminated":
+                _terminate_slot_lock_holder(postgres_server, dbname)
+            else:
+                wait_until_idle(postgres_server, dbname)
+                postgres_server.restart()
+            # worker B (another host) takes the lock A no longer holds, and the last slot
+            runner.run_worker(spec, postgres_url, worker_index=1, progress=False)
+            assert trained == [0]
+        return seen
+
+    monkeypatch.setattr(runner, "run_trial", trained_at_once)
+    monkeypatch.setattr(runner, "trial_budget", budget_read_then_lock_lost)
+    runner.run_worker(spec, postgres_url, progress=False)  # worker A
+
+    assert lost and trained == [0]  # one run, the budget's one: A never trained on its stale read
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(postgres_url))
+    assert trial_budget(study)[:2] == (1, len(study.get_trials(states=(TrialState.WAITING,))) + 1)
+    assert not study.get_trials(states=(TrialState.RUNNING,))  # nothing left running
+
+
+def test_the_slot_lock_says_whether_it_is_still_held_and_a_wait_for_it_outlives_a_restart(postgres_server,
+                                                                                          postgres_url):
+    """A session's advisory lock ends with the session: `held()` says so. A worker waiting for the lock when the
+    server restarted failed with "server closed the connection" (at a trial's end, that would leave its finished
+    trial running, to be trained again); it now waits on a new connection and gets the lock the restart released."""
+    import threading
+
+    dbname = postgres_url.rsplit("/", 1)[1]
+    holder, waiter = open_storage(postgres_url), open_storage(postgres_url)
+    with trial_slot_lock(holder, postgres_url) as slot:
+        assert slot.held()
+        _terminate_slot_lock_holder(postgres_server, dbname)
+        assert not slot.held()
+    got = []
+
+    def wait_for_the_lock():
+        try:
+            with trial_slot_lock(waiter, postgres_url) as taken:
+                got.append(taken.held())
+        except Exception as err:  # noqa: BLE001 - the test says what it was
+            got.append(err)
+
+    with trial_slot_lock(holder, postgres_url) as slot:
+        thread = threading.Thread(target=wait_for_the_lock)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while not _lock_waiters(postgres_server, dbname) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _lock_waiters(postgres_server, dbname) == 1
+        postgres_server.restart(down_s=0.5)
+        thread.join(timeout=90)
+        assert got == [True]  # the waiter got the lock, and held it
+        assert not slot.held()  # the holder's went with its session
+    with trial_slot_lock(holder, postgres_url) as slot:  # taken again afterwards, on a new session
+        assert slot.held()
+
+
+def _lock_waiters(server, dbname: str) -> int:
+    conn = server.connect(dbname)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND database = "
+                        "(SELECT oid FROM pg_database WHERE datname = current_database())")
+            return cur.fetchone()[0]
+    finally:
+        conn.close()

@@ -99,6 +99,7 @@ def test_synthetic_size_sets_the_synthetic_data_size(tmp_path):
         ('dataset = "digits"', 'dataset = "mnist"', "data.dataset: unknown value 'mnist'"),
         ('dataset = "digits"', 'dataset = "digits"\nsynthetic_size = 512', "data.synthetic_size: only for dataset = \"synthetic\""),
         ('dataset = "digits"', 'dataset = "synthetic"\nsynthetic_size = 1', "data.synthetic_size: must be >= 2"),
+        ('dataset = "digits"', 'dataset = "cifar10"\ndata_dir = ""', "data.data_dir: must not be empty"),
         ("epsilon = 8.0", "epsilon = -1.0", "[privacy] epsilon: must be > 0"),
         ("epsilon = 8.0", "epsilon = 8.0\nnoise = 1.0", "privacy.noise: unknown field; PrivacyConfig fields are"),
         ('recipe = "quick"', 'recipe = "fast"', "train.recipe: unknown recipe 'fast'"),

@@ -89,6 +89,7 @@ def refused_study(capsys, tmp_path, text, needle, *, raw: bytes | None = None):
     err = one_line_error(capsys, ["search", str(path), "--quiet"], needle)
     assert str(path) in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.toml"], "a refused study created storage"
+    return err
 
 
 def edit(old, new):
@@ -108,6 +109,38 @@ def test_arch_and_recipe_files_that_are_not_utf8_are_refused(capsys, tmp_path, n
     path = tmp_path / "arch.toml"
     path.write_bytes(b"width = 1.0\n# \xff\n")
     one_line_error(capsys, [command, str(path)], f"{path}: not a text file (not UTF-8)")
+
+
+BOM = "\ufeff".encode()  # the UTF-8 byte-order mark Windows editors (Notepad) write at the start of a file
+
+
+def test_a_study_file_with_a_byte_order_mark_is_read_and_recorded_without_it(tmp_path):
+    import tomllib
+
+    from dpnas.search.study_state import open_study
+
+    plain, marked = tmp_path / "plain.toml", tmp_path / "marked.toml"
+    plain.write_text(VALID)
+    marked.write_bytes(BOM + VALID.encode())
+    spec = load_study_file(marked)  # was: "not valid TOML: Invalid statement (at line 1, column 1)"
+    assert spec.axes == load_study_file(plain).axes and spec.n_trials == 2
+    # the text the study records is the one that was parsed: the report and `dpnas privacy` parse it again
+    recorded = open_study(spec, str(tmp_path / "marked.journal")).user_attrs["study_file"]
+    assert recorded == VALID and tomllib.loads(recorded)["privacy"] == {"epsilon": 8.0}
+
+
+@pytest.mark.parametrize("suffix, text", [(".toml", 'width = 2.0\nactivation = "mish"\n'),
+                                          (".json", '{"width": 2.0, "activation": "mish"}')])
+def test_arch_and_recipe_files_with_a_byte_order_mark_are_read(tmp_path, suffix, text):
+    from dpnas.arch.space import load_arch_file
+    from dpnas.dp.recipe_file import load_recipe_file
+
+    path = tmp_path / f"arch{suffix}"
+    path.write_bytes(BOM + text.encode())
+    assert load_arch_file(path) == ArchConfig(width=2.0, activation="mish")
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_bytes(BOM + b'[arch]\nwidth = 2.0\n[train]\nepochs = 3\n')
+    assert load_recipe_file(recipe).arch.width == 2.0
 
 
 # --- 2. a list or another type where a name or a scalar is expected --------------------------------------
@@ -157,6 +190,17 @@ def test_a_negative_split_seed_in_a_recipe_file_is_refused(capsys, tmp_path, no_
     path = tmp_path / "recipe.toml"
     path.write_text('[arch]\nwidth = 1.0\nhead_hidden = [32]\n[data]\ndataset = "digits"\nsplit_seed = -3\n')
     one_line_error(capsys, ["train", str(path)], "data.split_seed: must be an integer from 0 to 2**63 - 1, got -3")
+
+
+@pytest.mark.parametrize("data, needle", [
+    ('dataset = "digits"\ndata_dir = "/tmp"', "data.data_dir: digits needs no files"),  # was silently unused
+    ('dataset = "cifar10"\ndata_dir = ""', "data.data_dir: must not be empty"),  # was the current directory
+    ('dataset = "digits"\nval_fraction = 0.2', "train.val_fraction: 0.5 differs from [data] val_fraction = 0.2"),
+])
+def test_a_recipe_s_data_settings_that_nothing_would_read_are_refused(capsys, tmp_path, no_data, data, needle):
+    path = tmp_path / "recipe.toml"
+    path.write_text(tiny_arch_table() + f"\n[train]\nval_fraction = 0.5\n[data]\n{data}\n")
+    one_line_error(capsys, ["train", str(path)], needle)
 
 
 # --- 4. trial-count parameters and timeouts: finite, and only where they apply -----------------------------
@@ -350,6 +394,28 @@ def test_a_val_fraction_set_twice_differently_in_a_study_is_refused(capsys, tmp_
         'dataset = "digits"', 'dataset = "digits"\nval_fraction = 0.2'), "train.val_fraction: 0.5 differs")
 
 
+@pytest.mark.parametrize("value", ["1.5", "1", "-0.1", "nan"])
+def test_a_bad_data_val_fraction_in_a_study_names_the_data_key(capsys, tmp_path, value):
+    # it was copied into [train] first and refused there as "[train] val_fraction", a key the file does not have
+    err = refused_study(capsys, tmp_path, edit('dataset = "digits"', f'dataset = "digits"\nval_fraction = {value}'),
+                        "data.val_fraction: must be in [0, 1)")
+    assert "[train]" not in err
+
+
+@pytest.mark.parametrize("line, needle", [
+    ("val_fraction = 1.5", "data.val_fraction: must be in [0, 1), got 1.5"),
+    ("val_fraction = nan", "data.val_fraction: must be in [0, 1), got nan"),
+    ("image_size = 0", "data.image_size: must be >= 1, got 0"),
+])
+@pytest.mark.parametrize("command", ["train", "describe"])
+def test_bad_data_settings_in_a_recipe_file_name_the_file_and_the_key(capsys, tmp_path, no_data, command, line,
+                                                                       needle):
+    # were refused later as a bare "val_fraction: ..." (read as the --val-fraction flag) or "image_size must be ..."
+    path = tmp_path / "recipe.toml"
+    path.write_text(f'[arch]\nwidth = 1.0\nhead_hidden = [32]\n[data]\ndataset = "digits"\n{line}\n')
+    one_line_error(capsys, [command, str(path)], f"{path}: {needle}")
+
+
 def tiny_arch_table() -> str:
     from dpnas.dp.recipe_file import _table
 
@@ -386,6 +452,26 @@ def test_a_recipe_whose_fixed_noise_misses_the_budget_asked_for_is_refused(capsy
     path.write_text(tiny_arch_table() + RECIPE_WITH_FIXED_NOISE.format(sigma=3.0, val_noise=2.0))
     assert validation_epsilon(2.0, 40, 1e-5) > 6.0 >= validation_epsilon(2.0, 1, 1e-5)
     one_line_error(capsys, ["train", str(path), "--quiet", *flags], needle)
+
+
+@pytest.mark.parametrize("flags", [["--no-dp"], ["--set", "epsilon=inf"]])
+def test_a_search_recipe_trained_without_dp_has_exact_scores_and_claims_no_epsilon(capsys, tmp_path, flags):
+    """--no-dp kept a search recipe's fixed val_noise: the scores of a non-private run were blurred and its last
+    line gave an epsilon "for the validation records" next to "non-private"."""
+    import json
+
+    path = tmp_path / "best.toml"
+    path.write_text(tiny_arch_table() + RECIPE_WITH_FIXED_NOISE.format(sigma=3.0, val_noise=2.0))
+    out = tmp_path / "r.json"
+    assert main(["train", str(path), "--quiet", "--out", str(out), *flags]) == 0
+    printed = capsys.readouterr().out
+    assert "(exact), test accuracy" in printed and "non-private" in printed, printed
+    assert "epsilon" not in printed and "noisy" not in printed, printed
+    result = json.loads(out.read_text())
+    assert result["private"] is False and result["val_noise"] == 0 and result["validation_epsilon"] is None
+    # an explicit validation noise is still the user's to ask for
+    assert main(["train", str(path), "--quiet", "--out", str(out), *flags, "--set", "val_noise=2.0"]) == 0
+    assert json.loads(out.read_text())["val_noise"] == 2.0
 
 
 def test_a_recipe_file_with_some_sections_keeps_them(capsys, tmp_path):

@@ -103,7 +103,7 @@ def _question(study: optuna.Study) -> str:
     items = [("data", ", ".join(f"{k} = {v}" for k, v in data.items())),
              ("privacy budget", f"{budget_words(study)}, δ = {attrs.get('delta')}"),
              ("trials", f"{_trial_count(study, attrs)}, sampler {attrs.get('sampler')}, pruner {attrs.get('pruner')}"),
-             ("objectives", ", ".join(attrs.get("objectives") or study.metric_names or ["value"])),
+             ("objectives", ", ".join(attrs.get("objectives") or objective_names(study))),
              ("base", ", ".join(f"{part}: {spec[part].get('base') or spec[part].get('recipe')}"
                                 for part in ("arch", "train") if isinstance(spec.get(part), dict)
                                 and (spec[part].get("base") or spec[part].get("recipe"))) or "?")]
@@ -156,11 +156,18 @@ def _privacy(study: optuna.Study) -> str:
             "<ul>" + "".join(f"<li>{esc(line.strip())}</li>" for line in rest) + "</ul>")
 
 
+def objective_names(study: optuna.Study) -> list[str]:
+    """One name per objective: a study that named none (not written by dpnas) gets one per direction, so a
+    second objective's values are not shown under the next column's header."""
+    count = len(study.directions)
+    return study.metric_names or (["value"] if count == 1 else [f"objective {i}" for i in range(count)])
+
+
 def _best(study: optuna.Study, storage_url: str | None, where: str | None, artifacts: str | None) -> str:
     trials = best_trials(study)
     if not trials:
         return "<h2>Best recipe</h2><p>No completed trial yet.</p>"
-    names = study.metric_names or ["value"]
+    names = objective_names(study)
     parts = ["<h2>Best recipe" + (" (Pareto set)" if len(trials) > 1 else "") + "</h2>"]
     for trial in trials:
         values = ", ".join(f"{n} = {v:.4f}" for n, v in zip(names, trial.values))
@@ -197,13 +204,14 @@ def _weights_line(study: optuna.Study, trial: Any, location: str | None, where: 
 
 def _trials(study: optuna.Study, frame: pd.DataFrame) -> str:
     searched = list(frame.attrs.get("searched", []))
-    names = study.metric_names or ["value"]
+    names = objective_names(study)
     by_number = frame.set_index("number") if not frame.empty else frame
     # an objective "params" (accuracy against size) is the parameter count: its column, not a second one
     counts = [] if "params" in names else ["params"]
     columns = ["trial", "state", *searched, *names, "ε spent", *counts, "seconds", "failure reason"]
-    rows, classes = [], []
+    rows, classes, repeats = [], [], 0
     for t in study.get_trials(deepcopy=False):
+        repeats += t.state == TrialState.FAIL and "duplicate_of" in t.user_attrs  # skipped, never trained
         row = by_number.loc[t.number] if t.number in by_number.index else {}
         values = list(t.values) if t.values else [None] * len(names)
         reason = t.user_attrs.get("failure_reason") or t.user_attrs.get("pruned_reason")
@@ -214,7 +222,10 @@ def _trials(study: optuna.Study, frame: pd.DataFrame) -> str:
                      _cell(row.get("epsilon_spent")), *(_cell(row.get(c)) for c in counts),
                      _cell(row.get("wall_seconds")), reason])
         classes.append(f"state-{t.state.name}")
-    return (f"<h2>Trials</h2>\n<p class=\"sub\">{len(rows)} trials; click a column's header to sort by it.</p>\n"
+    skipped = (f" ({repeats} of them repeated proposals of a point already trained: recorded as FAIL, not trained, "
+               "no ε spent)" if repeats else "")
+    return (f"<h2>Trials</h2>\n<p class=\"sub\">{len(rows)} trials{esc(skipped)}; click a column's header to sort "
+            "by it.</p>\n"
             + sortable_table(columns, rows, row_classes=classes))
 
 

@@ -385,7 +385,7 @@ class ArchConfig:
 def read_config_document(path: Path) -> Any:
     """A .json or .toml config file's contents; every way it can fail is a ConfigError naming the file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is dropped, not a parse error
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not a text file (not UTF-8)") from err
     except OSError as err:

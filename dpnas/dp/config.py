@@ -58,6 +58,9 @@ class _FromDict:
 # say nothing.
 MAX_FINITE_EPSILON = 1e6
 MAX_VAL_NOISE = 1e9
+# Opacus's RDP analysis squares the noise multiplier (an OverflowError past ~1e154); sigma = 1e6 times the clip norm
+# already drowns every gradient.
+MAX_NOISE_MULTIPLIER = 1e6
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,9 @@ class PrivacyConfig(_FromDict):
         elif not 0 <= self.val_noise <= MAX_VAL_NOISE:
             raise ConfigError(f"val_noise: must be a number from 0 (exact scores) to {MAX_VAL_NOISE:g}, got "
                               f"{self.val_noise!r}")
-        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
-            raise ConfigError(f"noise_multiplier: must be >= 0 (0 = calibrated from epsilon), got {self.noise_multiplier!r}")
+        if not 0 <= self.noise_multiplier <= MAX_NOISE_MULTIPLIER:  # NaN fails both comparisons
+            raise ConfigError(f"noise_multiplier: must be from 0 (0 = calibrated from epsilon) to "
+                              f"{MAX_NOISE_MULTIPLIER:g}, got {self.noise_multiplier!r}")
 
     @property
     def private(self) -> bool:

@@ -93,7 +93,7 @@ def plan_privacy(
     if batch_size > dataset_size:
         raise ConfigError(
             f"batch_size: {batch_size} is larger than the {dataset_size} training samples; "
-            "Poisson sampling needs a sample rate below 1"
+            "Poisson sampling needs a sample rate of at most 1"
         )
     check_budget(privacy, dataset_size=dataset_size)
     sample_rate = batch_size / dataset_size
@@ -218,16 +218,23 @@ def _calibrate(privacy: PrivacyConfig, *, sample_rate: float, steps: int) -> flo
 # answer per worker process is enough.  Cached values are the exact values, not approximations.
 @functools.lru_cache(maxsize=256)
 def _noise_multiplier(epsilon: float, delta: float, accountant: str, sample_rate: float, steps: int) -> float:
-    return get_noise_multiplier(
-        target_epsilon=epsilon,
-        target_delta=delta,
-        sample_rate=sample_rate,
-        steps=steps,
-        accountant=accountant,
-        # the binary search stops within this distance below the target: keep it under 0.5 %
-        epsilon_tolerance=min(0.01, 0.005 * epsilon),
-        **_accountant_options(accountant),
-    )
+    with _prv_full_batch():
+        return get_noise_multiplier(
+            target_epsilon=epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+            # the binary search stops within this distance below the target: keep it under 0.5 %
+            epsilon_tolerance=min(0.01, 0.005 * epsilon),
+            **_accountant_options(accountant),
+        )
+
+
+def _prv_full_batch() -> np.errstate:
+    """Opacus's PRV density compares against log(1 - q), which is -inf at q = 1 (a batch of the whole split): the
+    comparison is then right (every t is above it), but NumPy would print "divide by zero encountered in log"."""
+    return np.errstate(divide="ignore")
 
 
 # (σ, q) -> Opacus's one-step RDP curve at ORDERS, read-only (shared by every caller)
@@ -286,7 +293,8 @@ def _epsilon_of_history(mechanism: str, history: tuple[tuple[float, float, int],
         return float(get_privacy_spent(orders=_accountant_options("rdp")["alphas"], rdp=rdp, delta=delta)[0])
     accountant = create_accountant(mechanism)
     accountant.history = list(history)
-    return float(accountant.get_epsilon(delta=delta, **_accountant_options(mechanism)))
+    with _prv_full_batch():
+        return float(accountant.get_epsilon(delta=delta, **_accountant_options(mechanism)))
 
 
 def make_accountant(privacy: PrivacyConfig) -> IAccountant:

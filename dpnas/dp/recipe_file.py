@@ -1,6 +1,7 @@
 """Recipe files: everything needed to train one architecture again, in one TOML file.
 
     # provenance comments (study, trial, objective values, epsilon spent, dpnas version)
+    # (a proxy trial's run, `dpnas best` of a [fidelity] study: proxy_epsilon_spent, not this file's)
     [arch]        every ArchConfig field
     [train]       every TrainConfig field
     [privacy]     every PrivacyConfig field
@@ -189,13 +190,28 @@ def _data_settings(path: Path, table: Any) -> DataSettings:
             raise ConfigError(f"{path}: data.{key}: unknown key; allowed: {', '.join(DATA_KEYS)}")
         if isinstance(value, bool) or not isinstance(value, DATA_KEYS[key]):
             raise ConfigError(f"{path}: data.{key}: unexpected value {value!r}")
-    if table.get("dataset", "digits") not in DATASETS:
+    dataset = table.get("dataset", "digits")
+    if dataset not in DATASETS:
         raise ConfigError(f"{path}: data.dataset: unknown dataset {table['dataset']!r}; expected one of: "
                           f"{', '.join(DATASETS)}")
+    data_dir = table.get("data_dir")
+    if data_dir is not None and not data_dir.strip():  # Path("") is the current directory: CIFAR-10 would go there
+        raise ConfigError(f"{path}: data.data_dir: must not be empty; leave it out for the default cache")
+    if data_dir is not None and dataset in ("digits", "synthetic"):  # as --data-dir: it would be silently unused
+        raise ConfigError(f"{path}: data.data_dir: {dataset} needs no files (bundled with scikit-learn, or "
+                          "generated); data_dir is for cifar10 and imagenette: remove it")
     try:
         check_seed("split_seed", table.get("split_seed", 0))
     except ConfigError as err:
         raise ConfigError(f"{path}: data.{err}") from None
+    # Checked here, naming the file and the key: otherwise TrainConfig or the data loader refuses them later
+    # as a bare "val_fraction: ..." that reads like the --val-fraction flag.
+    val_fraction = table.get("val_fraction", 0.2)
+    if not 0 <= val_fraction < 1:  # NaN fails the comparison too
+        raise ConfigError(f"{path}: data.val_fraction: must be in [0, 1), got {val_fraction}")
+    for key, minimum in (("image_size", 1), ("synthetic_size", 2)):
+        if key in table and table[key] < minimum:
+            raise ConfigError(f"{path}: data.{key}: must be >= {minimum}, got {table[key]}")
     return DataSettings(**{**table, "val_fraction": float(table.get("val_fraction", 0.2))})
 
 
@@ -215,6 +231,13 @@ def load_recipe_file(path: str | Path) -> RecipeFile:
         extra = sorted(k for k in document if k not in SECTIONS and k != "note")
         if extra:
             raise ConfigError(f"{path}: unknown section(s) {', '.join(extra)}; a recipe file has: {', '.join(SECTIONS)}")
+        train, data = document.get("train"), document.get("data")
+        if isinstance(train, dict) and isinstance(data, dict) and "val_fraction" in train and "val_fraction" in data \
+                and train["val_fraction"] != data["val_fraction"]:
+            # the run splits the data by [data] (the recorded split), so [train]'s value would be silently unused
+            raise ConfigError(f"{path}: train.val_fraction: {train['val_fraction']!r} differs from [data] "
+                              f"val_fraction = {data['val_fraction']!r} (the split the run uses); make them equal, "
+                              "or use --val-fraction for another split")
         return RecipeFile(
             arch=_section(path, "arch", ArchConfig, document["arch"]),
             train=_section(path, "train", TrainConfig, document["train"]) if "train" in document else None,

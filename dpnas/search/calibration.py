@@ -199,8 +199,11 @@ def _calibrate(total_epsilon: float, delta: float, mode: str, runs: int | None, 
     if mode == "fixed" and not (runs and runs >= 1):
         raise ConfigError("total_epsilon with a fixed number of trials needs n_trials >= 1")
     for batch_size, _ in shapes:
-        if batch_size >= train_size:
-            raise ConfigError(f"batch_size: {batch_size} is not below the {train_size} training samples")
+        # The same rule as plan_privacy, which trains the run: q = B / n = 1 is Poisson sampling that takes every
+        # record (the plain Gaussian mechanism, which Opacus's accountants account for); only q > 1 is no rate.
+        if batch_size > train_size:
+            raise ConfigError(f"batch_size: {batch_size} is larger than the {train_size} training samples; "
+                              "Poisson sampling needs a sample rate of at most 1")
     bound = dict(mode=mode, runs=runs, mu=mu, eta=eta, gamma=gamma, delta=delta)
 
     def curve(batch_size: int, epochs: int, sigma: float) -> np.ndarray:

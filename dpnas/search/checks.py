@@ -18,7 +18,7 @@ from optuna.distributions import CategoricalDistribution, check_distribution_com
 
 from dpnas.arch.models import check_image_size
 from dpnas.arch.space import ConfigError
-from dpnas.data.datasets import DatasetSplits
+from dpnas.data.datasets import DEFAULT_IMAGE_SIZE, DatasetSplits
 from dpnas.dp.memory import check_training_fits
 from dpnas.dp.preflight import preflight
 from dpnas.dp.privacy import check_budget, plan_privacy
@@ -185,7 +185,9 @@ def _largest_batch(spec: StudySpec) -> int:
 
 def first_point(spec: StudySpec, image_size: int | None = None):
     """The first valid point a sampler would propose, drawn in a throwaway in-memory study (with `image_size`, one
-    whose downsamplings that size can take: the others are pruned before they touch data, like invalid points)."""
+    whose downsamplings that size and the exported recipe's ([data] image_size) can take: the others are pruned
+    before they touch data, like invalid points)."""
+    target_size = spec.image_size or DEFAULT_IMAGE_SIZE[spec.dataset]
     # NumPy's generators take seeds below 2**32; a study's seed may be any up to 2**63 - 1
     scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=spec.seed % 2**32),
                                   directions=spec.directions)
@@ -195,6 +197,8 @@ def first_point(spec: StudySpec, image_size: int | None = None):
             configs = suggest(scratch.ask(), spec)
             if image_size is not None:
                 check_image_size(configs[0], image_size)
+                if target_size != image_size:  # a search at another resolution ([fidelity]), as runner._propose
+                    check_image_size(configs[0], target_size)
             return configs
         except ConfigError as err:
             last = err
@@ -232,7 +236,7 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
         subset = (f" (the search's [fidelity] data_fraction {spec.fidelity.data_fraction:g} of "
                   f"{data.full_train_size})" if data.full_train_size is not None else "")
         raise ConfigError(f"batch_size: {largest} is larger than the {len(data.train)} training records the "
-                          f"trials train on{subset}; Poisson sampling needs a sample rate below 1: search smaller "
+                          f"trials train on{subset}; Poisson sampling needs a sample rate of at most 1: search smaller "
                           "batch sizes" + (" or a larger data_fraction" if subset else ""))
     calibration = None
     if spec.total_epsilon is not None:
@@ -254,11 +258,12 @@ def check_study(spec: StudySpec, *, device: str | None = None, n_trials: int | N
     check_target(spec, train_cfg, privacy, train_size=data.full_train_size or len(data.train))
     scaled = search_trial(spec, train_cfg, privacy, calibration=calibration, train_size=len(data.train))
     train_cfg, privacy = scaled.train, scaled.privacy
+    # the trial as it will train: a fixed noise multiplier that overspends epsilon, steps no noise can pay for, a
+    # batch too large for a data_fraction's subset, or a TAN target whose noise no epsilon reaches, is refused
+    # here, before the first trial takes a slot (each trial used to fail on it after taking one)
+    plan_privacy(privacy, dataset_size=len(data.train), batch_size=train_cfg.batch_size,
+                 epochs=train_cfg.epochs, steps=scaled.steps, releases=scaled.validations)
     if spec.fidelity.active:
-        # the trial as it will train: a batch too large for a data_fraction's subset, or a TAN target whose
-        # noise no epsilon reaches, is refused here, before the first trial takes a slot
-        plan_privacy(privacy, dataset_size=len(data.train), batch_size=train_cfg.batch_size,
-                     epochs=train_cfg.epochs, steps=scaled.steps, releases=scaled.validations)
         lines.append(f"fidelity: the search trains at {spec.fidelity.describe()}; `dpnas best` exports the target")
     check_training_fits(arch, train_cfg, dataset=spec.dataset, image_size=data.image_size, device=parsed,
                         synthetic_size=spec.synthetic_size)

@@ -23,8 +23,10 @@
 
 They change how the search's trials train, never the recipe it exports: ``dpnas best`` writes each point at the
 *target* fidelity (the study file's [train], [privacy] and [data]), so ``dpnas train`` of the winner runs the real
-thing, and that run spends its own ε. A point whose target `dpnas train` would refuse (a fixed noise multiplier
-that meets ε over the search's fewer epochs, not over the target's) is refused before it touches the data.
+thing, and that run spends its own ε: the per-run ε the search gave the point (a total-ε study's file holds the
+whole total, which is the search's; :func:`exported_privacy`). A point whose target `dpnas train` would refuse (a
+fixed noise multiplier that meets ε over the search's fewer epochs, not over the target's) is refused before it
+touches the data.
 """
 
 from __future__ import annotations
@@ -251,3 +253,18 @@ def search_trial(spec, train_cfg: TrainConfig, privacy: PrivacyConfig, *, calibr
     if not spec.fidelity.active:
         return TrialFidelity(train_cfg, privacy, None, None, {})
     return trial_fidelity(spec, train_cfg, privacy, train_size=train_size, full_train_size=full_train_size)
+
+
+def exported_privacy(spec, train_cfg: TrainConfig, privacy: PrivacyConfig, *, calibration: Any) -> PrivacyConfig:
+    """The privacy of the point at the target fidelity (what `dpnas best` exports for a proxy trial), from the
+    point's own `privacy` (the study file's, searched fields set) and `train_cfg` (at the target's epochs).
+
+    A per-run study's is the point's own. A total-ε study's file holds the whole total as its epsilon, a placeholder
+    never trained at: exported as it was, the recipe's run alone spent the whole total again on the records the
+    search had spent it on. Its target is the point at the per-run ε its trial was given (its shape's at the search's
+    epochs, before any TAN scaling, as the trial's recorded target_epsilon), the noise derived afresh for the
+    target's epochs and records; another budget (the whole total for a final model, say) is `dpnas train --epsilon`.
+    """
+    if calibration is None or not privacy.private:
+        return privacy
+    return privacy.replace(epsilon=calibration.privacy_for(privacy, search_train(spec, train_cfg)).epsilon)

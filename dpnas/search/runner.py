@@ -45,7 +45,7 @@ from dpnas.dp.privacy import PrivacyPlan
 from dpnas.dp.train import DivergedError, check_device, train
 from dpnas.search.calibration import Calibration
 from dpnas.search.checks import check_study, refuse_ablation_trial_count
-from dpnas.search.fidelity import check_target, load_search_data, search_trial
+from dpnas.search.fidelity import check_target, exported_privacy, load_search_data, search_trial
 from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
 from dpnas.search.storage import (
@@ -193,7 +193,7 @@ def run_worker(
     prefix = f"[worker {worker_index}] " if worker_index else ""
     try:
         while timeout is None or time.monotonic() - started < timeout:
-            with trial_slot_lock(storage, storage_url):
+            with trial_slot_lock(storage, storage_url) as slot:
                 check_unchanged(study, spec)
                 _recover_orphans(study, spec, slot_locked=slot_locked)
                 fail_stale_trials(study)
@@ -243,6 +243,9 @@ def run_worker(
                             break
                         continue
                     consecutive_repeats = 0
+                    if not slot.held():  # lost on the way (a server's session ended): the budget read may be stale
+                        _give_back(study, trial)
+                        continue
             if trial is None:
                 if running and is_heartbeat_enabled(storage):
                     # a trial elsewhere may be stale: wait for its heartbeat to lapse, then retry it here. Looked
@@ -264,6 +267,18 @@ def run_worker(
     except KeyboardInterrupt:
         report.interrupted = True
     return report
+
+
+def _give_back(study: optuna.Study, trial: Trial) -> None:
+    """Give back, untrained, a trial taken under a slot lock that turned out lost (its server session ended: a
+    restart, a killed backend): another worker may have taken the lock meanwhile, and on a budget read before this
+    trial existed, the last slot (or this trial's point) too. It has not touched the data: failed and queued again,
+    as an interrupted trial is, it costs no slot and no epsilon, and the slots are looked at again under the lock."""
+    with interrupts_held():  # a Ctrl-C between the FAIL and its retry would leave a failed trial holding a slot
+        trial.set_user_attr("failure_reason", "the trial-slot lock was lost (a server restart or a closed session) "
+                                              "before the trial trained; queued again")
+        study.tell(trial, state=TrialState.FAIL)
+        RetryHeartbeatStaleTrialCallback(max_retry=None)(study, study._storage.get_trial(trial._trial_id))
 
 
 def _weights_store(study: optuna.Study, spec: StudySpec, storage_url: str, artifacts: str | None):
@@ -310,7 +325,8 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
             trial.set_user_attr("target_train_config", target_train.to_dict())
             # Validations alone train the target itself: it stands for the run it trained, at its (calibrated)
             # noise, its validation noise derived again for the recipe's one release per epoch.
-            stands_for = target_privacy if spec.fidelity.trains_proxy else dataclasses.replace(privacy, val_noise="auto")
+            stands_for = (exported_privacy(spec, target_train, target_privacy, calibration=calibration)
+                          if spec.fidelity.trains_proxy else dataclasses.replace(privacy, val_noise="auto"))
             trial.set_user_attr("target_privacy_config", stands_for.to_dict())
             trial.set_user_attr("target_data", settings.to_dict())
             settings = dataclasses.replace(settings, image_size=data.image_size)

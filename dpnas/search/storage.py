@@ -360,33 +360,85 @@ def _dpnas_file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class SlotLock:
+    """What :func:`trial_slot_lock` gives the block it guards: a file lock (or none) is held until the block ends."""
+
+    def held(self) -> bool:
+        return True
+
+
+class _AdvisorySlotLock(SlotLock):
+    """A PostgreSQL advisory lock, which lives in one server session: a server restart or a killed backend
+    (``pg_terminate_backend``) ends the session and the lock with it, while the block still runs on the storage's
+    other connections and never hears of it."""
+
+    def __init__(self, connection: sqlalchemy.engine.Connection):
+        self.connection = connection
+
+    def held(self) -> bool:
+        """Whether this session still holds the lock, so it has held it since it was taken: a session that lost it
+        ended, and nothing in this one takes it again."""
+        try:
+            return bool(self.connection.exec_driver_sql(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted AND "
+                f"pid = pg_backend_pid() AND classid = '{_SLOT_LOCK_KEY >> 32}'::oid AND "
+                f"objid = '{_SLOT_LOCK_KEY & 0xFFFFFFFF}'::oid AND objsubid = 1)").scalar())
+        except sqlalchemy.exc.DBAPIError as err:
+            if not err.connection_invalidated:
+                raise
+            return False  # the session is gone, and the lock with it
+
+
 @contextlib.contextmanager
-def trial_slot_lock(storage: BaseStorage, url: str) -> Iterator[None]:
+def trial_slot_lock(storage: BaseStorage, url: str) -> Iterator[SlotLock]:
     """Serialise "is there budget left? then take a trial" across all workers of a study.
 
     A file lock for journal and SQLite storages (workers on one host), a PostgreSQL advisory lock
     for a server (workers anywhere); MySQL gets none, and may overshoot by a trial or two.
+
+    The block gets a :class:`SlotLock`: a server's lock can be lost while the block runs (its session ended: a
+    restart, a killed backend), and a block whose work must not outlive it (a trial about to touch the data) asks
+    `held()` once that work is recorded, before it acts on it.
     """
     kind = storage_kind(url)
     if kind in ("journal", "sqlite"):
         with _dpnas_file_lock(storage_file(url)):
-            yield
+            yield SlotLock()
         return
     storage = _rdb_backend(storage)
     if isinstance(storage, RDBStorage) and storage.engine.dialect.name == "postgresql":
-        with storage.engine.connect() as connection:
-            connection.exec_driver_sql(f"SELECT pg_advisory_lock({_SLOT_LOCK_KEY})")
+        with _advisory_lock_session(storage.engine) as connection:
             try:
-                yield
+                yield _AdvisorySlotLock(connection)
             finally:
                 try:
-                    connection.exec_driver_sql(f"SELECT pg_advisory_unlock({_SLOT_LOCK_KEY})")
+                    if not connection.invalidated:  # found closed by `held()`: the lock went with the session
+                        connection.exec_driver_sql(f"SELECT pg_advisory_unlock({_SLOT_LOCK_KEY})")
                 except sqlalchemy.exc.DBAPIError as err:
                     if not err.connection_invalidated:
                         raise
                     # the server closed the session (a restart), and the lock with it
         return
-    yield
+    yield SlotLock()
+
+
+def _advisory_lock_session(engine: sqlalchemy.engine.Engine) -> sqlalchemy.engine.Connection:
+    """A connection whose session has taken the slot lock. A wait for it that a lost connection cuts off (a server
+    restart: the wait, and any lock it got, end with the session) is tried again on a new one, until the server has
+    been gone for `SERVER_PATIENCE_S`. A worker waiting there failed ("server closed the connection"); at a trial's
+    end (recording a trial that finished training) that would leave the trial running, to be trained again."""
+    deadline = time.monotonic() + SERVER_PATIENCE_S
+    while True:
+        connection = engine.connect()
+        try:
+            connection.exec_driver_sql(f"SELECT pg_advisory_lock({_SLOT_LOCK_KEY})")
+            return connection
+        except BaseException as err:  # Ctrl-C during the wait too: the connection goes back to the pool
+            connection.close()
+            lost = isinstance(err, sqlalchemy.exc.DBAPIError) and err.connection_invalidated
+            if not lost or time.monotonic() >= deadline:
+                raise
+        time.sleep(HEARTBEAT_RETRY_S)
 
 
 def journal_damage(storage: BaseStorage) -> Damage | None:

@@ -197,7 +197,9 @@ def _choice(path: Path, key: str, value: Any, allowed: tuple[str, ...] | dict) -
 def load_study_file(path: str | Path) -> StudySpec:
     path = Path(path)
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: Windows editors (Notepad) start a UTF-8 file with a byte-order mark, which TOML's parser
+        # refuses as "Invalid statement (at line 1, column 1)"; the mark carries no content, so it is dropped.
+        document = tomllib.loads(path.read_text(encoding="utf-8-sig"))
     except UnicodeDecodeError as err:
         raise StudyFileError(f"{path}: not a text file (not UTF-8: byte {err.start} cannot be decoded); a study "
                              "file is TOML, which is UTF-8") from err
@@ -317,6 +319,8 @@ def load_study_file(path: str | Path) -> StudySpec:
     except DataError as err:
         raise _fail(path, "data.image_size", str(err).removeprefix(f"image_size {image_size}: ")) from None
     data_dir = data.get("data_dir")
+    if data_dir is not None and not data_dir.strip():  # Path("") is the current directory: CIFAR-10 would go there
+        raise _fail(path, "data.data_dir", "must not be empty; leave it out for the default cache")
     if data_dir is not None and dataset in ("digits", "synthetic"):
         raise _fail(path, "data.data_dir", f"{dataset} needs no files (bundled with scikit-learn, or generated); "
                                            "data_dir is for cifar10 and imagenette: remove it")
@@ -324,6 +328,11 @@ def load_study_file(path: str | Path) -> StudySpec:
         raise _fail(path, "data.data_dir", f"{data_dir!r} is not a directory; create it (to download CIFAR-10 into "
                                            "it) or point it at the dataset's folder, or leave it out for the "
                                            "default cache")
+    val_fraction = data.get("val_fraction")
+    # Checked here, not only when [train] is built from it below, so the message names the key the user wrote.
+    if val_fraction is not None and not 0 <= val_fraction < 1:  # NaN fails the comparison too
+        raise _fail(path, "data.val_fraction", f"must be in [0, 1) (the share of the training set held out for "
+                                               f"validation; 0.2 is customary), got {val_fraction}")
 
     train_table = dict(document.get("train", {}))
     recipe_name = train_table.pop("recipe", DEFAULT_RECIPE)

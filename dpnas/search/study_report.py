@@ -25,8 +25,10 @@ from dpnas.search.study_privacy import StudyPrivacy, study_privacy
 from dpnas.search.weights import fetch_weights, open_store, study_location, trial_location, weights_available
 
 
-def resolve_study(study_or_storage: str, study_name: str | None = None) -> tuple[optuna.Study, str]:
-    """A study file (its default storage and name) or a storage URL (with --study-name, or its only study)."""
+def resolve_study(study_or_storage: str, study_name: str | None = None, *,
+                  flag: str = "--study-name") -> tuple[optuna.Study, str]:
+    """A study file (its default storage and name) or a storage URL (with --study-name, or its only study);
+    `flag`: the option that names it (`plot --companion` has its own)."""
     if study_or_storage.endswith(".toml"):
         spec = load_study_file(study_or_storage)
         url, name = spec.default_storage(), study_name or spec.name
@@ -36,7 +38,7 @@ def resolve_study(study_or_storage: str, study_name: str | None = None) -> tuple
     names = list_study_names(storage)
     if name is None:
         if len(names) != 1:
-            raise ConfigError(f"{display_url(url)}: holds {len(names)} studies ({', '.join(names) or 'none'}); choose one with --study-name")
+            raise ConfigError(f"{display_url(url)}: holds {len(names)} studies ({', '.join(names) or 'none'}); choose one with {flag}")
         name = names[0]
     if name not in names:
         raise ConfigError(f"{display_url(url)}: no study named {name!r}; it holds: {', '.join(names) or 'none'}")
@@ -60,19 +62,30 @@ def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> RecipeFile:
     attrs = trial.user_attrs
     target = "target_train_config" in attrs
     prefix = "target_" if target else ""
+    searched_at = attrs.get("fidelity") or {}
+    proxy = target and Fidelity.from_record(searched_at).trains_proxy
     objectives = dict(zip(study.metric_names or ["value"], trial.values or []))
     provenance = {"study": study.study_name, "trial": trial.number, "objectives": objectives,
-                  "epsilon_spent": attrs.get("epsilon_spent"), "delta": (attrs.get("privacy_config") or {}).get("delta"),
+                  # a proxy trial's run is not this file's (a TAN one's ε is larger than its target's): named so
+                  "proxy_epsilon_spent" if proxy else "epsilon_spent": attrs.get("epsilon_spent"),
+                  "delta": (attrs.get("privacy_config") or {}).get("delta"),
                   "dpnas_version": study.user_attrs.get("dpnas_version"),
                   "searched_at": attrs.get("fidelity") if target else None,
                   # a public-proxy search spent no private budget: `dpnas train` of the winner says so
                   "searched_on_public_data": study.user_attrs.get("dataset") if study.user_attrs.get("public_data")
                   else None}
+    privacy = (PrivacyConfig.from_dict(attrs[f"{prefix}privacy_config"]) if f"{prefix}privacy_config" in attrs
+               else None)
+    total = study.user_attrs.get("total_epsilon")
+    if proxy and total and privacy is not None and privacy.epsilon == total and privacy.noise_multiplier == 0:
+        # recorded before the target kept its per-run ε (fidelity.exported_privacy): the file's placeholder, the
+        # whole total; the per-run ε its trial was given is its TAN target's, else its run's ceiling
+        given = searched_at.get("target_epsilon", (attrs.get("privacy_config") or {}).get("epsilon"))
+        privacy = privacy.replace(epsilon=given) if isinstance(given, float) else privacy
     return RecipeFile(
         arch=trial_arch(trial),
         train=TrainConfig.from_dict(attrs[f"{prefix}train_config"]) if f"{prefix}train_config" in attrs else None,
-        privacy=(PrivacyConfig.from_dict(attrs[f"{prefix}privacy_config"]) if f"{prefix}privacy_config" in attrs
-                 else None),
+        privacy=privacy,
         data=DataSettings(**attrs[f"{prefix}data"]) if f"{prefix}data" in attrs else None,
         provenance={k: v for k, v in provenance.items() if v is not None},
     )
@@ -94,16 +107,25 @@ def export_best(study: optuna.Study, out: Path, *, search: dict[str, Any] | None
         recipe = trial_recipe(study, trial)
         recipe.provenance.update(search)
         what = "recipe" if recipe.complete else "architecture"
+        searched_at = Fidelity.from_record(recipe.provenance.get("searched_at") or {})
+        proxy = "proxy_epsilon_spent" in recipe.provenance
         header = (f"dpnas: best {what} of study {study.study_name!r}, trial {trial.number}\n"
                   f"validation objectives {recipe.provenance.get('objectives')}, "
-                  f"epsilon spent {trial.user_attrs.get('epsilon_spent')} by this run; "
+                  f"epsilon spent {trial.user_attrs.get('epsilon_spent')} by "
+                  f"{'its search trial (the proxy run below)' if proxy else 'this run'}; "
                   f"{search_words(search)}, written by dpnas {recipe.provenance.get('dpnas_version', '?')}\n"
-                  f"`dpnas train FILE` trains it again ({_what_a_retrain_is(recipe)}).")
-        searched_at = Fidelity.from_record(recipe.provenance.get("searched_at") or {})
-        if searched_at.trains_proxy:
+                  f"`dpnas train FILE` trains it {'at the target fidelity' if proxy else 'again'} "
+                  f"({_what_a_retrain_is(recipe)}).")
+        if proxy:
+            budget = ""
+            if recipe.privacy is not None and recipe.privacy.private:
+                total = study.user_attrs.get("total_epsilon")
+                budget = (f", at epsilon {recipe.privacy.epsilon:.4g} (delta {recipe.privacy.delta:g}), "
+                          + (f"the per-run budget the search gave it (of its total_epsilon {total:g}, the whole "
+                             "search's; --epsilon trains at another)" if total else "the search's per-run budget"))
             header += ("\nThe search trained a cheaper proxy of this point ([fidelity]: "
-                       f"{searched_at.describe()}); this file is the point at the target "
-                       "fidelity.\nWeights fetched with `dpnas best --weights` are the proxy run's, not this recipe's.")
+                       f"{searched_at.describe()}); this file is the point at the target fidelity{budget}."
+                       "\nWeights fetched with `dpnas best --weights` are the proxy run's, not this recipe's.")
         elif searched_at.active:
             header += (f"\nThe search scored each trial {searched_at.validations} time(s) ([fidelity] validations); "
                        "this file validates every epoch, as its training is the trial's.")
@@ -220,15 +242,22 @@ def study_note(study: optuna.Study, privacy: StudyPrivacy, storage_url: str) -> 
     """A markdown note for optuna-dashboard: budget, the search's privacy cost, the best architecture."""
     attrs = study.user_attrs
     states = {s.name: 0 for s in TrialState}
+    repeats = 0  # proposals of a point already trained: FAIL in the dashboard, though nothing failed
     for t in study.get_trials(deepcopy=False):
         states[t.state.name] += 1
+        repeats += t.state == TrialState.FAIL and "duplicate_of" in t.user_attrs
+    if repeats:
+        states["FAIL"] -= repeats
     lines = [
         f"# dpnas study `{study.study_name}`",
         "",
         f"- **Data**: {attrs.get('dataset')} (selection on the validation split; test accuracy recorded, never used to select).",
         f"- **Budget**: {budget_words(study)}, δ = {attrs.get('delta')}.",
-        f"- **Trials**: {', '.join(f'{k.lower()} {v}' for k, v in states.items() if v)}; sampler {attrs.get('sampler')}, "
-        f"pruner {attrs.get('pruner')}, trial count {attrs.get('trial_count')}.",
+        f"- **Trials**: {', '.join(f'{k.lower()} {v}' for k, v in states.items() if v) or 'none yet'}; sampler "
+        f"{attrs.get('sampler')}, pruner {attrs.get('pruner')}, trial count {attrs.get('trial_count')}.",
+        *([(f"- **Repeated proposals**: {repeats}, shown as FAIL (user attribute `duplicate_of`): the sampler "
+            "proposed a point already trained, so it was skipped, not trained: no privacy budget spent, no slot of "
+            "the budget taken.")] if repeats else []),
         "",
         "## Privacy cost of the search",
         *([f"**{privacy.headline()}.**", ""] if privacy.headline() else []),

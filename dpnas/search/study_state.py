@@ -217,7 +217,9 @@ def _initialise(study: optuna.Study, spec: StudySpec, n_trials: int | None) -> N
         "pruner": spec.pruner,
         "objectives": list(spec.objectives),
         "repeats": spec.repeats,
-        "study_file": spec.path.read_text(),
+        # Decoded as load_study_file parsed it (UTF-8, a byte-order mark dropped), not in the locale's encoding,
+        # so the report and the budget words parse the recorded text again.
+        "study_file": spec.path.read_text(encoding="utf-8-sig"),
         "dpnas_version": _version(),
     }.items():
         study.set_user_attr(key, value)
