@@ -833,6 +833,8 @@ class Reproduce(Command):
     smoothnet (CIFAR-10 or ImageNette at eps 7), resnet9-scalenorm (CIFAR-10 at eps 8, with and without
     ScaleNorm), de-wrn (CIFAR-10 at eps 8).  --quick shrinks data, widths and epochs so it finishes on a CPU in
     about a minute (on the bundled digits when the dataset is not here), and labels the result as not comparable.
+    Ctrl-C (or SIGTERM) stops after the current step; the same command then continues the stopped run as the same
+    run (its finished steps' ε is not spent again) and keeps the runs that had finished.
     """
 
     name = "reproduce"
@@ -850,11 +852,13 @@ class Reproduce(Command):
         parser.add_argument("--quiet", action="store_true")
 
     def run(self, args: argparse.Namespace) -> int:
+        from dpnas.dp.interrupts import terminate_as_interrupt
         from dpnas.reproduce import format_comparison, run_reproduction
 
-        rows = run_reproduction(args.name, dataset=args.dataset, data_dir=args.data_dir, quick=args.quick,
-                                device=args.device, out_dir=Path(args.out_dir), progress=not args.quiet,
-                                download=not args.no_download)
+        with terminate_as_interrupt():  # a cluster's SIGTERM before its SIGKILL: stop after the step, as Ctrl-C
+            rows = run_reproduction(args.name, dataset=args.dataset, data_dir=args.data_dir, quick=args.quick,
+                                    device=args.device, out_dir=Path(args.out_dir), progress=not args.quiet,
+                                    download=not args.no_download)
         print(format_comparison(rows), end="")
         return 130 if any(r["interrupted"] for r in rows) else 0
 

@@ -29,10 +29,15 @@ Quick mode (``quick=True``) is a pipeline check that finishes in minutes on a 2-
 
 Without quick mode the full architecture is trained with the full recipe on the full dataset; a missing
 dataset raises :class:`DatasetUnavailableError` saying how to get it and where to put it.
+
+A stopped reproduction (Ctrl-C, SIGTERM, a killed job) continues when the same call runs again: the runs it
+finished are taken from their results (``out_dir/reproduce-NAME-DATASET[-quick].progress.json`` lists them), and
+the run it stopped resumes from its state (``...-MODEL.resume.pt``, :mod:`dpnas.dp.resume`) as the same run.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass, field, replace
@@ -55,7 +60,8 @@ from dpnas.data.datasets import (
 )
 from dpnas.dp.config import TrainConfig
 from dpnas.dp.recipes import RECIPES, Recipe
-from dpnas.results import check_folder, default_result_path, write_json
+from dpnas.dp.resume import ResumeError, data_fingerprint, load_state, save_state
+from dpnas.results import check_folder, default_result_path, json_safe, write_json
 
 QUICK_LABEL = "QUICK RUN - not comparable to the paper"
 QUICK_EPOCHS = 2
@@ -389,15 +395,34 @@ def run_reproduction(
         log(f"the full recipe ({train_cfg.epochs} epochs on {len(data.splits.train):,} images) takes days on a CPU; "
             "use a GPU, or quick mode for a pipeline check")
 
+    # An interrupted reproduction continues where it stopped when the same command runs again: its finished runs
+    # are taken from their results and its stopped run resumes as the same run. Training either afresh would
+    # spend its budget on the same records a second time.
+    stem = "-".join(part for part in ("reproduce", name, dataset, "quick" if quick else "") if part)
+    ledger = StoppedReproduction(out_dir / f"{stem}.progress.json", fingerprint=data_fingerprint(data.splits))
+    archs = {run.model: quick_arch(run) if quick else MODELS[run.model].arch for run in repro.runs}
+    records = {model: ledger.record(arch, train_cfg, privacy) for model, arch in archs.items()}
+    state_paths = {model: out_dir / f"{stem}-{model}.resume.pt" for model in archs}
+    # every stopped run is checked before any run trains: one that cannot be continued is refused with nothing spent
+    stopped = {model: ledger.stopped_state(state_paths[model], records[model]) for model in archs}
     rows: list[dict[str, Any]] = []
     for run in repro.runs:
-        arch = quick_arch(run) if quick else MODELS[run.model].arch
+        arch, record, state_path = archs[run.model], records[run.model], state_paths[run.model]
+        resume = stopped[run.model]
         trained_label = f"{run.quick_label} (quick stand-in for {run.label})" if quick else run.label
+        finished = ledger.finished_row(run.model, record)
+        if finished is not None:
+            log(f"{trained_label}: trained to its end before this reproduction stopped; its result is "
+                f"{finished['result_path']}")
+            rows.append(finished)
+            continue
         log(f"training {trained_label} on {data.label}: {train_cfg.epochs} epochs, batch {train_cfg.batch_size}, "
-            f"eps {privacy.epsilon:g}, delta {privacy.delta:g}" + (f" [{QUICK_LABEL}]" if quick else ""))
+            f"eps {privacy.epsilon:g}, delta {privacy.delta:g}" + (f" [{QUICK_LABEL}]" if quick else "")
+            + (f"; resuming the stopped run at step {resume['progress']['steps']}" if resume else ""))
         error = None
         try:
-            result = train(arch, data.splits, train_cfg=train_cfg, privacy=privacy, device=device, progress=progress)
+            result = train(arch, data.splits, train_cfg=train_cfg, privacy=privacy, device=device, progress=progress,
+                           resume=resume, keep_state=ledger.keeper(state_path, record))
             check_result_privacy(result)
         except DivergedError as err:
             error = str(err)
@@ -412,9 +437,59 @@ def run_reproduction(
         log(f"result written to {path}")
         rows.append(row)
         if row["interrupted"]:
-            log("interrupted: the remaining runs are skipped")
-            break
+            log(f"interrupted: the remaining runs are skipped; the same command continues this run from "
+                f"{state_path} (the same run: its finished steps are not spent again)")
+            return rows
+        ledger.finish(run.model, record, path)
+        state_path.unlink(missing_ok=True)
+    ledger.path.unlink(missing_ok=True)  # the whole reproduction finished: the same command runs a new one
     return rows
+
+
+class StoppedReproduction:
+    """What an interrupted reproduction leaves for the same command to continue: a ledger of its finished runs
+    (their results) and each stopped run's resume state (:mod:`dpnas.dp.resume`), both tied to the run's
+    settings and the records it trained on."""
+
+    def __init__(self, path: Path, *, fingerprint: str):
+        self.path = path
+        self.fingerprint = fingerprint
+        try:
+            self.finished = json.loads(path.read_text(encoding="utf-8"))["finished"] if path.is_file() else {}
+        except (OSError, ValueError, KeyError, TypeError):
+            self.finished = {}  # damaged: the finished runs are not skipped (their results are still in out_dir)
+
+    def record(self, arch: ArchConfig, train_cfg: TrainConfig, privacy) -> dict[str, Any]:
+        return {"arch": arch.to_dict(), "train_config": train_cfg.to_dict(), "privacy_config": privacy.to_dict(),
+                "data_fingerprint": self.fingerprint}
+
+    def finished_row(self, model: str, record: dict[str, Any]) -> dict[str, Any] | None:
+        entry = self.finished.get(model)
+        if not entry or json_safe(entry.get("record")) != json_safe(record):
+            return None
+        try:
+            return json.loads(Path(entry["result_path"]).read_text(encoding="utf-8"))["reproduction"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def stopped_state(self, state_path: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+        if not state_path.exists():
+            return None
+        state = load_state(state_path)
+        if json_safe(state.get("run")) != json_safe(record):
+            raise ResumeError(f"{state_path} holds a stopped run of this reproduction with other settings or data: "
+                              "run it with the flags it started with to continue it, or remove the file to train "
+                              "afresh (the stopped run's epsilon is spent already)")
+        return state
+
+    def keeper(self, state_path: Path, record: dict[str, Any]):
+        def keep(state: dict[str, Any]) -> None:
+            save_state({**state, "run": record}, state_path)
+        return keep
+
+    def finish(self, model: str, record: dict[str, Any], result_path: Path) -> None:
+        self.finished[model] = {"record": json_safe(record), "result_path": str(result_path)}
+        write_json(self.path, {"finished": self.finished})
 
 
 def _row(repro: Reproduction, run: ReproRun, *, data: _Data, quick: bool, result: dict[str, Any],

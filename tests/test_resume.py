@@ -3,11 +3,13 @@ reproducible run the same model bit for bit; a secret run's batches and noise st
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 import torch
 
 import dpnas.dp.engine as engine_module
+import dpnas.reproduce as reproduce_module
 from dpnas import MODELS
 from dpnas.cli import main
 from dpnas.data.datasets import load_dataset
@@ -27,8 +29,8 @@ def digits():
 
 def recipe(**changes):
     # EMA, a plateau schedule and augmentation: every piece of state a resumed run must carry on
-    base = dict(epochs=3, batch_size=128, physical_batch_size=128, optimizer="nadam", lr=2e-3, ema_decay=0.9,
-                schedule="plateau", plateau_patience=0, augment=True)
+    base = {"epochs": 3, "batch_size": 128, "physical_batch_size": 128, "optimizer": "nadam", "lr": 2e-3,
+            "ema_decay": 0.9, "schedule": "plateau", "plateau_patience": 0, "augment": True}
     return TrainConfig(**{**base, **changes})
 
 
@@ -166,3 +168,39 @@ def test_a_finished_run_leaves_no_resume_state(tmp_path):
                  "--out", str(out), "--quiet"]) == 0
     assert json.loads(out.read_text())["resumed_at_steps"] == []
     assert list(tmp_path.iterdir()) == [out]
+
+
+def test_a_stopped_reproduction_keeps_its_finished_run_and_resumes_the_stopped_one(monkeypatch, tmp_path):
+    from dpnas.reproduce import run_reproduction
+
+    def reproduce(**changes):
+        return run_reproduction("resnet9-scalenorm", quick=True, data_dir=tmp_path / "none", out_dir=tmp_path,
+                                progress=False, device="cpu", **changes)
+
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 8 + 3)  # inside the second run's third step (each quick run takes 8)
+        stopped = reproduce()
+    assert [r["status"] for r in stopped] == ["finished", "interrupted"]
+    state_file = tmp_path / "reproduce-resnet9-scalenorm-cifar10-quick-resnet9.resume.pt"
+    assert state_file.is_file()
+    calls = stop_at_step(monkeypatch, 10**9)
+    # other settings (here: more epochs) are not the run that stopped: refused before any run trains, the state kept
+    with monkeypatch.context() as patch:
+        patch.setattr(reproduce_module, "QUICK_EPOCHS", 3)
+        with pytest.raises(ResumeError, match="other settings or data"):
+            reproduce()
+    assert state_file.is_file() and calls == []
+
+    again = reproduce()
+    assert len(calls) == 8 - 3  # the finished run is not trained again; the stopped one only takes its last steps
+    assert again[0] == stopped[0]
+    assert again[1]["status"] == "finished" and again[1]["epochs"] == 2
+    result = json.loads(Path(again[1]["result_path"]).read_text())
+    assert result["resumed_at_steps"] == [3] and result["steps"] == result["planned_steps"] == 8
+    assert 0.99 * 8 <= result["epsilon_spent"] <= 8
+    assert not state_file.exists()
+    assert not (tmp_path / "reproduce-resnet9-scalenorm-cifar10-quick.progress.json").exists()
+    # finished as a whole: the same command is a new reproduction
+    calls.clear()
+    reproduce()
+    assert len(calls) == 16

@@ -50,7 +50,8 @@ def check_plan(state: dict[str, Any], plan: PrivacyPlan) -> None:
     """Refuse a state whose run was calibrated to another plan: its accountant's history and the steps still to
     take would compose to a guarantee nobody planned (an edited file, another Opacus's calibration)."""
     recorded, now = state["plan"], plan_record(plan)
-    changed = [f"{name} {recorded.get(name)!r} -> {now[name]!r}" for name in PLAN_FIELDS if recorded.get(name) != now[name]]
+    changed = [f"{name} {recorded.get(name)!r} -> {now[name]!r}" for name in PLAN_FIELDS
+               if recorded.get(name) != now[name]]
     if changed:
         raise ResumeError("the resume state's run was planned with other privacy parameters than this one "
                           f"({'; '.join(changed)}): it cannot be continued as the same run")

@@ -338,7 +338,8 @@ def train(
                     correct, val_loss_sum = count_correct(eval_model, data.val, data, batch_size=eval_batch)
                     val_accuracy = noisy_accuracy(correct, len(data.val), plan.val_noise,
                                                   generator=generators["val_noise"])
-                    val_loss = float(val_loss_sum) / len(data.val) if plan.val_noise == 0 and len(data.val) else math.nan
+                    exact = plan.val_noise == 0 and len(data.val)
+                    val_loss = float(val_loss_sum) / len(data.val) if exact else math.nan
                     del correct, val_loss_sum
                     record = {
                         "epoch": epoch,
