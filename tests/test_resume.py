@@ -204,3 +204,19 @@ def test_a_stopped_reproduction_keeps_its_finished_run_and_resumes_the_stopped_o
     calls.clear()
     reproduce()
     assert len(calls) == 16
+
+
+def test_the_resume_state_benchmark_writes_a_row_a_network(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("resume_state", Path(__file__).parents[1] / "benchmarks" /
+                                                  "resume_state.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "resume_state.json"
+    assert module.main(["--repeats", "1", "--dir", str(tmp_path), "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["network"] for r in rows] == list(module.NETWORKS)
+    for row in rows:  # the weights and NAdam's two moments, in float32: at least 12 bytes a parameter
+        assert row["megabytes"] * 1e6 >= 12 * row["params"] and row["median_ms"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resume_state.json"]  # its scratch folder is gone
