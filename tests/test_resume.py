@@ -220,3 +220,84 @@ def test_the_resume_state_benchmark_writes_a_row_a_network(tmp_path):
     for row in rows:  # the weights and NAdam's two moments, in float32: at least 12 bytes a parameter
         assert row["megabytes"] * 1e6 >= 12 * row["params"] and row["median_ms"] > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resume_state.json"]  # its scratch folder is gone
+
+
+def test_a_search_trial_stopped_by_sigterm_is_continued_by_its_retry_and_charged_once(tmp_path, monkeypatch):
+    """A preempted trial's retry trained the point again from the start: a second run on the same records,
+    charged again. Its retry now continues the stopped run (its state in the study's artifact store), under the
+    plan the stopped trial recorded: one run, charged once, and for a reproducible study the very run an
+    uninterrupted search trains."""
+    import optuna
+    from search_helpers import write_study
+
+    from dpnas.search.runner import search
+    from dpnas.search.storage import open_storage
+    from dpnas.search.study_file import load_study_file
+    from dpnas.search.study_privacy import study_privacy
+
+    path = write_study(tmp_path, n_trials=2, sampler="random", epochs=3)
+    path.write_text(path.read_text().replace("[privacy]\n", "[privacy]\nreproducible = true\n")
+                    .replace('val_fraction = 0.2\n', 'val_fraction = 0.2\nimage_size = 16\n'))
+    spec = load_study_file(path)
+    whole_url, stopped_url = str(tmp_path / "whole.journal"), str(tmp_path / "stopped.journal")
+    calls = stop_at_step(monkeypatch, 10**9)
+    whole = search(spec, storage_url=whole_url, progress=False)
+    preflight = 1  # the search's one step before its first trial
+    per_trial = (len(calls) - preflight) // 2  # 3 epochs of round(1152 / 256) steps
+    assert per_trial == 12
+
+    calls = stop_at_step(monkeypatch, preflight + 6, signal.SIGTERM)  # inside the first trial's second epoch
+    with pytest.raises(KeyboardInterrupt):
+        search(spec, storage_url=stopped_url, progress=False)
+    states = list((tmp_path / "stopped.journal.artifacts").glob("dpnas-resume-*"))
+    assert len(states) == 1
+
+    calls = stop_at_step(monkeypatch, 10**9)
+    search(spec, storage_url=stopped_url, progress=False)
+    # the stopped run's last steps, then the second trial
+    assert len(calls) == preflight + (per_trial - 6) + per_trial
+    assert not list((tmp_path / "stopped.journal.artifacts").glob("dpnas-resume-*"))
+
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(stopped_url))
+    stopped, retry = study.trials[0], next(t for t in study.trials if t.system_attrs.get("retry_history") == [0])
+    assert stopped.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.user_attrs["continues_run_of"] == 0 and retry.params == stopped.params
+    # one run for the stopped trial and its retry: the study's guarantee is the uninterrupted search's
+    report, uninterrupted = study_privacy(study), study_privacy(whole)
+    assert report.runs == uninterrupted.runs == 2
+    assert report.epsilon == uninterrupted.epsilon
+    # the same run, bit for bit: the uninterrupted search's first trial, at its point
+    first = whole.trials[0]
+    assert first.params == retry.params and first.values == retry.values
+    assert first.intermediate_values == retry.intermediate_values
+
+
+def test_a_trial_keeps_its_state_when_stopped_and_at_most_every_minute_while_it_trains(tmp_path, digits):
+    """A quickstart trial of a second never pays for a state it will not need; a stopped one always leaves it."""
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from dpnas.search.trial_resume import RunRecord, TrialStateKeeper, forget, stopped_run
+
+    store = FileSystemArtifactStore(str(tmp_path))
+    record = RunRecord({"arch": TINY.to_dict()}, digits)
+    keeper = TrialStateKeeper(store, "state.pt", record)
+    keeper({"stopped": False, "progress": {"steps": 3}})
+    assert stopped_run(store, "state.pt", record) is None  # an epoch's end within the minute: not written
+    keeper({"stopped": True, "progress": {"steps": 4}})
+    assert stopped_run(store, "state.pt", record)["progress"] == {"steps": 4}
+    other = RunRecord({"arch": TINY.replace(activation="relu").to_dict()}, digits)
+    assert stopped_run(store, "state.pt", other) is None  # another point's run is never continued
+    (tmp_path / "state.pt").write_bytes(b"half a file")  # a worker killed while writing it
+    assert stopped_run(store, "state.pt", record) is None
+    TrialStateKeeper(store, "state.pt", record, every_s=0)({"stopped": False, "progress": {"steps": 5}})
+    assert stopped_run(store, "state.pt", record)["progress"] == {"steps": 5}
+    forget(store, "state.pt")
+    forget(store, "state.pt")  # gone already: nothing to do
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_half_written_resume_file_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "run.resume.pt"
+    path.write_bytes(b"half a file")  # torch's reader raises KeyError on these bytes
+    with pytest.raises(ResumeError, match="not a readable dpnas resume state"):
+        load_state(path)

@@ -221,11 +221,11 @@ def train(
     if train_cfg.schedule == "plateau" and plan.val_releases < plan.periods:
         raise ConfigError(f"schedule: plateau reads a validation score every epoch, and this run releases "
                           f"{plan.val_releases} of {plan.periods}; use another schedule")
+    if resume is not None:
+        check_plan(resume, plan)
     if on_plan is not None:
         on_plan(plan)
 
-    if resume is not None:
-        check_plan(resume, plan)
     torch.manual_seed(train_cfg.seed)
     model = build_model(arch, num_classes=data.num_classes, in_channels=data.in_channels, image_size=data.image_size)
     if resume is not None:
@@ -279,8 +279,9 @@ def train(
     per_epoch = steps_per_epoch(plan)
     validated = plan.validated_periods()
 
-    def resume_state() -> dict[str, Any]:
+    def resume_state(*, stopped: bool) -> dict[str, Any]:
         return {
+            "stopped": stopped,  # written as the run stops (a keeper may write the epochs' states less often)
             "plan": plan_record(plan),
             # the epoch in progress: its loss and sample count so far (host syncs only where the state is kept)
             "progress": progress_record(epoch_loss=float(loss_sum), epoch_samples=int(epoch_samples),
@@ -358,16 +359,16 @@ def train(
                 state.epoch, state.epoch_steps = epoch, 0
                 loss_sum.zero_(), epoch_samples.zero_()
                 if keep_state is not None:
-                    keep_state(resume_state())
+                    keep_state(resume_state(stopped=False))
             if record is not None and on_epoch is not None:
                 on_epoch(record)
     except KeyboardInterrupt:
-        if not catch_interrupt:
-            raise
         state.interrupted = True
         if keep_state is not None:
             with interrupts_held():
-                keep_state(resume_state())
+                keep_state(resume_state(stopped=True))
+        if not catch_interrupt:
+            raise
     finally:
         bar.close()
 

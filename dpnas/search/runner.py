@@ -42,6 +42,7 @@ from dpnas.data.datasets import DEFAULT_IMAGE_SIZE, DatasetSplits
 from dpnas.dp.checkpoint import checkpoint_dict
 from dpnas.dp.interrupts import Terminated, interrupts_held, terminate_as_interrupt
 from dpnas.dp.privacy import PrivacyPlan
+from dpnas.dp.resume import ResumeError
 from dpnas.dp.train import DivergedError, check_device, train
 from dpnas.search.calibration import Calibration
 from dpnas.search.checks import check_study, refuse_ablation_trial_count
@@ -72,6 +73,7 @@ from dpnas.search.study_state import (
     trial_budget,
     worker_identity,
 )
+from dpnas.search.trial_resume import RunRecord, TrialStateKeeper, chain_root, forget, state_id, stopped_run
 from dpnas.search.weights import (
     absolute_location,
     default_location,
@@ -337,9 +339,34 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
         trial.set_user_attr("epsilon_target", privacy.epsilon if privacy.private else "inf (non-private)")
 
     last_release: list[int] = []  # the epoch of the run's last validation release, once planned
+    reported: list[dict[str, Any]] = []  # the last epoch's record: what a pruned run had spent
+    # A retry continues the run its chain's first trial started, where that run left its state (trial_resume)
+    frozen = study._storage.get_trial(trial._trial_id)
+    state_name = state_id(study, chain_root(frozen)) if store is not None else None
+    run_record = RunRecord({"arch": arch.to_dict(), "train_config": train_cfg.to_dict(),
+                            "privacy_config": privacy.to_dict(), "steps": steps,
+                            "validations": scaled.validations}, data)
+    resume = (stopped_run(store, state_name, run_record)
+              if state_name is not None and frozen.system_attrs.get("retry_history") else None)
 
     def record_plan(plan: PrivacyPlan) -> None:
         last_release.append(max(plan.validated_periods(), default=0))
+        if resume is not None:
+            # The same run as the stopped one, under the plan the trial that started it recorded (copied here by
+            # the retry, and so not this trial's own: the run is charged once, as one run).
+            inherited = frozen.user_attrs.get("privacy_plan") or {}
+            if any(inherited.get(k) != getattr(plan, k) for k in ("noise_multiplier", "sample_rate", "steps",
+                                                                  "val_noise", "val_releases")):
+                raise ResumeError("the stopped run's recorded plan is not this run's")
+            with writes_together(study._storage):
+                trial.set_user_attr("continues_run_of", inherited["trial"])
+                for part in ("train", "val", "test"):
+                    trial.set_user_attr(f"{part}_size", len(getattr(data, part)))
+            for record in resume["progress"]["history"]:  # released before the stop: reported again, not again released
+                if not spec.multi_objective:
+                    trial.report(record["val_accuracy"], record["epoch"])
+                reported[:] = [record]
+            return
         # Written (the block's end) before any step touches the data: the search-level accounting counts this run.
         with writes_together(study._storage):
             # named after its trial: a retry's copy of it (Optuna copies the original's attributes) is not its own
@@ -348,8 +375,6 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
                                                  "val_noise": plan.val_noise, "val_releases": plan.val_releases})
             for part in ("train", "val", "test"):
                 trial.set_user_attr(f"{part}_size", len(getattr(data, part)))
-
-    reported: list[dict[str, Any]] = []  # the last epoch's record: what a pruned run had spent
 
     def report(record: dict[str, Any]) -> None:
         reported[:] = [record]
@@ -362,11 +387,27 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
                                      f"(val accuracy {record['val_accuracy']:.4f})")
 
     trained: list[torch.nn.Module] = []
+    keeper = TrialStateKeeper(store, state_name, run_record) if state_name is not None else None
+
+    def train_run() -> dict[str, Any]:
+        nonlocal resume
+        kwargs = {"device": device, "progress": False, "on_epoch": report, "on_plan": record_plan,
+                  "catch_interrupt": False, "on_trained": trained.append, "steps": steps,
+                  "validations": scaled.validations, "keep_state": keeper}
+        try:
+            return train(arch, data, train_cfg=train_cfg, privacy=privacy, resume=resume, **kwargs)
+        except ResumeError:  # refused before any step (another plan): the retry trains its own run, as before
+            resume = None
+            return train(arch, data, train_cfg=train_cfg, privacy=privacy, **kwargs)
+
+    def forget_state() -> None:  # the run ended (finished, pruned, failed): nothing is left to continue
+        if state_name is not None:
+            forget(store, state_name)
+
     try:
-        result = train(arch, data, train_cfg=train_cfg, privacy=privacy, device=device, progress=False,
-                       on_epoch=report, on_plan=record_plan, catch_interrupt=False, on_trained=trained.append,
-                       steps=steps, validations=scaled.validations)
+        result = train_run()
     except (optuna.TrialPruned, DivergedError) as err:
+        forget_state()
         with interrupts_held():
             with writes_together(study._storage):
                 trial.set_user_attr("failure_reason" if isinstance(err, DivergedError) else "pruned_reason", str(err))
@@ -385,11 +426,13 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
             RetryHeartbeatStaleTrialCallback(max_retry=None)(study, study._storage.get_trial(trial._trial_id))
         raise
     except Exception as err:  # the study goes on; the reason is kept with the trial
+        forget_state()
         if isinstance(err, torch.cuda.OutOfMemoryError):
             torch.cuda.empty_cache()
         trial.set_user_attr("failure_reason", f"{type(err).__name__}: {err}")
         study.tell(trial, state=TrialState.FAIL)
         return f"trial {trial.number} failed: {type(err).__name__}: {err}"
+    forget_state()
 
     # Trained to its end: its privacy is spent and its scores released. Recorded whole, whenever Ctrl-C comes.
     with interrupts_held():

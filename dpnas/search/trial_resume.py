@@ -1,0 +1,97 @@
+"""A stopped trial's run, continued by its retry instead of trained again.
+
+A trial stopped by Ctrl-C or SIGTERM (a cluster's preemption), or whose worker died, is failed and queued again
+(Optuna's retry). Its run had touched the data: the search charges it whatever became of it. Trained again from
+the start, the retry was a second run on the same records, charged again (in a total-ε study, one of its runs
+wasted). Where the stopped run left its resume state (:mod:`dpnas.dp.resume`) in the study's artifact store, the
+retry continues that run instead: the same run, under the privacy plan the original trial recorded, charged once.
+
+When the state is written: when a run stops (Ctrl-C, SIGTERM), and while it trains at most every
+:data:`RESUME_EVERY_S` seconds (for a worker that is killed), so a quickstart trial of a second never writes one
+unless stopped. Where there is no store (``keep_weights = "none"``, a server storage without ``--artifacts``), a
+state that cannot be read, or one of another point, plan or data, the retry trains afresh, as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from typing import Any
+
+import optuna
+import torch
+from optuna.artifacts.exceptions import ArtifactNotFound
+
+from dpnas.data.datasets import DatasetSplits
+from dpnas.dp.resume import FORMAT, FORMAT_VERSION, data_fingerprint
+
+RESUME_EVERY_S = 60.0
+
+
+def chain_root(trial: optuna.trial.FrozenTrial) -> int:
+    """The first trial of a chain of retries: the one whose run a retry may continue (its state's name)."""
+    history = trial.system_attrs.get("retry_history") or []
+    return history[0] if history else trial.number
+
+
+def state_id(study: optuna.Study, root: int) -> str:
+    """The artifact name of a chain's resume state: one store may serve several studies and storages."""
+    owner = hashlib.sha1(f"{study.study_name}\0{study._study_id}".encode()).hexdigest()[:12]
+    return f"dpnas-resume-{owner}-trial{root}.pt"
+
+
+class RunRecord:
+    """What a state must match to be continued: the point's configs and the records it trains on."""
+
+    def __init__(self, configs: dict[str, Any], data: DatasetSplits):
+        self.configs = configs
+        self._data = data
+        self._fingerprint: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        if self._fingerprint is None:  # computed once, only when a state is written or read
+            self._fingerprint = data_fingerprint(self._data)
+        return {**self.configs, "data_fingerprint": self._fingerprint}
+
+
+def stopped_run(store: Any, name: str, record: RunRecord) -> dict[str, Any] | None:
+    """The state a stopped run of this chain left, or None (none, unreadable, or another run's)."""
+    try:
+        with store.open_reader(name) as reader:
+            state = torch.load(io.BytesIO(reader.read()), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - missing or damaged (half written by a killed worker): the retry starts afresh
+        return None
+    if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
+        return None
+    return state if state.get("run") == record.to_dict() else None
+
+
+class TrialStateKeeper:
+    """`train`'s `keep_state` for a trial: writes the state when the run stops, and at most every `every_s`
+    seconds while it trains."""
+
+    def __init__(self, store: Any, name: str, record: RunRecord, *, every_s: float = RESUME_EVERY_S):
+        self.store, self.name, self.record, self.every_s = store, name, record, every_s
+        self.last = time.monotonic()
+
+    def __call__(self, state: dict[str, Any]) -> None:
+        if not state["stopped"] and time.monotonic() - self.last < self.every_s:
+            return
+        buffer = io.BytesIO()
+        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state, "run": self.record.to_dict()},
+                   buffer)
+        buffer.seek(0)
+        try:
+            self.store.write(self.name, buffer)
+        except OSError:  # the trial goes on; its retry trains afresh, as without a store
+            return
+        self.last = time.monotonic()
+
+
+def forget(store: Any, name: str) -> None:
+    """Remove a chain's state once its run ended (finished, pruned, failed): nothing is left to continue."""
+    try:
+        store.remove(name)
+    except (ArtifactNotFound, OSError):
+        pass
