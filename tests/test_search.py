@@ -232,8 +232,12 @@ def test_grid_points_are_enqueued_once_for_every_worker(tmp_path):
     assert len(fixed) == 6 == len({tuple(sorted(f.items())) for f in fixed}) == trial_budget(study)[0]
 
 
-def test_interrupted_trial_is_retried_with_the_same_parameters(tmp_path, monkeypatch):
-    spec = load_study_file(write_study(tmp_path, n_trials=3))
+@pytest.mark.parametrize("extra, runs", [("", 3), ('keep_weights = "none"', 4)], ids=["continued", "no store"])
+def test_interrupted_trial_is_retried_with_the_same_parameters(tmp_path, monkeypatch, extra, runs):
+    """The retry continues the interrupted run from the state it left in the study's artifact store: one run,
+    charged once. Without a store it trains afresh, and the interrupted run, which touched the data, still
+    counts in the search's privacy cost beside it."""
+    spec = load_study_file(write_study(tmp_path, n_trials=3, extra=extra))
     real_train = search_module.train
     calls = []
 
@@ -262,8 +266,8 @@ def test_interrupted_trial_is_retried_with_the_same_parameters(tmp_path, monkeyp
     assert len(done) == 3 and trial_budget(load(spec))[:2] == (3, 3)
     retried = trials[2]
     assert retried.state == TrialState.COMPLETE and retried.params == failed.params
-    # the interrupted run touched the data: it still counts in the search's privacy cost
-    assert study_privacy(load(spec)).runs == 4
+    assert retried.user_attrs.get("continues_run_of") == (failed.number if runs == 3 else None)
+    assert study_privacy(load(spec)).runs == runs
 
 
 @pytest.mark.parametrize("extra, stops", [("max_retries = 0", 1), ("", 3)])
