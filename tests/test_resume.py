@@ -301,3 +301,58 @@ def test_a_half_written_resume_file_is_refused_in_one_line(tmp_path):
     path.write_bytes(b"half a file")  # torch's reader raises KeyError on these bytes
     with pytest.raises(ResumeError, match="not a readable dpnas resume state"):
         load_state(path)
+
+
+@pytest.mark.parametrize("stop, continued", [(6, True), (10, False)],
+                         ids=["no score since the state", "a score released past the state"])
+def test_a_killed_trial_is_continued_only_from_a_state_that_holds_every_score_it_released(tmp_path, monkeypatch,
+                                                                                         stop, continued):
+    """A worker killed (no state written as it died) after its last state may have reported scores past it: continued
+    from that state, those epochs would be trained and released again from another branch of the run, which the
+    one plan charged does not cover. Such a retry trains afresh, charged as its own run."""
+    import optuna
+    from search_helpers import write_study
+
+    import dpnas.search.runner as runner_module
+    from dpnas.search.runner import search
+    from dpnas.search.storage import open_storage
+    from dpnas.search.study_file import load_study_file
+    from dpnas.search.study_privacy import study_privacy
+    from dpnas.search.trial_resume import TrialStateKeeper
+
+    class FirstEpochOnly(TrialStateKeeper):  # as a worker killed later: only its first epoch's state was written
+        def __call__(self, state):
+            if not state["stopped"] and state["progress"]["epoch"] == 1:
+                super().__call__({**state, "stopped": True})
+
+    path = write_study(tmp_path, n_trials=2, sampler="random", epochs=3)
+    path.write_text(path.read_text().replace('val_fraction = 0.2\n', 'val_fraction = 0.2\nimage_size = 16\n'))
+    spec = load_study_file(path)
+    url = str(tmp_path / "study.journal")
+    preflight, per_epoch = 1, 4
+    with monkeypatch.context() as patch:
+        patch.setattr(runner_module, "TrialStateKeeper", FirstEpochOnly)
+        stop_at_step(patch, preflight + stop, signal.SIGTERM)  # epoch 2's second step, or epoch 3's second
+        with pytest.raises(KeyboardInterrupt):
+            search(spec, storage_url=url, progress=False)
+    calls = stop_at_step(monkeypatch, 10**9)
+    search(spec, storage_url=url, progress=False)
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+    retry = next(t for t in study.trials if t.system_attrs.get("retry_history") == [0])
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    if continued:
+        assert len(calls) == preflight + (3 * per_epoch - per_epoch) + 3 * per_epoch
+        assert retry.user_attrs["continues_run_of"] == 0 and study_privacy(study).runs == 2
+    else:
+        assert len(calls) == preflight + 2 * 3 * per_epoch
+        assert "continues_run_of" not in retry.user_attrs and study_privacy(study).runs == 3
+
+
+def test_each_epoch_s_state_is_kept_before_its_score_is_reported(digits):
+    """A run resumed from a state older than a score it reported would release that epoch again, from another
+    branch: the state that holds an epoch's score is handed over before the score leaves the run."""
+    events = []
+    train(TINY, digits, train_cfg=recipe(epochs=2), privacy=PrivacyConfig(epsilon=4.0), progress=False,
+          keep_state=lambda state: events.append(("kept", [h["epoch"] for h in state["progress"]["history"]])),
+          on_epoch=lambda record: events.append(("reported", record["epoch"])))
+    assert events == [("kept", [1]), ("reported", 1), ("kept", [1, 2]), ("reported", 2)]

@@ -353,13 +353,16 @@ def train(
                         "seconds": time.perf_counter() - epoch_start,
                     }
                     state.history.append(record)
-                    bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", val_acc=f"{val_accuracy:.3f}",
-                                    eps=f"{record['epsilon_spent']:.2f}")
                     _step_scheduler(scheduler, val_accuracy)
                 state.epoch, state.epoch_steps = epoch, 0
                 loss_sum.zero_(), epoch_samples.zero_()
+                # Kept before the score is shown or reported: a run killed after a release and resumed from an
+                # older state would release that epoch's score again, from another branch of the run.
                 if keep_state is not None:
                     keep_state(resume_state(stopped=False))
+                if record is not None:
+                    bar.set_postfix(epoch=epoch, loss=f"{train_loss:.3f}", val_acc=f"{record['val_accuracy']:.3f}",
+                                    eps=f"{record['epsilon_spent']:.2f}")
             if record is not None and on_epoch is not None:
                 on_epoch(record)
     except KeyboardInterrupt:

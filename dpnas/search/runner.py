@@ -73,7 +73,15 @@ from dpnas.search.study_state import (
     trial_budget,
     worker_identity,
 )
-from dpnas.search.trial_resume import RunRecord, TrialStateKeeper, chain_root, forget, state_id, stopped_run
+from dpnas.search.trial_resume import (
+    RunRecord,
+    TrialStateKeeper,
+    chain_root,
+    forget,
+    releases_covered,
+    state_id,
+    stopped_run,
+)
 from dpnas.search.weights import (
     absolute_location,
     default_location,
@@ -348,6 +356,8 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
                             "validations": scaled.validations}, data)
     resume = (stopped_run(store, state_name, run_record)
               if state_name is not None and frozen.system_attrs.get("retry_history") else None)
+    if resume is not None and not releases_covered(study, frozen, resume):
+        resume = None  # the stopped run released scores past its state (its worker was killed): not continued
 
     def record_plan(plan: PrivacyPlan) -> None:
         last_release.append(max(plan.validated_periods(), default=0))

@@ -67,6 +67,27 @@ def stopped_run(store: Any, name: str, record: RunRecord) -> dict[str, Any] | No
     return state if state.get("run") == record.to_dict() else None
 
 
+def releases_covered(study: optuna.Study, trial: optuna.trial.FrozenTrial, state: dict[str, Any]) -> bool:
+    """Whether every score the stopped run released is in its state's history, as released.
+
+    A worker killed (not stopped) after its last state went on training and reported scores past it; continued from
+    the state, the run would train those epochs again and release their scores a second time, from another branch
+    of the run than the one its plan charges. Checked over the run's trials: the one that started it (its plan's
+    writer) and the retries since; earlier ones were other runs, charged apart."""
+    history = {record["epoch"]: record["val_accuracy"] for record in state["progress"]["history"]}
+    writer = (trial.user_attrs.get("privacy_plan") or {}).get("trial")
+    if writer is None:
+        return False
+    storage = study._storage
+    for number in trial.system_attrs.get("retry_history", []):
+        if number < writer:
+            continue
+        earlier = storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+        if any(history.get(step) != value for step, value in earlier.intermediate_values.items()):
+            return False
+    return True
+
+
 class TrialStateKeeper:
     """`train`'s `keep_state` for a trial: writes the state when the run stops, and at most every `every_s`
     seconds while it trains."""
