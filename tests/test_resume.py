@@ -356,3 +356,23 @@ def test_each_epoch_s_state_is_kept_before_its_score_is_reported(digits):
           keep_state=lambda state: events.append(("kept", [h["epoch"] for h in state["progress"]["history"]])),
           on_epoch=lambda record: events.append(("reported", record["epoch"])))
     assert events == [("kept", [1]), ("reported", 1), ("kept", [1, 2]), ("reported", 2)]
+
+
+def test_a_running_retry_that_continues_a_run_is_not_counted_as_another_run():
+    """While a retry continues a stopped run, the budget check of the other workers counts that run once (the
+    stopped trial's plan), not once more for the running retry: the last run of a total-ε study is not refused."""
+    import optuna
+
+    from dpnas.search.checks import runs_charged
+
+    study = optuna.create_study()
+    plan = {"trial": 0, "noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 10, "val_noise": 0.0, "val_releases": 1}
+    stopped = study.ask()
+    stopped.set_user_attr("privacy_plan", plan)
+    study.tell(stopped, state=optuna.trial.TrialState.FAIL)
+    retry = study.ask()
+    study._storage.set_trial_system_attr(retry._trial_id, "retry_history", [0])
+    retry.set_user_attr("privacy_plan", plan)  # Optuna's copy of the stopped trial's attributes
+    assert runs_charged(study) == 2  # not yet known to continue: counted, as any running trial
+    retry.set_user_attr("continues_run_of", 0)
+    assert runs_charged(study) == 1
