@@ -114,15 +114,7 @@ def test_an_ablation_whose_base_point_has_no_finished_run_is_still_drawn_as_one(
 
 
 def _damaged_in_the_middle(path):
-    study = optuna.create_study(study_name="tiny", storage=JournalStorage(JournalFileBackend(str(path))),
-                                direction="maximize")
-
-    def objective(trial):  # recorded as dpnas records a trial, so `plot` has a figure of its own to attach
-        trial.set_user_attr("config", TINY.to_dict())
-        trial.set_user_attr("params", 1000 + trial.number)
-        return trial.suggest_float("x", 0, 1)
-
-    study.optimize(objective, n_trials=3)
+    _journal_study(path)
     lines = path.read_bytes().splitlines(keepends=True)
     middle = len(lines) // 2
     lines[middle] = bytes(b ^ 0xFF for b in lines[middle][:12]) + lines[middle][12:]
