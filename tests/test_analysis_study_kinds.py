@@ -9,7 +9,6 @@ from pathlib import Path
 
 import optuna
 import pandas as pd
-import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
