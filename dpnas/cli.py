@@ -223,15 +223,22 @@ class Train(Command):
         if resume is not None and resume.get("data_fingerprint") != fingerprint:
             raise UsageError(f"--resume: the {data_settings.dataset} data differ from the records this run started on "
                              "(its folder changed?): the same run must continue on the same records")
-        unsaved: list[OSError] = []
+        unsaved: list[OSError] = []  # the writes that failed since the last one that did not
 
         def keep_state(state: dict) -> None:
             try:
                 save_state({**state, "run": run.to_record(), "data_fingerprint": fingerprint}, state_path)
-            except OSError as err:  # the run goes on; only its resumability is lost, and said once
+                unsaved.clear()
+            except OSError as err:  # the run goes on; only its resumability is lost, said as it starts failing
                 if not unsaved:
                     print(f"warning: cannot write the resume state {state_path}: {err}", file=sys.stderr)
                 unsaved.append(err)
+                # The file left is older than the scores this run goes on to show and write: continued, it would
+                # train those epochs again and release their scores a second time, from another branch of the run.
+                try:
+                    state_path.unlink(missing_ok=True)
+                except OSError:
+                    pass
 
         trained = []
         try:

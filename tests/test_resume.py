@@ -102,6 +102,20 @@ def test_a_secret_run_keeps_no_secret_generator_and_resumes_with_fresh_batches_a
         assert result["epsilon_spent"] == first["epsilon_spent"] and 0.99 * 4.0 <= result["epsilon_spent"] <= 4.0
 
 
+def test_a_reproducible_run_s_state_is_never_continued_as_a_secret_run(digits, monkeypatch, tmp_path):
+    """A reproducible run's state holds its sampling and noise generators. Continued with secret seeds (an edited
+    file, a caller's other PrivacyConfig), they were restored all the same: the whole run's batches and noise were
+    regenerable from its seed and its state, and the result said `reproducible: false`, a model fit to release.
+    Refused before the run is planned (a search's retry then trains its own run)."""
+    _, state = stopped_state(digits, PrivacyConfig(epsilon=4.0, reproducible=True), monkeypatch, tmp_path, 13)
+    assert {"sampling", "noise", "val_noise"} <= set(state["generators"])
+    planned = []
+    with pytest.raises(ResumeError, match="reproducible run"):
+        train(TINY, digits, train_cfg=recipe(), privacy=PrivacyConfig(epsilon=4.0), progress=False, resume=state,
+              on_plan=planned.append)
+    assert planned == []
+
+
 def test_a_state_whose_plan_or_data_changed_is_refused_before_a_step(digits, monkeypatch, tmp_path):
     privacy = PrivacyConfig(epsilon=4.0, reproducible=True)
     _, state = stopped_state(digits, privacy, monkeypatch, tmp_path, 5)
@@ -160,6 +174,33 @@ def test_dpnas_train_stopped_by_sigterm_resumes_from_the_file_it_names(monkeypat
     assert finished["resumed_at_steps"] == [12] and finished["epsilon_spent"] <= 8.0
     assert [h["epoch"] for h in finished["history"]] == [1, 2]
     assert not state_file.exists() and weights.is_file()  # finished: nothing left to continue
+
+
+def test_dpnas_train_leaves_no_resume_state_older_than_a_score_it_showed(monkeypatch, tmp_path, capsys):
+    """A state that could not be written (a full disk) left the previous epoch's file in place while the run went on
+    to show and write later epochs' scores; `--resume` of it trained those epochs again and released their scores a
+    second time, from another branch of the run than the one its epsilon covers. The stale file is removed."""
+    import dpnas.dp.resume as resume_module
+
+    out = tmp_path / "run.json"
+    state_file = resume_path(out)
+    original, writes = resume_module.save_state, []
+
+    def disk_full_after_the_first(state, path):
+        writes.append(1)
+        if len(writes) > 1:
+            raise OSError(28, "No space left on device")
+        return original(state, path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(resume_module, "save_state", disk_full_after_the_first)
+        stop_at_step(patch, 22)  # epoch 3 of 9-step epochs: epochs 1 and 2 released
+        assert main(["train", "tiny", "--dataset", "digits", "--image-size", "16", "--epochs", "3",
+                     "--batch-size", "128", "--physical-batch-size", "128", "--out", str(out), "--quiet"]) == 130
+    assert [h["epoch"] for h in json.loads(out.read_text())["history"]] == [1, 2]
+    captured = capsys.readouterr()
+    assert "cannot write the resume state" in captured.err and "--resume" not in captured.out
+    assert not state_file.exists()  # epoch 1's state, continued, would release epoch 2 again
 
 
 def test_a_finished_run_leaves_no_resume_state(tmp_path):
@@ -376,3 +417,47 @@ def test_a_running_retry_that_continues_a_run_is_not_counted_as_another_run():
     assert runs_charged(study) == 2  # not yet known to continue: counted, as any running trial
     retry.set_user_attr("continues_run_of", 0)
     assert runs_charged(study) == 1
+
+
+def test_a_retry_that_trained_afresh_is_never_continued_from_the_older_run_s_state(tmp_path, monkeypatch):
+    """A chain 0 -> 1 -> 2: trial 0 killed a while after its first epoch's state (scores of epoch 2 reported past it),
+    so retry 1 trains afresh (its own plan) and is killed before it writes a state or reports a score. Trial 0's
+    state was still in the store, and retry 2 (a copy of trial 1's plan) checked only trial 1's scores: it continued
+    trial 0's run from epoch 1, released epoch 2 a second time from another branch, and said it continued trial 1's
+    run. A state now names the run it is of: retry 2 trains afresh, charged as its own run."""
+    import optuna
+    from search_helpers import write_study
+
+    import dpnas.search.runner as runner_module
+    from dpnas.search.runner import search
+    from dpnas.search.storage import open_storage
+    from dpnas.search.study_file import load_study_file
+    from dpnas.search.study_privacy import study_privacy
+    from dpnas.search.trial_resume import TrialStateKeeper
+
+    class FirstEpochOnly(TrialStateKeeper):  # as a worker killed later: only its first epoch's state was written
+        def __call__(self, state):
+            if not state["stopped"] and state["progress"]["epoch"] == 1:
+                super().__call__({**state, "stopped": True})
+
+    path = write_study(tmp_path, n_trials=2, sampler="random", epochs=3)
+    path.write_text(path.read_text().replace('val_fraction = 0.2\n', 'val_fraction = 0.2\nimage_size = 16\n'))
+    spec = load_study_file(path)
+    url = str(tmp_path / "study.journal")
+    preflight, per_epoch = 1, 4
+    for stop in (10, 2):  # trial 0: epoch 3's second step; retry 1 (afresh): its first epoch's second step
+        with monkeypatch.context() as patch:
+            patch.setattr(runner_module, "TrialStateKeeper", FirstEpochOnly)
+            stop_at_step(patch, preflight + stop, signal.SIGTERM)
+            with pytest.raises(KeyboardInterrupt):
+                search(spec, storage_url=url, progress=False)
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+    assert "continues_run_of" not in study.trials[1].user_attrs and not study.trials[1].intermediate_values
+    calls = stop_at_step(monkeypatch, 10**9)
+    search(spec, storage_url=url, progress=False)
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+    retry = next(t for t in study.trials if t.system_attrs.get("retry_history") == [0, 1])
+    assert retry.state == optuna.trial.TrialState.COMPLETE
+    assert "continues_run_of" not in retry.user_attrs
+    assert len(calls) == preflight + 2 * 3 * per_epoch  # retry 2 and the second point, each from the start
+    assert study_privacy(study).runs == 4  # trial 0's run, retry 1's, retry 2's and the second point's

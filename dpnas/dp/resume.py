@@ -72,18 +72,30 @@ def generator_states(generators: dict[str, torch.Generator], *, secret: bool) ->
     return {name: g.get_state() for name, g in generators.items() if not (secret and name in SECRET_GENERATORS)}
 
 
+def check_generators(state: dict[str, Any], *, device_type: str, secret: bool) -> None:
+    """Refuse, before the run is planned or touches the data, a state whose generators this run cannot continue.
+
+    A reproducible run's state holds its sampling and noise generators (its seed regenerates them anyway): continued
+    as a secret run, its batches and noise so far stay regenerable from the seed, and restored, so would the rest,
+    while the result said they came from secret seeds (a model fit to release). A reproducible run's generators
+    must continue or the run would not be the same run: on another device type that is refused."""
+    stored, stored_on = state["generators"], state["device_type"]
+    if secret and any(name in stored for name in SECRET_GENERATORS):
+        raise ResumeError("the resume state is of a reproducible run (its batches and noise regenerable from its "
+                          "seed): it cannot be continued as a run with secret seeds")
+    if stored_on != device_type and not secret and any(name in stored for name in SECRET_GENERATORS):
+        raise ResumeError(f"this reproducible run started on {stored_on} and continues its batches and noise "
+                          f"from there: resume it on a {stored_on} device (--device)")
+
+
 def restore_generators(generators: dict[str, torch.Generator], stored: dict[str, torch.Tensor], *,
                        stored_on: str, device_type: str, secret: bool) -> None:
     """Continue the stored generators where they stopped (a generator's state is its device type's own format);
-    the secret ones stay freshly seeded. A reproducible run's generators must continue or the run would not be
-    the same run: on another device type that is refused."""
+    the secret ones stay freshly seeded (:func:`check_generators` has refused a state that holds them)."""
     if stored_on != device_type:
-        if not secret and any(name in stored for name in SECRET_GENERATORS):
-            raise ResumeError(f"this reproducible run started on {stored_on} and continues its batches and noise "
-                              f"from there: resume it on a {stored_on} device (--device)")
         return  # augmentation alone: it is not the mechanism, its fresh seed is fine
     for name, state in stored.items():
-        if name in generators:
+        if name in generators and not (secret and name in SECRET_GENERATORS):
             generators[name].set_state(state)
 
 

@@ -38,7 +38,14 @@ from dpnas.dp.privacy import (
     steps_per_epoch,
     validation_epsilon,
 )
-from dpnas.dp.resume import check_plan, generator_states, plan_record, progress_record, restore_generators
+from dpnas.dp.resume import (
+    check_generators,
+    check_plan,
+    generator_states,
+    plan_record,
+    progress_record,
+    restore_generators,
+)
 
 EpochCallback = Callable[[dict[str, Any]], None]
 
@@ -221,8 +228,10 @@ def train(
     if train_cfg.schedule == "plateau" and plan.val_releases < plan.periods:
         raise ConfigError(f"schedule: plateau reads a validation score every epoch, and this run releases "
                           f"{plan.val_releases} of {plan.periods}; use another schedule")
-    if resume is not None:
+    secret = privacy.private and not privacy.reproducible
+    if resume is not None:  # refused before `on_plan`: a search's retry then plans and trains its own run
         check_plan(resume, plan)
+        check_generators(resume, device_type=device.type, secret=secret)
     if on_plan is not None:
         on_plan(plan)
 
@@ -243,7 +252,6 @@ def train(
         "val_noise": torch.Generator(device).manual_seed(val_noise_seed),
     }
     del sampling_seed, noise_seed, val_noise_seed  # never stored, returned or logged
-    secret = privacy.private and not privacy.reproducible
     state = _Progress()
     if resume is not None:
         if ema is not None:

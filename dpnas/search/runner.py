@@ -368,6 +368,8 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
             if any(inherited.get(k) != getattr(plan, k) for k in ("noise_multiplier", "sample_rate", "steps",
                                                                   "val_noise", "val_releases")):
                 raise ResumeError("the stopped run's recorded plan is not this run's")
+            if keeper is not None:  # its states stay the run of the trial that started it
+                keeper.run_of = inherited["trial"]
             with writes_together(study._storage):
                 trial.set_user_attr("continues_run_of", inherited["trial"])
                 for part in ("train", "val", "test"):
@@ -377,6 +379,8 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
                     trial.report(record["val_accuracy"], record["epoch"])
                 reported[:] = [record]
             return
+        if keeper is not None:  # this trial's own run: a later retry continues its states, none older (trial_resume)
+            keeper.run_of = trial.number
         # Written (the block's end) before any step touches the data: the search-level accounting counts this run.
         with writes_together(study._storage):
             # named after its trial: a retry's copy of it (Optuna copies the original's attributes) is not its own

@@ -73,10 +73,15 @@ def releases_covered(study: optuna.Study, trial: optuna.trial.FrozenTrial, state
     A worker killed (not stopped) after its last state went on training and reported scores past it; continued from
     the state, the run would train those epochs again and release their scores a second time, from another branch
     of the run than the one its plan charges. Checked over the run's trials: the one that started it (its plan's
-    writer) and the retries since; earlier ones were other runs, charged apart."""
+    writer) and the retries since; earlier ones were other runs, charged apart.
+
+    The state must also be that run's (``run_of``, the trial that started it): a retry that trained afresh (its
+    own plan) and was killed before it wrote a state leaves the chain's older run's state in the store, which the
+    check of its own (empty) scores would pass; continued under the newer run's plan, that older run's epochs past
+    its state were released again, from another branch."""
     history = {record["epoch"]: record["val_accuracy"] for record in state["progress"]["history"]}
     writer = (trial.user_attrs.get("privacy_plan") or {}).get("trial")
-    if writer is None:
+    if writer is None or state.get("run_of") != writer:
         return False
     storage = study._storage
     for number in trial.system_attrs.get("retry_history", []):
@@ -95,12 +100,14 @@ class TrialStateKeeper:
     def __init__(self, store: Any, name: str, record: RunRecord, *, every_s: float = RESUME_EVERY_S):
         self.store, self.name, self.record, self.every_s = store, name, record, every_s
         self.last = time.monotonic()
+        self.run_of: int | None = None  # the trial that started the run (its plan's writer), set once it is planned
 
     def __call__(self, state: dict[str, Any]) -> None:
         if not state["stopped"] and time.monotonic() - self.last < self.every_s:
             return
         buffer = io.BytesIO()
-        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state, "run": self.record.to_dict()},
+        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state, "run": self.record.to_dict(),
+                    "run_of": self.run_of},
                    buffer)
         buffer.seek(0)
         try:
