@@ -13,7 +13,7 @@ import math
 import os
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -133,10 +133,12 @@ class Models(Command):
         return 0
 
 
-# the flags that define a run: a resumed run takes them all from its state (--device and --quiet may change)
+# the flags that define a run: a resumed run takes them all from its state (--device and --quiet may change, and
+# --out and --weights, which only say where it writes: a recorded folder now unwritable would leave a stopped run
+# that nothing can continue)
 _RUN_FLAGS = ("arch", "recipe", "dataset", "data_dir", "image_size", "epsilon", "no_dp", "delta", "max_grad_norm",
               "accountant", "epochs", "batch_size", "physical_batch_size", "lr", "seed", "val_fraction",
-              "assignments", "out", "weights")
+              "assignments")
 
 
 class Train(Command):
@@ -179,7 +181,8 @@ class Train(Command):
                                                               "(`dpnas evaluate` scores it)")
         parser.add_argument("--resume", metavar="FILE", type=non_empty,
                             help="continue a stopped run from the resume state it wrote (OUT.resume.pt, kept while it "
-                                 "trains and removed when it finishes); takes every setting from it")
+                                 "trains and removed when it finishes); takes every setting from it, where --out and "
+                                 "--weights may move its outputs")
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
     def run(self, args: argparse.Namespace) -> int:
@@ -187,7 +190,7 @@ class Train(Command):
         from dpnas.dp.checkpoint import checkpoint_dict, save_checkpoint
         from dpnas.dp.interrupts import terminate_as_interrupt
         from dpnas.dp.memory import check_training_fits
-        from dpnas.dp.resume import data_fingerprint, load_state, resume_path, save_state
+        from dpnas.dp.resume import ResumeError, data_fingerprint, load_state, resume_path, save_state
         from dpnas.dp.train import DivergedError, check_device, train
         from dpnas.results import check_distinct, check_writable, write_json
 
@@ -200,7 +203,12 @@ class Train(Command):
             if given:
                 raise UsageError(f"--resume continues a run with the settings it started with: drop {', '.join(given)}")
             resume = load_state(args.resume)
-            run = TrainRun.from_record(resume["run"])
+            try:
+                run = TrainRun.from_record(resume.get("run"))
+            except ResumeError as err:
+                raise ResumeError(f"{args.resume}: {err}") from None
+            run = replace(run, out=Path(args.out) if args.out else run.out,
+                          weights=Path(args.weights) if args.weights else run.weights)
             state_path = Path(args.resume)
         elif args.arch is None:
             raise UsageError("give ARCH_OR_RECIPE (a name from `dpnas models`, an ArchConfig or a recipe file), or "
@@ -366,9 +374,14 @@ class TrainRun:
                                 else None))
 
     def to_record(self) -> dict:
+        # Absolute: the printed `--resume` command may run from another folder, and a relative --out, --weights or
+        # --data-dir would then write the result beside the wrong cwd, or look for other data
+        data = self.data_settings.to_dict()
+        if "data_dir" in data:
+            data["data_dir"] = str(Path(data["data_dir"]).expanduser().absolute())
         return {"arch": self.arch.to_dict(), "train_config": self.train_cfg.to_dict(),
-                "privacy_config": self.privacy.to_dict(), "data": self.data_settings.to_dict(),
-                "out": str(self.out), "weights": str(self.weights) if self.weights else None, "source": self.source,
+                "privacy_config": self.privacy.to_dict(), "data": data, "out": str(self.out.absolute()),
+                "weights": str(self.weights.absolute()) if self.weights else None, "source": self.source,
                 "recipe": self.recipe, "provenance": dict(self.provenance),
                 "searched_on": self.searched_on}
 
@@ -376,7 +389,16 @@ class TrainRun:
     def from_record(cls, record: dict) -> TrainRun:
         from dpnas.dp.config import PrivacyConfig, TrainConfig
         from dpnas.dp.recipe_file import DataSettings
+        from dpnas.dp.resume import ResumeError
 
+        missing = [key for key in ("arch", "train_config", "privacy_config", "data", "out", "weights", "source",
+                                   "recipe", "provenance", "searched_on") if key not in (record or {})]
+        if missing:
+            # `dpnas reproduce` keeps its stopped runs' states too, recording its own settings, not these
+            raise ResumeError("this resume state was not written by `dpnas train` (a stopped `dpnas reproduce` "
+                              "run continues when the same `dpnas reproduce` command runs again)"
+                              if record and "data_fingerprint" in record else
+                              f"a damaged resume state (no run's {', '.join(missing)})")
         return cls(arch=ArchConfig.from_dict(record["arch"]), train_cfg=TrainConfig.from_dict(record["train_config"]),
                    privacy=PrivacyConfig.from_dict(record["privacy_config"]),
                    data_settings=DataSettings(**record["data"]), out=Path(record["out"]),

@@ -456,8 +456,13 @@ class StoppedReproduction:
         self.fingerprint = fingerprint
         try:
             self.finished = json.loads(path.read_text(encoding="utf-8"))["finished"] if path.is_file() else {}
-        except (OSError, ValueError, KeyError, TypeError):
-            self.finished = {}  # damaged: the finished runs are not skipped (their results are still in out_dir)
+            if not isinstance(self.finished, dict):
+                raise TypeError("finished")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            # refused, not read as empty: its finished runs would train again and spend their ε a second time
+            raise ResumeError(f"{path}: a damaged progress file of a stopped reproduction ({type(err).__name__}): "
+                              "restore it to keep its finished runs, or remove it to train them afresh (their "
+                              "epsilon is spent already)") from None
 
     def record(self, arch: ArchConfig, train_cfg: TrainConfig, privacy) -> dict[str, Any]:
         return {"arch": arch.to_dict(), "train_config": train_cfg.to_dict(), "privacy_config": privacy.to_dict(),
@@ -468,7 +473,11 @@ class StoppedReproduction:
         if not entry or json_safe(entry.get("record")) != json_safe(record):
             return None
         try:
-            return json.loads(Path(entry["result_path"]).read_text(encoding="utf-8"))["reproduction"]
+            # in the progress file's folder, where the run wrote it: the recorded path is relative to the cwd of
+            # the run that wrote it, and the same --out-dir may be named from another folder
+            path = self.path.parent / Path(entry["result_path"]).name
+            row = json.loads(path.read_text(encoding="utf-8"))["reproduction"]
+            return {**row, "result_path": str(path)}
         except (OSError, ValueError, KeyError, TypeError):
             return None
 

@@ -461,3 +461,65 @@ def test_a_retry_that_trained_afresh_is_never_continued_from_the_older_run_s_sta
     assert "continues_run_of" not in retry.user_attrs
     assert len(calls) == preflight + 2 * 3 * per_epoch  # retry 2 and the second point, each from the start
     assert study_privacy(study).runs == 4  # trial 0's run, retry 1's, retry 2's and the second point's
+
+
+def test_the_printed_resume_command_run_from_another_folder_writes_where_the_run_did(monkeypatch, tmp_path, capsys):
+    """Relative --out and --weights are recorded absolute: the resume command, run from elsewhere, finishes the
+    stopped run's own files (before, it wrote a second result and model beside the new cwd). --out and --weights
+    may move the outputs, the run itself unchanged."""
+    start, elsewhere = tmp_path / "start here", tmp_path / "elsewhere"
+    start.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(start)
+    args = ["train", "tiny", "--dataset", "digits", "--image-size", "16", "--epochs", "2", "--batch-size", "128",
+            "--physical-batch-size", "128", "--out", "out dir/run.json", "--weights", "w/run.pt", "--quiet"]
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 5)
+        assert main(args) == 130
+    assert "dpnas train --resume 'out dir/run.resume.pt'" in capsys.readouterr().out
+    monkeypatch.chdir(elsewhere)
+    state = "../start here/out dir/run.resume.pt"
+    (start / "w").rename(start / "gone")
+    (start / "w").write_text("a file where the weights' folder was")
+    assert main(["train", "--resume", state, "--quiet"]) == 2
+    assert "choose another path" in capsys.readouterr().err  # which --weights now may
+    assert main(["train", "--resume", state, "--weights", "moved.pt", "--quiet"]) == 0
+    finished = json.loads((start / "out dir" / "run.json").read_text())
+    assert not finished["interrupted"] and finished["resumed_at_steps"] == [5]
+    assert (elsewhere / "moved.pt").is_file() and list(elsewhere.iterdir()) == [elsewhere / "moved.pt"]
+
+
+def test_a_reproduce_state_or_a_result_given_to_train_resume_is_refused_in_one_line(tmp_path, capsys):
+    record = {"arch": TINY.to_dict(), "train_config": recipe().to_dict(), "privacy_config": PrivacyConfig().to_dict(),
+              "data_fingerprint": "0" * 32}  # what `dpnas reproduce` records in its states
+    state = {"plan": {}, "progress": {}, "model": {}, "optimizer": {}, "accountant": {}, "generators": {},
+             "device_type": "cpu", "run": record}
+    path = save_state(state, tmp_path / "reproduce-x-cifar10-quick-tiny.resume.pt")
+    assert main(["train", "--resume", str(path)]) == 2  # was a KeyError's traceback
+    assert "the same `dpnas reproduce` command" in capsys.readouterr().err
+    # the result JSON for its resume state: pointed at the state, not at torch's weights_only=False advice
+    save_state(state, tmp_path / "run.resume.pt")
+    (tmp_path / "run.json").write_text("{}")
+    assert main(["train", "--resume", str(tmp_path / "run.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"the run's resume state is {tmp_path / 'run.resume.pt'}" in err and "weights_only" not in err
+
+
+def test_a_reproduction_s_finished_runs_are_found_from_another_folder_and_a_damaged_ledger_is_refused(
+        tmp_path, monkeypatch):
+    from dpnas.reproduce import StoppedReproduction
+
+    monkeypatch.chdir(tmp_path)
+    ledger = StoppedReproduction(Path("runs/x.progress.json"), fingerprint="f")
+    record = ledger.record(TINY, recipe(), PrivacyConfig())
+    result = Path("runs/x-tiny.json")
+    result.parent.mkdir()
+    result.write_text(json.dumps({"reproduction": {"model": "tiny", "result_path": str(result)}}))
+    ledger.finish("tiny", record, result)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the same --out-dir, named from another folder
+    again = StoppedReproduction(Path("../runs/x.progress.json"), fingerprint="f")
+    assert again.finished_row("tiny", record) == {"model": "tiny", "result_path": "../runs/x-tiny.json"}
+    # a damaged ledger would train its finished runs again, spending their epsilon twice: refused
+    Path("../runs/x.progress.json").write_text('{"finished": ')
+    with pytest.raises(ResumeError, match="damaged progress file"):
+        StoppedReproduction(Path("../runs/x.progress.json"), fingerprint="f")

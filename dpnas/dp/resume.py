@@ -19,6 +19,7 @@ One ``torch.save`` of a plain dict (tensors, numbers, strings, lists), loaded wi
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,12 @@ def load_state(path: str | Path) -> dict[str, Any]:
         raise ResumeError(f"{path}: no such resume state (an interrupted `dpnas train` names its own)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # not torch's file (a result JSON, a study's journal) or a pickle of other objects: torch's own message
+        # suggests weights_only=False, which would run the file's code and could not make it a resume state
+        beside = resume_path(path)
+        hint = f"; the run's resume state is {beside}" if path.suffix == ".json" and beside.is_file() else ""
+        raise ResumeError(f"{path}: not a readable dpnas resume state{hint}") from err
     except Exception as err:  # torch's reader of a damaged file raises many kinds (KeyError too)
         raise ResumeError(f"{path}: not a readable dpnas resume state ({type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else 'damaged'})") from err
