@@ -296,7 +296,9 @@ class Train(Command):
                   "retrain without it before releasing the model")
         if result["interrupted"]:
             if not unsaved:
-                print(f"continue this run (the same run: its {result['steps']} steps are not spent again): "
+                spent = (f"the same run: its {result['steps']} steps' epsilon is not spent again" if result["private"]
+                         else "the same run, from its step " + str(result["steps"]))
+                print(f"continue this run ({spent}): "
                       f"dpnas train --resume {shlex.quote(str(state_path))}")
             return 130
         state_path.unlink(missing_ok=True)  # finished: nothing is left to continue
