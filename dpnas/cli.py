@@ -216,6 +216,12 @@ class Train(Command):
         else:
             run = TrainRun.from_args(args)
             state_path = resume_path(run.out)
+            if state_path.exists():
+                # a stopped run's state: a new run here would replace it, and train afresh on records that run has
+                # spent its steps' epsilon on
+                raise UsageError(f"--out {run.out}: a stopped run left its resume state {state_path}: `dpnas train "
+                                 f"--resume {shlex.quote(str(state_path))}` continues it; remove the file (or choose "
+                                 "another --out) to train a new run")
         arch, train_cfg, privacy, data_settings = run.arch, run.train_cfg, run.privacy, run.data_settings
         check_training_fits(arch, train_cfg, dataset=data_settings.dataset, image_size=data_settings.image_size,
                             device=device, synthetic_size=data_settings.synthetic_size)
@@ -255,6 +261,7 @@ class Train(Command):
                                progress=not args.quiet, on_trained=trained.append, resume=resume,
                                keep_state=keep_state)
         except DivergedError as err:
+            state_path.unlink(missing_ok=True)  # nothing to continue: the next try changes the run
             raise UsageError(f"{err}; try a smaller --lr or --max-grad-norm") from err
         result["recipe"] = run.recipe
         result["data"] = data_settings.to_dict()

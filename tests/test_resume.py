@@ -523,3 +523,32 @@ def test_a_reproduction_s_finished_runs_are_found_from_another_folder_and_a_dama
     Path("../runs/x.progress.json").write_text('{"finished": ')
     with pytest.raises(ResumeError, match="damaged progress file"):
         StoppedReproduction(Path("../runs/x.progress.json"), fingerprint="f")
+
+
+def test_a_new_run_does_not_replace_a_stopped_run_s_state(monkeypatch, tmp_path, capsys):
+    """The first command run again (not --resume) replaced the stopped run's state and trained afresh: the stopped
+    run could no longer be continued, and its records were charged a second run. Refused before anything loads."""
+    out = tmp_path / "run.json"
+    args = ["train", "tiny", "--dataset", "digits", "--image-size", "16", "--epochs", "2", "--batch-size", "128",
+            "--out", str(out), "--quiet"]
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 3)
+        assert main(args) == 130
+    state = resume_path(out)
+    before = state.read_bytes()
+    calls = stop_at_step(monkeypatch, 10**9)
+    assert main(args) == 2
+    assert "dpnas train --resume" in capsys.readouterr().err
+    assert state.read_bytes() == before and calls == []
+
+
+def test_a_diverged_run_leaves_no_state_to_refuse_the_next_try(monkeypatch, tmp_path):
+    import dpnas.dp.train as train_module
+
+    checks = []
+    monkeypatch.setattr(train_module, "parameters_finite", lambda model: checks.append(1) or len(checks) < 2)
+    out = tmp_path / "run.json"
+    args = ["train", "tiny", "--dataset", "digits", "--image-size", "16", "--epochs", "3", "--batch-size", "256",
+            "--out", str(out), "--quiet"]
+    assert main(args) == 2  # diverged in epoch 2, after epoch 1's state was kept
+    assert len(checks) == 2 and not resume_path(out).exists()
