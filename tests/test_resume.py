@@ -18,6 +18,7 @@ from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.recipe_file import DataSettings
 from dpnas.dp.resume import ResumeError, load_state, resume_path, save_state
 from dpnas.dp.train import train
+from dpnas.search.trial_resume import TrialStateKeeper
 
 TINY = MODELS["tiny"].arch
 
@@ -64,6 +65,26 @@ def stopped_state(digits, privacy, monkeypatch, tmp_path, step):
     assert result["interrupted"] and result["steps"] == step  # the step the signal landed in was finished
     path = save_state(kept[-1], tmp_path / f"stopped-{step}.resume.pt")  # and through the file, as the CLI does
     return result, load_state(path)
+
+
+def small_study(tmp_path, *, reproducible=False):
+    """Two random trials of 3 epochs of 4 steps (digits at 16 px): a search in seconds."""
+    from search_helpers import write_study
+
+    from dpnas.search.study_file import load_study_file
+
+    path = write_study(tmp_path, n_trials=2, sampler="random", epochs=3)
+    text = path.read_text().replace("val_fraction = 0.2\n", "val_fraction = 0.2\nimage_size = 16\n")
+    path.write_text(text.replace("[privacy]\n", "[privacy]\nreproducible = true\n") if reproducible else text)
+    return load_study_file(path)
+
+
+class FirstEpochOnly(TrialStateKeeper):
+    """A trial's keeper as a worker killed later leaves it: only its first epoch's state was written."""
+
+    def __call__(self, state):
+        if not state["stopped"] and state["progress"]["epoch"] == 1:
+            super().__call__({**state, "stopped": True})
 
 
 @pytest.mark.parametrize("stop", [13, 9, 27], ids=["mid-epoch", "an epoch's last step", "the run's last step"])
@@ -269,17 +290,12 @@ def test_a_search_trial_stopped_by_sigterm_is_continued_by_its_retry_and_charged
     plan the stopped trial recorded: one run, charged once, and for a reproducible study the very run an
     uninterrupted search trains."""
     import optuna
-    from search_helpers import write_study
 
     from dpnas.search.runner import search
     from dpnas.search.storage import open_storage
-    from dpnas.search.study_file import load_study_file
     from dpnas.search.study_privacy import study_privacy
 
-    path = write_study(tmp_path, n_trials=2, sampler="random", epochs=3)
-    path.write_text(path.read_text().replace("[privacy]\n", "[privacy]\nreproducible = true\n")
-                    .replace('val_fraction = 0.2\n', 'val_fraction = 0.2\nimage_size = 16\n'))
-    spec = load_study_file(path)
+    spec = small_study(tmp_path, reproducible=True)
     whole_url, stopped_url = str(tmp_path / "whole.journal"), str(tmp_path / "stopped.journal")
     calls = stop_at_step(monkeypatch, 10**9)
     whole = search(spec, storage_url=whole_url, progress=False)
@@ -352,23 +368,13 @@ def test_a_killed_trial_is_continued_only_from_a_state_that_holds_every_score_it
     from that state, those epochs would be trained and released again from another branch of the run, which the
     one plan charged does not cover. Such a retry trains afresh, charged as its own run."""
     import optuna
-    from search_helpers import write_study
 
     import dpnas.search.runner as runner_module
     from dpnas.search.runner import search
     from dpnas.search.storage import open_storage
-    from dpnas.search.study_file import load_study_file
     from dpnas.search.study_privacy import study_privacy
-    from dpnas.search.trial_resume import TrialStateKeeper
 
-    class FirstEpochOnly(TrialStateKeeper):  # as a worker killed later: only its first epoch's state was written
-        def __call__(self, state):
-            if not state["stopped"] and state["progress"]["epoch"] == 1:
-                super().__call__({**state, "stopped": True})
-
-    path = write_study(tmp_path, n_trials=2, sampler="random", epochs=3)
-    path.write_text(path.read_text().replace('val_fraction = 0.2\n', 'val_fraction = 0.2\nimage_size = 16\n'))
-    spec = load_study_file(path)
+    spec = small_study(tmp_path)
     url = str(tmp_path / "study.journal")
     preflight, per_epoch = 1, 4
     with monkeypatch.context() as patch:
@@ -426,23 +432,13 @@ def test_a_retry_that_trained_afresh_is_never_continued_from_the_older_run_s_sta
     trial 0's run from epoch 1, released epoch 2 a second time from another branch, and said it continued trial 1's
     run. A state now names the run it is of: retry 2 trains afresh, charged as its own run."""
     import optuna
-    from search_helpers import write_study
 
     import dpnas.search.runner as runner_module
     from dpnas.search.runner import search
     from dpnas.search.storage import open_storage
-    from dpnas.search.study_file import load_study_file
     from dpnas.search.study_privacy import study_privacy
-    from dpnas.search.trial_resume import TrialStateKeeper
 
-    class FirstEpochOnly(TrialStateKeeper):  # as a worker killed later: only its first epoch's state was written
-        def __call__(self, state):
-            if not state["stopped"] and state["progress"]["epoch"] == 1:
-                super().__call__({**state, "stopped": True})
-
-    path = write_study(tmp_path, n_trials=2, sampler="random", epochs=3)
-    path.write_text(path.read_text().replace('val_fraction = 0.2\n', 'val_fraction = 0.2\nimage_size = 16\n'))
-    spec = load_study_file(path)
+    spec = small_study(tmp_path)
     url = str(tmp_path / "study.journal")
     preflight, per_epoch = 1, 4
     for stop in (10, 2):  # trial 0: epoch 3's second step; retry 1 (afresh): its first epoch's second step

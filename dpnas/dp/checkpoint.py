@@ -21,6 +21,7 @@ from dpnas.arch.space import ArchConfig, ConfigError
 from dpnas.data.datasets import DATASET_CHANNELS, DataError, DatasetSplits, dataset_key, load_dataset
 from dpnas.dp.config import PrivacyConfig, TrainConfig
 from dpnas.dp.recipe_file import DataSettings
+from dpnas.dp.resume import save_atomically
 from dpnas.dp.train import check_device, evaluate  # the training loop's own evaluation, so the numbers agree
 
 FORMAT = "dpnas-checkpoint"
@@ -54,12 +55,7 @@ def checkpoint_dict(model: nn.Module, *, arch: ArchConfig, train_cfg: TrainConfi
 
 
 def save_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    torch.save(checkpoint, partial)
-    partial.replace(path)
-    return path
+    return save_atomically(checkpoint, path)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

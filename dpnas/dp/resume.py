@@ -105,14 +105,24 @@ def resume_path(out: Path) -> Path:
     return out.with_name(out.stem + ".resume.pt")
 
 
-def save_state(state: dict[str, Any], path: str | Path) -> Path:
-    """Write atomically: a stop while writing leaves the previous state, never half a file."""
+def save_atomically(obj: Any, path: str | Path) -> Path:
+    """`torch.save` through a scratch file: a stop while writing leaves the previous file, never half a file (a
+    resume state, a checkpoint)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state}, partial)
+    torch.save(obj, partial)
     partial.replace(path)
     return path
+
+
+def stamped(state: dict[str, Any]) -> dict[str, Any]:
+    """A state as it is written: marked as a dpnas resume state of this format version."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **state}
+
+
+def save_state(state: dict[str, Any], path: str | Path) -> Path:
+    return save_atomically(stamped(state), path)
 
 
 def load_state(path: str | Path) -> dict[str, Any]:

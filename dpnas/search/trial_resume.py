@@ -24,7 +24,7 @@ import torch
 from optuna.artifacts.exceptions import ArtifactNotFound
 
 from dpnas.data.datasets import DatasetSplits
-from dpnas.dp.resume import FORMAT, FORMAT_VERSION, data_fingerprint
+from dpnas.dp.resume import FORMAT, FORMAT_VERSION, data_fingerprint, stamped
 
 RESUME_EVERY_S = 60.0
 
@@ -106,9 +106,7 @@ class TrialStateKeeper:
         if not state["stopped"] and time.monotonic() - self.last < self.every_s:
             return
         buffer = io.BytesIO()
-        torch.save({"format": FORMAT, "format_version": FORMAT_VERSION, **state, "run": self.record.to_dict(),
-                    "run_of": self.run_of},
-                   buffer)
+        torch.save(stamped({**state, "run": self.record.to_dict(), "run_of": self.run_of}), buffer)
         buffer.seek(0)
         try:
             self.store.write(self.name, buffer)
