@@ -430,13 +430,16 @@ def run_reproduction(
                       "diverged": error}
         row = _row(repro, run, data=data, quick=quick, result=result, error=error, train_cfg=train_cfg,
                    trained_label=trained_label)
-        path = default_result_path("reproduce", name, run.model, data.splits.name, "quick" if quick else "",
-                                   runs_dir=out_dir)
+        # a continued run replaces its stopped part's result: one file a run, not a stale "interrupted" beside it
+        path = ledger.stopped_result(run.model) if resume else None
+        path = path or default_result_path("reproduce", name, run.model, data.splits.name, "quick" if quick else "",
+                                           runs_dir=out_dir)
         row["result_path"] = str(path)
         write_json(path, {**result, "recipe": recipe.name, "reproduction": row})
         log(f"result written to {path}")
         rows.append(row)
         if row["interrupted"]:
+            ledger.stop(run.model, path)
             log(f"interrupted: the remaining runs are skipped; the same command continues this run from "
                 f"{state_path} (the same run: its finished steps are not spent again)")
             return rows
@@ -455,8 +458,10 @@ class StoppedReproduction:
         self.path = path
         self.fingerprint = fingerprint
         try:
-            self.finished = json.loads(path.read_text(encoding="utf-8"))["finished"] if path.is_file() else {}
-            if not isinstance(self.finished, dict):
+            ledger = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {"finished": {}}
+            self.finished = ledger["finished"]
+            self.stopped = ledger.get("stopped", {})  # model -> the result its stopped part wrote
+            if not isinstance(self.finished, dict) or not isinstance(self.stopped, dict):
                 raise TypeError("finished")
         except (OSError, ValueError, KeyError, TypeError) as err:
             # refused, not read as empty: its finished runs would train again and spend their ε a second time
@@ -496,9 +501,22 @@ class StoppedReproduction:
             save_state({**state, "run": record}, state_path)
         return keep
 
+    def stopped_result(self, model: str) -> Path | None:
+        """Where the stopped part of `model`'s run wrote its result (in the ledger's folder, as for a finished run)."""
+        name = self.stopped.get(model)
+        return self.path.parent / Path(name).name if isinstance(name, str) and name else None
+
+    def stop(self, model: str, result_path: Path) -> None:
+        self.stopped[model] = str(result_path)
+        self._write()
+
     def finish(self, model: str, record: dict[str, Any], result_path: Path) -> None:
         self.finished[model] = {"record": json_safe(record), "result_path": str(result_path)}
-        write_json(self.path, {"finished": self.finished})
+        self.stopped.pop(model, None)
+        self._write()
+
+    def _write(self) -> None:
+        write_json(self.path, {"finished": self.finished, "stopped": self.stopped})
 
 
 def _row(repro: Reproduction, run: ReproRun, *, data: _Data, quick: bool, result: dict[str, Any],

@@ -260,6 +260,9 @@ def test_a_stopped_reproduction_keeps_its_finished_run_and_resumes_the_stopped_o
     result = json.loads(Path(again[1]["result_path"]).read_text())
     assert result["resumed_at_steps"] == [3] and result["steps"] == result["planned_steps"] == 8
     assert 0.99 * 8 <= result["epsilon_spent"] <= 8
+    # the continued run's result replaces its stopped part's: one file a run, none left saying "interrupted"
+    assert again[1]["result_path"] == stopped[1]["result_path"]
+    assert len(list(tmp_path.glob("reproduce-resnet9_scalenorm-resnet9-digits-quick-*.json"))) == 1
     assert not state_file.exists()
     assert not (tmp_path / "reproduce-resnet9-scalenorm-cifar10-quick.progress.json").exists()
     # finished as a whole: the same command is a new reproduction
