@@ -316,8 +316,9 @@ def _load(repro: Reproduction, dataset: str, *, data_dir: Path, quick: bool, dow
         reason = None
     except DataError as err:
         reason = f"{dataset} not found in {data_dir} ({err})"
+        unused = f"; image_size {image_size} is not used on it" if image_size is not None else ""
         print(f"dpnas reproduce: {dataset} is not available in {data_dir}; QUICK RUN on the bundled "
-              f"{STAND_IN_DATASET} data as a stand-in (not comparable to the paper)", file=sys.stderr)
+              f"{STAND_IN_DATASET} data as a stand-in (not comparable to the paper{unused})", file=sys.stderr)
         splits = load_dataset(STAND_IN_DATASET, **kwargs)
     return _Data(shrink_splits(splits, seed=cfg.seed), dataset, reason)
 

@@ -200,3 +200,14 @@ def test_quick_subsets_keep_each_record_by_its_own_id():
     again = shrink_splits(without, train=300 * (len(data.train) - 1) / len(data.train), val=100)
     assert set(again.train_ids.tolist()) == set(small.train_ids.tolist()) - {int(data.train_ids[0])}
     assert torch.equal(again.val_ids, small.val_ids)
+
+
+def test_a_quick_stand_in_says_that_it_does_not_use_the_asked_image_size(tmp_path, capsys):
+    # the digits stand-in keeps its own resolution: a user who asked for one is told, not left to assume it was used
+    data = reproduce._load(REPRODUCTIONS["smoothnet"], "cifar10", data_dir=tmp_path, quick=True, download=False,
+                           image_size=24, progress=False)
+    assert data.stand_in_reason is not None
+    assert "image_size 24 is not used" in capsys.readouterr().err
+    reproduce._load(REPRODUCTIONS["smoothnet"], "cifar10", data_dir=tmp_path, quick=True, download=False,
+                    image_size=None, progress=False)
+    assert "image_size" not in capsys.readouterr().err
