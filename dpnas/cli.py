@@ -13,6 +13,8 @@ import math
 import os
 import shlex
 import sys
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -927,19 +929,32 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def one_line_warnings(command: str):
+    """Warnings printed as the command's own lines (``dpnas plot: warning: ...``), not as Python's two-line
+    ``file:line: UserWarning`` with a source line, which reads like a crash above a one-line error."""
+    python_format = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *_, **__: f"dpnas {command}: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
+
+
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    try:
-        import optuna
+    with one_line_warnings(args.command):
+        try:
+            import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.WARNING)  # dpnas prints its own one line per trial
-        return args.handler.run(args)
-    except (ConfigError, UsageError, DataError, OutputError) as err:
-        print(f"dpnas {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"dpnas {args.command}: interrupted", file=sys.stderr)
-        return 130
+            optuna.logging.set_verbosity(optuna.logging.WARNING)  # dpnas prints its own one line per trial
+            return args.handler.run(args)
+        except (ConfigError, UsageError, DataError, OutputError) as err:
+            print(f"dpnas {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"dpnas {args.command}: interrupted", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

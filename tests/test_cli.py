@@ -95,3 +95,17 @@ def test_console_script_is_installed():
     result = subprocess.run(["dpnas", "describe", "tiny", "--json"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["dp_compatible"] is True
+
+
+def test_a_warning_is_printed_as_one_line_of_the_command(tmp_path):
+    import sys
+
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'empty.db'}"
+    optuna.create_study(study_name="empty", storage=storage)
+    # its own process: pytest records warnings instead of printing them
+    result = subprocess.run([sys.executable, "-m", "dpnas", "plot", storage, "--out", str(tmp_path / "plots"),
+                             "--no-attach"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["dpnas plot: warning: study 'empty' has no completed trial: nothing to plot"]
