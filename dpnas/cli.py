@@ -200,8 +200,8 @@ class Train(Command):
         device = check_device(args.device)
         resume = None
         if args.resume is not None:
-            given = [f"--{name.replace('_', '-')}" if name != "arch" else "ARCH_OR_RECIPE" for name in _RUN_FLAGS
-                     if getattr(args, name) not in (None, False, [])]
+            given = [{"arch": "ARCH_OR_RECIPE", "assignments": "--set"}.get(name, f"--{name.replace('_', '-')}")
+                     for name in _RUN_FLAGS if getattr(args, name) not in (None, False, [])]
             if given:
                 raise UsageError(f"--resume continues a run with the settings it started with: drop {', '.join(given)}")
             resume = load_state(args.resume)

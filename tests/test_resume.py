@@ -551,3 +551,24 @@ def test_a_diverged_run_leaves_no_state_to_refuse_the_next_try(monkeypatch, tmp_
             "--out", str(out), "--quiet"]
     assert main(args) == 2  # diverged in epoch 2, after epoch 1's state was kept
     assert len(checks) == 2 and not resume_path(out).exists()
+
+
+_FLAG_ARGS = {"arch": ["tiny"], "recipe": ["--recipe", "quick"], "dataset": ["--dataset", "digits"],
+              "data_dir": ["--data-dir", "d"], "image_size": ["--image-size", "8"], "epsilon": ["--epsilon", "1"],
+              "no_dp": ["--no-dp"], "delta": ["--delta", "1e-6"], "max_grad_norm": ["--max-grad-norm", "2"],
+              "accountant": ["--accountant", "prv"], "epochs": ["--epochs", "2"], "batch_size": ["--batch-size", "8"],
+              "physical_batch_size": ["--physical-batch-size", "8"], "lr": ["--lr", "0.1"], "seed": ["--seed", "1"],
+              "val_fraction": ["--val-fraction", "0.1"], "assignments": ["--set", "lr=0.1"]}
+
+
+@pytest.mark.parametrize("name", sorted(_FLAG_ARGS))
+def test_every_flag_that_defines_a_run_is_refused_with_resume(tmp_path, capsys, name):
+    """Given with --resume, a flag that would change the run (another epsilon, more epochs) was silently ignored
+    where it was not listed: the user believed the run had another budget than the one it spent."""
+    from dpnas.cli import _RUN_FLAGS
+
+    assert set(_RUN_FLAGS) == set(_FLAG_ARGS)
+    flag = _FLAG_ARGS[name]
+    assert main(["train", "--resume", str(tmp_path / "missing.resume.pt"), *flag]) == 2
+    shown = "ARCH_OR_RECIPE" if name == "arch" else flag[0]
+    assert f"drop {shown}" in capsys.readouterr().err
