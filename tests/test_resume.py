@@ -553,6 +553,101 @@ def test_a_diverged_run_leaves_no_state_to_refuse_the_next_try(monkeypatch, tmp_
     assert len(checks) == 2 and not resume_path(out).exists()
 
 
+# --- guards found unguarded by mutation testing: each test fails if its guard is removed
+
+
+def test_a_state_planned_with_any_other_plan_field_is_refused():
+    """Every field the accounting composes or the epochs end by is compared, not only the noise and the rate."""
+    import dataclasses
+
+    from dpnas.dp.privacy import PrivacyPlan
+    from dpnas.dp.resume import PLAN_FIELDS, check_plan, plan_record
+
+    plan = PrivacyPlan(sample_rate=0.1, steps=30, noise_multiplier=1.5, expected_batch_size=100.0, dataset_size=1000,
+                       val_noise=4.0, val_releases=3, epoch_steps=10, periods=3)
+    check_plan({"plan": plan_record(plan)}, plan)
+    for name in PLAN_FIELDS:
+        other = dataclasses.replace(plan, **{name: getattr(plan, name) * 2})
+        with pytest.raises(ResumeError, match=name):
+            check_plan({"plan": plan_record(other)}, plan)
+
+
+def test_a_reproducible_run_s_state_from_another_device_type_is_refused_before_it_is_planned(digits, monkeypatch,
+                                                                                              tmp_path):
+    """A reproducible run's sampling and noise generators are its device type's own: on another they would restart
+    from fresh seeds (not the same run) or fail; refused before the run is planned."""
+    _, state = stopped_state(digits, PrivacyConfig(epsilon=4.0, reproducible=True), monkeypatch, tmp_path, 5)
+    state["device_type"] = "cuda"
+    planned = []
+    with pytest.raises(ResumeError, match="resume it on a cuda device"):
+        train(TINY, digits, train_cfg=recipe(), privacy=PrivacyConfig(epsilon=4.0, reproducible=True), progress=False,
+              device="cpu", resume=state, on_plan=planned.append)
+    assert planned == []
+
+
+def test_restoring_generators_never_sets_a_secret_one_of_a_secret_run():
+    from dpnas.dp.resume import restore_generators
+
+    stored = {name: torch.Generator().manual_seed(7).get_state() for name in ("sampling", "noise", "val_noise",
+                                                                               "augment")}
+    generators = {name: torch.Generator().manual_seed(1) for name in stored}
+    fresh = {name: g.get_state() for name, g in generators.items()}
+    restore_generators(generators, stored, stored_on="cpu", device_type="cpu", secret=True)
+    for name in ("sampling", "noise", "val_noise"):  # stays freshly (secretly) seeded
+        assert torch.equal(generators[name].get_state(), fresh[name]), name
+    assert torch.equal(generators["augment"].get_state(), stored["augment"])
+
+
+def _changed(data, split: str, what: str):
+    import dataclasses
+
+    from dpnas.data.datasets import ImageData
+
+    part = getattr(data, split)
+    images, labels = part.images.clone(), part.labels.clone()
+    if what == "labels":
+        labels[0] = (labels[0] + 1) % data.num_classes
+    else:
+        images[0, 0, 0, 0] ^= 1
+    return dataclasses.replace(data, **{split: ImageData(images, labels)})
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
+@pytest.mark.parametrize("what", ["images", "labels"])
+def test_the_data_fingerprint_changes_with_any_split_s_images_or_labels(digits, split, what):
+    """A run continued on relabelled records, or with other validation records (whose noisy scores it releases),
+    is a run on other records than the ones its accounting covers."""
+    from dpnas.dp.resume import data_fingerprint
+
+    assert data_fingerprint(_changed(digits, split, what)) != data_fingerprint(digits)
+
+
+def test_a_stop_while_writing_a_state_leaves_the_previous_state_whole(tmp_path, monkeypatch):
+    """A second Ctrl-C, or a kill, while the state is written must not leave half a file where the last state was:
+    the run could then not be continued at all, and would be trained (and charged) afresh."""
+    path = save_state({"plan": {"steps": 1}}, tmp_path / "run.resume.pt")
+
+    def half_written(obj, target, *args, **kwargs):
+        Path(target).write_bytes(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(KeyboardInterrupt):
+        save_state({"plan": {"steps": 2}}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["plan"] == {"steps": 1}
+
+
+def test_a_state_of_another_format_version_is_refused(tmp_path):
+    from dpnas.dp.resume import stamped
+
+    path = tmp_path / "run.resume.pt"
+    torch.save({**stamped({"plan": {}, "progress": {}, "model": {}, "optimizer": {}, "accountant": {},
+                           "generators": {}, "device_type": "cpu"}), "format_version": 2}, path)
+    with pytest.raises(ResumeError, match="version 2"):
+        load_state(path)
+
+
 _FLAG_ARGS = {"arch": ["tiny"], "recipe": ["--recipe", "quick"], "dataset": ["--dataset", "digits"],
               "data_dir": ["--data-dir", "d"], "image_size": ["--image-size", "8"], "epsilon": ["--epsilon", "1"],
               "no_dp": ["--no-dp"], "delta": ["--delta", "1e-6"], "max_grad_norm": ["--max-grad-norm", "2"],
@@ -572,3 +667,151 @@ def test_every_flag_that_defines_a_run_is_refused_with_resume(tmp_path, capsys, 
     assert main(["train", "--resume", str(tmp_path / "missing.resume.pt"), *flag]) == 2
     shown = "ARCH_OR_RECIPE" if name == "arch" else flag[0]
     assert f"drop {shown}" in capsys.readouterr().err
+
+
+def test_a_run_resumed_with_another_out_removes_the_state_it_continued(monkeypatch, tmp_path, capsys):
+    """--out may move a resumed run's result; the state it was continued from must still go when it finishes (left,
+    it would be continued a second time: another branch of the run, whose scores its epsilon does not cover)."""
+    out, moved = tmp_path / "run.json", tmp_path / "moved" / "run.json"
+    args = ["train", "tiny", "--dataset", "digits", "--image-size", "16", "--epochs", "2", "--batch-size", "256",
+            "--physical-batch-size", "256", "--out", str(out), "--quiet"]
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 3)
+        assert main(args) == 130
+    assert main(["train", "--resume", str(resume_path(out)), "--out", str(moved), "--quiet"]) == 0
+    finished = json.loads(moved.read_text())
+    assert not finished["interrupted"] and finished["resumed_at_steps"] == [3]
+    assert not resume_path(out).exists() and not resume_path(moved).exists()
+
+
+def test_a_trial_s_state_is_not_continued_on_other_records_and_a_failed_write_does_not_fail_the_trial(tmp_path,
+                                                                                                      digits):
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from dpnas.search.trial_resume import RunRecord, stopped_run
+
+    store = FileSystemArtifactStore(str(tmp_path))
+    configs = {"arch": TINY.to_dict()}
+    TrialStateKeeper(store, "state.pt", RunRecord(configs, digits))({"stopped": True, "progress": {"steps": 4}})
+    assert stopped_run(store, "state.pt", RunRecord(configs, digits)) is not None
+    # the same point on relabelled records (a changed dataset folder): another run's state
+    assert stopped_run(store, "state.pt", RunRecord(configs, _changed(digits, "train", "labels"))) is None
+
+    class FullDisk:
+        def write(self, name, content):
+            raise OSError(28, "No space left on device")
+
+    # the trial goes on (its retry trains afresh, as without a store): a full store must not fail a trained run
+    TrialStateKeeper(FullDisk(), "state.pt", RunRecord(configs, digits))({"stopped": True, "progress": {}})
+
+
+def test_a_reproduction_s_ledger_keeps_a_run_finished_only_for_the_same_settings_and_records(tmp_path):
+    """A finished run is taken from its result only when it is the run asked for, on the same records; a stopped
+    run's state likewise. Else the result of another run (other settings, a changed dataset folder) would stand for
+    this one."""
+    from dpnas.reproduce import StoppedReproduction
+
+    path = tmp_path / "x.progress.json"
+    ledger = StoppedReproduction(path, fingerprint="f")
+    record = ledger.record(TINY, recipe(), PrivacyConfig())
+    result = tmp_path / "x-tiny.json"
+    result.write_text(json.dumps({"reproduction": {"model": "tiny"}}))
+    ledger.finish("tiny", record, result)
+    state = save_state({"run": record, "plan": {}, "progress": {}, "model": {}, "optimizer": {}, "accountant": {},
+                        "generators": {}, "device_type": "cpu"}, tmp_path / "x-tiny.resume.pt")
+    same = StoppedReproduction(path, fingerprint="f")
+    assert same.finished_row("tiny", record) == {"model": "tiny", "result_path": str(result)}
+    assert same.stopped_state(state, record) is not None
+    assert same.finished_row("tiny", same.record(TINY, recipe(epochs=4), PrivacyConfig())) is None
+    other_data = StoppedReproduction(path, fingerprint="g")
+    other = other_data.record(TINY, recipe(), PrivacyConfig())
+    assert other_data.finished_row("tiny", other) is None
+    with pytest.raises(ResumeError, match="other settings or data"):
+        other_data.stopped_state(state, other)
+
+
+def one_point_study(tmp_path):
+    """One trial of 3 epochs of 4 steps (digits at 16 px)."""
+    from search_helpers import write_study
+
+    from dpnas.search.study_file import load_study_file
+
+    path = write_study(tmp_path, n_trials=1, sampler="random", epochs=3)
+    path.write_text(path.read_text().replace("val_fraction = 0.2\n", "val_fraction = 0.2\nimage_size = 16\n"))
+    return load_study_file(path)
+
+
+def test_a_continued_run_stopped_again_is_continued_again_and_charged_once(tmp_path, monkeypatch):
+    """A chain 0 -> 1 -> 2 of one run: trial 0 is stopped, retry 1 continues its run and is stopped too, retry 2
+    continues the same run from retry 1's stop (the chain's first trial names its state; the states retry 1 wrote
+    stay trial 0's run). Trained afresh, the preempted run cost a second run of privacy."""
+    import optuna
+
+    from dpnas.search.runner import search
+    from dpnas.search.storage import open_storage
+    from dpnas.search.study_privacy import study_privacy
+
+    spec = one_point_study(tmp_path)
+    url = str(tmp_path / "study.journal")
+    preflight = 1
+    for stop in (6, 3):  # trial 0: epoch 2's second step; retry 1: its third step, the run's ninth (epoch 3's first)
+        with monkeypatch.context() as patch:
+            stop_at_step(patch, preflight + stop, signal.SIGTERM)
+            with pytest.raises(KeyboardInterrupt):
+                search(spec, storage_url=url, progress=False)
+    calls = stop_at_step(monkeypatch, 10**9)
+    search(spec, storage_url=url, progress=False)
+    assert len(calls) == preflight + 12 - 9  # the run's last three steps, not a run afresh
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+    retry = next(t for t in study.trials if t.system_attrs.get("retry_history") == [0, 1])
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.user_attrs["continues_run_of"] == 0
+    assert sorted(retry.intermediate_values) == [1, 2, 3] and study_privacy(study).runs == 1
+
+
+def test_a_retry_s_own_stopped_run_is_continued_whatever_an_earlier_run_of_the_chain_released(tmp_path,
+                                                                                            monkeypatch):
+    """Trial 0 is killed a while after its first state (epoch 2's score released past it), so retry 1 trains its own
+    run, and is stopped in its second epoch. Retry 2 continues retry 1's run: the scores trial 0's run released are
+    another run's, charged apart, and never in retry 1's state; checked against it, retry 2 trained a third run."""
+    import optuna
+
+    import dpnas.search.runner as runner_module
+    from dpnas.search.runner import search
+    from dpnas.search.storage import open_storage
+    from dpnas.search.study_privacy import study_privacy
+
+    spec = one_point_study(tmp_path)
+    url = str(tmp_path / "study.journal")
+    preflight = 1
+    with monkeypatch.context() as patch:  # trial 0: killed in epoch 3, its last state epoch 1's
+        patch.setattr(runner_module, "TrialStateKeeper", FirstEpochOnly)
+        stop_at_step(patch, preflight + 10, signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            search(spec, storage_url=url, progress=False)
+    with monkeypatch.context() as patch:  # retry 1, afresh: stopped at its sixth step (epoch 2's second)
+        stop_at_step(patch, preflight + 6, signal.SIGTERM)
+        with pytest.raises(KeyboardInterrupt):
+            search(spec, storage_url=url, progress=False)
+    calls = stop_at_step(monkeypatch, 10**9)
+    search(spec, storage_url=url, progress=False)
+    assert len(calls) == preflight + 12 - 6
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+    retry = next(t for t in study.trials if t.system_attrs.get("retry_history") == [0, 1])
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.user_attrs["continues_run_of"] == 1
+    assert study_privacy(study).runs == 2  # trial 0's run and retry 1's
+
+
+def test_a_resumed_run_goes_on_with_its_learning_rate_schedule(digits, monkeypatch, tmp_path):
+    """The schedule is part of the run: a cosine schedule restarted at the resume would take the rest of the steps at
+    other learning rates than the run it continues (the plateau schedule of the tests above hides it: its state
+    rarely changes in three epochs)."""
+    privacy = PrivacyConfig(epsilon=4.0, reproducible=True)
+    cfg = recipe(schedule="cosine", ema_decay=0.0, augment=False)
+    whole, whole_weights = run(digits, privacy, cfg=cfg)
+    kept = []
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 13)
+        run(digits, privacy, keep=kept.append, cfg=cfg)
+    resumed, resumed_weights = run(digits, privacy, resume=kept[-1], cfg=cfg)
+    assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in whole["history"]]
+    assert all(torch.equal(resumed_weights[k], whole_weights[k]) for k in whole_weights)
