@@ -192,7 +192,7 @@ class Train(Command):
         from dpnas.dp.checkpoint import checkpoint_dict, save_checkpoint
         from dpnas.dp.interrupts import terminate_as_interrupt
         from dpnas.dp.memory import check_training_fits
-        from dpnas.dp.resume import ResumeError, data_fingerprint, load_state, resume_path, save_state
+        from dpnas.dp.resume import FileKeeper, ResumeError, data_fingerprint, load_state, resume_path
         from dpnas.dp.train import DivergedError, check_device, train
         from dpnas.results import check_distinct, check_writable, write_json
 
@@ -239,22 +239,7 @@ class Train(Command):
         if resume is not None and resume.get("data_fingerprint") != fingerprint:
             raise UsageError(f"--resume: the {data_settings.dataset} data differ from the records this run started on "
                              "(its folder changed?): the same run must continue on the same records")
-        unsaved: list[OSError] = []  # the writes that failed since the last one that did not
-
-        def keep_state(state: dict) -> None:
-            try:
-                save_state({**state, "run": run.to_record(), "data_fingerprint": fingerprint}, state_path)
-                unsaved.clear()
-            except OSError as err:  # the run goes on; only its resumability is lost, said as it starts failing
-                if not unsaved:
-                    print(f"warning: cannot write the resume state {state_path}: {err}", file=sys.stderr)
-                unsaved.append(err)
-                # The file left is older than the scores this run goes on to show and write: continued, it would
-                # train those epochs again and release their scores a second time, from another branch of the run.
-                try:
-                    state_path.unlink(missing_ok=True)
-                except OSError:
-                    pass
+        keep_state = FileKeeper(state_path, {"run": run.to_record(), "data_fingerprint": fingerprint})
 
         trained = []
         try:
@@ -304,7 +289,7 @@ class Train(Command):
             print("note: reproducible = true: whoever has the seed can regenerate this run's batches and noise; "
                   "retrain without it before releasing the model")
         if result["interrupted"]:
-            if not unsaved:
+            if keep_state.current:
                 spent = (f"the same run: its {result['steps']} steps' epsilon is not spent again" if result["private"]
                          else "the same run, from its step " + str(result["steps"]))
                 print(f"continue this run ({spent}): "

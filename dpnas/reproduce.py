@@ -60,7 +60,7 @@ from dpnas.data.datasets import (
 )
 from dpnas.dp.config import TrainConfig
 from dpnas.dp.recipes import RECIPES, Recipe
-from dpnas.dp.resume import ResumeError, data_fingerprint, load_state, save_state
+from dpnas.dp.resume import FileKeeper, ResumeError, data_fingerprint, load_state
 from dpnas.results import check_folder, default_result_path, json_safe, write_json
 
 QUICK_LABEL = "QUICK RUN - not comparable to the paper"
@@ -413,6 +413,7 @@ def run_reproduction(
         trained_label = f"{run.quick_label} (quick stand-in for {run.label})" if quick else run.label
         finished = ledger.finished_row(run.model, record)
         if finished is not None:
+            state_path.unlink(missing_ok=True)  # left by a stop between the ledger's write and its removal
             log(f"{trained_label}: trained to its end before this reproduction stopped; its result is "
                 f"{finished['result_path']}")
             rows.append(finished)
@@ -498,9 +499,7 @@ class StoppedReproduction:
         return state
 
     def keeper(self, state_path: Path, record: dict[str, Any]):
-        def keep(state: dict[str, Any]) -> None:
-            save_state({**state, "run": record}, state_path)
-        return keep
+        return FileKeeper(state_path, {"run": record})
 
     def stopped_result(self, model: str) -> Path | None:
         """Where the stopped part of `model`'s run wrote its result (in the ledger's folder, as for a finished run)."""

@@ -636,6 +636,7 @@ def test_a_stop_while_writing_a_state_leaves_the_previous_state_whole(tmp_path, 
         save_state({"plan": {"steps": 2}}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["plan"] == {"steps": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.resume.pt"]  # no scratch file left behind
 
 
 def test_a_state_of_another_format_version_is_refused(tmp_path):
@@ -815,3 +816,40 @@ def test_a_resumed_run_goes_on_with_its_learning_rate_schedule(digits, monkeypat
     resumed, resumed_weights = run(digits, privacy, resume=kept[-1], cfg=cfg)
     assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in whole["history"]]
     assert all(torch.equal(resumed_weights[k], whole_weights[k]) for k in whole_weights)
+
+
+def test_a_reproduction_goes_on_when_its_state_cannot_be_written_and_a_finished_run_leaves_no_state(
+        monkeypatch, tmp_path, capsys):
+    """A full disk cost a reproduction its run (a traceback) where `dpnas train` warns and goes on; and a stop
+    between the ledger's record of a finished run and the removal of its state left a state that a later, new
+    reproduction would have continued as if it were its own run."""
+    import dpnas.dp.resume as resume_module
+    from dpnas.reproduce import StoppedReproduction, run_reproduction
+
+    def reproduce():
+        return run_reproduction("smoothnet", quick=True, data_dir=tmp_path / "none", out_dir=tmp_path,
+                                progress=False, device="cpu")
+
+    state_file = tmp_path / "reproduce-smoothnet-cifar10-quick-smoothnet.resume.pt"
+    ledger = tmp_path / "reproduce-smoothnet-cifar10-quick.progress.json"
+    with monkeypatch.context() as patch:
+        patch.setattr(resume_module, "save_state", lambda *_: (_ for _ in ()).throw(OSError(28, "No space left")))
+        rows = reproduce()
+    assert [r["status"] for r in rows] == ["finished"] and not state_file.exists()
+    assert capsys.readouterr().err.count("cannot write the resume state") == 1  # said once, not every epoch
+
+    original_finish = StoppedReproduction.finish
+
+    def stopped_after_the_ledger(self, *args):
+        original_finish(self, *args)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(StoppedReproduction, "finish", stopped_after_the_ledger)
+        with pytest.raises(KeyboardInterrupt):
+            reproduce()
+    assert state_file.is_file() and ledger.is_file()
+    calls = stop_at_step(monkeypatch, 10**9)
+    again = reproduce()  # the same command: the finished run is taken from its result
+    assert calls == [] and again[0]["status"] == "finished"
+    assert not state_file.exists() and not ledger.exists()  # nothing a new reproduction would continue

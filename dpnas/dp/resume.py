@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,11 @@ def save_atomically(obj: Any, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save(obj, partial)
-    partial.replace(path)
+    try:
+        torch.save(obj, partial)
+        partial.replace(path)
+    finally:  # a stop or a full disk while writing leaves no scratch file behind
+        partial.unlink(missing_ok=True)
     return path
 
 
@@ -123,6 +127,36 @@ def stamped(state: dict[str, Any]) -> dict[str, Any]:
 
 def save_state(state: dict[str, Any], path: str | Path) -> Path:
     return save_atomically(stamped(state), path)
+
+
+class FileKeeper:
+    """`train`'s ``keep_state`` for a run kept in a file: each state written with `run` (what identifies the run)
+    added. A write that fails (a full disk, a folder gone) does not stop the run, which only loses its
+    resumability: the first failure of a series is said on stderr, and the older state is removed."""
+
+    def __init__(self, path: Path, run: dict[str, Any]):
+        self.path, self.run = path, run
+        self.failed: list[OSError] = []  # the writes that failed since the last one that did not
+
+    @property
+    def current(self) -> bool:
+        """Whether the file holds the run's last state (its last write did not fail)."""
+        return not self.failed
+
+    def __call__(self, state: dict[str, Any]) -> None:
+        try:
+            save_state({**state, **self.run}, self.path)
+            self.failed.clear()
+        except OSError as err:
+            if not self.failed:
+                print(f"warning: cannot write the resume state {self.path}: {err}", file=sys.stderr)
+            self.failed.append(err)
+            # The file left is older than the scores this run goes on to show and write: continued, it would train
+            # those epochs again and release their scores a second time, from another branch of the run.
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
