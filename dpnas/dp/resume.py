@@ -86,8 +86,8 @@ def check_generators(state: dict[str, Any], *, device_type: str, secret: bool) -
         raise ResumeError("the resume state is of a reproducible run (its batches and noise regenerable from its "
                           "seed): it cannot be continued as a run with secret seeds")
     if stored_on != device_type and not secret and any(name in stored for name in SECRET_GENERATORS):
-        raise ResumeError(f"this reproducible run started on {stored_on} and continues its batches and noise "
-                          f"from there: resume it on a {stored_on} device (--device)")
+        raise ResumeError(f"this run started on {stored_on} and continues its batches (and noise) from the "
+                          f"generators it kept there: resume it on a {stored_on} device (--device)")
 
 
 def restore_generators(generators: dict[str, torch.Generator], stored: dict[str, torch.Tensor], *,
