@@ -328,3 +328,22 @@ def test_a_companion_storage_of_several_studies_names_the_companion_s_flag(tmp_p
                  str(tmp_path / "plots")]) == 2
     assert "holds 2 studies (dp, nondp); choose one with --companion-name" in capsys.readouterr().err
     assert not (tmp_path / "plots").exists()
+
+
+def test_the_pareto_front_keeps_every_trial_that_ties_a_front_point():
+    """Two trials at the same cost and accuracy dominate neither each other: both are in Optuna's Pareto set (what
+    `dpnas best` exports), but the figure's front kept only the first of them."""
+    from dpnas.analysis.pareto import pareto_info
+    from dpnas.search.runner import best_trials
+
+    study = optuna.create_study(study_name="pareto", directions=["maximize", "minimize"])
+    study.set_metric_names(["val_accuracy", "params"])
+    for value, params in ((0.8, 14204), (0.7, 9286), (0.8, 14204), (0.7, 14204), (0.6, 9286), (0.8, 20000)):
+        trial = _trial(value, {"width": 1.0})
+        study.add_trial(create_trial(state=TrialState.COMPLETE, values=[value, params], params=trial.params,
+                                     distributions=trial.distributions,
+                                     user_attrs=dict(trial.user_attrs, params=params)))
+    info = pareto_info(trials_frame(study), "params")
+    assert info.front == [1, 0, 2] and sorted(info.front) == sorted(t.number for t in best_trials(study))
+    front = study_figures(study)["pareto_params"].data[1]
+    assert list(front.x) == [9286, 14204, 14204] and list(front.y) == [0.7, 0.8, 0.8]

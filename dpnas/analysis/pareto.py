@@ -21,11 +21,13 @@ class ParetoInfo(NamedTuple):
 def pareto_info(frame: pd.DataFrame, cost: str = "params") -> ParetoInfo:
     done = finished(frame)
     done = done[done[cost].notna()].sort_values([cost, "val_accuracy"], ascending=[True, False])
-    front, best = [], float("-inf")
+    front, best, best_cost = [], float("-inf"), None
     for _, row in done.iterrows():  # cheapest first: a point is on the front if it beats all cheaper ones
-        if row["val_accuracy"] > best:
+        # or ties the last front point exactly (same cost and accuracy: neither dominates, as in Optuna's
+        # best_trials, the Pareto set `dpnas best` exports)
+        if row["val_accuracy"] > best or (row["val_accuracy"] == best and row[cost] == best_cost):
             front.append(int(row["number"]))
-            best = row["val_accuracy"]
+            best, best_cost = row["val_accuracy"], row[cost]
     return ParetoInfo(cost, done["number"].astype(int).tolist(), done[cost].tolist(),
                       done["val_accuracy"].tolist(), front)
 
