@@ -347,3 +347,29 @@ def test_the_pareto_front_keeps_every_trial_that_ties_a_front_point():
     assert info.front == [1, 0, 2] and sorted(info.front) == sorted(t.number for t in best_trials(study))
     front = study_figures(study)["pareto_params"].data[1]
     assert list(front.x) == [9286, 14204, 14204] and list(front.y) == [0.7, 0.8, 0.8]
+
+
+def test_the_dp_gap_pairs_a_proxy_run_only_with_a_run_at_its_own_fidelity():
+    """A [fidelity] study's private proxies (1 epoch) and a full non-private companion were drawn as one
+    architecture's DP gap: most of that gap was the epochs'. A pair is one fidelity; where both are drawn, the
+    proxy's bars say so."""
+    from dpnas.analysis.dp_gap import dp_gap_info
+
+    proxy = _study([_trial(0.4, {"activation": "relu"}, fidelity={"epochs": 1}),
+                    _trial(0.3, {"activation": "selu"}, fidelity={"epochs": 1})])
+    full = _study([_trial(0.9, {"activation": "relu"}, epsilon_target="inf (non-private)")], name="nonprivate")
+    frame = trials_frame(proxy)
+    assert frame["fidelity"].tolist() == ["1 epochs", "1 epochs"]
+    companion = trials_frame(full)
+    companion["number"] += 100_000
+    assert "dp_gap" not in study_figures(proxy, frame, companion=companion)  # no run of the same kind to pair with
+    both = _study([_trial(0.9, {"activation": "relu"}, epsilon_target="inf (non-private)"),
+                   _trial(0.6, {"activation": "relu"}, epsilon_target="inf (non-private)", fidelity={"epochs": 1}),
+                   _trial(0.8, {"activation": "relu"})], name="both")
+    companion = trials_frame(both)
+    companion["number"] += 100_000
+    figure = study_figures(proxy, frame, companion=companion)["dp_gap"]
+    assert list(figure.data[0].x) == ["activation=relu", "activation=relu (proxy: 1 epochs)"]  # smallest gap first
+    assert list(figure.data[0].y) == [0.9, 0.6] and list(figure.data[1].y) == [0.8, 0.4]
+    info = dp_gap_info(trials_frame(proxy))  # one fidelity alone: no pair, and no label either
+    assert info.labels == []

@@ -28,11 +28,17 @@ def dp_gap_info(frame: pd.DataFrame, label_fields: list[str] | None = None) -> D
     fields = [f for f in _ARCH_FIELDS if f in done]
     shown = label_fields or [f for f in frame.attrs.get("searched", []) if f in fields] or ["activation"]
     labels, private, nonprivate, gap = [], [], [], []
-    key = done[fields].astype(str).agg("|".join, axis=1)
+    # a pair is one architecture at one fidelity: a [fidelity] proxy's run (a companion study's, say) is not the
+    # same run as the full one, and where both kinds are drawn each bar names its proxy
+    proxies = done["fidelity"] if "fidelity" in done else pd.Series(None, index=done.index, dtype=object)
+    mixed = proxies.fillna("").nunique() > 1
+    key = done[fields].astype(str).agg("|".join, axis=1) + "|" + proxies.fillna("").astype(str)
     for _, group in done.groupby(key):
         kinds = group.groupby("private")["val_accuracy"].max()
         if True in kinds.index and False in kinds.index:
-            labels.append(", ".join(f"{f}={group.iloc[0][f]}" for f in shown))
+            proxy = group.iloc[0]["fidelity"] if "fidelity" in group else None
+            labels.append(", ".join(f"{f}={group.iloc[0][f]}" for f in shown)
+                          + (f" (proxy: {proxy})" if mixed and isinstance(proxy, str) else ""))
             private.append(float(kinds[True]))
             nonprivate.append(float(kinds[False]))
             gap.append(float(kinds[False] - kinds[True]))

@@ -9,6 +9,7 @@ import optuna
 import pandas as pd
 
 from dpnas.arch.space import ArchConfig
+from dpnas.search.fidelity import Fidelity
 from dpnas.search.sampling import field_of
 
 # The components whose effect the component figures show, in the papers' order.
@@ -30,7 +31,8 @@ def _number(value: Any) -> float:
 def trials_frame(study: optuna.Study, *, states: tuple[str, ...] | None = None) -> pd.DataFrame:
     """Every trial with its full architecture, its searched parameters and its results.
 
-    `df.attrs["searched"]` lists the searched fields, `df.attrs["study"]` the study name.
+    `df.attrs["searched"]` lists the searched fields, `df.attrs["study"]` the study name. ``fidelity`` names a
+    [fidelity] proxy trial's settings (None where the trial trained its point at the study's own fidelity).
     Rows of trials without a recorded architecture (failed before building) keep NaN there.
     """
     rows = []
@@ -58,9 +60,13 @@ def trials_frame(study: optuna.Study, *, states: tuple[str, ...] | None = None) 
             row["val_accuracy"] = float(t.values[0])
         row["private"] = math.isfinite(row["epsilon_target"]) if not math.isnan(row["epsilon_target"]) else None
         row["failure_reason"] = t.user_attrs.get("failure_reason")
+        # a [fidelity] proxy's settings (None: the trial trained its point itself), so that a companion study's
+        # trials at another fidelity are not compared with these as if they were the same runs
+        proxy = Fidelity.from_record(t.user_attrs.get("fidelity") or {})
+        row["fidelity"] = proxy.describe() if proxy.trains_proxy else None
         rows.append(row)
     columns = ["number", "state", *(f.name for f in ArchConfig.__dataclass_fields__.values()), *_RESULTS,
-               "seed", "ablation_axis", "repeat"]
+               "seed", "ablation_axis", "repeat", "fidelity"]
     frame = pd.DataFrame(rows)
     for column in columns:
         if column not in frame:
