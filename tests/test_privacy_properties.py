@@ -192,6 +192,11 @@ def test_a_random_count_cut_short_is_composed():
     assert cut_short.training_epsilon == pytest.approx(account([run] * 2, mode="fixed", delta=DELTA)[1], rel=1e-9)
     study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"privacy_plan": plan}))
     assert study_privacy(study).mode == "poisson"  # all 3 run: the best of a random count
+    # a 4th run (a failed trial retried) is more than the bound for the best of the K drawn covers: composed
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"privacy_plan": plan}))
+    beyond = study_privacy(study)
+    assert beyond.mode == "fixed" and any("more trials than that" in note for note in beyond.notes)
+    assert beyond.training_epsilon == pytest.approx(account([run] * 4, mode="fixed", delta=DELTA)[1], rel=1e-9)
 
 
 # M11i: the result's own check -----------------------------------------------------------------------------------

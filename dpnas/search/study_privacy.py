@@ -136,10 +136,10 @@ def _run_curves(run: RunPrivacy) -> tuple[np.ndarray, np.ndarray]:
 
 
 def account(runs: list[RunPrivacy], *, mode: str, delta: float, mu=None, eta=None, gamma=None,
-            random_search: bool = True, all_drawn_runs: bool = True) -> tuple[str, float, float, float, list[str]]:
+            random_search: bool = True, drawn_runs: int | None = None) -> tuple[str, float, float, float, list[str]]:
     """(mode used, training ε, validation ε, per-run ε, notes) for these runs.
 
-    `all_drawn_runs`: a random-count search has run every trial of the count it drew (False while it is cut short).
+    `drawn_runs`: the count a random-count search drew in secret (None: not known, taken as the runs there are).
     """
     _check_delta(delta)
     notes = []
@@ -148,12 +148,19 @@ def account(runs: list[RunPrivacy], *, mode: str, delta: float, mu=None, eta=Non
                      "with independent trials; this search was adaptive (a sampler or pruner used other trials' "
                      "results), so its runs are composed instead.")
         mode = "fixed"
-    elif mode != "fixed" and not all_drawn_runs:
+    elif mode != "fixed" and drawn_runs is not None and len(runs) < drawn_runs:
         # Stopped early (a timeout, Ctrl-C, a budget), the number of runs is no longer the secret random count the
         # bound is about: the best of fewer runs has no Papernot-Steinke guarantee, so the runs done are composed.
         notes.append(f"The {mode.replace('_', ' ')} accounting (Papernot & Steinke) covers the best of all the "
                      "trials the search drew in secret, and it has not run them all yet, so the runs so far are "
                      "composed instead. Run the same search again to finish it before releasing its best trial.")
+        mode = "fixed"
+    elif mode != "fixed" and drawn_runs is not None and len(runs) > drawn_runs:
+        # More runs than the count drawn (a failed trial retried, by a dpnas that did not stop at the count): the
+        # bound is about the best of exactly the drawn runs, so all of them are composed.
+        notes.append(f"The {mode.replace('_', ' ')} accounting (Papernot & Steinke) covers the best of the trials "
+                     "the search drew in secret, and more trials than that touched the data (a failed trial was "
+                     "retried), so all the runs are composed instead.")
         mode = "fixed"
     options = dict(mode=mode, mu=mu, eta=eta, gamma=gamma)
     curves = [_run_curves(r) for r in runs]
@@ -201,7 +208,7 @@ def study_privacy(study: optuna.Study) -> StudyPrivacy:
     drawn = system_attrs.get(TRIAL_TARGET_ATTR)
     mode, training, validation, per_run, notes = account(
         runs, mode=asked, delta=delta, mu=attrs.get("mean_trials"), eta=attrs.get("eta"), gamma=attrs.get("gamma"),
-        random_search=random_search, all_drawn_runs=drawn is None or len(runs) >= int(drawn))
+        random_search=random_search, drawn_runs=None if drawn is None else int(drawn))
     sizes = _sizes(trials)
     whole = max(training, validation)
     covers = [
