@@ -715,9 +715,36 @@ class Dashboard(Command):
         storage = open_storage(url, must_exist=True)
         location = args.artifacts or storage_location(storage, url)
         store = open_store(location) if location and (location.startswith("s3://") or Path(location).is_dir()) else None
+        check_listen(args.host, args.port)  # before the banner: a port in use was a traceback after it
         print(f"optuna-dashboard on http://{args.host}:{args.port}/ for {display_url(url)} (Ctrl-C to stop)")
-        run_server(storage, host=args.host, port=args.port, artifact_store=store)
+        try:
+            run_server(storage, host=args.host, port=args.port, artifact_store=store)
+        except OSError as err:  # taken between the check and the server's bind
+            raise UsageError(_cannot_listen(args.host, args.port, err)) from err
         return 0
+
+
+def _cannot_listen(host: str, port: int, err: OSError) -> str:
+    import socket
+
+    if isinstance(err, socket.gaierror):
+        return f"--host {host}: cannot listen there ({err.strerror or err}): give this machine's name or address"
+    return (f"--host {host} --port {port}: cannot listen there ({err.strerror or err}); another dashboard or server "
+            "may hold the port: stop it or choose another --port")
+
+
+def check_listen(host: str, port: int) -> None:
+    """Bind `host`:`port` as optuna-dashboard's server will (bottle's wsgiref server: IPv6 for a host with a colon,
+    SO_REUSEADDR) and let it go, so that a port in use or an unknown host is one line, not a traceback."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as err:
+        raise UsageError(_cannot_listen(host, port, err)) from err
 
 
 def _unwritable(err: OSError) -> str:

@@ -772,3 +772,27 @@ def test_a_study_name_is_printable_and_its_plots_stay_under_runs(capsys, tmp_pat
     one_line_error(capsys, ["search", str(path), "--quiet"], "study.name: must be printable characters")
     study = optuna.create_study(study_name="../../elsewhere x")
     assert default_plot_dir(study).parts == ("runs", "plots-_.._elsewhere_x")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "no-such-host.invalid"])
+def test_a_dashboard_port_in_use_or_an_unknown_host_is_one_line(capsys, tmp_path, monkeypatch, host):
+    # running `dpnas dashboard` twice was a traceback (OSError: Address already in use) after its banner
+    import socket
+
+    import optuna
+    import optuna_dashboard
+
+    def server(storage, *, host, port, artifact_store):  # binds as the real one does, and never serves
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+
+    monkeypatch.setattr(optuna_dashboard, "run_server", server)
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="s", storage=storage)
+    capsys.readouterr()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:  # the first dashboard
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        one_line_error(capsys, ["dashboard", storage, "--host", host, "--port", port], "cannot listen there")
