@@ -553,7 +553,8 @@ class Search(Command):
               f"({waiting} waiting" + (f"; {repeats} repeated proposals skipped, untrained" if repeats else "") + ")")
         if exhausted_message(study):
             print(exhausted_message(study))
-        for trial in best_trials(study):
+        best = best_trials(study)
+        for trial in best:
             print(f"best: trial {trial.number}, {dict(zip(study.metric_names or ['value'], trial.values))}, {trial.params}")
         report = study_privacy(study)
         # the study named wherever it is not the file's own (--study-name), or the storage may hold others
@@ -572,7 +573,10 @@ class Search(Command):
             print("interrupted: run the same command again to continue the study")
         if failed is not None:
             print(f"dpnas search: error: {failed}", file=sys.stderr)
-        print(f"export the best recipe and its weights: dpnas best {where} --out best.toml --weights best.pt")
+        if best:
+            print(f"export the best recipe and its weights: dpnas best {where} --out best.toml --weights best.pt")
+        else:  # `dpnas best` would refuse: "has no completed trial yet"
+            print("no completed trial yet: nothing to export (`dpnas best` needs one)")
         print(f"open it with: {dashboard_command(url, study_location(study, url, args.artifacts))}")
         return 130 if interrupted else 1 if failed is not None else 0
 

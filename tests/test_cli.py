@@ -109,3 +109,19 @@ def test_a_warning_is_printed_as_one_line_of_the_command(tmp_path):
                              "--no-attach"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["dpnas plot: warning: study 'empty' has no completed trial: nothing to plot"]
+
+
+def test_a_search_stopped_before_any_trial_completed_offers_no_export(capsys, tmp_path, monkeypatch):
+    # it printed "export the best recipe and its weights: dpnas best ...", which then failed: no completed trial
+    import dpnas.search.runner as runner
+    from search_helpers import write_study
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "train", stopped)
+    path = write_study(tmp_path, n_trials=2)
+    assert main(["search", str(path), "--quiet"]) == 130
+    out = capsys.readouterr().out
+    assert "interrupted: run the same command again" in out
+    assert "export the best recipe" not in out and "no completed trial yet: nothing to export" in out
