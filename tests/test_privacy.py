@@ -271,3 +271,17 @@ def test_the_remembered_one_step_rdp_curve_is_opacus_bit_for_bit_and_read_only()
         assert np.array_equal(subsampled_gaussian_rdp(sigma, q, steps), expected)
     with pytest.raises(ValueError):  # shared by every caller: nobody may change it in place
         _step_rdp(1.1, 0.01)[0] = 0.0
+
+
+def test_the_prv_accountant_prints_no_opacus_rdp_order_warning():
+    # `dpnas train tiny --set accountant=prv` printed Opacus's "Optimal order is the largest alpha. Please consider
+    # expanding the range of alphas": its PRV accountant sizes its domain with an RDP bound, nothing a user can act on
+    from dpnas.dp import privacy as privacy_module
+
+    privacy_module._noise_multiplier.cache_clear()
+    privacy_module._epsilon_of_history.cache_clear()
+    config = PrivacyConfig(epsilon=8.0, delta=1e-5, accountant="prv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = plan_privacy(config, dataset_size=1152, batch_size=256, epochs=1)  # digits' quick recipe, one epoch
+    assert plan.noise_multiplier > 0
