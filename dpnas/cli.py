@@ -971,6 +971,27 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"dpnas {args.command}: interrupted", file=sys.stderr)
             return 130
+        except BrokenPipeError:
+            if not _stdout_closed():
+                raise  # another pipe (a server's socket, a worker's): a real error
+            return 141  # `dpnas describe X | head`: the reader left; a shell's status for a SIGPIPE, no traceback
+
+
+def _stdout_closed() -> bool:
+    """Whether the standard output is a pipe whose reader has gone (poll reports an error on it); if so it is pointed
+    at /dev/null, so that Python's flush at exit does not print a second BrokenPipeError."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+        poll = select.poll()
+        poll.register(fd, select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poll.poll(0)):
+            return False
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
 
 
 if __name__ == "__main__":

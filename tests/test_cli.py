@@ -125,3 +125,15 @@ def test_a_search_stopped_before_any_trial_completed_offers_no_export(capsys, tm
     out = capsys.readouterr().out
     assert "interrupted: run the same command again" in out
     assert "export the best recipe" not in out and "no completed trial yet: nothing to export" in out
+
+
+def test_output_piped_into_a_reader_that_left_is_no_traceback():
+    # `dpnas describe smoothnet | head` ended in a BrokenPipeError traceback when head had read its lines
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "dpnas", "describe", "smoothnet"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader is gone before the command prints
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 141, stderr
+    assert stderr == ""
