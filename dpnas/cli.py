@@ -271,8 +271,12 @@ class Train(Command):
         val = (f"noisy: std {result['val_noise']:.3g} on the correct count, epsilon "
                f"{result['validation_epsilon']:.3f} for the validation records" if result["val_noise"] else
                "exact: the validation records are not protected" if result["private"] else "exact")
-        print(f"{status} {result['steps']} steps: val accuracy {result['val_accuracy']:.4f} ({val}), "
-              f"test accuracy {result['test_accuracy']:.4f}, {eps}")
+        score = result["val_accuracy"]
+        if score is not None and math.isfinite(score):
+            shown = f"val accuracy {score:.4f} ({val})"
+        else:  # stopped before its first validation (was "val accuracy nan (noisy: ..., epsilon 0.000 ...)")
+            shown = "no validation split" if not result.get("val_size") else "no validation score released yet"
+        print(f"{status} {result['steps']} steps: {shown}, test accuracy {result['test_accuracy']:.4f}, {eps}")
         print(f"result written to {run.out}")
         if result["private"] and recorded.get("searched_on_public_data"):
             print(f"note: the search that chose this recipe trained on public data "

@@ -853,3 +853,20 @@ def test_a_reproduction_goes_on_when_its_state_cannot_be_written_and_a_finished_
     again = reproduce()  # the same command: the finished run is taken from its result
     assert calls == [] and again[0]["status"] == "finished"
     assert not state_file.exists() and not ledger.exists()  # nothing a new reproduction would continue
+def test_a_run_stopped_before_its_first_score_and_a_finished_run_s_state_say_so(monkeypatch, tmp_path, capsys):
+    # stopped in its first epoch it printed "val accuracy nan (noisy: ..., epsilon 0.000 for the validation
+    # records)"; the printed --resume run a second time after it finished said only "no such resume state"
+    out = tmp_path / "run.json"
+    state_file = resume_path(out)
+    args = ["train", "tiny", "--dataset", "digits", "--image-size", "16", "--epochs", "1", "--batch-size", "128",
+            "--physical-batch-size", "128", "--out", str(out), "--quiet"]
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, 2)
+        assert main(args) == 130
+    said = capsys.readouterr().out
+    assert "interrupted after 2 steps: no validation score released yet, test accuracy" in said and "nan" not in said
+    assert main(["train", "--resume", str(state_file), "--quiet"]) == 0
+    assert "finished 9 steps: val accuracy" in capsys.readouterr().out
+    assert main(["train", "--resume", str(state_file), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"the run finished and removed it: its result is {out}" in err and err.count("\n") == 1

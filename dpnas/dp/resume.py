@@ -19,6 +19,7 @@ One ``torch.save`` of a plain dict (tensors, numbers, strings, lists), loaded wi
 from __future__ import annotations
 
 import hashlib
+import json
 import pickle
 import sys
 from pathlib import Path
@@ -159,10 +160,24 @@ class FileKeeper:
                 pass
 
 
+def _finished_run(path: Path) -> str | None:
+    """What a missing OUT.resume.pt means when the run's result OUT.json is there and finished: continued to its end
+    (a second `--resume` of the printed command), since a run removes its state when it finishes."""
+    if not path.name.endswith(".resume.pt"):
+        return None
+    result = path.with_name(path.name[: -len(".resume.pt")] + ".json")
+    try:
+        finished = json.loads(result.read_text(encoding="utf-8")).get("interrupted") is False
+    except (OSError, ValueError, AttributeError):
+        return None
+    return f"the run finished and removed it: its result is {result}; nothing is left to continue" if finished else None
+
+
 def load_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise ResumeError(f"{path}: no such resume state (an interrupted `dpnas train` names its own)")
+        raise ResumeError(f"{path}: no such resume state (" + (_finished_run(path) or
+                          "an interrupted `dpnas train` names its own") + ")")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
