@@ -524,6 +524,11 @@ class Search(Command):
                                   workers=args.workers, device=args.device, progress=not args.quiet)
             for line in report.lines:
                 print(line)
+            done = _trials_done(spec, url, args.study_name, args.n_trials)
+            if done is not None:  # "ready to search" read as if the search would train; it trains nothing
+                print(f"{args.study}: study {done[0]!r} has run all {done[1]} trials of its budget: a search trains "
+                      "nothing more (nothing trained, no epsilon spent)")
+                return 0
             print(f"{args.study}: ready to search (nothing trained, no epsilon spent)")
             return 0
         interrupted, failed = False, None
@@ -583,6 +588,18 @@ class Search(Command):
             print("no completed trial yet: nothing to export (`dpnas best` needs one)")
         print(f"open it with: {dashboard_command(url, study_location(study, url, args.artifacts))}")
         return 130 if interrupted else 1 if failed is not None else 0
+
+
+def _trials_done(spec, url: str, study_name: str | None, n_trials: int | None) -> tuple[str, int] | None:
+    """(name, target) of a stored study with a fixed trial count whose every trial has run, else None."""
+    from dpnas.search.runner import existing_study, trial_budget
+
+    stored = existing_study(spec, url, study_name)
+    if stored is None or spec.trial_count != "fixed":
+        return None
+    target, used, waiting, running = trial_budget(stored)
+    target = n_trials or target
+    return (stored.study_name, target) if target and used >= target and not waiting and not running else None
 
 
 class Best(Command):

@@ -137,3 +137,17 @@ def test_output_piped_into_a_reader_that_left_is_no_traceback():
     stderr = process.stderr.read()
     assert process.wait(timeout=300) == 141, stderr
     assert stderr == ""
+
+
+def test_search_check_of_a_study_that_ran_all_its_trials_says_a_search_trains_nothing(capsys, tmp_path):
+    # it said "ready to search", while the search then trained nothing ("1 trials finished of a budget of 1")
+    from search_helpers import write_study
+
+    path = write_study(tmp_path, n_trials=1)
+    assert main(["search", str(path), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["search", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "has run all 1 trials of its budget: a search trains nothing more" in out and "ready to search" not in out
+    assert main(["search", str(path), "--check", "--n-trials", "2"]) == 0  # a larger target: there is work
+    assert "ready to search" in capsys.readouterr().out
