@@ -870,3 +870,51 @@ def test_a_run_stopped_before_its_first_score_and_a_finished_run_s_state_say_so(
     assert main(["train", "--resume", str(state_file), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert f"the run finished and removed it: its result is {out}" in err and err.count("\n") == 1
+
+
+def test_a_total_epsilon_study_s_last_run_stopped_is_continued_not_lost(tmp_path, monkeypatch):
+    """A total-ε study whose K-th run is preempted has charged all K runs: its resume used to end at once ("total_epsilon
+    is spent"), the stopped run's finished steps lost with its slot. Its retry continues that run, charged once; a
+    retry that would train afresh is still refused the run its total has no room for."""
+    import optuna
+
+    import dpnas.search.runner as runner_module
+    from dpnas.search.runner import search
+    from dpnas.search.storage import open_storage
+    from dpnas.search.study_file import load_study_file
+    from dpnas.search.study_privacy import study_privacy
+
+    path = small_study(tmp_path).path
+    path.write_text(path.read_text().replace("epsilon = 4.0\n", "total_epsilon = 8.0\n"))
+    spec = load_study_file(path)
+    preflight, per_trial = 1, 12  # the search's one step before its first trial; 3 epochs of 4 steps
+
+    def open_(url):
+        return optuna.load_study(study_name=spec.name, storage=open_storage(url))
+
+    calls = stop_at_step(monkeypatch, preflight + per_trial + 6, signal.SIGTERM)  # the 2nd (last) run, 2nd epoch
+    url = str(tmp_path / "stopped.journal")
+    with pytest.raises(KeyboardInterrupt):
+        search(spec, storage_url=url, progress=False)
+    assert runner_module.runs_charged(open_(url)) == 2  # both runs have touched the data
+
+    calls = stop_at_step(monkeypatch, 10**9)
+    search(spec, storage_url=url, progress=False)
+    assert len(calls) == preflight + (per_trial - 6)  # the stopped run's last steps, nothing afresh
+    study = open_(url)
+    assert runner_module.exhausted_message(study) is None
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 2
+    assert study_privacy(study).runs == 2 and study_privacy(study).epsilon <= 8.0
+
+    # the same stop, where the state is not the retry's run (here: gone from the store): nothing trains
+    other = str(tmp_path / "other.journal")
+    calls = stop_at_step(monkeypatch, preflight + per_trial + 6, signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        search(spec, storage_url=other, progress=False)
+    monkeypatch.setattr(runner_module, "stopped_run", lambda *args: None)
+    calls = stop_at_step(monkeypatch, 10**9)
+    search(spec, storage_url=other, progress=False)
+    assert len(calls) == 0 or len(calls) == preflight  # no run beyond the two the total was split over
+    study = open_(other)
+    assert runner_module.runs_charged(study) == 2 and study_privacy(study).epsilon <= 8.0
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 1

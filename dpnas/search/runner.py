@@ -78,6 +78,7 @@ from dpnas.search.trial_resume import (
     TrialStateKeeper,
     chain_root,
     forget,
+    next_retry_continues,
     releases_covered,
     state_id,
     stopped_run,
@@ -212,8 +213,10 @@ def run_worker(
                 # beyond it (a grid's, after --n-trials lowered the count) stays queued, untrained
                 room = used - waiting < target
                 trial, configs, repeated, line = None, None, None, None
-                if calibration is not None and runs_charged(study) >= target and room:
-                    # The total was split over `target` runs; a retried failure would be one run too many.
+                spent = calibration is not None and runs_charged(study) >= target and room
+                if spent and not next_retry_continues(study, store):
+                    # The total was split over `target` runs; a retried failure would be one run too many. A
+                    # stopped run continued (charged already, not again) is one of them: it goes on.
                     report.exhausted = (f"total_epsilon = {spec.total_epsilon:g} is spent: {runs_charged(study)} runs "
                                         f"have touched the data, the {target} the budget was split over")
                     _set_system_attr(study, _EXHAUSTED, report.exhausted)
@@ -269,8 +272,8 @@ def run_worker(
             if line is None:
                 with heartbeat_thread(trial._trial_id, storage):
                     line = run_trial(study, trial, spec, data, configs, device=device, store=store,
-                                     weights_location=weights_location,
-                                     storage_url=storage_url, calibration=calibration)
+                                     weights_location=weights_location, storage_url=storage_url,
+                                     calibration=calibration, only_continue=spent)
             report.trials += 1
             if progress:
                 (on_line or tqdm.write)(f"{prefix}{line}")
@@ -309,7 +312,7 @@ def _weights_store(study: optuna.Study, spec: StudySpec, storage_url: str, artif
 
 def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetSplits, configs: Configs, *,
               device: str | None, storage_url: str, store: Any = None, weights_location: str | None = None,
-              calibration: Calibration | None = None) -> str:
+              calibration: Calibration | None = None, only_continue: bool = False) -> str:
     """Train and record one trial (its configs already proposed); returns a one-line summary.
 
     Every score that leaves the trial (intermediate values for the pruner and the dashboard, the objective, the
@@ -358,6 +361,14 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
               if state_name is not None and frozen.system_attrs.get("retry_history") else None)
     if resume is not None and not releases_covered(study, frozen, resume):
         resume = None  # the stopped run released scores past its state (its worker was killed): not continued
+    if only_continue and resume is None:
+        # The budget's runs are all spent and this retry was let in to continue a stopped one, whose state turned
+        # out not to be this run's: trained afresh it would be a run too many. Failed before it touches the data
+        # (no plan, no epsilon) and not retried, so the study ends.
+        trial.set_user_attr("failure_reason", "the study's runs are all spent and the stopped run's state is not "
+                                              "this run's: not trained (no epsilon spent)")
+        study.tell(trial, state=TrialState.FAIL)
+        return f"trial {trial.number} not trained: the study's runs are all spent"
 
     def record_plan(plan: PrivacyPlan) -> None:
         last_release.append(max(plan.validated_periods(), default=0))

@@ -55,8 +55,7 @@ class RunRecord:
         return {**self.configs, "data_fingerprint": self._fingerprint}
 
 
-def stopped_run(store: Any, name: str, record: RunRecord) -> dict[str, Any] | None:
-    """The state a stopped run of this chain left, or None (none, unreadable, or another run's)."""
+def _read_state(store: Any, name: str) -> dict[str, Any] | None:
     try:
         with store.open_reader(name) as reader:
             state = torch.load(io.BytesIO(reader.read()), map_location="cpu", weights_only=True)
@@ -64,7 +63,29 @@ def stopped_run(store: Any, name: str, record: RunRecord) -> dict[str, Any] | No
         return None
     if not isinstance(state, dict) or state.get("format") != FORMAT or state.get("format_version") != FORMAT_VERSION:
         return None
-    return state if state.get("run") == record.to_dict() else None
+    return state
+
+
+def stopped_run(store: Any, name: str, record: RunRecord) -> dict[str, Any] | None:
+    """The state a stopped run of this chain left, or None (none, unreadable, or another run's)."""
+    state = _read_state(store, name)
+    return state if state is not None and state.get("run") == record.to_dict() else None
+
+
+def next_retry_continues(study: optuna.Study, store: Any) -> bool:
+    """Whether the trial `study.ask()` hands out next (Optuna's lowest-numbered WAITING one) is a retry whose chain
+    left a state it may continue: a run already charged, which a study whose runs are all spent still finishes.
+    (The retry checks its state against its point and data as well, and trains nothing if that fails.)"""
+    if store is None:
+        return False
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    if not waiting:
+        return False
+    trial = min(waiting, key=lambda t: t.number)
+    if not trial.system_attrs.get("retry_history"):
+        return False
+    state = _read_state(store, state_id(study, chain_root(trial)))
+    return state is not None and releases_covered(study, trial, state)
 
 
 def releases_covered(study: optuna.Study, trial: optuna.trial.FrozenTrial, state: dict[str, Any]) -> bool:
