@@ -308,6 +308,37 @@ def test_a_total_epsilon_study_never_runs_past_its_total(tmp_path, monkeypatch):
     assert study_privacy(study).epsilon <= 6.0
 
 
+def test_a_random_count_study_never_runs_more_runs_than_it_drew(tmp_path, monkeypatch, capsys):
+    """Papernot & Steinke bound the best of the K runs drawn in secret, a stopped one among them: a retry that trains
+    afresh (no state to continue) would be run K + 1, which the bound does not cover. The study ends with its K runs,
+    and its end line does not print K."""
+    from dpnas.search.study_privacy import TRIAL_TARGET_ATTR
+    from dpnas.search.study_state import open_study
+
+    spec = load_study_file(_tiny(tmp_path, sampler="random", epochs=1, extra='trial_count = "poisson"\n'
+                                 'mean_trials = 2.0\nkeep_weights = "none"'))
+    study = open_study(spec, spec.default_storage())
+    study._storage.set_study_system_attr(study._study_id, TRIAL_TARGET_ATTR, 2)  # as if K = 2 had been drawn
+    real, calls = runner.train, []
+
+    def interrupted_once(*args, on_plan=None, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            on_plan(plan_privacy(kwargs["privacy"], dataset_size=len(args[1].train), batch_size=256, epochs=1))
+            raise KeyboardInterrupt
+        return real(*args, on_plan=on_plan, **kwargs)
+
+    monkeypatch.setattr(runner, "train", interrupted_once)
+    with pytest.raises(KeyboardInterrupt):
+        search(spec, progress=False)
+    search(spec, progress=False)  # resume: the retry trains afresh (run 2 of 2); no third run
+    study = load(spec)
+    assert len(calls) == 2 and runner.runs_charged(study) == 2
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 1
+    assert "drew in secret" in runner.exhausted_message(study) and "2" not in runner.exhausted_message(study)
+    assert study_privacy(study).mode == "poisson"  # the best of the 2 drawn runs, as the bound is about
+
+
 def test_more_trials_for_a_study_that_spent_nothing_split_its_total_again(tmp_path):
     """A study created (and calibrated) for 2 runs that spent nothing may be resumed with --n-trials 3: its noise
     is derived again for 3 runs. It used to keep the noise for 2 and spend more than its total."""

@@ -166,6 +166,17 @@ def _prune_invalid(study: optuna.Study, trial: Trial, err: ConfigError) -> str:
     return f"trial {trial.number} pruned (invalid combination): {err}"
 
 
+def _runs_spent(spec: StudySpec, *, runs: int, target: int) -> str:
+    """The line a study prints when its counted runs are spent and a failed trial is not retried. A random count
+    stays unprinted: it is secret, as on the progress bar."""
+    if spec.trial_count != "fixed":
+        spent = f" (total_epsilon = {spec.total_epsilon:g} is spent)" if spec.total_epsilon is not None else ""
+        return (f"every run this study drew in secret (trial_count = {spec.trial_count}) has touched the data{spent}: "
+                "a failed trial is not retried, as Papernot & Steinke's bound covers the best of the drawn runs only")
+    return (f"total_epsilon = {spec.total_epsilon:g} is spent: {runs} runs have touched the data, the {target} the "
+            "budget was split over")
+
+
 def _exhausted(study: optuna.Study, size: Callable[[], int | None], consecutive: int) -> str | None:
     distinct = len(_trained_keys(study))  # a point the image size cannot take counts: it is covered
     total = size()
@@ -213,12 +224,13 @@ def run_worker(
                 # beyond it (a grid's, after --n-trials lowered the count) stays queued, untrained
                 room = used - waiting < target
                 trial, configs, repeated, line = None, None, None, None
-                spent = calibration is not None and runs_charged(study) >= target and room
+                # Runs are counted where a total is split over `target` runs, or a random count (Papernot & Steinke)
+                # bounds the best of the `target` runs it drew: a retried failure would be a run more than either
+                # covers. A stopped run continued (charged already, not again) is one of them: it goes on.
+                spent = ((calibration is not None or spec.trial_count != "fixed") and runs_charged(study) >= target
+                         and room)
                 if spent and not next_retry_continues(study, store):
-                    # The total was split over `target` runs; a retried failure would be one run too many. A
-                    # stopped run continued (charged already, not again) is one of them: it goes on.
-                    report.exhausted = (f"total_epsilon = {spec.total_epsilon:g} is spent: {runs_charged(study)} runs "
-                                        f"have touched the data, the {target} the budget was split over")
+                    report.exhausted = _runs_spent(spec, runs=runs_charged(study), target=target)
                     _set_system_attr(study, _EXHAUSTED, report.exhausted)
                     break
                 if room:
