@@ -67,7 +67,7 @@ def test_report_holds_question_privacy_trials_and_every_figure(tiny, page):
     rows = re.findall(r'<tr class="state-(\w+)">', page)
     assert sorted(rows) == ["COMPLETE", "COMPLETE", "FAIL"]
     best = study.best_trial
-    assert f"<h3>Trial {best.number}: val_accuracy = {best.value:.4f}</h3>" in page
+    assert f"<h3>Trial {best.number}: val_accuracy = {best.value:.4g}</h3>" in page
     assert "stored in the artifact store" in page and best.user_attrs["weights_artifact_id"] in page
 
 
@@ -256,6 +256,9 @@ def test_searched_budgets_are_named_as_such(tmp_path, capsys):
     study, _ = resolve_study(str(path))
     words = budget_words(study)
     assert "ε searched per trial" in words and "1 trial so far" in words
+    # a queued retry carries a copy of its original's settings: it has trained nothing yet
+    study.enqueue_trial({}, user_attrs={"privacy_config": {"epsilon": float("inf")}})
+    assert budget_words(study) == words
     assert main(["privacy", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["epsilon"] is None and report["protected"] == {"training": False, "validation": False,

@@ -170,7 +170,7 @@ def _best(study: optuna.Study, storage_url: str | None, where: str | None, artif
     names = objective_names(study)
     parts = ["<h2>Best recipe" + (" (Pareto set)" if len(trials) > 1 else "") + "</h2>"]
     for trial in trials:
-        values = ", ".join(f"{n} = {v:.4f}" for n, v in zip(names, trial.values))
+        values = ", ".join(f"{n} = {v:.4g}" for n, v in zip(names, trial.values))  # a params count as 400, not 400.0000
         parts.append(f"<h3>Trial {trial.number}: {esc(values)}</h3>")
         searched = ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in trial.params.items())
         proxy = Fidelity.from_record(trial.user_attrs.get("fidelity") or {})

@@ -228,8 +228,10 @@ def budget_words(study: optuna.Study) -> str:
     except tomllib.TOMLDecodeError:
         searched = None
     if searched is not None:
+        # trials that trained: not a queued retry (a copy of its original's settings) nor a skipped repeat
         nonprivate = sum(1 for t in study.get_trials(deepcopy=False)
-                         if (t.user_attrs.get("privacy_config") or {}).get("epsilon") == math.inf)
+                         if (t.user_attrs.get("privacy_config") or {}).get("epsilon") == math.inf
+                         and t.state != optuna.trial.TrialState.WAITING and "duplicate_of" not in t.user_attrs)
         return (f"ε searched per trial ({searched}; inf trains without privacy: {nonprivate} trial"
                 f"{'s' if nonprivate != 1 else ''} so far)")
     epsilon = attrs.get("epsilon")
