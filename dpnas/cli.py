@@ -511,7 +511,7 @@ class Search(Command):
         from dpnas.search.runner import WorkersFailed, check_search, exhausted_message, search, trial_budget
         from dpnas.search.storage import command_url, dashboard_command
         from dpnas.search.study_file import load_study_file
-        from dpnas.search.study_report import save_study_note
+        from dpnas.search.study_report import runs_count, save_study_note
         from dpnas.search.weights import study_location
 
         spec = load_study_file(args.study)
@@ -573,7 +573,7 @@ class Search(Command):
             print(report.headline())
         print(f"privacy of releasing the best trial: epsilon {report.epsilon:.3f} for the whole dataset (training "
               f"records {report.training_epsilon:.3f}, validation records {report.validation_epsilon:.3f}), delta "
-              f"{report.delta:g} ({report.mode}; {report.runs} runs; `dpnas privacy {where}` explains)")
+              f"{report.delta:g} ({report.mode}; {runs_count(report.runs)}; `dpnas privacy {where}` explains)")
         for line in report.not_covered:
             print(f"not covered: {line}")
         for line in report.notes:  # what `dpnas privacy` and the dashboard note say too

@@ -185,8 +185,11 @@ def test_a_random_count_cut_short_is_composed():
     study._storage.set_study_system_attr(study._study_id, TRIAL_TARGET_ATTR, 3)  # K = 3 drawn in secret
     plan = {"noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 200, "val_noise": 5.0, "val_releases": 10}
     run = RunPrivacy(1.1, 0.05, 200, 5.0, 10)
-    for _ in range(2):
-        study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"privacy_plan": plan}))
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"privacy_plan": plan}))
+    from dpnas.search.study_report import privacy_statement
+
+    assert ", 1 run touched the data" in privacy_statement(study)[0]  # one run, not "1 runs"
+    study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"privacy_plan": plan}))
     cut_short = study_privacy(study)  # 2 of the 3: the bound for the best of K runs does not cover them
     assert cut_short.mode == "fixed"
     assert cut_short.training_epsilon == pytest.approx(account([run] * 2, mode="fixed", delta=DELTA)[1], rel=1e-9)

@@ -218,6 +218,10 @@ def _what_a_retrain_is(recipe: RecipeFile) -> str:
     return "a new private run: it spends its own epsilon"
 
 
+def runs_count(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
 def budget_words(study: optuna.Study) -> str:
     """The study's privacy budget in words: a total, one ε for every trial, or the ε values it searched."""
     attrs = study.user_attrs
@@ -264,7 +268,7 @@ def study_note(study: optuna.Study, privacy: StudyPrivacy, storage_url: str) -> 
         "## Privacy cost of the search",
         *([f"**{privacy.headline()}.**", ""] if privacy.headline() else []),
         f"Releasing the best trial: **ε = {privacy.epsilon:.3f}, δ = {privacy.delta:g}** for the whole dataset "
-        f"({privacy.runs} runs touched the data; one run alone: ε = {privacy.per_run_epsilon:.3f}).",
+        f"({runs_count(privacy.runs)} touched the data; one run alone: ε = {privacy.per_run_epsilon:.3f}).",
         "",
         *(f"- {c['records']} records ({c['count']}): ε = {c['epsilon']:.3f}" for c in privacy.covers),
         *(f"- **Not covered**: {line}" for line in privacy.not_covered),
@@ -288,7 +292,7 @@ def privacy_statement(study: optuna.Study, report: StudyPrivacy | None = None) -
     """What `dpnas privacy` prints, line by line: the guarantee for releasing the best trial, part by part, how
     the budget was split, what is not covered and why the bound holds. The HTML report says the same words."""
     report = study_privacy(study) if report is None else report
-    lines = [f"study {study.study_name!r}: mode {report.mode}, {report.runs} runs touched the data"]
+    lines = [f"study {study.study_name!r}: mode {report.mode}, {runs_count(report.runs)} touched the data"]
     if report.headline():
         lines.append(report.headline())
     lines.append(f"releasing the best trial: epsilon = {report.epsilon:.4f}, delta = {report.delta:g} for the whole "
@@ -297,7 +301,7 @@ def privacy_statement(study: optuna.Study, report: StudyPrivacy | None = None) -
         count = part["count"] if part["count"] is not None else "?"
         lines.append(f"  {part['records']}: {count} records at epsilon = {part['epsilon']:.4f}")
     budget = report.budget
-    lines.append(f"budget: {budget['runs']} runs, noise multipliers {budget['noise_multipliers']}, validation noise "
+    lines.append(f"budget: {runs_count(budget['runs'])}, noise multipliers {budget['noise_multipliers']}, validation noise "
                  f"{budget['val_noise']} on the correct count, {budget['val_releases']} validation releases, trial "
                  f"count {budget['trial_count']}" + (f", total_epsilon {budget['total_epsilon']:g}"
                                                      if budget["total_epsilon"] else ""))
