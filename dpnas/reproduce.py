@@ -315,7 +315,9 @@ def _load(repro: Reproduction, dataset: str, *, data_dir: Path, quick: bool, dow
         splits = load_dataset(dataset, image_size=image_size, download=False, **kwargs)
         reason = None
     except DataError as err:
-        reason = f"{dataset} not found in {data_dir} ({err})"
+        # the loader's advice to allow the download does not apply: quick mode never downloads
+        found = str(err).split("; allow the download")[0]
+        reason = f"{dataset} not found in {data_dir} ({found}; quick mode never downloads)"
         unused = f"; image_size {image_size} is not used on it" if image_size is not None else ""
         print(f"dpnas reproduce: {dataset} is not available in {data_dir}; QUICK RUN on the bundled "
               f"{STAND_IN_DATASET} data as a stand-in (not comparable to the paper{unused})", file=sys.stderr)

@@ -207,6 +207,8 @@ def test_a_quick_stand_in_says_that_it_does_not_use_the_asked_image_size(tmp_pat
     data = reproduce._load(REPRODUCTIONS["smoothnet"], "cifar10", data_dir=tmp_path, quick=True, download=False,
                            image_size=24, progress=False)
     assert data.stand_in_reason is not None
+    # the loader's "allow the download (without --no-download ...)" does not apply: quick mode never downloads
+    assert "never downloads" in data.stand_in_reason and "--no-download" not in data.stand_in_reason
     assert "image_size 24 is not used" in capsys.readouterr().err
     reproduce._load(REPRODUCTIONS["smoothnet"], "cifar10", data_dir=tmp_path, quick=True, download=False,
                     image_size=None, progress=False)
