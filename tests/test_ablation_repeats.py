@@ -136,6 +136,15 @@ def test_paired_t_table_matches_hand_computed_values_and_flags_only_the_real_eff
     assert mish["difference_ci_low"] < 0 < mish["difference_ci_high"]
 
 
+def test_the_figure_says_when_a_value_has_fewer_seeds_than_the_others():
+    from dpnas.analysis.ablation import ablation_figure
+
+    whole = synthetic_frame(base=[0.80, 0.82, 0.84], effect=[0.90, 0.93, 0.95], noise=[0.83, 0.80, 0.85])
+    assert "t-interval over 3 seeds;" in ablation_figure(ablation_info(whole, "activation")).layout.title.text
+    short = whole.drop(index=whole.index[-1])  # mish's third repeat pruned or still running
+    assert "over 2-3 seeds" in ablation_figure(ablation_info(short, "activation")).layout.title.text
+
+
 def test_pairs_are_matched_by_repeat_not_by_order():
     # the variant's repeats arrive in another order: repeat 1 of relu is still compared with repeat 1 of the base
     paired = paired_difference({1: 0.93, 0: 0.90, 2: 0.95}, {0: 0.80, 1: 0.82, 2: 0.84})

@@ -150,7 +150,9 @@ def ablation_figure(info: AblationInfo) -> go.Figure:
                  "arrayminus": [i.mean - i.low for i in intervals]} if info.seeds > 1 else None,
         hovertemplate="mean %{y:.4f}<extra></extra>",
     ))
-    how = (f"mean and {CONFIDENCE:.0%} t-interval over {info.seeds} seeds; * differs from the base by a paired "
+    fewest = min((len(a) for a in info.accuracies.values()), default=0)
+    over = f"{info.seeds} seeds" if fewest == info.seeds else f"{fewest}-{info.seeds} seeds (a repeat pruned or running)"
+    how = (f"mean and {CONFIDENCE:.0%} t-interval over {over}; * differs from the base by a paired "
            f"t-test over seeds (p < {1 - CONFIDENCE:.2g})" if info.seeds > 1 else
            "one seed per value (repeats = 1): no intervals, a difference may be seed noise")
     figure.update_layout(
