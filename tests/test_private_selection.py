@@ -284,12 +284,10 @@ def test_a_total_epsilon_study_spends_at_most_its_total(tmp_path, capsys):
     assert recipe.privacy.val_noise == best.user_attrs["privacy_plan"]["val_noise"] > 0
 
 
-def test_a_total_epsilon_study_never_runs_past_its_total(tmp_path, monkeypatch):
-    """A run that touched the data and was then interrupted is charged; its retry is one of the K runs, so the
-    study ends one trial short instead of spending more than its total."""
-    spec = load_study_file(_tiny(tmp_path, privacy="total_epsilon = 6.0", n_trials=2, epochs=1))
-    real = runner.train
-    calls = []
+def interrupt_the_first_run_after_its_plan(monkeypatch) -> list[int]:
+    """The search's first run records its privacy plan (it has touched the data) and is then stopped by Ctrl-C
+    before it writes a resume state: its retry trains afresh. Returns the list of `train` calls."""
+    real, calls = runner.train, []
 
     def interrupted_once(*args, on_plan=None, **kwargs):
         calls.append(1)
@@ -299,6 +297,14 @@ def test_a_total_epsilon_study_never_runs_past_its_total(tmp_path, monkeypatch):
         return real(*args, on_plan=on_plan, **kwargs)
 
     monkeypatch.setattr(runner, "train", interrupted_once)
+    return calls
+
+
+def test_a_total_epsilon_study_never_runs_past_its_total(tmp_path, monkeypatch):
+    """A run that touched the data and was then interrupted is charged; its retry is one of the K runs, so the
+    study ends one trial short instead of spending more than its total."""
+    spec = load_study_file(_tiny(tmp_path, privacy="total_epsilon = 6.0", n_trials=2, epochs=1))
+    interrupt_the_first_run_after_its_plan(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         search(spec, progress=False)
     search(spec, progress=False)  # resume: the retry trains, then the budget is spent
@@ -319,16 +325,7 @@ def test_a_random_count_study_never_runs_more_runs_than_it_drew(tmp_path, monkey
                                  'mean_trials = 2.0\nkeep_weights = "none"'))
     study = open_study(spec, spec.default_storage())
     study._storage.set_study_system_attr(study._study_id, TRIAL_TARGET_ATTR, 2)  # as if K = 2 had been drawn
-    real, calls = runner.train, []
-
-    def interrupted_once(*args, on_plan=None, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            on_plan(plan_privacy(kwargs["privacy"], dataset_size=len(args[1].train), batch_size=256, epochs=1))
-            raise KeyboardInterrupt
-        return real(*args, on_plan=on_plan, **kwargs)
-
-    monkeypatch.setattr(runner, "train", interrupted_once)
+    calls = interrupt_the_first_run_after_its_plan(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         search(spec, progress=False)
     search(spec, progress=False)  # resume: the retry trains afresh (run 2 of 2); no third run
