@@ -151,3 +151,31 @@ def test_search_check_of_a_study_that_ran_all_its_trials_says_a_search_trains_no
     assert "has run all 1 trials of its budget: a search trains nothing more" in out and "ready to search" not in out
     assert main(["search", str(path), "--check", "--n-trials", "2"]) == 0  # a larger target: there is work
     assert "ready to search" in capsys.readouterr().out
+
+
+def test_ctrl_c_while_the_command_imports_torch_is_one_line(tmp_path):
+    import sys
+
+    # a Ctrl-C that lands while `dpnas` imports torch (its first seconds), made certain by an import hook
+    script = """
+import importlib.abc, sys
+
+class CtrlC(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, CtrlC())
+sys.argv = ["dpnas", "describe", "tiny"]
+from dpnas.__main__ import run
+sys.exit(run())
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert (result.returncode, result.stderr, result.stdout) == (130, "dpnas: interrupted\n", "")
+
+
+def test_the_console_script_runs_the_interruptible_entry_point():
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "dpnas"]
+    assert script.value == "dpnas.__main__:run"
