@@ -918,3 +918,81 @@ def test_a_total_epsilon_study_s_last_run_stopped_is_continued_not_lost(tmp_path
     study = open_(other)
     assert runner_module.runs_charged(study) == 2 and study_privacy(study).epsilon <= 8.0
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 1
+
+
+def _total_epsilon_study(tmp_path):
+    """small_study's two runs under one total_epsilon = 8 (each run a half)."""
+    from dpnas.search.study_file import load_study_file
+
+    path = small_study(tmp_path).path
+    path.write_text(path.read_text().replace("epsilon = 4.0\n", "total_epsilon = 8.0\n"))
+    return load_study_file(path)
+
+
+def test_a_spent_study_s_retry_whose_state_train_refuses_trains_nothing(tmp_path, monkeypatch):
+    """A total-ε study's last run is stopped; its retry is let in to continue it (the runs are all spent), and
+    `train` refuses the state before a step (here: a reproducible run's generators on another device type). The
+    retry used to fall back to training afresh: a third run of a total split over two."""
+    import optuna
+
+    import dpnas.dp.train as train_module
+    import dpnas.search.runner as runner_module
+    from dpnas.search.runner import search
+    from dpnas.search.storage import open_storage
+    from dpnas.search.study_privacy import study_privacy
+
+    spec = _total_epsilon_study(tmp_path)
+    url, preflight, per_trial = str(tmp_path / "study.journal"), 1, 12
+    with monkeypatch.context() as patch:
+        stop_at_step(patch, preflight + per_trial + 6, signal.SIGTERM)  # the 2nd (last) run, 2nd epoch
+        with pytest.raises(KeyboardInterrupt):
+            search(spec, storage_url=url, progress=False)
+
+    def refused(*args, **kwargs):
+        raise ResumeError("this run started on cuda and continues its generators there")
+
+    monkeypatch.setattr(train_module, "check_generators", refused)
+    calls = stop_at_step(monkeypatch, 10**9)
+    search(spec, storage_url=url, progress=False)
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+    assert len(calls) <= preflight  # nothing trained afresh
+    assert runner_module.runs_charged(study) == 2 and study_privacy(study).runs == 2
+    assert study_privacy(study).epsilon <= 8.0
+
+
+def test_a_running_retry_of_a_continued_run_is_counted_until_it_continues(tmp_path, monkeypatch):
+    """Chain 0 -> 1 -> 2: retry 1 continued trial 0's run and was stopped; Optuna's retry 2 arrives with a copy of
+    retry 1's `continues_run_of`. Running, before it knows whether it continues, it was not counted: a second worker
+    then started the total's last run, and retry 2, whose state turned out unusable, trained afresh a third."""
+    import optuna
+
+    import dpnas.search.runner as runner_module
+    from dpnas.search.runner import run_worker, search
+    from dpnas.search.storage import open_storage
+    from dpnas.search.study_privacy import study_privacy
+
+    spec = _total_epsilon_study(tmp_path)
+    url, preflight = str(tmp_path / "study.journal"), 1
+    for stop in (6, 3):  # trial 0 in its 2nd epoch; retry 1 continues it and is stopped 3 steps later
+        with monkeypatch.context() as patch:
+            stop_at_step(patch, preflight + stop, signal.SIGTERM)
+            with pytest.raises(KeyboardInterrupt):
+                search(spec, storage_url=url, progress=False)
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+    assert study.trials[1].user_attrs["continues_run_of"] == 0
+
+    real_run_trial, seen = runner_module.run_trial, []
+
+    def with_another_worker(study, trial, spec, data, *args, **kwargs):
+        if not seen:  # retry 2, asked and not yet planned: a second worker takes its turn now
+            seen.append(runner_module.runs_charged(study))
+            run_worker(spec, url, worker_index=1, progress=False, data=data)
+        return real_run_trial(study, trial, spec, data, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "run_trial", with_another_worker)
+    monkeypatch.setattr(runner_module, "stopped_run", lambda *args: None)  # retry 2 cannot continue: afresh
+    stop_at_step(monkeypatch, 10**9)
+    search(spec, storage_url=url, progress=False)
+    study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
+    assert seen == [2]  # trial 0's run and the running retry 2
+    assert runner_module.runs_charged(study) == 2 and study_privacy(study).epsilon <= 8.0

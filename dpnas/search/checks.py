@@ -74,10 +74,12 @@ def runs_charged(study: optuna.Study) -> int:
     A WAITING trial has not run: when it is Optuna's retry of a failed one, it carries a copy of the original's
     user attributes, privacy plan included, and must not be charged twice; nor when it is failed before it
     records its own plan (:func:`~dpnas.search.study_privacy.own_privacy_plan`). Nor is a RUNNING retry that
-    continues a stopped run (``continues_run_of``): that run is charged to the trial that started it.
+    continues a stopped run (``continues_run_of``): that run is charged to the trial that started it. (A retry of
+    such a retry arrives with a copy of that mark, which the worker that asks it clears: it is counted until it
+    continues.)
     """
     return sum(1 for t in study.get_trials(deepcopy=False)
-               if (t.state == optuna.trial.TrialState.RUNNING and "continues_run_of" not in t.user_attrs)
+               if (t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("continues_run_of") is None)
                or own_privacy_plan(t) is not None)
 
 

@@ -248,6 +248,11 @@ def run_worker(
                     with writes_together(storage):
                         for key, value in worker_identity().items():
                             trial.set_user_attr(key, value)
+                        if trial.user_attrs.get("continues_run_of") is not None:
+                            # Optuna's copy of a continued original's mark: this retry has not continued anything
+                            # yet, and is counted as a run until it does (runs_charged), or another worker may
+                            # start the last run while it trains afresh
+                            trial.set_user_attr("continues_run_of", None)
                     try:
                         # its parameters and config key in one append, before the slot is released (the next
                         # worker reads the key)
@@ -434,6 +439,8 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
         try:
             return train(arch, data, train_cfg=train_cfg, privacy=privacy, resume=resume, **kwargs)
         except ResumeError:  # refused before any step (another plan): the retry trains its own run, as before
+            if only_continue:  # unless the study's runs are all spent: trained afresh it would be a run too many
+                raise
             resume = None
             return train(arch, data, train_cfg=train_cfg, privacy=privacy, **kwargs)
 
