@@ -996,3 +996,62 @@ def test_a_running_retry_of_a_continued_run_is_counted_until_it_continues(tmp_pa
     study = optuna.load_study(study_name=spec.name, storage=open_storage(url))
     assert seen == [2]  # trial 0's run and the running retry 2
     assert runner_module.runs_charged(study) == 2 and study_privacy(study).epsilon <= 8.0
+
+
+def test_a_spent_study_continues_a_stopped_run_queued_behind_a_killed_run_s_retry(tmp_path, monkeypatch):
+    """Worker A's trial 0 and worker B's trial 1 are the total's two runs. A is killed before a state (worker C
+    finds it dead: retry 2, nothing to continue), then B is stopped (retry 3, its state). Resumed, the study only
+    looked at the lowest-numbered waiting trial (retry 2, which cannot train), said the total was spent, and lost
+    B's stopped run. It continues retry 3; retry 2 trains nothing."""
+    import optuna
+
+    import dpnas.search.runner as runner_module
+    from dpnas.search.runner import run_worker, search
+    from dpnas.search.storage import open_storage
+    from dpnas.search.study_privacy import study_privacy
+
+    spec = _total_epsilon_study(tmp_path)
+    url, preflight = str(tmp_path / "study.journal"), 1
+
+    def load():
+        return optuna.load_study(study_name=spec.name, storage=open_storage(url))
+
+    class Killed(BaseException):
+        pass
+
+    real_train, calls = runner_module.train, []
+
+    def staged(arch, data, *args, on_plan, **kwargs):
+        calls.append(1)
+
+        def worker_a_planned(plan):  # trial 0 has touched the data; worker B takes the last run meanwhile
+            on_plan(plan)
+            run_worker(spec, url, worker_index=1, progress=False, data=data)
+            raise Killed  # and worker A dies: trial 0 stays RUNNING, with no state
+
+        def worker_b_planned(plan):  # trial 1 planned: worker C finds worker A dead (retry 2) and has no run left
+            on_plan(plan)
+            study = load()
+            study._storage.set_trial_user_attr(study.trials[0]._trial_id, "worker_process", "gone:0")
+            assert run_worker(spec, url, worker_index=2, progress=False, data=data).exhausted
+
+        planned = {1: worker_a_planned, 2: worker_b_planned}.get(len(calls), on_plan)
+        return real_train(arch, data, *args, on_plan=planned, **kwargs)  # B: stopped at its 6th step
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner_module, "train", staged)
+        stop_at_step(patch, preflight + 6, signal.SIGTERM)
+        with pytest.raises(Killed):
+            search(spec, storage_url=url, progress=False)
+    study = load()
+    assert [t.system_attrs.get("retry_history") for t in study.trials[2:]] == [[0], [1]]
+    assert runner_module.runs_charged(study) == 2
+
+    calls = stop_at_step(monkeypatch, 10**9)
+    search(spec, storage_url=url, progress=False)
+    study = load()
+    assert len(calls) == preflight + 12 - 6  # B's run goes on from its stop, nothing afresh
+    assert study.trials[3].state == optuna.trial.TrialState.COMPLETE
+    assert study.trials[3].user_attrs["continues_run_of"] == 1
+    assert study.trials[2].state == optuna.trial.TrialState.WAITING  # never trained
+    assert runner_module.runs_charged(study) == 2 and study_privacy(study).epsilon <= 8.0

@@ -229,7 +229,8 @@ def run_worker(
                 # covers. A stopped run continued (charged already, not again) is one of them: it goes on.
                 spent = ((calibration is not None or spec.trial_count != "fixed") and runs_charged(study) >= target
                          and room)
-                if spent and not next_retry_continues(study, store):
+                continuing = next_retry_continues(study, store) if spent else None
+                if spent and continuing is None:
                     report.exhausted = _runs_spent(spec, runs=runs_charged(study), target=target)
                     _set_system_attr(study, _EXHAUSTED, report.exhausted)
                     break
@@ -238,7 +239,9 @@ def run_worker(
                         # dpnas beats the trial's heartbeat itself (heartbeat_thread below), which Optuna
                         # expects only of optimize(): its warning at every ask on SQLite / PostgreSQL says nothing
                         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-                        trial = study.ask()
+                        trial = study.ask() if continuing is None else _ask_waiting(study, continuing)
+                    if trial is None:  # taken elsewhere meanwhile (a storage whose slot lock does not exclude all)
+                        continue
                     if is_heartbeat_enabled(storage):
                         # its first beat before the slot lock is released: a trial seen running without one lost
                         # its worker under the lock (_recover_orphans); after it, a worker that dies anywhere (on
@@ -297,6 +300,17 @@ def run_worker(
     except KeyboardInterrupt:
         report.interrupted = True
     return report
+
+
+def _ask_waiting(study: optuna.Study, waiting: FrozenTrial) -> Trial | None:
+    """`study.ask()` for this WAITING trial, not the lowest-numbered one (None: no longer waiting)."""
+    study._thread_local.cached_all_trials = None  # as ask does
+    try:
+        if not study._storage.set_trial_state_values(waiting._trial_id, state=TrialState.RUNNING):
+            return None
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return None
+    return optuna.Trial(study, waiting._trial_id)
 
 
 def _give_back(study: optuna.Study, trial: Trial) -> None:

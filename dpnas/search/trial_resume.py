@@ -72,20 +72,22 @@ def stopped_run(store: Any, name: str, record: RunRecord) -> dict[str, Any] | No
     return state if state is not None and state.get("run") == record.to_dict() else None
 
 
-def next_retry_continues(study: optuna.Study, store: Any) -> bool:
-    """Whether the trial `study.ask()` hands out next (Optuna's lowest-numbered WAITING one) is a retry whose chain
-    left a state it may continue: a run already charged, which a study whose runs are all spent still finishes.
-    (The retry checks its state against its point and data as well, and trains nothing if that fails.)"""
+def next_retry_continues(study: optuna.Study, store: Any) -> optuna.trial.FrozenTrial | None:
+    """The first WAITING retry (by number) whose chain left a state it may continue, or None: a run already charged,
+    which a study whose runs are all spent still finishes. Looked for past WAITING trials that cannot train then (a
+    killed trial's retry without a state, numbered before a stopped run's retry, would have hidden it: `study.ask()`
+    hands out the lowest-numbered one). (The retry checks its state against its point and data as well, and trains
+    nothing if that fails.)"""
     if store is None:
-        return False
-    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-    if not waiting:
-        return False
-    trial = min(waiting, key=lambda t: t.number)
-    if not trial.system_attrs.get("retry_history"):
-        return False
-    state = _read_state(store, state_id(study, chain_root(trial)))
-    return state is not None and releases_covered(study, trial, state)
+        return None
+    for trial in sorted(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)),
+                        key=lambda t: t.number):
+        if not trial.system_attrs.get("retry_history"):
+            continue
+        state = _read_state(store, state_id(study, chain_root(trial)))
+        if state is not None and releases_covered(study, trial, state):
+            return trial
+    return None
 
 
 def releases_covered(study: optuna.Study, trial: optuna.trial.FrozenTrial, state: dict[str, Any]) -> bool:
