@@ -166,5 +166,6 @@ def test_the_user_loops_mean_trial_time_is_its_training_batches_as_dpnas_arms(tm
     monkeypatch.setattr(dpnas.data.datasets, "normalise", slow_normalise)
     _, (_, train_cfg, _), row = _user_loop(tmp_path)
     evaluations = train_cfg.epochs + 1  # one validation pass an epoch, one test pass
-    assert row["mean_trial_s"] < evaluations * pause  # no evaluation pass in it
+    # no evaluation pass in it: all of them (and the copy) lie between the two, whatever the training took (an
+    # absolute bound on mean_trial_s failed on a loaded machine, where its training batches alone took 4.7 s)
     assert row["mean_whole_trial_s"] >= row["mean_trial_s"] + (evaluations + 1) * pause
