@@ -336,6 +336,19 @@ def test_a_random_count_study_never_runs_more_runs_than_it_drew(tmp_path, monkey
     assert study_privacy(study).mode == "poisson"  # the best of the 2 drawn runs, as the bound is about
 
 
+def test_the_spent_line_counts_the_runs_that_touched_the_data_not_one_about_to():
+    """`runs_charged` counts a RUNNING trial that has not recorded its plan yet (another worker must see it); the end
+    line counted it too and said "3 runs have touched the data, the 2 the budget was split over"."""
+    from dpnas.search.checks import runs_recorded
+
+    study = optuna.create_study(direction="maximize")
+    plan = {"noise_multiplier": 1.1, "sample_rate": 0.05, "steps": 200, "val_noise": 5.0, "val_releases": 10}
+    for number in range(2):
+        study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs={"privacy_plan": {**plan, "trial": number}}))
+    study.ask()  # a worker's trial, about to record its plan
+    assert runner.runs_charged(study) == 3 and runs_recorded(study) == 2
+
+
 def test_more_trials_for_a_study_that_spent_nothing_split_its_total_again(tmp_path):
     """A study created (and calibrated) for 2 runs that spent nothing may be resumed with --n-trials 3: its noise
     is derived again for 3 runs. It used to keep the noise for 2 and spend more than its total."""

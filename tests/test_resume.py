@@ -918,6 +918,8 @@ def test_a_total_epsilon_study_s_last_run_stopped_is_continued_not_lost(tmp_path
     study = open_(other)
     assert runner_module.runs_charged(study) == 2 and study_privacy(study).epsilon <= 8.0
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 1
+    # and it ends saying why (it used to end without its "spent" line)
+    assert "total_epsilon = 8 is spent: 2 runs" in runner_module.exhausted_message(study)
 
 
 def _total_epsilon_study(tmp_path):
@@ -958,6 +960,7 @@ def test_a_spent_study_s_retry_whose_state_train_refuses_trains_nothing(tmp_path
     assert len(calls) <= preflight  # nothing trained afresh
     assert runner_module.runs_charged(study) == 2 and study_privacy(study).runs == 2
     assert study_privacy(study).epsilon <= 8.0
+    assert "is spent: 2 runs" in runner_module.exhausted_message(study)  # and the study says why it ended
 
 
 def test_a_running_retry_of_a_continued_run_is_counted_until_it_continues(tmp_path, monkeypatch):

@@ -83,6 +83,12 @@ def runs_charged(study: optuna.Study) -> int:
                or own_privacy_plan(t) is not None)
 
 
+def runs_recorded(study: optuna.Study) -> int:
+    """Trials that recorded their own privacy plan: the runs that have touched the data, as a study's end line says
+    (:func:`runs_charged` also counts the RUNNING trials about to record one, which the budget must)."""
+    return sum(1 for t in study.get_trials(deepcopy=False) if own_privacy_plan(t) is not None)
+
+
 def refuse_other_repeats(study: optuna.Study, spec: StudySpec) -> None:
     """An ablation's trials are enqueued once, R per point, when the study is created: another R cannot apply to it
     (nor be silently ignored), spent or not."""

@@ -45,7 +45,7 @@ from dpnas.dp.privacy import PrivacyPlan
 from dpnas.dp.resume import ResumeError
 from dpnas.dp.train import DivergedError, check_device, train
 from dpnas.search.calibration import Calibration
-from dpnas.search.checks import check_study, refuse_ablation_trial_count
+from dpnas.search.checks import check_study, refuse_ablation_trial_count, runs_recorded
 from dpnas.search.fidelity import check_target, exported_privacy, load_search_data, search_trial
 from dpnas.search.progress import SearchProgress, bar_wanted
 from dpnas.search.sampling import Configs, config_key, space_size, suggest
@@ -177,6 +177,12 @@ def _runs_spent(spec: StudySpec, *, runs: int, target: int) -> str:
             "budget was split over")
 
 
+def _say_runs_spent(study: optuna.Study, spec: StudySpec) -> None:
+    """Leave the study's "spent" line where a retry let in to continue a stopped run could not (its FAIL takes the
+    chain's slot, so the worker's loop ends without reaching the line itself)."""
+    _set_system_attr(study, _EXHAUSTED, _runs_spent(spec, runs=runs_recorded(study), target=trial_budget(study)[0]))
+
+
 def _exhausted(study: optuna.Study, size: Callable[[], int | None], consecutive: int) -> str | None:
     distinct = len(_trained_keys(study))  # a point the image size cannot take counts: it is covered
     total = size()
@@ -231,7 +237,7 @@ def run_worker(
                          and room)
                 continuing = next_retry_continues(study, store) if spent else None
                 if spent and continuing is None:
-                    report.exhausted = _runs_spent(spec, runs=runs_charged(study), target=target)
+                    report.exhausted = _runs_spent(spec, runs=runs_recorded(study), target=target)
                     _set_system_attr(study, _EXHAUSTED, report.exhausted)
                     break
                 if room:
@@ -399,6 +405,7 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
         trial.set_user_attr("failure_reason", "the study's runs are all spent and the stopped run's state is not "
                                               "this run's: not trained (no epsilon spent)")
         study.tell(trial, state=TrialState.FAIL)
+        _say_runs_spent(study, spec)
         return f"trial {trial.number} not trained: the study's runs are all spent"
 
     def record_plan(plan: PrivacyPlan) -> None:
@@ -454,6 +461,7 @@ def run_trial(study: optuna.Study, trial: Trial, spec: StudySpec, data: DatasetS
             return train(arch, data, train_cfg=train_cfg, privacy=privacy, resume=resume, **kwargs)
         except ResumeError:  # refused before any step (another plan): the retry trains its own run, as before
             if only_continue:  # unless the study's runs are all spent: trained afresh it would be a run too many
+                _say_runs_spent(study, spec)
                 raise
             resume = None
             return train(arch, data, train_cfg=train_cfg, privacy=privacy, **kwargs)
