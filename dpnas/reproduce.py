@@ -426,7 +426,7 @@ def run_reproduction(
         error = None
         try:
             result = train(arch, data.splits, train_cfg=train_cfg, privacy=privacy, device=device, progress=progress,
-                           resume=resume, keep_state=ledger.keeper(state_path, record))
+                           resume=resume, keep_state=FileKeeper(state_path, {"run": record}))
             check_result_privacy(result)
         except DivergedError as err:
             error = str(err)
@@ -484,7 +484,7 @@ class StoppedReproduction:
         try:
             # in the progress file's folder, where the run wrote it: the recorded path is relative to the cwd of
             # the run that wrote it, and the same --out-dir may be named from another folder
-            path = self.path.parent / Path(entry["result_path"]).name
+            path = self._beside(entry["result_path"])
             row = json.loads(path.read_text(encoding="utf-8"))["reproduction"]
             return {**row, "result_path": str(path)}
         except (OSError, ValueError, KeyError, TypeError):
@@ -500,13 +500,13 @@ class StoppedReproduction:
                               "afresh (the stopped run's epsilon is spent already)")
         return state
 
-    def keeper(self, state_path: Path, record: dict[str, Any]):
-        return FileKeeper(state_path, {"run": record})
-
     def stopped_result(self, model: str) -> Path | None:
         """Where the stopped part of `model`'s run wrote its result (in the ledger's folder, as for a finished run)."""
         name = self.stopped.get(model)
-        return self.path.parent / Path(name).name if isinstance(name, str) and name else None
+        return self._beside(name) if isinstance(name, str) and name else None
+
+    def _beside(self, recorded: str) -> Path:
+        return self.path.parent / Path(recorded).name
 
     def stop(self, model: str, result_path: Path) -> None:
         self.stopped[model] = str(result_path)

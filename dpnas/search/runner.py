@@ -177,10 +177,13 @@ def _runs_spent(spec: StudySpec, *, runs: int, target: int) -> str:
             "budget was split over")
 
 
-def _say_runs_spent(study: optuna.Study, spec: StudySpec) -> None:
-    """Leave the study's "spent" line where a retry let in to continue a stopped run could not (its FAIL takes the
+def _say_runs_spent(study: optuna.Study, spec: StudySpec) -> str:
+    """Leave the study's "spent" line (:func:`_runs_spent`) for its end to print, and return it: said by the worker
+    that finds the runs spent, and by a retry let in to continue a stopped run that could not (its FAIL takes the
     chain's slot, so the worker's loop ends without reaching the line itself)."""
-    _set_system_attr(study, _EXHAUSTED, _runs_spent(spec, runs=runs_recorded(study), target=trial_budget(study)[0]))
+    line = _runs_spent(spec, runs=runs_recorded(study), target=trial_budget(study)[0])
+    _set_system_attr(study, _EXHAUSTED, line)
+    return line
 
 
 def _exhausted(study: optuna.Study, size: Callable[[], int | None], consecutive: int) -> str | None:
@@ -237,8 +240,7 @@ def run_worker(
                          and room)
                 continuing = next_retry_continues(study, store) if spent else None
                 if spent and continuing is None:
-                    report.exhausted = _runs_spent(spec, runs=runs_recorded(study), target=target)
-                    _set_system_attr(study, _EXHAUSTED, report.exhausted)
+                    report.exhausted = _say_runs_spent(study, spec)
                     break
                 if room:
                     with warnings.catch_warnings():
